@@ -1,0 +1,48 @@
+# tlscap developer entry points. Everything runs from the .venv that `make setup` builds
+# (a --system-site-packages venv of Debian's python3, so Debian's bcc is importable).
+
+VENV        := .venv
+PYTHON      := $(VENV)/bin/python
+RUFF        := $(VENV)/bin/ruff
+LINT_PATHS  := agent tests bench
+
+ARGS        ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help setup run test lint fmt bench clean
+
+help:
+	@echo "make setup               install system packages + .venv (idempotent; run as root)"
+	@echo "make run ARGS='...'      run the capture agent, e.g. ARGS='--output jsonl'"
+	@echo "make test [PYTEST_ARGS=] run the test suite (needs root for the eBPF tests)"
+	@echo "make lint | fmt          ruff check / ruff format"
+	@echo "make bench               run the benchmarks (bench/run_all.py)"
+	@echo "make clean               remove caches and build leftovers (keeps .venv)"
+
+# Always runs the bootstrap: it is the one place that knows what "set up" means, and a
+# no-op run takes well under a second.
+setup:
+	@./scripts/bootstrap.sh
+
+run: setup
+	$(VENV)/bin/tlscap run $(ARGS)
+
+test: setup
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(RUFF) check $(LINT_PATHS)
+	$(RUFF) format --check $(LINT_PATHS)
+
+fmt: setup
+	$(RUFF) check --fix $(LINT_PATHS)
+	$(RUFF) format $(LINT_PATHS)
+
+bench: setup
+	$(PYTHON) bench/run_all.py
+
+clean:
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -1,0 +1,243 @@
+"""A capture run: load probes, attach to targets, drain events into sinks.
+
+The loop is deliberately plain: drain the ring (a few ms), attach to any new
+targets that exec/mmap events pointed at, release stale partial calls, repeat.
+All decisions about bytes live in the sans-I/O pieces it wires together
+(decode -> CallAssembler -> FlowTable -> Records).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from agent.events.calls import CallAssembler
+from agent.events.decode import DataChunk, DecodeError, ProcessEvent, SocketClosed, decode_event
+from agent.flows.resolve import SocketResolver
+from agent.flows.table import FlowTable
+from agent.probes.bpf_program import BpfProgram, ProbeSettings
+from agent.probes.openssl import attach_openssl
+from agent.probes.targets import TargetScanner, TlsLibrary
+from agent.records.record import Record
+
+log = logging.getLogger(__name__)
+
+# A partial call whose remaining chunks have not come after this long never
+# will (the kernel stopped sending it when the ring was full).
+STALE_CALL_NS = 500_000_000
+
+
+class Sink(Protocol):
+    def write(self, record: Record) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class CaptureOptions:
+    pids: list[int] = field(default_factory=list)
+    comms: list[str] = field(default_factory=list)
+    max_capture: int = 1 << 20
+    ringbuf_bytes: int = 64 << 20
+    duration: float | None = None
+    ready_file: Path | None = None
+    poll_ms: int = 5
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.pids or self.comms)
+
+
+def mono_to_wall_clock() -> Callable[[int], int]:
+    """Kernel timestamps are CLOCK_MONOTONIC; records carry wall-clock ns."""
+    offset = time.time_ns() - time.monotonic_ns()
+    return lambda mono_ns: mono_ns + offset
+
+
+def pids_with_comm(comms: Iterable[str], proc_root: str = "/proc") -> list[int]:
+    wanted = {c[:15] for c in comms}  # the kernel keeps 15 characters of a comm
+    found = []
+    for entry in os.listdir(proc_root):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{proc_root}/{entry}/comm") as f:
+                if f.read().strip() in wanted:
+                    found.append(int(entry))
+        except OSError:
+            continue  # exited while we looked
+    return found
+
+
+@dataclass
+class AgentStats:
+    events: int = 0
+    records: int = 0
+    data_bytes: int = 0
+    decode_errors: int = 0
+    targets_attached: int = 0
+    attach_failures: int = 0
+
+
+class CaptureSession:
+    def __init__(
+        self,
+        options: CaptureOptions,
+        sinks: list[Sink],
+        *,
+        program: BpfProgram | None = None,
+        scanner: TargetScanner | None = None,
+        resolver: SocketResolver | None = None,
+    ) -> None:
+        self.options = options
+        self.sinks = sinks
+        self._program = program
+        self._scanner = scanner or TargetScanner(exclude_pids={os.getpid()})
+        self._wall = mono_to_wall_clock()
+        self._calls = CallAssembler()
+        self._flows = FlowTable(resolver or SocketResolver(), self._wall)
+        self._rescan: set[int] = set()
+        self.stats = AgentStats()
+        self.stop_event = threading.Event()
+
+    # -- setup --------------------------------------------------------------
+
+    def start(self) -> None:
+        opts = self.options
+        if self._program is None:
+            self._program = BpfProgram(
+                ProbeSettings(
+                    self_tgid=os.getpid(),
+                    filtered=opts.filtered,
+                    max_capture=opts.max_capture,
+                    ringbuf_bytes=opts.ringbuf_bytes,
+                )
+            )
+        program = self._program
+        initial_pids: list[int] | None = None
+        if opts.filtered:
+            initial_pids = sorted(set(opts.pids) | set(pids_with_comm(opts.comms)))
+            program.allow_comms(opts.comms)
+            program.allow_tgids(initial_pids)
+        program.open_ring(self._on_event)
+
+        libraries = self._scanner.system_libraries()
+        libraries += self._scanner.scan_all(initial_pids)
+        for lib in libraries:
+            self._attach(lib)
+        log.info("attached to %d file(s)", self.stats.targets_attached)
+        if opts.ready_file:
+            opts.ready_file.write_text(f"{os.getpid()}\n")
+
+    def _attach(self, lib: TlsLibrary) -> None:
+        assert self._program is not None
+        attached = attach_openssl(self._program, lib.host_path, lib.symbols)
+        if attached:
+            self.stats.targets_attached += 1
+            log.info("probing %s (%s: %s)", lib.path, lib.kind, ", ".join(attached))
+        else:
+            self.stats.attach_failures += 1
+
+    # -- the loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        """Capture until stop_event is set or the duration has passed."""
+        assert self._program is not None
+        deadline = None
+        if self.options.duration is not None:
+            deadline = time.monotonic() + self.options.duration
+        while not self.stop_event.is_set():
+            self._program.drain(self.options.poll_ms)
+            self._attach_new_targets()
+            self._emit(self._calls.flush(older_than_mono_ns=time.monotonic_ns() - STALE_CALL_NS))
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+
+    def close(self) -> None:
+        """Drain what is left, write the stats record, detach everything."""
+        program = self._program
+        try:
+            if program is not None:
+                program.drain(0)
+                self._emit(self._calls.flush())
+                self._write(Record(type="stats", ts_ns=time.time_ns(), stats=self.summary()))
+        finally:
+            for sink in self.sinks:
+                try:
+                    sink.close()
+                except OSError as exc:
+                    log.error("closing output: %s", exc)
+            if program is not None:
+                program.close()
+
+    def summary(self) -> dict[str, int]:
+        kernel = self._program.counters() if self._program else {}
+        out = {
+            "events": self.stats.events,
+            "records": self.stats.records,
+            "bytes": self.stats.data_bytes,
+            # Everything the kernel could not hand us, in events: the
+            # contract's one number for "did we lose anything".
+            "lost": kernel.get("lost_events", 0) + kernel.get("read_errors", 0),
+            "decode_errors": self.stats.decode_errors,
+            "incomplete_calls": self._calls.incomplete_calls,
+            "targets_attached": self.stats.targets_attached,
+            "attach_failures": self.stats.attach_failures,
+        }
+        out.update({f"kernel_{k}": v for k, v in kernel.items()})
+        out.update({f"flow_{k}": v for k, v in self._flows.stats.as_dict().items()})
+        return out
+
+    # -- events -------------------------------------------------------------
+
+    def _on_event(self, raw: bytes) -> None:
+        self.stats.events += 1
+        try:
+            event = decode_event(raw)
+        except DecodeError as exc:
+            self.stats.decode_errors += 1
+            log.warning("dropping undecodable event: %s", exc)
+            return
+        if isinstance(event, DataChunk):
+            for call in self._calls.feed(event):
+                self._emit_records(self._flows.on_call(call))
+        elif isinstance(event, SocketClosed):
+            self._emit_records(self._flows.on_close(event))
+        elif isinstance(event, ProcessEvent):
+            if event.kind == "exit":
+                self._emit_records(self._flows.on_exit(event.tgid, event.ts_mono_ns))
+            else:
+                self._rescan.add(event.tgid)
+
+    def _emit(self, calls: list) -> None:
+        for call in calls:
+            self._emit_records(self._flows.on_call(call))
+
+    def _emit_records(self, records: list[Record]) -> None:
+        for record in records:
+            self._write(record)
+        registrations = self._flows.kernel_registrations
+        if registrations and self._program is not None:
+            for reg in registrations:
+                self._program.register_socket(reg)
+            registrations.clear()
+
+    def _write(self, record: Record) -> None:
+        self.stats.records += 1
+        if record.type == "data":
+            self.stats.data_bytes += record.captured_len
+        for sink in self.sinks:
+            sink.write(record)
+
+    def _attach_new_targets(self) -> None:
+        if not self._rescan:
+            return
+        pids, self._rescan = self._rescan, set()
+        for pid in pids:
+            for lib in self._scanner.scan_pid(pid):
+                self._attach(lib)

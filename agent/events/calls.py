@@ -1,0 +1,80 @@
+"""Reassemble the chunk events of one TLS call into one TlsCall.
+
+The kernel sends a call's payload as consecutive chunks from one probe run, so
+per thread they arrive in order and are never interleaved with another call of
+the same thread.  A call is complete when its captured bytes are all in; when
+the ring refused a chunk the kernel stops sending that call (it counts the
+loss), and the next event from the same thread - or a flush - releases what
+arrived as an incomplete call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from agent.events.decode import DataChunk
+
+
+@dataclass(frozen=True)
+class TlsCall:
+    """One SSL_read/SSL_write (or equivalent) and the plaintext it moved."""
+
+    first: DataChunk  # identity fields (tgid, fd, socket, ...) of the call
+    data: bytes
+    complete: bool  # False: some chunks were lost in the kernel
+
+    @property
+    def len(self) -> int:
+        return self.first.len
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.data) < self.first.len
+
+
+class CallAssembler:
+    def __init__(self) -> None:
+        self._pending: dict[int, tuple[DataChunk, list[bytes], int]] = {}
+        self.incomplete_calls = 0
+        self.out_of_order_chunks = 0
+
+    def feed(self, chunk: DataChunk) -> list[TlsCall]:
+        done: list[TlsCall] = []
+        pending = self._pending.get(chunk.tid)
+        if pending is not None:
+            first, parts, received = pending
+            if first.ts_mono_ns == chunk.ts_mono_ns and chunk.chunk_off == received:
+                parts.append(chunk.data)
+                received += len(chunk.data)
+                if received >= first.captured_len:
+                    del self._pending[chunk.tid]
+                    return [TlsCall(first, b"".join(parts), complete=True)]
+                self._pending[chunk.tid] = (first, parts, received)
+                return []
+            # The rest of the pending call is not coming.
+            del self._pending[chunk.tid]
+            done.append(self._incomplete(first, parts))
+        if chunk.chunk_off != 0:
+            # Its start was lost: without it there is nothing to attach this to.
+            self.out_of_order_chunks += 1
+            return done
+        if len(chunk.data) >= chunk.captured_len:
+            done.append(TlsCall(chunk, chunk.data, complete=True))
+        else:
+            self._pending[chunk.tid] = (chunk, [chunk.data], len(chunk.data))
+        return done
+
+    def flush(self, older_than_mono_ns: int | None = None) -> list[TlsCall]:
+        """Release pending calls: all of them (at exit), or those that started
+        before a time by which their remaining chunks would have arrived."""
+        out = []
+        for tid, (first, parts, _) in list(self._pending.items()):
+            if older_than_mono_ns is None or first.ts_mono_ns < older_than_mono_ns:
+                del self._pending[tid]
+                out.append(self._incomplete(first, parts))
+        return out
+
+    def _incomplete(self, first: DataChunk, parts: list[bytes]) -> TlsCall:
+        self.incomplete_calls += 1
+        data = b"".join(parts)
+        return TlsCall(replace(first, captured_len=len(data)), data, complete=False)

@@ -1,0 +1,92 @@
+"""ctypes mirrors of the event structs in bpf/tlscap.h (change both together)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+CHUNK_SIZE = 16384
+
+EV_DATA = 1
+EV_CLOSE = 2
+EV_EXEC = 3
+EV_EXEC_MAP = 4
+EV_EXIT = 5
+
+DIR_EGRESS = 0
+DIR_INGRESS = 1
+
+SOURCES = {1: "openssl"}
+ROLES = {0: "unknown", 1: "client", 2: "server"}
+
+AF_INET = 2
+AF_INET6 = 10
+
+# Index of each kernel counter (enum counter in tlscap.h) -> its name in stats.
+COUNTERS = (
+    "calls",
+    "chunks",
+    "lost_events",
+    "lost_bytes",
+    "read_errors",
+    "truncated_calls",
+    "truncated_bytes",
+    "nested_calls",
+)
+
+
+class ConnInfo(ct.Structure):
+    _fields_ = [
+        ("gen", ct.c_uint64),
+        ("raddr", ct.c_uint8 * 16),
+        ("laddr", ct.c_uint8 * 16),
+        ("family", ct.c_uint16),
+        ("rport", ct.c_uint16),
+        ("lport", ct.c_uint16),
+        ("role", ct.c_uint8),
+        ("flags", ct.c_uint8),
+    ]
+
+
+class DataEventHeader(ct.Structure):
+    _fields_ = [
+        ("kind", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("fd", ct.c_int32),
+        ("ts_ns", ct.c_uint64),
+        ("ssl", ct.c_uint64),
+        ("len", ct.c_uint64),
+        ("offset", ct.c_uint64),
+        ("captured_len", ct.c_uint32),
+        ("chunk_off", ct.c_uint32),
+        ("chunk_len", ct.c_uint32),
+        ("direction", ct.c_uint8),
+        ("source", ct.c_uint8),
+        ("_pad", ct.c_uint8 * 2),
+        ("comm", ct.c_char * 16),
+        ("conn", ConnInfo),
+    ]
+
+
+class CloseEvent(ct.Structure):
+    _fields_ = [
+        ("kind", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("fd", ct.c_int32),
+        ("ts_ns", ct.c_uint64),
+        ("gen", ct.c_uint64),
+    ]
+
+
+class ProcEvent(ct.Structure):
+    _fields_ = [
+        ("kind", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("ts_ns", ct.c_uint64),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+DATA_HEADER_SIZE = ct.sizeof(DataEventHeader)
+assert DATA_HEADER_SIZE == 128, DATA_HEADER_SIZE

@@ -1,0 +1,226 @@
+"""The flow table: which connection each TLS call belongs to.
+
+Sans-I/O: it takes decoded kernel events and returns Records.  The two things
+it needs from the outside world are handed in (a socket resolver for the local
+address of a connection, a clock to turn kernel time into wall time), and the
+one thing it asks of the kernel - "remember this socket that predates us, so its
+close is reported" - is queued in `kernel_registrations` for the shell to carry
+out.
+
+Identity: a connection is (tgid, fd) plus the kernel's `gen` for the socket,
+which tells apart two sockets that reused one fd.  Data with no fd (memory
+BIOs) is its own connection per SSL object.  Offsets come from the kernel,
+which counts them per SSL object; here they are only checked for gaps, the
+visible trace of calls lost in the kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.events.calls import TlsCall
+from agent.events.decode import SocketClosed
+from agent.records.record import Direction, Endpoint, Record, Role
+
+# gen values user space chooses for sockets it registers carry this bit, so
+# they can never equal a kernel timestamp.
+USER_GEN_BIT = 1 << 63
+
+
+class SocketFacts(Protocol):
+    local: Endpoint | None
+    remote: Endpoint | None
+    role: Role
+
+
+class SocketLookup(Protocol):
+    def resolve(self, pid: int, fd: int) -> SocketFacts | None: ...
+
+
+@dataclass(frozen=True)
+class KernelRegistration:
+    """Ask the kernel to track a socket it did not see being created."""
+
+    tgid: int
+    fd: int
+    gen: int
+    remote: Endpoint | None
+    role: Role
+
+
+@dataclass
+class Connection:
+    conn_id: str
+    tgid: int
+    fd: int
+    gen: int
+    comm: str
+    source: str
+    local: Endpoint | None
+    remote: Endpoint | None
+    role: Role
+    next_offset: dict[Direction, int] = field(default_factory=lambda: {"egress": 0, "ingress": 0})
+
+
+@dataclass
+class FlowStats:
+    connections: int = 0
+    inferred_closes: int = 0  # a socket was replaced on its fd without a close we saw
+    gaps: int = 0  # offset jumps: data lost before it reached us
+    gap_bytes: int = 0
+    overlaps: int = 0  # offset went backwards: should never happen
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class FlowTable:
+    def __init__(self, resolver: SocketLookup, mono_to_wall: Callable[[int], int]) -> None:
+        self._resolver = resolver
+        self._wall = mono_to_wall
+        self._by_fd: dict[tuple[int, int], Connection] = {}
+        self._by_ssl: dict[tuple[int, int], Connection] = {}
+        self._user_gens = itertools.count(1)
+        self.kernel_registrations: list[KernelRegistration] = []
+        self.stats = FlowStats()
+
+    def __len__(self) -> int:
+        return len(self._by_fd) + len(self._by_ssl)
+
+    # -- events -------------------------------------------------------------
+
+    def on_call(self, call: TlsCall) -> list[Record]:
+        ev = call.first
+        out: list[Record] = []
+        if ev.fd >= 0:
+            conn = self._by_fd.get((ev.tgid, ev.fd))
+            if conn is not None and not self._same_socket(conn, ev.socket.gen):
+                out.append(self._close_record(conn, ev.ts_mono_ns, ev.tid))
+                del self._by_fd[(ev.tgid, ev.fd)]
+                self.stats.inferred_closes += 1
+                conn = None
+            if conn is None:
+                conn = self._open_socket_conn(call)
+                self._by_fd[(ev.tgid, ev.fd)] = conn
+                out.append(self._lifecycle_record("open", conn, ev.ts_mono_ns, ev.tid))
+        else:
+            conn = self._by_ssl.get((ev.tgid, ev.ssl))
+            if conn is None:
+                conn = self._new_conn(call, f"{ev.tgid}-ssl{ev.ssl:x}-{ev.ts_mono_ns:x}", 0)
+                self._by_ssl[(ev.tgid, ev.ssl)] = conn
+                out.append(self._lifecycle_record("open", conn, ev.ts_mono_ns, ev.tid))
+        conn.comm = ev.comm or conn.comm
+        self._check_offset(conn, call)
+        out.append(
+            Record(
+                type="data",
+                ts_ns=self._wall(ev.ts_mono_ns),
+                pid=ev.tgid,
+                tid=ev.tid,
+                comm=ev.comm,
+                source=ev.source,
+                conn_id=conn.conn_id,
+                fd=ev.fd,
+                local=conn.local,
+                remote=conn.remote,
+                role=conn.role,
+                direction=ev.direction,
+                offset=ev.offset,
+                len=ev.len,
+                captured_len=len(call.data),
+                truncated=call.truncated,
+                data=call.data,
+            )
+        )
+        return out
+
+    def on_close(self, ev: SocketClosed) -> list[Record]:
+        conn = self._by_fd.get((ev.tgid, ev.fd))
+        if conn is None or not self._same_socket(conn, ev.gen):
+            return []
+        del self._by_fd[(ev.tgid, ev.fd)]
+        return [self._close_record(conn, ev.ts_mono_ns, ev.tid)]
+
+    def on_exit(self, tgid: int, ts_mono_ns: int) -> list[Record]:
+        """A process ended: every connection it still had is closed."""
+        out = []
+        for table in (self._by_fd, self._by_ssl):
+            for key in [k for k in table if k[0] == tgid]:
+                out.append(self._close_record(table.pop(key), ts_mono_ns, tgid))
+        return out
+
+    # -- helpers ------------------------------------------------------------
+
+    @staticmethod
+    def _same_socket(conn: Connection, gen: int) -> bool:
+        # gen 0: the event was sent before the kernel knew the socket (ours
+        # to register, or in flight while we did).
+        return gen == 0 or conn.gen == 0 or gen == conn.gen
+
+    def _open_socket_conn(self, call: TlsCall) -> Connection:
+        ev = call.first
+        gen = ev.socket.gen
+        conn = self._new_conn(call, f"{ev.tgid}-{ev.fd}-{ev.ts_mono_ns:x}", gen)
+        conn.local = ev.socket.local
+        if conn.local is not None and conn.remote is not None and conn.role != "unknown":
+            return conn  # the kernel saw it all: no need to look at /proc
+        facts = self._resolver.resolve(ev.tgid, ev.fd)
+        if facts is not None:
+            conn.local = conn.local or facts.local
+            conn.remote = conn.remote or facts.remote
+            if conn.role == "unknown":
+                conn.role = facts.role
+            if gen == 0:
+                # The socket predates the agent (or the kernel's table lost it):
+                # have the kernel track it so its close is reported.
+                conn.gen = USER_GEN_BIT | next(self._user_gens)
+                self.kernel_registrations.append(
+                    KernelRegistration(ev.tgid, ev.fd, conn.gen, conn.remote, conn.role)
+                )
+        return conn
+
+    def _new_conn(self, call: TlsCall, conn_id: str, gen: int) -> Connection:
+        ev = call.first
+        self.stats.connections += 1
+        return Connection(
+            conn_id=conn_id,
+            tgid=ev.tgid,
+            fd=ev.fd,
+            gen=gen,
+            comm=ev.comm,
+            source=ev.source,
+            local=None,
+            remote=ev.socket.remote,
+            role=ev.socket.role,
+        )
+
+    def _check_offset(self, conn: Connection, call: TlsCall) -> None:
+        ev = call.first
+        expected = conn.next_offset[ev.direction]
+        if ev.offset > expected:
+            self.stats.gaps += 1
+            self.stats.gap_bytes += ev.offset - expected
+        elif ev.offset < expected:
+            self.stats.overlaps += 1
+        conn.next_offset[ev.direction] = ev.offset + ev.len
+
+    def _lifecycle_record(self, kind: str, conn: Connection, ts_mono: int, tid: int) -> Record:
+        return Record(
+            type=kind,  # type: ignore[arg-type]
+            ts_ns=self._wall(ts_mono),
+            pid=conn.tgid,
+            tid=tid,
+            comm=conn.comm,
+            source=conn.source,
+            conn_id=conn.conn_id,
+            fd=conn.fd,
+            local=conn.local,
+            remote=conn.remote,
+            role=conn.role,
+        )
+
+    def _close_record(self, conn: Connection, ts_mono: int, tid: int) -> Record:
+        return self._lifecycle_record("close", conn, ts_mono, tid)

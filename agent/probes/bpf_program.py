@@ -1,0 +1,168 @@
+"""Compile and drive the eBPF program (bpf/*.c) through bcc.
+
+This is the thin shell around the kernel: it builds the program with the run's
+settings, attaches library probes, and gives the rest of the agent a few plain
+operations (drain the ring, read counters, tell the kernel about sockets and
+allowed processes).  Everything it hands out is plain bytes or ints.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.events import layout
+from agent.flows.table import KernelRegistration
+
+log = logging.getLogger(__name__)
+
+# Concatenated in this order: the header first (maps and helpers every probe
+# family uses), then one file per probe family.  bcc only rewrites map
+# operations in the main source text, so the files are joined rather than
+# #included.
+BPF_SOURCES = ("tlscap.h", "sockets.c", "process.c", "openssl.c")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def bpf_source_dir() -> Path:
+    env = os.environ.get("TLSCAP_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    self_tgid: int
+    filtered: bool = False  # --pid/--comm given: trace only allowed processes
+    max_capture: int = 1 << 20  # per-call payload cap, bytes
+    ringbuf_bytes: int = 64 << 20
+    # Wake the consumer when this much is pending (else it drains on its timer).
+    wake_bytes: int = 8 << 20
+
+    def cflags(self) -> list[str]:
+        pages = _power_of_two_at_least(max(self.ringbuf_bytes // PAGE_SIZE, 16))
+        wake = min(self.wake_bytes, pages * PAGE_SIZE // 4)
+        return [
+            f"-DTLSCAP_SELF_TGID={self.self_tgid}",
+            f"-DTLSCAP_FILTER={1 if self.filtered else 0}",
+            f"-DTLSCAP_MAX_CAPTURE={self.max_capture}",
+            f"-DTLSCAP_RINGBUF_PAGES={pages}",
+            f"-DTLSCAP_WAKE_BYTES={wake}",
+        ]
+
+
+def _power_of_two_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+def program_text(source_dir: Path | None = None) -> str:
+    src = source_dir or bpf_source_dir()
+    return "\n".join((src / name).read_text() for name in BPF_SOURCES)
+
+
+class BpfProgram:
+    """The loaded program: one per agent run."""
+
+    def __init__(self, settings: ProbeSettings, source_dir: Path | None = None) -> None:
+        from bcc import BPF  # imported here: preflight reports a missing bcc first
+
+        src = source_dir or bpf_source_dir()
+        self.settings = settings
+        self._bpf = BPF(text=program_text(src), cflags=[f"-I{src}", *settings.cflags()])
+        self._ring_open = False
+
+    @property
+    def bcc(self) -> Any:
+        return self._bpf
+
+    # -- probes -------------------------------------------------------------
+
+    def attach_uprobe(self, path: str, symbol: str, entry_fn: str, return_fn: str | None) -> None:
+        """Attach an entry (and optionally return) probe to a symbol in a file.
+
+        Raises whatever bcc raises (the caller logs and skips that target).
+        """
+        self._bpf.attach_uprobe(name=path, sym=symbol, fn_name=entry_fn)
+        if return_fn:
+            try:
+                self._bpf.attach_uretprobe(name=path, sym=symbol, fn_name=return_fn)
+            except Exception:
+                # Never leave an entry probe without its return: the call state
+                # it opens would only be closed by a stale-entry check.
+                self._bpf.detach_uprobe(name=path, sym=symbol)
+                raise
+
+    def open_uprobes(self) -> int:
+        return self._bpf.num_open_uprobes()
+
+    def close(self) -> None:
+        """Detach every probe and free the maps (also done by bcc at exit)."""
+        self._bpf.cleanup()
+
+    # -- ring buffer --------------------------------------------------------
+
+    def open_ring(self, on_event: Callable[[bytes], None]) -> None:
+        def callback(_ctx: Any, data: Any, size: int) -> int:
+            on_event(ct.string_at(data, size))
+            return 0
+
+        self._bpf["events"].open_ring_buffer(callback)
+        self._ring_open = True
+
+    def drain(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for a forced wake-up, then consume everything.
+
+        Events are submitted without waking us (a wake-up per event costs more
+        than the probe), so the consume after the wait is what normally reads
+        them.
+        """
+        self._bpf.ring_buffer_poll(timeout_ms)
+        self._bpf.ring_buffer_consume()
+
+    # -- state shared with the kernel ---------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        table = self._bpf["counters"]
+        out = {}
+        for idx, name in enumerate(layout.COUNTERS):
+            out[name] = sum(table[ct.c_int(idx)])
+        return out
+
+    def register_socket(self, reg: KernelRegistration) -> None:
+        sockets = self._bpf["sockets"]
+        info = sockets.Leaf()
+        info.gen = reg.gen
+        info.role = {"client": 1, "server": 2}.get(reg.role, 0)
+        info.flags = 1  # CONN_TLS_SEEN: report its close
+        if reg.remote is not None:
+            import ipaddress
+
+            addr = ipaddress.ip_address(reg.remote.ip)
+            info.family = layout.AF_INET if addr.version == 4 else layout.AF_INET6
+            info.rport = reg.remote.port
+            packed = addr.packed
+            ct.memmove(info.raddr, packed, len(packed))
+        key = sockets.Key((reg.tgid << 32) | (reg.fd & 0xFFFFFFFF))
+        sockets[key] = info
+
+    def allow_tgids(self, tgids: Iterable[int]) -> None:
+        table = self._bpf["allowed_tgids"]
+        for tgid in tgids:
+            table[table.Key(tgid)] = table.Leaf(1)
+
+    def allow_comms(self, comms: Iterable[str]) -> None:
+        table = self._bpf["allowed_comms"]
+        for comm in comms:
+            key = table.Key()
+            raw = comm.encode()[:15]
+            ct.memmove(key.comm, raw, len(raw))
+            table[key] = table.Leaf(1)

@@ -1,0 +1,46 @@
+"""Attach the OpenSSL-family probes (bpf/openssl.c) to one library file.
+
+uprobes live on the file's inode, so one attach covers every process - in any
+container - that maps this file, now or later.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+# symbol -> entry program; every one shares the return program.
+OPENSSL_ENTRY_PROBES = {
+    "SSL_write": "probe_ssl_write_enter",
+    "SSL_write_ex": "probe_ssl_write_ex_enter",
+    "SSL_read": "probe_ssl_read_enter",
+    "SSL_read_ex": "probe_ssl_read_ex_enter",
+}
+OPENSSL_RETURN_PROBE = "probe_ssl_return"
+
+
+class Attacher(Protocol):
+    def attach_uprobe(
+        self, path: str, symbol: str, entry_fn: str, return_fn: str | None
+    ) -> None: ...
+
+
+def attach_openssl(program: Attacher, path: str, symbols: frozenset[str] | set[str]) -> list[str]:
+    """Probe each OpenSSL data function the file defines; return those attached.
+
+    A symbol that cannot be attached is logged and skipped: the others still
+    give a useful capture (OpenSSL 1.1.0 has no _ex functions, for one).
+    """
+    attached = []
+    for symbol, entry_fn in OPENSSL_ENTRY_PROBES.items():
+        if symbol not in symbols:
+            continue
+        try:
+            program.attach_uprobe(path, symbol, entry_fn, OPENSSL_RETURN_PROBE)
+        except Exception as exc:  # bcc raises bare Exception
+            log.warning("cannot attach %s in %s: %s", symbol, path, exc)
+            continue
+        attached.append(symbol)
+    return attached

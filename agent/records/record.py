@@ -1,0 +1,80 @@
+"""The one record type every capture path produces and every sink consumes.
+
+A data Record is one TLS library call (one SSL_write / SSL_read ...) with the
+plaintext it moved; open/close Records mark a connection's lifecycle and a stats
+Record closes a run.  The field names are the JSON-lines contract (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RecordType = Literal["data", "open", "close", "stats"]
+Direction = Literal["egress", "ingress"]
+Role = Literal["client", "server", "unknown"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    ip: str
+    port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ip": self.ip, "port": self.port}
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass
+class Record:
+    type: RecordType
+    ts_ns: int  # wall clock, ns since the Unix epoch
+    pid: int = 0
+    tid: int = 0
+    comm: str = ""
+    source: str = ""  # "openssl", "gotls", "proxy", ...
+    conn_id: str = ""
+    fd: int = -1
+    local: Endpoint | None = None
+    remote: Endpoint | None = None
+    role: Role = "unknown"
+    # data records only
+    direction: Direction | None = None
+    offset: int = 0  # byte offset of this payload within its direction of the connection
+    len: int = 0  # bytes the call really moved
+    captured_len: int = 0  # bytes of it we carry in `data`
+    truncated: bool = False
+    data: bytes = b""
+    # stats records only
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-lines form (DESIGN.md §5)."""
+        if self.type == "stats":
+            return {"type": "stats", "ts_ns": self.ts_ns, **self.stats}
+        out: dict[str, Any] = {
+            "type": self.type,
+            "ts_ns": self.ts_ns,
+            "pid": self.pid,
+            "tid": self.tid,
+            "comm": self.comm,
+            "source": self.source,
+            "conn_id": self.conn_id,
+            "fd": self.fd,
+            "local": self.local.to_json() if self.local else None,
+            "remote": self.remote.to_json() if self.remote else None,
+            "role": self.role,
+        }
+        if self.type == "data":
+            out.update(
+                direction=self.direction,
+                offset=self.offset,
+                len=self.len,
+                captured_len=self.captured_len,
+                truncated=self.truncated,
+                data_b64=base64.b64encode(self.data).decode("ascii"),
+            )
+        return out

@@ -1,0 +1,290 @@
+// Socket probes: map a TLS call to its TCP connection without kprobes
+// (DESIGN.md §4: only tracepoints and uprobes are available).
+//
+//  - connect/accept/accept4 record the remote address and the role of a new
+//    socket in `sockets`, keyed by (tgid, fd);
+//  - the read/write/send/recv family tells a TLS call in progress which fd its
+//    SSL object uses (the syscall is made by the same thread inside the call);
+//  - close reports the end of a socket that carried TLS data;
+//  - process exit reports the end of all of them.
+#include "tlscap.h"
+
+struct tlscap_sockaddr_in {
+    u16 family;
+    u16 port;  // network byte order
+    u8 addr[4];
+};
+
+struct tlscap_sockaddr_in6 {
+    u16 family;
+    u16 port;
+    u32 flowinfo;
+    u8 addr[16];
+};
+
+struct pending_socket {
+    u64 addr;  // user pointer to the sockaddr (may be 0 for accept)
+    u64 sk;    // connect: the kernel socket, seen when it entered SYN_SENT
+    s32 fd;
+};
+
+// Between a syscall's entry and its exit, per thread.
+BPF_HASH(pending_connects, u32, struct pending_socket, 16384);
+BPF_HASH(pending_accepts, u32, struct pending_socket, 16384);
+
+// The local end of a connection is not in any syscall's arguments; the TCP
+// state tracepoint has it.  A client's socket enters SYN_SENT inside connect()
+// (so we learn which fd it is) and ESTABLISHED either before connect returns
+// (loopback) or later from softirq; an accepted socket is ESTABLISHED before
+// accept() returns and is found by its peer address.
+struct endpoint_pair {
+    u8 laddr[16];
+    u8 raddr[16];
+    u16 lport;
+    u16 rport;
+    u16 family;
+    u16 _pad;
+};
+struct peer_key {
+    u8 addr[16];  // IPv4 as ::ffff:a.b.c.d, as a dual-stack accept reports it
+    u16 port;
+    u16 _pad[3];
+};
+BPF_TABLE("lru_hash", u64, struct endpoint_pair, active_established, 16384);  // sk -> ends
+BPF_TABLE("lru_hash", u64, u64, sk_sockets, 16384);  // sk -> sockets key, awaiting ESTABLISHED
+BPF_TABLE("lru_hash", struct peer_key, struct endpoint_pair, passive_established, 16384);
+
+#define TCP_ESTABLISHED_ 1
+#define TCP_SYN_SENT_ 2
+#define TCP_SYN_RECV_ 3
+#define IPPROTO_TCP_ 6
+
+static __always_inline void set_peer_key(struct peer_key *k, u16 family, const u8 *addr, u16 port) {
+    if (family == AF_INET_) {
+        k->addr[10] = 0xff;
+        k->addr[11] = 0xff;
+        __builtin_memcpy(&k->addr[12], addr, 4);
+    } else {
+        __builtin_memcpy(k->addr, addr, 16);
+    }
+    k->port = port;
+}
+
+static __always_inline void copy_local(struct conn_info *c, const struct endpoint_pair *ends) {
+    __builtin_memcpy(c->laddr, ends->laddr, 16);
+    c->lport = ends->lport;
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != IPPROTO_TCP_)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    if (args->newstate == TCP_SYN_SENT_) {
+        // Still inside connect(), in the caller's context.
+        u32 tid = (u32)bpf_get_current_pid_tgid();
+        struct pending_socket *p = pending_connects.lookup(&tid);
+        if (p)
+            p->sk = sk;
+        return 0;
+    }
+    if (args->newstate != TCP_ESTABLISHED_)
+        return 0;
+    struct endpoint_pair ends = {};
+    ends.family = args->family;
+    ends.lport = args->sport;
+    ends.rport = args->dport;
+    if (args->family == AF_INET_) {
+        __builtin_memcpy(ends.laddr, args->saddr, 4);
+        __builtin_memcpy(ends.raddr, args->daddr, 4);
+    } else {
+        __builtin_memcpy(ends.laddr, args->saddr_v6, 16);
+        __builtin_memcpy(ends.raddr, args->daddr_v6, 16);
+    }
+    if (args->oldstate == TCP_SYN_SENT_) {
+        u64 *key = sk_sockets.lookup(&sk);
+        if (key) {
+            struct conn_info *c = sockets.lookup(key);
+            if (c)
+                copy_local(c, &ends);
+            sk_sockets.delete(&sk);
+        } else {
+            active_established.update(&sk, &ends);
+        }
+    } else if (args->oldstate == TCP_SYN_RECV_) {
+        struct peer_key pk = {};
+        set_peer_key(&pk, ends.family, ends.raddr, ends.rport);
+        passive_established.update(&pk, &ends);
+    }
+    return 0;
+}
+
+static __always_inline int read_sockaddr(struct conn_info *c, u64 uaddr) {
+    u16 family = 0;
+    if (!uaddr || bpf_probe_read_user(&family, sizeof(family), (void *)uaddr) != 0)
+        return -1;
+    if (family == AF_INET_) {
+        struct tlscap_sockaddr_in sa = {};
+        if (bpf_probe_read_user(&sa, sizeof(sa), (void *)uaddr) != 0)
+            return -1;
+        c->family = AF_INET_;
+        c->rport = __builtin_bswap16(sa.port);
+        __builtin_memcpy(c->raddr, sa.addr, 4);
+        return 0;
+    }
+    if (family == AF_INET6_) {
+        struct tlscap_sockaddr_in6 sa = {};
+        if (bpf_probe_read_user(&sa, sizeof(sa), (void *)uaddr) != 0)
+            return -1;
+        c->family = AF_INET6_;
+        c->rport = __builtin_bswap16(sa.port);
+        __builtin_memcpy(c->raddr, sa.addr, 16);
+        return 0;
+    }
+    return -1;  // unix, netlink, ...: never TLS over TCP
+}
+
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!tgid_wanted(id >> 32))
+        return 0;
+    u32 tid = (u32)id;
+    struct pending_socket p = {.addr = (u64)args->uservaddr, .fd = (s32)args->fd};
+    pending_connects.update(&tid, &p);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct pending_socket *p = pending_connects.lookup(&tid);
+    if (!p)
+        return 0;
+    // Non-blocking sockets (curl) answer EINPROGRESS; the connection is theirs
+    // all the same.
+    if (args->ret == 0 || args->ret == -115) {
+        struct conn_info c = {};
+        if (read_sockaddr(&c, p->addr) == 0) {
+            c.gen = bpf_ktime_get_ns();
+            c.role = ROLE_CLIENT;
+            u64 key = socket_key(id >> 32, p->fd);
+            u64 sk = p->sk;
+            struct endpoint_pair *ends = sk ? active_established.lookup(&sk) : NULL;
+            if (ends) {
+                copy_local(&c, ends);
+                active_established.delete(&sk);
+            } else if (sk) {
+                sk_sockets.update(&sk, &key);  // ESTABLISHED will fill it in
+            }
+            sockets.update(&key, &c);
+        }
+    }
+    pending_connects.delete(&tid);
+    return 0;
+}
+
+static __always_inline int accept_enter(u64 upeer) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!tgid_wanted(id >> 32))
+        return 0;
+    u32 tid = (u32)id;
+    struct pending_socket p = {.addr = upeer, .fd = -1};
+    pending_accepts.update(&tid, &p);
+    return 0;
+}
+
+static __always_inline int accept_exit(long ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct pending_socket *p = pending_accepts.lookup(&tid);
+    if (!p)
+        return 0;
+    if (ret >= 0) {
+        struct conn_info c = {};
+        // A NULL peer address leaves the family unknown: user space resolves
+        // the socket when it first carries TLS.  A non-INET peer is not ours.
+        if (read_sockaddr(&c, p->addr) == 0 || p->addr == 0) {
+            c.gen = bpf_ktime_get_ns();
+            c.role = ROLE_SERVER;
+            if (c.family) {
+                struct peer_key pk = {};
+                set_peer_key(&pk, c.family, c.raddr, c.rport);
+                struct endpoint_pair *ends = passive_established.lookup(&pk);
+                if (ends) {
+                    copy_local(&c, ends);
+                    passive_established.delete(&pk);
+                }
+            }
+            u64 key = socket_key(id >> 32, (s32)ret);
+            sockets.update(&key, &c);
+        }
+    }
+    pending_accepts.delete(&tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return accept_enter((u64)args->upeer_sockaddr); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return accept_enter((u64)args->upeer_sockaddr); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u64 key = socket_key(tgid, (s32)args->fd);
+    struct conn_info *c = sockets.lookup(&key);
+    if (!c)
+        return 0;
+    if (c->flags & CONN_TLS_SEEN) {
+        struct close_event e = {};
+        e.kind = EV_CLOSE;
+        e.tgid = tgid;
+        e.tid = (u32)id;
+        e.fd = (s32)args->fd;
+        e.ts_ns = bpf_ktime_get_ns();
+        e.gen = c->gen;
+        if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
+            count(CNT_LOST_EVENTS, 1);
+    }
+    sockets.delete(&key);
+    return 0;
+}
+
+// A syscall on an fd made inside a TLS call names the SSL object's socket.
+static __always_inline int learn_fd(s32 fd) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct active_call *a = active_calls.lookup(&tid);
+    if (a && a->fd < 0)
+        a->fd = fd;
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return learn_fd((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return learn_fd((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return learn_fd((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return learn_fd((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return learn_fd((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return learn_fd((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return learn_fd((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return learn_fd((s32)args->fd); }
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (tgid != (u32)id)
+        return 0;  // a thread, not the process
+#if TLSCAP_FILTER
+    allowed_tgids.delete(&tgid);
+#endif
+    if (!tls_tgids.lookup(&tgid))
+        return 0;
+    tls_tgids.delete(&tgid);
+    struct proc_event e = {};
+    e.kind = EV_EXIT;
+    e.tgid = tgid;
+    e.ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(&e.comm, sizeof(e.comm));
+    if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
+        count(CNT_LOST_EVENTS, 1);
+    return 0;
+}

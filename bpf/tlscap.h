@@ -1,0 +1,204 @@
+// Shared definitions for every tlscap probe family: event layouts, maps and the
+// helpers that emit events.  The loader concatenates this header with the probe
+// files into one bcc program, so all probes share the maps declared here.
+//
+// Layouts here are mirrored by agent/events/layout.py: change both together.
+//
+// Settings the loader passes with -D (defaults below are for editors/linters):
+//   TLSCAP_SELF_TGID   the agent's own pid: never traced, so it never captures itself
+//   TLSCAP_FILTER      1 when --pid/--comm restrict tracing to allowed_tgids
+//   TLSCAP_MAX_CAPTURE per-call payload cap in bytes (larger calls are truncated)
+//   TLSCAP_RINGBUF_PAGES  ring buffer size in pages
+//   TLSCAP_WAKE_BYTES  wake the consumer once this much data is pending
+#ifndef TLSCAP_H
+#define TLSCAP_H
+
+#include <uapi/linux/ptrace.h>
+
+#ifndef TLSCAP_SELF_TGID
+#define TLSCAP_SELF_TGID 0
+#endif
+#ifndef TLSCAP_FILTER
+#define TLSCAP_FILTER 0
+#endif
+#ifndef TLSCAP_MAX_CAPTURE
+#define TLSCAP_MAX_CAPTURE (1 << 20)
+#endif
+#ifndef TLSCAP_RINGBUF_PAGES
+#define TLSCAP_RINGBUF_PAGES 8192
+#endif
+#ifndef TLSCAP_WAKE_BYTES
+#define TLSCAP_WAKE_BYTES (4 << 20)
+#endif
+
+// One ring-buffer record carries at most CHUNK_SIZE payload bytes; a call that
+// moved more is split into several chunk events with the same header.
+#define CHUNK_SIZE 16384
+// openssl.c masks chunk lengths with 0x7fff (2*CHUNK_SIZE-1) for the verifier.
+_Static_assert(CHUNK_SIZE == 16384, "update the chunk-length mask in openssl.c");
+#define MAX_CHUNKS ((TLSCAP_MAX_CAPTURE + CHUNK_SIZE - 1) / CHUNK_SIZE)
+
+enum event_kind {
+    EV_DATA = 1,       // a chunk of TLS plaintext
+    EV_CLOSE = 2,      // a socket that carried TLS data was closed
+    EV_EXEC = 3,       // a process called execve: new targets may appear
+    EV_EXEC_MAP = 4,   // a process mapped a file executable (dlopen): likewise
+    EV_EXIT = 5,       // a process that carried TLS data exited
+};
+
+enum direction { DIR_EGRESS = 0, DIR_INGRESS = 1 };
+enum source { SRC_OPENSSL = 1 };
+enum role { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
+
+// Counters (per-CPU, summed in user space).  Every place data can be dropped
+// in the kernel has one.
+enum counter {
+    CNT_CALLS = 0,          // TLS calls that moved data
+    CNT_CHUNKS = 1,         // chunk events submitted
+    CNT_LOST_EVENTS = 2,    // ring buffer full: events dropped
+    CNT_LOST_BYTES = 3,     // payload bytes in those dropped events
+    CNT_READ_ERRORS = 4,    // payload not readable from the process
+    CNT_TRUNCATED = 5,      // calls larger than the capture cap
+    CNT_TRUNCATED_BYTES = 6,
+    CNT_NESTED = 7,         // SSL calls made inside another traced SSL call
+    CNT_MAX = 8,
+};
+
+#define AF_INET_ 2
+#define AF_INET6_ 10
+
+#define CONN_TLS_SEEN 1  // report the close of this socket
+
+// What the kernel side knows of a socket: filled at connect/accept (or by user
+// space for sockets that predate the agent).  `gen` tells two sockets that
+// reused the same fd apart: the connect/accept time, or an id user space chose.
+struct conn_info {
+    u64 gen;
+    u8 raddr[16];
+    u8 laddr[16];  // all zero until the handshake told us (or user space fills it)
+    u16 family;
+    u16 rport;
+    u16 lport;
+    u8 role;
+    u8 flags;
+};
+
+struct data_event {
+    u32 kind;
+    u32 tgid;
+    u32 tid;
+    s32 fd;              // -1: no socket known (memory BIO)
+    u64 ts_ns;           // CLOCK_MONOTONIC at the call's return
+    u64 ssl;             // the SSL* (connection identity when fd is unknown)
+    u64 len;             // bytes the call moved
+    u64 offset;          // where they start in this direction of the connection
+    u32 captured_len;    // bytes of the call we send: min(len, cap)
+    u32 chunk_off;       // where this chunk starts within the call
+    u32 chunk_len;
+    u8 direction;
+    u8 source;
+    u8 _pad[2];
+    char comm[16];
+    struct conn_info conn;
+    u8 data[CHUNK_SIZE];
+};
+#define DATA_HEADER_SIZE (sizeof(struct data_event) - CHUNK_SIZE)
+
+struct close_event {
+    u32 kind;
+    u32 tgid;
+    u32 tid;
+    s32 fd;
+    u64 ts_ns;
+    u64 gen;
+};
+
+// EV_EXEC, EV_EXEC_MAP, EV_EXIT
+struct proc_event {
+    u32 kind;
+    u32 tgid;
+    u64 ts_ns;
+    char comm[16];
+};
+
+BPF_RINGBUF_OUTPUT(events, TLSCAP_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(counters, u64, CNT_MAX);
+// Bytes submitted since the last forced wake-up (approximate: shared, no lock).
+BPF_ARRAY(pending_bytes, u64, 1);
+// A data_event is too big for the 512-byte BPF stack.
+BPF_PERCPU_ARRAY(scratch, struct data_event, 1);
+
+// (tgid << 32 | fd) -> socket; LRU so sockets we never see closed age out.
+BPF_TABLE("lru_hash", u64, struct conn_info, sockets, 65536);
+// Processes whose TLS traffic we reported: their exit closes their connections.
+BPF_TABLE("lru_hash", u32, u8, tls_tgids, 16384);
+// --pid / --comm filters: the tgids we may trace, and the comms that admit a
+// process at exec time.
+BPF_HASH(allowed_tgids, u32, u8, 65536);
+struct comm_key {
+    char comm[16];
+};
+BPF_HASH(allowed_comms, struct comm_key, u8, 64);
+
+// The TLS call a thread is inside of: opened by a library probe's entry,
+// completed by the socket probes (fd), emitted by the probe's return.
+struct active_call {
+    u64 ssl;
+    u64 buf;
+    u64 len_ptr;  // SSL_*_ex: where the library stores the byte count
+    s32 fd;       // learned from a syscall inside the call, -1 until then
+    u32 depth;    // >1 while a traced SSL function calls another one
+    u8 direction;
+    u8 ex;
+    u8 source;
+    u8 _pad[5];
+};
+BPF_HASH(active_calls, u32, struct active_call, 16384);
+
+static __always_inline void count(u32 idx, u64 n) {
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += n;
+}
+
+static __always_inline int tgid_wanted(u32 tgid) {
+    if (tgid == TLSCAP_SELF_TGID)
+        return 0;
+#if TLSCAP_FILTER
+    return allowed_tgids.lookup(&tgid) != NULL;
+#else
+    return 1;
+#endif
+}
+
+// Waking the consumer per event costs more than the uprobe itself here, so
+// events are submitted silently and the consumer drains on a short timer; only
+// when a burst fills a good part of the ring do we wake it early.
+static __always_inline u64 wake_flag(u64 size) {
+    u32 zero = 0;
+    u64 *pending = pending_bytes.lookup(&zero);
+    if (!pending)
+        return 0;
+    __sync_fetch_and_add(pending, size);
+    if (*pending < TLSCAP_WAKE_BYTES)
+        return BPF_RB_NO_WAKEUP;
+    *pending = 0;
+    return BPF_RB_FORCE_WAKEUP;
+}
+
+static __always_inline u64 socket_key(u32 tgid, s32 fd) {
+    return ((u64)tgid << 32) | (u32)fd;
+}
+
+static __always_inline void emit_proc_event(u32 kind, u32 tgid) {
+    struct proc_event e = {};
+    e.kind = kind;
+    e.tgid = tgid;
+    e.ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(&e.comm, sizeof(e.comm));
+    // Target discovery races the traced program: wake the agent now.
+    if (events.ringbuf_output(&e, sizeof(e), BPF_RB_FORCE_WAKEUP) != 0)
+        count(CNT_LOST_EVENTS, 1);
+}
+
+#endif  // TLSCAP_H

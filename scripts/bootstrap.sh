@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Idempotent bootstrap for tlscap on Debian 12 (run by `make setup`, as root).
+#
+#   1. system packages (bcc, headers, tools the tests drive) - installed only if missing
+#   2. .venv made from /usr/bin/python3 with --system-site-packages, because bcc comes
+#      from Debian's python3-bpfcc and is not on PyPI
+#   3. `pip install -e '.[dev]'`, re-run only when pyproject.toml changes (stamp file)
+#   4. tracefs mounted (a fresh boot of some VMs leaves it unmounted; bcc needs it)
+#
+# A second run with everything in place does no network or package work.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf 'bootstrap: %s\n' "$*"; }
+die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
+
+SYSTEM_PYTHON=/usr/bin/python3
+VENV=.venv
+STAMP="$VENV/.tlscap-bootstrap-stamp"
+
+# --- 1. system packages ------------------------------------------------------------
+command -v dpkg-query >/dev/null 2>&1 || die "dpkg-query not found: this script expects Debian 12 (or similar)"
+
+arch="$(dpkg --print-architecture)"
+packages=(
+    python3-bpfcc libbpfcc bpftool "linux-headers-$arch"
+    iptables iproute2 curl openssl ca-certificates
+    python3-venv gcc libssl-dev make
+)
+
+# One dpkg-query for all of them; unknown packages print nothing on stdout.
+installed="$(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "${packages[@]}" 2>/dev/null || true)"
+missing=()
+for pkg in "${packages[@]}"; do
+    if ! grep -qxF "$pkg ii " <<<"$installed"; then
+        missing+=("$pkg")
+    fi
+done
+
+if ((${#missing[@]})); then
+    if [[ $EUID -ne 0 ]]; then
+        die "missing system packages: ${missing[*]} - run \`sudo make setup\` (or apt-get install them)"
+    fi
+    say "installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    say "system packages: all present"
+fi
+
+# --- 2. virtualenv -----------------------------------------------------------------
+[[ -x $SYSTEM_PYTHON ]] || die "$SYSTEM_PYTHON not found (Debian's python3 is required: bcc is built for it)"
+
+venv_ok() {
+    [[ -x $VENV/bin/python && -f $VENV/pyvenv.cfg ]] || return 1
+    grep -qE '^include-system-site-packages *= *true' "$VENV/pyvenv.cfg" || return 1
+    # Must be Debian's interpreter: bcc's dist-packages only work with that exact Python.
+    [[ "$(readlink -f "$VENV/bin/python")" == "$(readlink -f "$SYSTEM_PYTHON")" ]]
+}
+
+if ! venv_ok; then
+    if [[ -e $VENV ]]; then
+        say "recreating $VENV (not a --system-site-packages venv of $SYSTEM_PYTHON)"
+    else
+        say "creating $VENV"
+    fi
+    "$SYSTEM_PYTHON" -m venv --clear --system-site-packages "$VENV"
+fi
+
+# --- 3. python packages ------------------------------------------------------------
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+have="$(cat "$STAMP" 2>/dev/null || true)"
+if [[ $want != "$have" ]]; then
+    say "installing tlscap and dev tools into $VENV (pip install -e '.[dev]')"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+    printf '%s\n' "$want" >"$STAMP"
+else
+    say "python packages: up to date"
+fi
+
+# --- 4. tracefs --------------------------------------------------------------------
+if [[ ! -d /sys/kernel/tracing/events && ! -d /sys/kernel/debug/tracing/events ]]; then
+    if [[ $EUID -eq 0 ]] && mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; then
+        say "mounted tracefs at /sys/kernel/tracing"
+    else
+        say "warning: tracefs is not mounted; as root run: mount -t tracefs nodev /sys/kernel/tracing"
+    fi
+fi
+
+# Cheap end-to-end proof that the venv sees bcc; a clear message beats a later traceback.
+if ! "$VENV/bin/python" -c 'import bcc' 2>/dev/null; then
+    die "$VENV/bin/python cannot import bcc; check that python3-bpfcc is installed for $SYSTEM_PYTHON"
+fi
+
+say "ready"

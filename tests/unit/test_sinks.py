@@ -1,0 +1,327 @@
+"""JSON-lines and terminal sinks."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.records.record import Endpoint, Record
+from agent.sinks.base import OutputError, PeriodicFlusher, Sink
+from agent.sinks.jsonl import JsonlSink, encode_record
+from agent.sinks.terminal import TerminalSink, looks_like_text, render_hexdump, render_text
+
+IDENTITY = {"type", "ts_ns", "pid", "tid", "comm", "source", "conn_id", "fd", "local", "remote"}
+IDENTITY |= {"role"}
+DATA_FIELDS = IDENTITY | {"direction", "offset", "len", "captured_len", "truncated", "data_b64"}
+STATS_FIELDS = {"type", "ts_ns", "events", "bytes", "lost"}
+
+# 2026-11-23 14:03:07.123456789 UTC
+TS = 1795442587_123456789
+
+
+def _rec(type_: str = "data", **kw) -> Record:
+    base = dict(
+        ts_ns=TS,
+        pid=4211,
+        tid=4212,
+        comm="curl",
+        source="openssl",
+        conn_id="4211-5-1",
+        fd=5,
+        local=Endpoint("127.0.0.1", 51234),
+        remote=Endpoint("127.0.0.1", 8443),
+        role="client",
+    )
+    if type_ == "data":
+        data = kw.pop("data", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        base.update(direction="egress", len=len(data), captured_len=len(data), data=data)
+    base.update(kw)
+    return Record(type_, **base)  # type: ignore[arg-type]
+
+
+def _stats() -> Record:
+    return Record("stats", ts_ns=TS, stats={"events": 12, "bytes": 3456, "lost": 0})
+
+
+# --- JSON lines ------------------------------------------------------------------------
+
+
+def _lines(records: list[Record]) -> list[str]:
+    buf = io.StringIO()
+    sink = JsonlSink(buf)
+    for r in records:
+        sink.write(r)
+    sink.close()
+    text = buf.getvalue()
+    assert text.endswith("\n")
+    return text.splitlines()
+
+
+def test_jsonl_every_contract_field_present() -> None:
+    lines = _lines([_rec("open"), _rec("data"), _rec("close"), _stats()])
+    assert len(lines) == 4
+    objs = [json.loads(line) for line in lines]
+    assert [o["type"] for o in objs] == ["open", "data", "close", "stats"]
+    assert objs[0].keys() >= IDENTITY and objs[2].keys() >= IDENTITY
+    assert objs[1].keys() >= DATA_FIELDS
+    assert objs[3].keys() >= STATS_FIELDS
+    data = objs[1]
+    assert data["local"] == {"ip": "127.0.0.1", "port": 51234}
+    assert (data["direction"], data["role"], data["ts_ns"]) == ("egress", "client", TS)
+    assert data["truncated"] is False and data["len"] == data["captured_len"] == 27
+    assert objs[3]["events"] == 12 and objs[3]["lost"] == 0
+
+
+def test_jsonl_compact_one_line_per_record() -> None:
+    (line,) = _lines([_rec(comm="a b\nc", data=b"x\ny\n")])
+    assert ", " not in line and '": ' not in line
+    assert json.loads(line)["comm"] == "a b\nc"
+
+
+def test_jsonl_payload_base64_exact_bytes() -> None:
+    payload = bytes(range(256)) * 3 + b"\x00\xff"
+    (line,) = _lines([_rec(data=payload)])
+    assert base64.b64decode(json.loads(line)["data_b64"], validate=True) == payload
+    (empty,) = _lines([_rec(data=b"")])
+    assert json.loads(empty)["data_b64"] == ""
+
+
+def test_jsonl_unknown_endpoints_and_ipv6() -> None:
+    (line,) = _lines([_rec(local=Endpoint("::1", 443), remote=None, role="unknown")])
+    obj = json.loads(line)
+    assert obj["local"] == {"ip": "::1", "port": 443}
+    assert obj["remote"] is None and obj["role"] == "unknown"
+
+
+def test_jsonl_non_ascii_and_undecodable_comm_stay_ascii() -> None:
+    comm = "caf\u00e9" + b"\xff".decode("utf-8", "surrogateescape")
+    line = encode_record(_rec(comm=comm))
+    assert line.isascii()
+    assert json.loads(line)["comm"] == comm
+
+
+def test_jsonl_open_file_flush_policy_and_close(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    sink = JsonlSink.open(str(path), flush_interval=0.5)
+    sink.write(_rec())
+    assert path.read_text() == ""  # buffered: no write(2) per record...
+    deadline = time.monotonic() + 5
+    while path.read_text() == "" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(path.read_text().splitlines()) == 1  # ...but `tail -f` sees it promptly
+    sink.write(_rec("close"))
+    sink.flush()
+    assert len(path.read_text().splitlines()) == 2
+    sink.write(_stats())
+    sink.close()
+    assert [json.loads(x)["type"] for x in path.read_text().splitlines()] == [
+        "data",
+        "close",
+        "stats",
+    ]
+    with pytest.raises(ValueError):
+        sink.write(_rec())
+
+
+def test_jsonl_open_truncates_or_appends(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n")
+    with JsonlSink.open(str(path)) as sink:
+        sink.write(_stats())
+    assert path.read_text().count("\n") == 1
+    with JsonlSink.open(str(path), append=True) as sink:
+        sink.write(_stats())
+    assert path.read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("where", ["missing-dir/out.jsonl", "."])
+def test_jsonl_open_bad_path_is_one_line_oserror(tmp_path: Path, where: str) -> None:
+    path = str(tmp_path / where)
+    with pytest.raises(OutputError) as info:
+        JsonlSink.open(path)
+    assert isinstance(info.value, OSError) and info.value.errno
+    msg = str(info.value)
+    assert "\n" not in msg and path in msg and msg.startswith("cannot write JSON lines to")
+
+
+def test_jsonl_dash_is_stdout_and_left_open() -> None:
+    sink = JsonlSink.open("-")
+    assert sink._out.stream is sys.stdout
+    sink.close()
+    assert not sys.stdout.closed
+
+
+def test_sinks_satisfy_protocol() -> None:
+    assert isinstance(JsonlSink(io.StringIO()), Sink)
+    assert isinstance(TerminalSink(io.StringIO()), Sink)
+
+
+# --- the flush policy ------------------------------------------------------------------
+
+
+class CountingStream(io.StringIO):
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.flushes = 0
+        self.fail = fail
+        self.flushed = threading.Event()
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.flushed.set()
+        if self.fail:
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_flusher_at_most_once_per_interval() -> None:
+    now = [0.0]
+    stream = CountingStream()
+    out = PeriodicFlusher(stream, interval=10, clock=lambda: now[0])  # timer won't fire
+    for _ in range(1000):
+        out.write("x\n")
+    assert stream.flushes == 0
+    now[0] = 10.0
+    out.write("y\n")
+    assert stream.flushes == 1
+    out.close()
+    assert stream.flushes == 2
+    out.close()  # idempotent
+    assert stream.flushes == 2
+
+
+def test_flusher_timer_failure_surfaces_on_next_call() -> None:
+    stream = CountingStream(fail=True)
+    out = PeriodicFlusher(stream, interval=0.01)
+    out.write("x\n")
+    assert stream.flushed.wait(5)
+    deadline = time.monotonic() + 5
+    while out._error is None and time.monotonic() < deadline:  # raised just after the event
+        time.sleep(0.001)
+    with pytest.raises(BrokenPipeError):
+        out.write("y\n")
+
+
+# --- terminal --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _render(record: Record, **kw) -> list[str]:
+    return TerminalSink(io.StringIO(), color=False, **kw).render(record)
+
+
+def test_terminal_header_egress_and_ingress() -> None:
+    lines = _render(_rec())
+    assert lines[0] == (
+        "14:03:07.123456 curl[4211/4212] openssl egress  127.0.0.1:51234 -> 127.0.0.1:8443 "
+        "client conn=4211-5-1 fd=5 off=0 len=27"
+    )
+    ingress = _render(_rec(direction="ingress", offset=27))[0]
+    assert " ingress 127.0.0.1:51234 <- 127.0.0.1:8443 client " in ingress
+    assert ingress.endswith(" off=27 len=27")
+
+
+def test_terminal_text_payload() -> None:
+    lines = _render(_rec(data=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert lines[1:] == ["  GET / HTTP/1.1", "  Host: x", "  "]
+    tricky = b'{"a":\t1}\x1b[2J bare\rcr caf\xc3\xa9 \xff\n'
+    assert looks_like_text(tricky)
+    assert render_text(tricky) == ['{"a":\t1}\\x1b[2J bare\\rcr caf\u00e9 \\xff']
+
+
+def test_terminal_binary_payload_hexdump() -> None:
+    data = bytes(range(0x3E, 0x3E + 20)) + b"\x00\x01\xfe"
+    assert not looks_like_text(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    lines = _render(_rec(data=b"\x00" + data))
+    assert lines[1] == (
+        "  00000000  00 3e 3f 40 41 42 43 44  45 46 47 48 49 4a 4b 4c  |.>?@ABCDEFGHIJKL|"
+    )
+    assert lines[2] == ("  00000010  4d 4e 4f 50 51 00 01 fe                           |MNOPQ...|")
+    assert render_hexdump(b"") == []
+
+
+def test_terminal_max_bytes_marker() -> None:
+    lines = _render(_rec(data=b"a" * 100), max_bytes=10)
+    assert lines[1:] == ["  aaaaaaaaaa", "  ... (90 more bytes)"]
+    binary = _render(_rec(data=bytes(100)), max_bytes=16)
+    assert len(binary) == 3 and binary[2] == "  ... (84 more bytes)"
+
+
+def test_terminal_truncated_capture_marked() -> None:
+    rec = _rec(data=b"hello", len=5000, captured_len=5, truncated=True)
+    lines = _render(rec)
+    assert lines[0].endswith(" len=5000 captured=5 TRUNCATED")
+    assert lines[1:] == ["  hello", "  ... (4995 bytes not captured)"]
+    # not captured at all (e.g. payload capture off): header + marker only
+    lines = _render(_rec(data=b"", len=1, captured_len=0, truncated=True))
+    assert lines[1:] == ["  ... (1 byte not captured)"]
+
+
+def test_terminal_ipv6_brackets_and_unknown_endpoints() -> None:
+    rec = _rec(local=Endpoint("::1", 51234), remote=Endpoint("2001:db8::1", 443))
+    assert " [::1]:51234 -> [2001:db8::1]:443 client " in _render(rec)[0]
+    rec = _rec(local=None, remote=None, role="unknown", conn_id="")
+    assert " ? -> ? unknown conn=? fd=5 " in _render(rec)[0]
+
+
+def test_terminal_open_close_stats_lines() -> None:
+    assert _render(_rec("open")) == [
+        "14:03:07.123456 curl[4211/4212] openssl open    127.0.0.1:51234 <-> 127.0.0.1:8443 "
+        "client conn=4211-5-1 fd=5"
+    ]
+    (close,) = _render(_rec("close"))
+    assert " close   127.0.0.1:51234 <-> " in close
+    assert _render(_stats()) == ["14:03:07.123456 stats events=12 bytes=3456 lost=0"]
+
+
+def test_terminal_escapes_comm() -> None:
+    line = _render(_rec(comm="ev\x1b]0;x\x07il"))[0]
+    assert "\x1b" not in line and "ev\\x1b]0;x\\x07il[4211/4212]" in line
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_color_only_on_tty_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for stream, color, expect in [
+        (io.StringIO(), None, False),
+        (FakeTTY(), None, True),
+        (io.StringIO(), True, True),
+        (FakeTTY(), False, False),
+    ]:
+        sink = TerminalSink(stream, color=color)
+        sink.write(_rec(truncated=True, len=99))
+        sink.close()
+        assert ("\x1b[" in stream.getvalue()) is expect, (type(stream), color)
+    monkeypatch.setenv("NO_COLOR", "1")
+    tty = FakeTTY()
+    sink = TerminalSink(tty)
+    sink.write(_rec())
+    sink.close()
+    assert "\x1b[" not in tty.getvalue()
+
+
+def test_terminal_write_ends_each_record_with_newline() -> None:
+    buf = io.StringIO()
+    sink = TerminalSink(buf, color=False)
+    sink.write(_rec("open"))
+    sink.write(_rec())
+    sink.close()
+    assert buf.getvalue().count("\n") == 1 + 4
