@@ -100,7 +100,8 @@ class CaptureSession:
         self._scanner = scanner or TargetScanner(exclude_pids={os.getpid()})
         self._wall = mono_to_wall_clock()
         self._calls = CallAssembler()
-        self._flows = FlowTable(resolver or SocketResolver(), self._wall)
+        self._resolver = resolver or SocketResolver()
+        self._flows = FlowTable(self._resolver, self._wall)
         self._rescan: set[int] = set()
         self.stats = AgentStats()
         self.stop_event = threading.Event()
@@ -130,9 +131,21 @@ class CaptureSession:
         libraries += self._scanner.scan_all(initial_pids)
         for lib in libraries:
             self._attach(lib)
+        self._adopt_existing_connections(initial_pids)
         log.info("attached to %d file(s)", self.stats.targets_attached)
         if opts.ready_file:
             opts.ready_file.write_text(f"{os.getpid()}\n")
+
+    def _adopt_existing_connections(self, pids: list[int] | None) -> None:
+        if pids is None:
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        own = os.getpid()
+        for pid in pids:
+            if pid == own:
+                continue
+            for fd, info in self._resolver.open_sockets(pid).items():
+                self._flows.adopt_existing_socket(pid, fd, info)
+        self._emit_records([])  # hands the registrations to the kernel
 
     def _attach(self, lib: TlsLibrary) -> None:
         assert self._program is not None

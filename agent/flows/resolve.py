@@ -293,6 +293,23 @@ class SocketResolver:
         if ns is not None:
             self._tables.pop(ns, None)
 
+    def open_sockets(self, pid: int) -> dict[int, SocketInfo]:
+        """Every connected TCP socket `pid` holds, by fd (listeners left out).
+
+        Used once at start-up for connections that predate the agent: the
+        kernel never saw them being made, and asking later races their close.
+        """
+        try:
+            fds = [int(name) for name in os.listdir(f"{self.proc_root}/{pid}/fd")]
+        except (OSError, ValueError):
+            return {}
+        found = self.resolve_many((pid, fd) for fd in fds)
+        return {
+            fd: info
+            for (_, fd), info in found.items()
+            if info is not None and info.state != TcpState.LISTEN
+        }
+
     def resolve(self, pid: int, fd: int) -> SocketInfo | None:
         """The TCP connection behind (pid, fd), or None if gone / not a TCP socket."""
         return self.resolve_many([(pid, fd)])[(pid, fd)]

@@ -48,7 +48,9 @@ class KernelRegistration:
     fd: int
     gen: int
     remote: Endpoint | None
+    local: Endpoint | None
     role: Role
+    tls_seen: bool  # report its close (else only once TLS data is seen on it)
 
 
 @dataclass
@@ -152,6 +154,17 @@ class FlowTable:
                 out.append(self._close_record(table.pop(key), ts_mono_ns, tgid))
         return out
 
+    def adopt_existing_socket(self, tgid: int, fd: int, facts: SocketFacts) -> None:
+        """A connection that predates the agent: have the kernel know it now,
+        so the data that comes later carries its endpoints and its close is
+        reported, however short-lived the process is from here on."""
+        self.kernel_registrations.append(
+            KernelRegistration(
+                tgid, fd, USER_GEN_BIT | next(self._user_gens),
+                facts.remote, facts.local, facts.role, False,
+            )
+        )  # fmt: skip
+
     # -- helpers ------------------------------------------------------------
 
     @staticmethod
@@ -178,7 +191,9 @@ class FlowTable:
                 # have the kernel track it so its close is reported.
                 conn.gen = USER_GEN_BIT | next(self._user_gens)
                 self.kernel_registrations.append(
-                    KernelRegistration(ev.tgid, ev.fd, conn.gen, conn.remote, conn.role)
+                    KernelRegistration(
+                        ev.tgid, ev.fd, conn.gen, conn.remote, conn.local, conn.role, True
+                    )
                 )
         return conn
 

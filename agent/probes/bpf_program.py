@@ -9,6 +9,7 @@ allowed processes).  Everything it hands out is plain bytes or ints.
 from __future__ import annotations
 
 import ctypes as ct
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -142,15 +143,22 @@ class BpfProgram:
         info = sockets.Leaf()
         info.gen = reg.gen
         info.role = {"client": 1, "server": 2}.get(reg.role, 0)
-        info.flags = 1  # CONN_TLS_SEEN: report its close
-        if reg.remote is not None:
-            import ipaddress
-
-            addr = ipaddress.ip_address(reg.remote.ip)
-            info.family = layout.AF_INET if addr.version == 4 else layout.AF_INET6
-            info.rport = reg.remote.port
-            packed = addr.packed
-            ct.memmove(info.raddr, packed, len(packed))
+        info.flags = 1 if reg.tls_seen else 0  # CONN_TLS_SEEN: report its close
+        family = 0
+        for ep, addr_field, port_field in (
+            (reg.remote, "raddr", "rport"),
+            (reg.local, "laddr", "lport"),
+        ):
+            if ep is None:
+                continue
+            addr = ipaddress.ip_address(ep.ip)
+            if family and family != addr.version:
+                # One end v4, one v6: a dual-stack socket; store both as v6.
+                addr = ipaddress.IPv6Address(f"::ffff:{addr}") if addr.version == 4 else addr
+            family = family or addr.version
+            ct.memmove(getattr(info, addr_field), addr.packed, len(addr.packed))
+            setattr(info, port_field, ep.port)
+        info.family = {4: layout.AF_INET, 6: layout.AF_INET6}.get(family, 0)
         key = sockets.Key((reg.tgid << 32) | (reg.fd & 0xFFFFFFFF))
         sockets[key] = info
 
@@ -163,6 +171,6 @@ class BpfProgram:
         table = self._bpf["allowed_comms"]
         for comm in comms:
             key = table.Key()
-            raw = comm.encode()[:15]
-            ct.memmove(key.comm, raw, len(raw))
+            # A char-array field reads back as a bytes copy: assign, don't memmove.
+            key.comm = comm.encode()[:15]
             table[key] = table.Leaf(1)
