@@ -197,8 +197,17 @@ static __always_inline int accept_exit(long ret) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct pending_socket *p = pending_accepts.lookup(&tid);
-    if (!p)
+    if (!p) {
+        // An accept() already blocked when we attached: its entry (and the
+        // peer address buffer) went unseen.  The role is still certain; user
+        // space reads the endpoints from /proc.
+        if (ret >= 0 && tgid_wanted(id >> 32)) {
+            struct conn_info c = {.gen = bpf_ktime_get_ns(), .role = ROLE_SERVER};
+            u64 key = socket_key(id >> 32, (s32)ret);
+            sockets.update(&key, &c);
+        }
         return 0;
+    }
     if (ret >= 0) {
         struct conn_info c = {};
         // A NULL peer address leaves the family unknown: user space resolves

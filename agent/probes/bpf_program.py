@@ -87,19 +87,23 @@ class BpfProgram:
 
     # -- probes -------------------------------------------------------------
 
-    def attach_uprobe(self, path: str, symbol: str, entry_fn: str, return_fn: str | None) -> None:
-        """Attach an entry (and optionally return) probe to a symbol in a file.
+    def attach_uprobe(
+        self, path: str, where: str | int, entry_fn: str, return_fn: str | None
+    ) -> None:
+        """Attach an entry (and optionally return) probe to a function in a file,
+        named by symbol or by virtual address.
 
         Raises whatever bcc raises (the caller logs and skips that target).
         """
-        self._bpf.attach_uprobe(name=path, sym=symbol, fn_name=entry_fn)
+        at = {"sym": where} if isinstance(where, str) else {"addr": where}
+        self._bpf.attach_uprobe(name=path, fn_name=entry_fn, **at)
         if return_fn:
             try:
-                self._bpf.attach_uretprobe(name=path, sym=symbol, fn_name=return_fn)
+                self._bpf.attach_uretprobe(name=path, fn_name=return_fn, **at)
             except Exception:
                 # Never leave an entry probe without its return: the call state
                 # it opens would only be closed by a stale-entry check.
-                self._bpf.detach_uprobe(name=path, sym=symbol)
+                self._bpf.detach_uprobe(name=path, **at)
                 raise
 
     def open_uprobes(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from agent.probes.openssl_bio import find_ssl_bio_methods
+
 log = logging.getLogger(__name__)
 
 # symbol -> entry program; every one shares the return program.
@@ -23,7 +25,7 @@ OPENSSL_RETURN_PROBE = "probe_ssl_return"
 
 class Attacher(Protocol):
     def attach_uprobe(
-        self, path: str, symbol: str, entry_fn: str, return_fn: str | None
+        self, path: str, where: str | int, entry_fn: str, return_fn: str | None
     ) -> None: ...
 
 
@@ -43,4 +45,25 @@ def attach_openssl(program: Attacher, path: str, symbols: frozenset[str] | set[s
             log.warning("cannot attach %s in %s: %s", symbol, path, exc)
             continue
         attached.append(symbol)
+    if attached:
+        attached += _attach_ssl_bio(program, path)
+    return attached
+
+
+def _attach_ssl_bio(program: Attacher, path: str) -> list[str]:
+    """The SSL BIO's methods have the SSL_*_ex shape: the _ex probes serve them."""
+    methods = find_ssl_bio_methods(path)
+    if methods is None:
+        return []
+    attached = []
+    for name, addr, entry_fn in (
+        ("ssl-bio-write", methods.write_addr, OPENSSL_ENTRY_PROBES["SSL_write_ex"]),
+        ("ssl-bio-read", methods.read_addr, OPENSSL_ENTRY_PROBES["SSL_read_ex"]),
+    ):
+        try:
+            program.attach_uprobe(path, addr, entry_fn, OPENSSL_RETURN_PROBE)
+        except Exception as exc:
+            log.warning("cannot attach %s at %#x in %s: %s", name, addr, path, exc)
+            continue
+        attached.append(name)
     return attached

@@ -3,6 +3,7 @@ what the programs sent."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -29,8 +30,8 @@ def run_curl(host: str, port: int, path: str, body_file: Path) -> None:
 
 
 def test_curl_and_s_server_both_sides_exact(agent, s_server, tmp_path):
+    a = agent()  # started first: s_server and curl are processes it sees appear
     port = s_server("127.0.0.1")
-    a = agent()  # started before curl: curl is a process the agent sees appear
     body_file = tmp_path / "body"
     run_curl("127.0.0.1", port, "/tlscap-probe", body_file)
     cap = a.stop()
@@ -41,7 +42,9 @@ def test_curl_and_s_server_both_sides_exact(agent, s_server, tmp_path):
     sent = cap.stream(client_conn, "egress")
     received = cap.stream(client_conn, "ingress")
     assert sent == curl_request("127.0.0.1", port, "/tlscap-probe")
-    assert received == b"HTTP/1.0 200 ok\r\nContent-type: text/html\r\n\r\n" + body_file.read_bytes()
+    assert (
+        received == b"HTTP/1.0 200 ok\r\nContent-type: text/html\r\n\r\n" + body_file.read_bytes()
+    )
 
     # s_server's side (SSL_read_ex/SSL_write_ex) saw the same bytes the other way.
     (server_conn,) = cap.conns(comm="openssl")
@@ -58,14 +61,15 @@ def test_curl_and_s_server_both_sides_exact(agent, s_server, tmp_path):
 
     # Lifecycle: each connection opened once and its close seen.
     for conn in (client_conn, server_conn):
-        assert [r["type"] for r in cap.records if r.get("conn_id") == conn][0] == "open"
+        kinds = [r["type"] for r in cap.records if r.get("conn_id") == conn]
+        assert kinds[0] == "open" and kinds.count("open") == 1
     assert client_conn in {r["conn_id"] for r in cap.of_type("close")}
     assert cap.stats["lost"] == 0
 
 
 def test_ipv6_loopback_tuple(agent, s_server, tmp_path):
-    port = s_server("::1")
     a = agent()
+    port = s_server("::1")
     run_curl("::1", port, "/v6", tmp_path / "body")
     cap = a.stop()
     (client_conn,) = cap.conns(comm="curl")
@@ -77,6 +81,20 @@ def test_ipv6_loopback_tuple(agent, s_server, tmp_path):
     assert client["local"]["ip"] == "::1"
     assert client["local"] == server["remote"] and server["local"] == client["remote"]
     assert (client["role"], server["role"]) == ("client", "server")
+
+
+def test_server_already_blocked_in_accept_when_the_agent_started(agent, s_server, tmp_path):
+    """The accept() entry was never seen: bytes and role must still be exact."""
+    port = s_server("127.0.0.1")
+    a = agent()
+    run_curl("127.0.0.1", port, "/late", tmp_path / "body")
+    cap = a.stop()
+    (client_conn,) = cap.conns(comm="curl")
+    (server_conn,) = cap.conns(comm="openssl")
+    assert cap.stream(server_conn, "ingress") == curl_request("127.0.0.1", port, "/late")
+    assert cap.stream(server_conn, "egress") == cap.stream(client_conn, "ingress")
+    assert cap.data(conn_id=server_conn)[0]["role"] == "server"
+    assert server_conn in {r["conn_id"] for r in cap.of_type("close")}
 
 
 def test_python_ssl_1mib_each_way_reassembles_exactly(agent, tls_cert):
@@ -168,8 +186,9 @@ def test_private_libssl_copy_is_found_and_captured(agent, tls_cert, tmp_path):
     # Attaching races the program's first connection; every later one is whole.
     assert len(client_conns) >= 4, cap.stderr
     for conn in client_conns:
-        assert hashlib.sha256(cap.stream(conn, "egress")).hexdigest() == (
-            summary["client_sent_sha256"]
+        assert (
+            hashlib.sha256(cap.stream(conn, "egress")).hexdigest()
+            == (summary["client_sent_sha256"])
         )
 
 
@@ -193,7 +212,7 @@ def test_pid_and_comm_filters_exclude_other_processes(agent, s_server, tls_cert,
     cap = b.stop()
     assert {r["pid"] for r in cap.of_type("data")} == {server_pid}
     assert b"/only-server" in b"".join(
-        __import__("base64").b64decode(r["data_b64"]) for r in cap.data(direction="ingress")
+        base64.b64decode(r["data_b64"]) for r in cap.data(direction="ingress")
     )
 
 

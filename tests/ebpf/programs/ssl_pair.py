@@ -94,9 +94,8 @@ def main() -> None:
     server.join()
     summary["client_sent_sha256"] = hashlib.sha256(client_out).hexdigest()
     summary["server_sent_sha256"] = hashlib.sha256(server_out).hexdigest()
-    summary["maps_libssl"] = sorted(
-        {line.split()[-1] for line in open("/proc/self/maps") if "libssl" in line}
-    )
+    with open("/proc/self/maps") as maps:
+        summary["maps_libssl"] = sorted({ln.split()[-1] for ln in maps if "libssl" in ln})
     print(json.dumps(summary))
 
 
