@@ -105,6 +105,7 @@ class CaptureSession:
         self._rescan: set[int] = set()
         self.stats = AgentStats()
         self.stop_event = threading.Event()
+        self.failure: Exception | None = None
 
     # -- setup --------------------------------------------------------------
 
@@ -170,6 +171,8 @@ class CaptureSession:
             self._emit(self._calls.flush(older_than_mono_ns=time.monotonic_ns() - STALE_CALL_NS))
             if deadline is not None and time.monotonic() >= deadline:
                 break
+        if self.failure is not None:
+            raise self.failure
 
     def close(self) -> None:
         """Drain what is left, write the stats record, detach everything."""
@@ -179,6 +182,8 @@ class CaptureSession:
                 program.drain(0)
                 self._emit(self._calls.flush())
                 self._write(Record(type="stats", ts_ns=time.time_ns(), stats=self.summary()))
+        except BrokenPipeError:
+            pass  # the reader is gone: nobody is left to tell
         finally:
             for sink in self.sinks:
                 try:
@@ -209,6 +214,16 @@ class CaptureSession:
     # -- events -------------------------------------------------------------
 
     def _on_event(self, raw: bytes) -> None:
+        # Called from bcc through ctypes, which would print and swallow an
+        # exception: stop the run instead, and let run() raise it.
+        try:
+            self._handle_event(raw)
+        except Exception as exc:
+            if self.failure is None:
+                self.failure = exc
+            self.stop_event.set()
+
+    def _handle_event(self, raw: bytes) -> None:
         self.stats.events += 1
         try:
             event = decode_event(raw)

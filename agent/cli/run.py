@@ -127,6 +127,12 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         session.start()
         session.run()
+    except BrokenPipeError:
+        # The reader went away (`tlscap run | head`): not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        session.close()
+        return 0
     except Exception as exc:  # bcc raises bare Exception on compile/load errors
         log.debug("capture failed", exc_info=True)
         session.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from agent.events.calls import TlsCall
@@ -86,6 +86,9 @@ class FlowTable:
         self._by_fd: dict[tuple[int, int], Connection] = {}
         self._by_ssl: dict[tuple[int, int], Connection] = {}
         self._user_gens = itertools.count(1)
+        # Sockets adopted at start-up, by (tgid, fd): a call that was already in
+        # the ring when we registered one still says gen 0 and must join it.
+        self._adopted: dict[tuple[int, int], KernelRegistration] = {}
         self.kernel_registrations: list[KernelRegistration] = []
         self.stats = FlowStats()
 
@@ -158,24 +161,29 @@ class FlowTable:
         """A connection that predates the agent: have the kernel know it now,
         so the data that comes later carries its endpoints and its close is
         reported, however short-lived the process is from here on."""
-        self.kernel_registrations.append(
-            KernelRegistration(
-                tgid, fd, USER_GEN_BIT | next(self._user_gens),
-                facts.remote, facts.local, facts.role, False,
-            )
+        reg = KernelRegistration(
+            tgid, fd, USER_GEN_BIT | next(self._user_gens),
+            facts.remote, facts.local, facts.role, False,
         )  # fmt: skip
+        self._adopted[(tgid, fd)] = reg
+        self.kernel_registrations.append(reg)
 
     # -- helpers ------------------------------------------------------------
 
     @staticmethod
     def _same_socket(conn: Connection, gen: int) -> bool:
-        # gen 0: the event was sent before the kernel knew the socket (ours
-        # to register, or in flight while we did).
-        return gen == 0 or conn.gen == 0 or gen == conn.gen
+        # gen 0: the event was sent before the kernel knew the socket (ours to
+        # register, or in flight while we did).  A connection neither the
+        # kernel nor /proc could identify keeps gen 0, so any socket the kernel
+        # later sees created on its fd is a new one.
+        return gen == 0 or gen == conn.gen
 
     def _open_socket_conn(self, call: TlsCall) -> Connection:
         ev = call.first
         gen = ev.socket.gen
+        adopted = self._adopted.pop((ev.tgid, ev.fd), None)
+        if adopted is not None and gen in (0, adopted.gen):
+            return self._open_adopted_conn(call, adopted)
         conn = self._new_conn(call, f"{ev.tgid}-{ev.fd}-{ev.ts_mono_ns:x}", gen)
         conn.local = ev.socket.local
         if conn.local is not None and conn.remote is not None and conn.role != "unknown":
@@ -195,6 +203,18 @@ class FlowTable:
                         ev.tgid, ev.fd, conn.gen, conn.remote, conn.local, conn.role, True
                     )
                 )
+        return conn
+
+    def _open_adopted_conn(self, call: TlsCall, reg: KernelRegistration) -> Connection:
+        ev = call.first
+        conn = self._new_conn(call, f"{ev.tgid}-{ev.fd}-{ev.ts_mono_ns:x}", reg.gen)
+        conn.local = ev.socket.local or reg.local
+        conn.remote = ev.socket.remote or reg.remote
+        conn.role = reg.role if ev.socket.role == "unknown" else ev.socket.role
+        if ev.socket.gen == 0:
+            # The kernel marks a socket TLS-carrying on its calls; this one's
+            # first call beat the registration, so mark it ourselves.
+            self.kernel_registrations.append(replace(reg, tls_seen=True))
         return conn
 
     def _new_conn(self, call: TlsCall, conn_id: str, gen: int) -> Connection:

@@ -1,0 +1,527 @@
+"""FlowTable: TLS calls and socket events -> open/data/close Records and kernel registrations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agent.events import layout
+from agent.events.calls import CallAssembler, TlsCall
+from agent.events.decode import SocketClosed, decode_event
+from agent.flows.table import USER_GEN_BIT, FlowTable, KernelRegistration
+from agent.records.record import Endpoint, Record, Role
+from tests.unit.eventbuild import ROLE_CLIENT, call_chunks, close_record, conn, conn_v4, make_call
+
+TGID = 4242
+OTHER_TGID = 777
+WALL_SHIFT = 1_000
+
+REMOTE = Endpoint("93.184.216.34", 443)
+LOCAL = Endpoint("10.0.0.2", 51000)
+KERNEL_GEN = 0x1_0000_0001
+
+
+@dataclass
+class Facts:
+    local: Endpoint | None
+    remote: Endpoint | None
+    role: Role
+
+
+class FakeResolver:
+    def __init__(self, facts: Facts | None = None) -> None:
+        self.facts = facts
+        self.calls: list[tuple[int, int]] = []
+
+    def resolve(self, pid: int, fd: int) -> Facts | None:
+        self.calls.append((pid, fd))
+        return self.facts
+
+
+PROC_FACTS = Facts(
+    local=Endpoint("192.168.1.5", 40404), remote=Endpoint("1.1.1.1", 443), role="client"
+)
+
+
+def table(facts: Facts | None = PROC_FACTS) -> tuple[FlowTable, FakeResolver]:
+    resolver = FakeResolver(facts)
+    return FlowTable(resolver, lambda ns: ns + WALL_SHIFT), resolver
+
+
+def known(gen: int = KERNEL_GEN) -> dict[str, Any]:
+    """A socket the kernel saw connected: remote, local and role all known."""
+    return conn_v4((REMOTE.ip, REMOTE.port), (LOCAL.ip, LOCAL.port), gen=gen, role=ROLE_CLIENT)
+
+
+def call(data: bytes = b"hello", **fields: Any) -> TlsCall:
+    fields.setdefault("tgid", TGID)
+    return make_call(data, **fields)
+
+
+def closed(**fields: Any) -> SocketClosed:
+    fields.setdefault("tgid", TGID)
+    ev = decode_event(close_record(**fields))
+    assert isinstance(ev, SocketClosed)
+    return ev
+
+
+def types(records: list[Record]) -> list[str]:
+    return [r.type for r in records]
+
+
+# --- opening and data ------------------------------------------------------------------------
+
+
+def test_first_call_opens_then_data_with_same_conn_id() -> None:
+    t, resolver = table()
+    out = t.on_call(call(b"GET /", fd=7, tid=4250, ts_ns=5_000, comm=b"curl", socket=known()))
+    assert types(out) == ["open", "data"]
+    opened, data = out
+    assert opened.conn_id == data.conn_id != ""
+    assert opened == Record(
+        type="open",
+        ts_ns=5_000 + WALL_SHIFT,
+        pid=TGID,
+        tid=4250,
+        comm="curl",
+        source="openssl",
+        conn_id=opened.conn_id,
+        fd=7,
+        local=LOCAL,
+        remote=REMOTE,
+        role="client",
+    )
+    assert t.stats.connections == 1
+    assert len(t) == 1
+    assert resolver.calls == []
+    assert t.kernel_registrations == []
+
+
+def test_data_record_fields() -> None:
+    t, _ = table()
+    data = bytes(range(256)) * 3
+    out = t.on_call(
+        call(
+            data,
+            fd=7,
+            tid=4251,
+            ts_ns=123_456,
+            offset=0,
+            direction=layout.DIR_INGRESS,
+            comm=b"wget",
+            socket=known(),
+        )
+    )
+    rec = out[-1]
+    assert rec == Record(
+        type="data",
+        ts_ns=123_456 + WALL_SHIFT,
+        pid=TGID,
+        tid=4251,
+        comm="wget",
+        source="openssl",
+        conn_id=out[0].conn_id,
+        fd=7,
+        local=LOCAL,
+        remote=REMOTE,
+        role="client",
+        direction="ingress",
+        offset=0,
+        len=len(data),
+        captured_len=len(data),
+        truncated=False,
+        data=data,
+    )
+
+
+def test_data_record_of_truncated_call() -> None:
+    t, _ = table()
+    captured = b"x" * 40000
+    rec = t.on_call(call(captured, len=1 << 21, socket=known()))[-1]
+    assert rec.len == 1 << 21
+    assert rec.captured_len == 40000
+    assert rec.truncated
+    assert rec.data == captured
+
+
+def test_data_record_of_incomplete_call() -> None:
+    t, _ = table()
+    a = CallAssembler()
+    chunks = call_chunks(b"y" * 40000, tgid=TGID, ts_ns=10, socket=known())
+    assert a.feed(chunks[0]) == []
+    [incomplete] = a.flush()
+    rec = t.on_call(incomplete)[-1]
+    assert rec.len == 40000
+    assert rec.captured_len == layout.CHUNK_SIZE
+    assert rec.truncated
+    assert rec.data == b"y" * layout.CHUNK_SIZE
+
+
+def test_later_calls_emit_only_data() -> None:
+    t, _ = table()
+    first = t.on_call(call(b"a" * 10, ts_ns=1, socket=known()))
+    second = t.on_call(call(b"b" * 5, ts_ns=2, offset=10, socket=known()))
+    third = t.on_call(call(b"c", ts_ns=3, direction=layout.DIR_INGRESS, socket=known()))
+    assert types(second) == ["data"] and types(third) == ["data"]
+    assert {r.conn_id for r in first + second + third} == {first[0].conn_id}
+    assert second[0].offset == 10
+    assert t.stats.connections == 1
+    assert t.stats.gaps == t.stats.overlaps == 0
+
+
+def test_kernel_known_socket_does_not_call_resolver() -> None:
+    t, resolver = table()
+    t.on_call(call(socket=known()))
+    t.on_call(call(ts_ns=2_000_000, offset=5, socket=known()))
+    assert resolver.calls == []
+    assert t.kernel_registrations == []
+
+
+def test_kernel_without_local_end_asks_resolver_but_keeps_kernel_facts() -> None:
+    t, resolver = table()
+    sock = conn_v4((REMOTE.ip, REMOTE.port), None, gen=KERNEL_GEN, role=ROLE_CLIENT)
+    opened = t.on_call(call(fd=8, socket=sock))[0]
+    assert resolver.calls == [(TGID, 8)]
+    assert opened.local == PROC_FACTS.local
+    assert opened.remote == REMOTE  # the kernel's, not /proc's
+    assert opened.role == "client"
+    assert t.kernel_registrations == []  # the kernel already tracks it
+    assert types(t.on_close(closed(fd=8, gen=KERNEL_GEN))) == ["close"]
+
+
+def test_kernel_role_unknown_takes_resolver_role() -> None:
+    t, resolver = table(Facts(local=LOCAL, remote=REMOTE, role="server"))
+    # accept() with its entry unseen: gen known, role server; or here: role unknown.
+    sock = conn(gen=KERNEL_GEN)
+    opened = t.on_call(call(fd=8, socket=sock))[0]
+    assert resolver.calls == [(TGID, 8)]
+    assert (opened.local, opened.remote, opened.role) == (LOCAL, REMOTE, "server")
+
+
+# --- sockets the kernel does not know ---------------------------------------------------------
+
+
+def test_gen0_socket_resolved_and_registered() -> None:
+    t, resolver = table()
+    out = t.on_call(call(fd=11, ts_ns=50, socket=conn()))
+    assert types(out) == ["open", "data"]
+    assert resolver.calls == [(TGID, 11)]
+    for rec in out:
+        assert rec.local == PROC_FACTS.local
+        assert rec.remote == PROC_FACTS.remote
+        assert rec.role == "client"
+    [reg] = t.kernel_registrations
+    assert reg.gen & USER_GEN_BIT
+    assert reg.gen != USER_GEN_BIT
+    assert reg == KernelRegistration(
+        tgid=TGID,
+        fd=11,
+        gen=reg.gen,
+        remote=PROC_FACTS.remote,
+        local=PROC_FACTS.local,
+        role="client",
+        tls_seen=True,
+    )
+
+
+def test_gen0_in_flight_after_registration_maps_to_same_conn() -> None:
+    t, resolver = table()
+    conn_id = t.on_call(call(fd=11, ts_ns=50, socket=conn()))[0].conn_id
+    [reg] = t.kernel_registrations
+    # Sent before the kernel applied the registration: still gen 0.
+    in_flight = t.on_call(call(fd=11, ts_ns=60, offset=5, socket=conn()))
+    # Sent after: carries the registered gen and endpoints.
+    kernel_sock = conn_v4(
+        (PROC_FACTS.remote.ip, PROC_FACTS.remote.port),  # type: ignore[union-attr]
+        (PROC_FACTS.local.ip, PROC_FACTS.local.port),  # type: ignore[union-attr]
+        gen=reg.gen,
+    )
+    after = t.on_call(call(fd=11, ts_ns=70, offset=10, socket=kernel_sock))
+    assert types(in_flight) == ["data"] and types(after) == ["data"]
+    assert in_flight[0].conn_id == after[0].conn_id == conn_id
+    assert resolver.calls == [(TGID, 11)]
+    assert len(t.kernel_registrations) == 1
+    assert t.stats.inferred_closes == 0
+    assert t.stats.connections == 1
+    assert types(t.on_close(closed(fd=11, gen=reg.gen))) == ["close"]
+
+
+def test_gen0_socket_resolver_fails() -> None:
+    t, resolver = table(facts=None)
+    opened = t.on_call(call(fd=12, socket=conn()))[0]
+    assert resolver.calls == [(TGID, 12)]
+    assert (opened.local, opened.remote, opened.role) == (None, None, "unknown")
+    assert t.kernel_registrations == []
+
+
+def test_user_gens_are_unique() -> None:
+    t, _ = table()
+    for fd in (20, 21, 22):
+        t.on_call(call(fd=fd, socket=conn()))
+    t.adopt_existing_socket(TGID, 23, PROC_FACTS)
+    gens = [r.gen for r in t.kernel_registrations]
+    assert len(set(gens)) == 4
+    assert all(g & USER_GEN_BIT for g in gens)
+
+
+def test_adopt_existing_socket_queues_registration_without_tls_seen() -> None:
+    t, resolver = table()
+    t.adopt_existing_socket(TGID, 30, PROC_FACTS)
+    [reg] = t.kernel_registrations
+    assert reg == KernelRegistration(
+        tgid=TGID,
+        fd=30,
+        gen=reg.gen,
+        remote=PROC_FACTS.remote,
+        local=PROC_FACTS.local,
+        role="client",
+        tls_seen=False,
+    )
+    assert reg.gen & USER_GEN_BIT
+    assert len(t) == 0
+    assert t.stats.connections == 0
+    assert resolver.calls == []
+
+
+def test_adopted_socket_data_uses_kernel_facts() -> None:
+    t, resolver = table()
+    t.adopt_existing_socket(TGID, 30, Facts(local=LOCAL, remote=REMOTE, role="client"))
+    [reg] = t.kernel_registrations
+    out = t.on_call(call(fd=30, socket=known(gen=reg.gen)))
+    assert types(out) == ["open", "data"]
+    assert resolver.calls == []
+    assert len(t.kernel_registrations) == 1
+    assert types(t.on_close(closed(fd=30, gen=reg.gen))) == ["close"]
+
+
+def test_adopted_socket_with_gen0_event_in_flight_stays_one_connection() -> None:
+    # The session attaches the uprobes, then adopts the process's existing
+    # sockets (registering gen U1 in the kernel).  A call made in between is
+    # in the ring with gen 0, followed by calls carrying U1: all one socket.
+    t, _ = table(Facts(local=LOCAL, remote=REMOTE, role="client"))
+    t.adopt_existing_socket(TGID, 30, Facts(local=LOCAL, remote=REMOTE, role="client"))
+    adopted_gen = t.kernel_registrations[0].gen
+    t.kernel_registrations.clear()  # the shell handed it to the kernel
+
+    out = t.on_call(call(b"a" * 10, fd=30, ts_ns=100, socket=conn()))  # in flight: gen 0
+    out += t.on_call(call(b"b" * 10, fd=30, ts_ns=200, offset=10, socket=known(adopted_gen)))
+    assert types(out) == ["open", "data", "data"]
+    assert t.stats.inferred_closes == 0
+    assert t.stats.connections == 1
+
+
+# --- fd reuse and closes -----------------------------------------------------------------------
+
+
+def test_fd_reuse_with_new_gen_infers_close_and_opens_new_conn() -> None:
+    t, _ = table()
+    old_id = t.on_call(call(fd=7, ts_ns=100, socket=known(gen=1000)))[0].conn_id
+    out = t.on_call(call(fd=7, ts_ns=900, tid=4299, socket=known(gen=2000)))
+    assert types(out) == ["close", "open", "data"]
+    close, opened, data = out
+    assert close.conn_id == old_id
+    assert close.ts_ns == 900 + WALL_SHIFT
+    assert opened.conn_id == data.conn_id != old_id
+    assert t.stats.inferred_closes == 1
+    assert t.stats.connections == 2
+    assert len(t) == 1
+    # The old gen's close is no longer ours; the new one's is.
+    assert t.on_close(closed(fd=7, gen=1000)) == []
+    assert [r.conn_id for r in t.on_close(closed(fd=7, gen=2000))] == [opened.conn_id]
+
+
+def test_fd_reuse_after_registered_socket() -> None:
+    t, _ = table()
+    old_id = t.on_call(call(fd=7, socket=conn()))[0].conn_id
+    out = t.on_call(call(fd=7, ts_ns=2_000_000, socket=known(gen=5000)))
+    assert types(out) == ["close", "open", "data"]
+    assert out[0].conn_id == old_id
+    assert t.stats.inferred_closes == 1
+
+
+def test_on_close_with_matching_gen() -> None:
+    t, _ = table()
+    opened = t.on_call(call(fd=7, socket=known()))[0]
+    out = t.on_close(closed(fd=7, tid=4300, ts_ns=9_000, gen=KERNEL_GEN))
+    assert out == [
+        Record(
+            type="close",
+            ts_ns=9_000 + WALL_SHIFT,
+            pid=TGID,
+            tid=4300,
+            comm="curl",
+            source="openssl",
+            conn_id=opened.conn_id,
+            fd=7,
+            local=LOCAL,
+            remote=REMOTE,
+            role="client",
+        )
+    ]
+    assert len(t) == 0
+    assert t.on_close(closed(fd=7, gen=KERNEL_GEN)) == []
+    # The next call on the fd is a new connection.
+    assert types(t.on_call(call(fd=7, ts_ns=10_000, socket=known()))) == ["open", "data"]
+    assert t.stats.inferred_closes == 0
+
+
+def test_on_close_with_other_gen_does_nothing() -> None:
+    t, _ = table()
+    conn_id = t.on_call(call(fd=7, socket=known()))[0].conn_id
+    assert t.on_close(closed(fd=7, gen=KERNEL_GEN + 1)) == []
+    assert len(t) == 1
+    out = t.on_call(call(fd=7, ts_ns=2_000_000, offset=5, socket=known()))
+    assert types(out) == ["data"] and out[0].conn_id == conn_id
+
+
+def test_on_close_of_unknown_fd_or_other_process() -> None:
+    t, _ = table()
+    t.on_call(call(fd=7, socket=known()))
+    assert t.on_close(closed(fd=8, gen=KERNEL_GEN)) == []
+    assert t.on_close(closed(tgid=OTHER_TGID, fd=7, gen=KERNEL_GEN)) == []
+    assert len(t) == 1
+
+
+def test_on_close_of_registered_socket() -> None:
+    t, _ = table()
+    conn_id = t.on_call(call(fd=7, socket=conn()))[0].conn_id
+    [reg] = t.kernel_registrations
+    assert [r.conn_id for r in t.on_close(closed(fd=7, gen=reg.gen))] == [conn_id]
+
+
+def test_on_exit_closes_all_conns_of_that_process_only() -> None:
+    t, _ = table()
+    mine = {
+        t.on_call(call(fd=7, socket=known()))[0].conn_id,
+        t.on_call(call(fd=8, socket=known(gen=KERNEL_GEN + 1)))[0].conn_id,
+        t.on_call(call(fd=-1, ssl=0xAAA0, socket=conn()))[0].conn_id,
+    }
+    theirs = {
+        t.on_call(call(tgid=OTHER_TGID, fd=7, socket=known()))[0].conn_id,
+        t.on_call(call(tgid=OTHER_TGID, fd=-1, ssl=0xAAA0, socket=conn()))[0].conn_id,
+    }
+    assert len(mine | theirs) == 5
+    out = t.on_exit(TGID, 50_000)
+    assert types(out) == ["close"] * 3
+    assert {r.conn_id for r in out} == mine
+    assert all(r.pid == TGID and r.ts_ns == 50_000 + WALL_SHIFT for r in out)
+    assert len(t) == 2
+    assert t.on_exit(TGID, 60_000) == []
+    out = t.on_exit(OTHER_TGID, 70_000)
+    assert {r.conn_id for r in out} == theirs
+    assert len(t) == 0
+
+
+# --- memory BIOs (no fd) ---------------------------------------------------------------------
+
+
+def test_memory_bio_conns_keyed_by_ssl_pointer() -> None:
+    t, resolver = table()
+    a1 = t.on_call(call(b"a", fd=-1, ssl=0x1000, ts_ns=1, socket=conn()))
+    b1 = t.on_call(call(b"b", fd=-1, ssl=0x2000, ts_ns=2, socket=conn()))
+    a2 = t.on_call(call(b"c", fd=-1, ssl=0x1000, ts_ns=3, offset=1, socket=conn()))
+    assert types(a1) == ["open", "data"] and types(b1) == ["open", "data"]
+    assert types(a2) == ["data"]
+    assert a1[0].conn_id == a2[0].conn_id != b1[0].conn_id
+    assert a1[1].fd == -1
+    assert resolver.calls == []
+    assert t.kernel_registrations == []
+    assert t.stats.connections == 2
+    # There is no socket to close.
+    assert t.on_close(closed(fd=-1, gen=0)) == []
+    assert len(t) == 2
+
+
+def test_memory_bio_does_not_collide_with_fd_conn() -> None:
+    t, _ = table()
+    fd_id = t.on_call(call(fd=7, ssl=0x1000, socket=known()))[0].conn_id
+    bio_id = t.on_call(call(fd=-1, ssl=0x1000, socket=conn()))[0].conn_id
+    assert fd_id != bio_id
+    assert len(t) == 2
+
+
+# --- offsets ---------------------------------------------------------------------------------
+
+
+def test_offset_gap_detection() -> None:
+    t, _ = table()
+    s = known()
+    t.on_call(call(b"a" * 10, ts_ns=1, offset=0, socket=s))
+    t.on_call(call(b"b" * 5, ts_ns=2, offset=10, socket=s))
+    assert (t.stats.gaps, t.stats.gap_bytes) == (0, 0)
+    t.on_call(call(b"c" * 5, ts_ns=3, offset=100, socket=s))  # 85 bytes lost
+    assert (t.stats.gaps, t.stats.gap_bytes) == (1, 85)
+    t.on_call(call(b"d" * 5, ts_ns=4, offset=105, socket=s))
+    assert (t.stats.gaps, t.stats.gap_bytes) == (1, 85)
+    t.on_call(call(b"e", ts_ns=5, offset=200, socket=s))
+    assert (t.stats.gaps, t.stats.gap_bytes) == (2, 175)
+    assert t.stats.overlaps == 0
+
+
+def test_offsets_use_call_len_not_captured_len() -> None:
+    t, _ = table()
+    s = known()
+    t.on_call(call(b"a" * 100, len=1_000_000, ts_ns=1, offset=0, socket=s))
+    t.on_call(call(b"b", ts_ns=2, offset=1_000_000, socket=s))
+    assert (t.stats.gaps, t.stats.overlaps) == (0, 0)
+
+
+def test_offsets_are_per_direction() -> None:
+    t, _ = table()
+    s = known()
+    t.on_call(call(b"a" * 10, ts_ns=1, offset=0, direction=layout.DIR_EGRESS, socket=s))
+    t.on_call(call(b"b" * 7, ts_ns=2, offset=0, direction=layout.DIR_INGRESS, socket=s))
+    t.on_call(call(b"c" * 3, ts_ns=3, offset=10, direction=layout.DIR_EGRESS, socket=s))
+    t.on_call(call(b"d", ts_ns=4, offset=7, direction=layout.DIR_INGRESS, socket=s))
+    assert (t.stats.gaps, t.stats.gap_bytes, t.stats.overlaps) == (0, 0, 0)
+    t.on_call(call(b"e", ts_ns=5, offset=20, direction=layout.DIR_INGRESS, socket=s))
+    assert (t.stats.gaps, t.stats.gap_bytes) == (1, 12)
+
+
+def test_offset_overlap_counted() -> None:
+    t, _ = table()
+    s = known()
+    t.on_call(call(b"a" * 10, ts_ns=1, offset=0, socket=s))
+    t.on_call(call(b"b" * 10, ts_ns=2, offset=5, socket=s))
+    assert t.stats.overlaps == 1
+    assert t.stats.gaps == 0
+    # Tracking resumes from the overlapping call's end.
+    t.on_call(call(b"c", ts_ns=3, offset=15, socket=s))
+    assert (t.stats.overlaps, t.stats.gaps) == (1, 0)
+
+
+def test_first_call_at_nonzero_offset_is_a_gap() -> None:
+    t, _ = table()
+    t.on_call(call(b"a", offset=300, socket=known()))
+    assert (t.stats.gaps, t.stats.gap_bytes) == (1, 300)
+
+
+def test_new_conn_after_fd_reuse_starts_offsets_again() -> None:
+    t, _ = table()
+    t.on_call(call(b"a" * 50, ts_ns=1, offset=0, socket=known(gen=1)))
+    t.on_call(call(b"b" * 5, ts_ns=2, offset=0, socket=known(gen=2)))
+    assert (t.stats.gaps, t.stats.overlaps) == (0, 0)
+
+
+def test_memory_bio_offsets_checked_per_ssl() -> None:
+    t, _ = table()
+    t.on_call(call(b"a" * 10, fd=-1, ssl=0x1000, ts_ns=1, socket=conn()))
+    t.on_call(call(b"b" * 10, fd=-1, ssl=0x2000, ts_ns=2, socket=conn()))
+    t.on_call(call(b"c" * 10, fd=-1, ssl=0x1000, ts_ns=3, offset=10, socket=conn()))
+    assert (t.stats.gaps, t.stats.overlaps) == (0, 0)
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+def test_stats_as_dict() -> None:
+    t, _ = table()
+    t.on_call(call(fd=7, socket=known(gen=1)))
+    t.on_call(call(fd=7, ts_ns=2, offset=9, socket=known(gen=2)))
+    assert t.stats.as_dict() == {
+        "connections": 2,
+        "inferred_closes": 1,
+        "gaps": 1,
+        "gap_bytes": 9,
+        "overlaps": 0,
+    }
