@@ -140,8 +140,11 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
     u32 dir = a->direction & 1;
     e->offset = st->off[dir];
     st->off[dir] += len;
-    u8 one = 1;
-    tls_tgids.update(&tgid, &one);
+    // Read before writing: an update per call costs ~90 ns on a hot path.
+    if (!tls_tgids.lookup(&tgid)) {
+        u8 one = 1;
+        tls_tgids.update(&tgid, &one);
+    }
 
     u32 captured = len < TLSCAP_MAX_CAPTURE ? (u32)len : TLSCAP_MAX_CAPTURE;
     e->captured_len = captured;

@@ -1,0 +1,430 @@
+"""Per-call SSL_write overhead of tlscap next to the floor any uprobe tool pays.
+
+Modes, measured round-robin in one run so that machine noise hits all of them alike:
+
+  baseline   no probes
+  empty      an empty bcc uprobe on SSL_write in libssl.so.3 (the floor of any uprobe tool)
+  empty_ret  the same plus an empty uretprobe (the floor of a tool that needs the return
+             value, as every SSL_read capture does)
+  tlscap     the real agent: `tlscap run --output jsonl --pid <load generator>`
+
+Each sample is one ssl_write_loop process doing WARMUP + COUNT SSL_writes of SIZE bytes
+over loopback TLS 1.3; its median per-call latency is the sample's number.  The report
+gives, per mode, the median over rounds and the added latency over the same round's
+baseline, and the ratio (tlscap - baseline) / (empty - baseline).  For tlscap it also
+checks the agent's stats (lost must be 0) and that the `len` of the egress data records
+of the load generator's pid adds up to what it wrote.
+
+    .venv/bin/python bench/overhead.py [--rounds 5] [--count 10000] [--size 4096] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl
+
+ALL_MODES = ("baseline", "empty", "empty_ret", "empty_emul", "tlscap")
+DEFAULT_MODES = ("baseline", "empty", "empty_ret", "tlscap")
+
+
+def is_tlscap(mode: str) -> bool:
+    """ "tlscap", or "tlscap@NAME": the agent on the bpf/ variant registered as NAME."""
+    return mode == "tlscap" or mode.startswith("tlscap@")
+
+
+EMPTY_PROBE = "int probe(struct pt_regs *ctx) { return 0; }"
+
+
+class EmptyProbe:
+    """An empty program, compiled once, attached to SSL_write only while a sample runs."""
+
+    def __init__(self) -> None:
+        bl.prepare_bcc_env()
+        from bcc import BPF
+
+        self.bpf = BPF(text=EMPTY_PROBE)
+        self.attached: list[tuple[str, int]] = []
+        found = bl.first_emulated_instruction(bl.LIBSSL, "SSL_write")
+        self.emulated_offset, self.emulated_insn = found if found else (None, None)
+
+    def attach(self, mode: str) -> None:
+        if mode == "empty_emul":
+            if self.emulated_offset is None:
+                raise bl.BenchError("no emulated instruction found in SSL_write")
+            off = self.emulated_offset
+            self.bpf.attach_uprobe(name=bl.LIBSSL, sym="SSL_write", sym_off=off, fn_name="probe")
+            self.attached.append(("entry", off))
+            return
+        self.bpf.attach_uprobe(name=bl.LIBSSL, sym="SSL_write", fn_name="probe")
+        self.attached.append(("entry", 0))
+        if mode == "empty_ret":
+            self.bpf.attach_uretprobe(name=bl.LIBSSL, sym="SSL_write", fn_name="probe")
+            self.attached.append(("return", 0))
+
+    def detach(self) -> None:
+        for kind, off in reversed(self.attached):
+            if kind == "return":
+                self.bpf.detach_uretprobe(name=bl.LIBSSL, sym="SSL_write")
+            else:
+                self.bpf.detach_uprobe(name=bl.LIBSSL, sym="SSL_write", sym_off=off)
+        self.attached.clear()
+
+    def close(self) -> None:
+        self.detach()
+        self.bpf.cleanup()
+
+
+def one_sample(
+    mode: str, args: argparse.Namespace, binary: Path, probe: EmptyProbe | None, workdir: Path
+) -> dict:
+    loadgen_args = ["--count", str(args.count), "--warmup", str(args.warmup)]
+    loadgen_args += ["--size", str(args.size)]
+    run = bl.start_loadgen(binary, loadgen_args)
+    own = {os.getpid()}
+    sample: dict = {"mode": mode, "loadavg": bl.loadavg()}
+    try:
+        if is_tlscap(mode):
+            bpf_dir = args.variants.get(mode.partition("@")[2]) if "@" in mode else None
+            with bl.running_agent(
+                workdir, pids=[run.pid], extra=args.agent_arg, bpf_dir=bpf_dir
+            ) as agent:
+                own.add(agent.proc.pid)
+                with bl.ForeignProbeMonitor(own) as monitor:
+                    result = run.go(timeout=120)
+                if args.bpf_stats:
+                    sample["bpf_prog_stats"] = bl.bpf_prog_stats(agent.proc.pid)
+                sample["agent_drain_s"] = agent.stop()
+                sample["agent_ready_s"] = agent.ready_after_s
+                # From ready to exit: draining, decoding and writing this sample's events.
+                sample["agent_cpu_s"] = agent.total_cpu_s - agent.cpu_at_ready_s
+            sample.update(check_capture(agent.output, run.pid, result))
+            agent.output.unlink(missing_ok=True)
+        else:
+            try:
+                if mode.startswith("empty"):
+                    assert probe is not None
+                    probe.attach(mode)
+                with bl.ForeignProbeMonitor(own) as monitor:
+                    result = run.go(timeout=120)
+            finally:
+                if probe is not None:
+                    probe.detach()
+    finally:
+        bl.kill_tree(run.proc)
+    sample["loadgen"] = result
+    sample["median_ns"] = result["ssl_write"]["median_ns"]
+    sample["mean_ns"] = result["ssl_write"]["mean_ns"]
+    sample["foreign"] = sorted(monitor.seen)
+    sample["contaminated"] = bool(monitor.seen)
+    return sample
+
+
+def check_capture(output: Path, pid: int, result: dict) -> dict:
+    """The agent's stats and whether its egress records add up to what was written."""
+    cap = bl.read_capture(output, check_payload_pids={pid})
+    keys = ("events", "records", "bytes", "lost", "kernel_lost_events", "incomplete_calls")
+    keys += ("decode_errors", "kernel_calls", "kernel_read_errors", "flow_gaps")
+    captured = cap.egress_len.get(pid, 0)
+    return {
+        "agent_stats": {k: cap.stats.get(k) for k in keys},
+        "captured_egress_len": captured,
+        "captured_egress_calls": cap.egress_calls.get(pid, 0),
+        "payload_mismatches": cap.payload_mismatches,
+        "bytes_match": captured == result["bytes_written"],
+    }
+
+
+def summarize(samples: list[dict], modes: list[str]) -> dict:
+    """Median over rounds, using only samples no other tool's probes disturbed.
+
+    `added_ns` is the median of paired differences (mode minus the baseline of the same
+    round, both clean); `added_of_medians_ns` is the difference of the two medians.
+    """
+    clean = [s for s in samples if not s["contaminated"]]
+    by_mode = {m: [s for s in clean if s["mode"] == m] for m in modes}
+    base = {s["round"]: s for s in by_mode.get("baseline", [])}
+    base_median = bl.median([s["median_ns"] for s in base.values()])
+    out: dict = {"modes": {}}
+    for m in modes:
+        ss = by_mode[m]
+        paired = [s["median_ns"] - base[s["round"]]["median_ns"] for s in ss if s["round"] in base]
+        paired_mean = [s["mean_ns"] - base[s["round"]]["mean_ns"] for s in ss if s["round"] in base]
+        med = bl.median([s["median_ns"] for s in ss])
+        out["modes"][m] = {
+            "samples": len(ss),
+            "median_ns": med,
+            "mean_ns": bl.median([s["mean_ns"] for s in ss]),
+            "per_round_median_ns": {s["round"]: s["median_ns"] for s in ss},
+            "added_ns": bl.median(paired) if paired else med - base_median,
+            "added_of_medians_ns": med - base_median,
+            "added_mean_ns": bl.median(paired_mean),
+            "paired_rounds": len(paired),
+        }
+    ms = out["modes"]
+    out["ratios"] = {}
+    for m in (m for m in modes if is_tlscap(m)):
+        r: dict = {}
+        for floor in ("empty", "empty_ret"):
+            if floor in ms and ms[floor]["added_ns"] > 0:
+                r[f"vs_{floor}"] = ms[m]["added_ns"] / ms[floor]["added_ns"]
+        if "empty" in ms:
+            t_rounds, e_rounds = ms[m]["per_round_median_ns"], ms["empty"]["per_round_median_ns"]
+            r["per_round_vs_empty"] = {
+                rnd: (t_rounds[rnd] - base[rnd]["median_ns"])
+                / (e_rounds[rnd] - base[rnd]["median_ns"])
+                for rnd in sorted(set(t_rounds) & set(e_rounds) & set(base))
+                if e_rounds[rnd] > base[rnd]["median_ns"]
+            }
+        out["ratios"][m] = r
+    if "vs_empty" in out["ratios"].get("tlscap", {}):
+        out["ratio_vs_empty"] = out["ratios"]["tlscap"]["vs_empty"]
+    per_run: dict = {}
+    for m in (m for m in modes if is_tlscap(m)):
+        stats = [s["bpf_prog_stats"] for s in by_mode[m] if s.get("bpf_prog_stats")]
+        names = sorted({n for st in stats for n in st})
+        per_run[m] = {
+            n: bl.median(
+                [
+                    st[n]["run_time_ns"] / st[n]["run_cnt"]
+                    for st in stats
+                    if st.get(n, {}).get("run_cnt")
+                ]
+            )
+            for n in names
+        }
+        # The programs one SSL_write runs: its entry and return probes and the write(2)
+        # OpenSSL makes inside it.
+        hot = ("probe_ssl_write_enter", "probe_ssl_return", "tracepoint__syscalls__sys_enter_write")
+        if all(h in per_run[m] for h in hot):
+            per_run[m]["per_ssl_write"] = sum(per_run[m][h] for h in hot)
+    if any(per_run.values()):
+        out["bpf_ns_per_run"] = per_run
+    out["capture_checks"] = {
+        m: {
+            "lost": sum(s["agent_stats"].get("lost") or 0 for s in samples if s["mode"] == m),
+            "bytes_match": all(s["bytes_match"] for s in samples if s["mode"] == m),
+        }
+        for m in modes
+        if is_tlscap(m)
+    }
+    tl = [s for s in samples if s["mode"] == "tlscap"]
+    if tl:
+        out["tlscap_checks"] = {
+            "lost_total": sum(s["agent_stats"].get("lost") or 0 for s in tl),
+            "kernel_lost_events_total": sum(
+                s["agent_stats"].get("kernel_lost_events") or 0 for s in tl
+            ),
+            "bytes_match_all_rounds": all(s["bytes_match"] for s in tl),
+            "payload_mismatches": sum(s["payload_mismatches"] for s in tl),
+            "stats_last_round": tl[-1]["agent_stats"],
+            "agent_cpu_s_per_round": [round(s["agent_cpu_s"], 3) for s in tl],
+            "agent_ready_s": [round(s["agent_ready_s"], 2) for s in tl],
+        }
+    out["contaminated_samples"] = len(samples) - len(clean)
+    return out
+
+
+def print_table(result: dict, out=sys.stdout) -> None:
+    a, s = result["args"], result["summary"]
+
+    def p(*x: object) -> None:
+        print(*x, file=out)
+
+    p(
+        f"SSL_write of {a['size']} B, {a['count']} timed calls per sample, {a['rounds']} rounds "
+        f"round-robin; ns per call (median over rounds of each sample's median)"
+    )
+    w = max(10, *(len(m) for m in s["modes"]))
+    p(f"{'mode':<{w}} {'median':>8} {'added':>7} {'mean':>8} {'n':>2}  per-round medians")
+    for m, v in s["modes"].items():
+        added = "" if m == "baseline" else f"{v['added_ns']:.0f}"
+        rounds = " ".join(f"{x:.0f}" for x in v["per_round_median_ns"].values())
+        row = f"{m:<{w}} {v['median_ns']:>8.0f} {added:>7} {v['mean_ns']:>8.0f}"
+        p(f"{row} {v['samples']:>2}  {rounds}")
+    if "empty_emul" in s["modes"] and a.get("empty_emul_probe"):
+        p(
+            f"empty_emul: the empty probe on {a['empty_emul_probe']}, an instruction the "
+            "kernel emulates (no out-of-line single step)"
+        )
+    for m, r in s["ratios"].items():
+        if "vs_empty" in r:
+            per = " ".join(f"{x:.2f}" for x in r["per_round_vs_empty"].values())
+            p(
+                f"ratio ({m} - baseline) / (empty - baseline) = {r['vs_empty']:.2f}"
+                f"  (goal <= 1.2; per round: {per})"
+            )
+        if "vs_empty_ret" in r:
+            p(f"ratio ({m} - baseline) / (empty_ret - baseline) = {r['vs_empty_ret']:.2f}")
+    c = s.get("tlscap_checks")
+    if c:
+        ok = c["lost_total"] == 0 and c["bytes_match_all_rounds"] and not c["payload_mismatches"]
+        p(
+            f"tlscap: lost={c['lost_total']} kernel_lost_events={c['kernel_lost_events_total']}"
+            f" captured egress bytes == written: {c['bytes_match_all_rounds']}"
+            f" payload mismatches: {c['payload_mismatches']} -> {'OK' if ok else 'FAIL'}"
+        )
+        p(
+            f"tlscap: agent CPU s after ready, per round: {c['agent_cpu_s_per_round']};"
+            f" ready after s: {c['agent_ready_s']}"
+        )
+        p(f"tlscap stats (last round): {json.dumps(c['stats_last_round'])}")
+    if s.get("bpf_ns_per_run"):
+        p("BPF program run time, ns per run (kernel bpf_stats; excludes the uprobe trap):")
+        for m, progs in s["bpf_ns_per_run"].items():
+            enter = progs.get("probe_ssl_write_enter", float("nan"))
+            ret = progs.get("probe_ssl_return", float("nan"))
+            wr = progs.get("tracepoint__syscalls__sys_enter_write", float("nan"))
+            total = progs.get("per_ssl_write", float("nan"))
+            p(
+                f"  {m:<{w}} SSL_write entry {enter:6.0f}  return {ret:6.0f}  "
+                f"sys_enter_write {wr:5.0f}  = {total:6.0f} per SSL_write"
+            )
+    for m, chk in s["capture_checks"].items():
+        if m != "tlscap":
+            p(f"{m}: lost={chk['lost']} captured egress bytes == written: {chk['bytes_match']}")
+    if s["contaminated_samples"]:
+        p(
+            f"note: {s['contaminated_samples']} sample(s) ran while another process had BPF "
+            f"probes attached; they are left out (see `foreign` in --json output)"
+        )
+
+
+def run(args: argparse.Namespace) -> dict:
+    bl.require_root()
+    binary = bl.build_loadgen()
+    modes = list(args.modes)
+    probe = EmptyProbe() if any(m.startswith("empty") for m in modes) else None
+    samples: list[dict] = []
+    t_start = time.monotonic()
+    wait_budget = args.quiet_budget
+    try:
+        with (
+            bl.scratch_dir(keep=args.keep) as workdir,
+            contextlib.ExitStack() as stack,
+        ):
+            if args.bpf_stats and not stack.enter_context(bl.bpf_run_time_stats()):
+                log(args, "BPF run-time stats unavailable (BPF_ENABLE_STATS refused)")
+            for r in range(args.rounds):
+                # Rotate the order so that no mode always runs first.
+                order = modes[r % len(modes) :] + modes[: r % len(modes)]
+                for mode in order:
+                    for attempt in range(args.retries + 1):
+                        t0 = time.monotonic()
+                        bl.wait_for_quiet_machine({os.getpid()}, min(wait_budget, 30.0))
+                        wait_budget = max(0.0, wait_budget - (time.monotonic() - t0))
+                        sample = one_sample(mode, args, binary, probe, workdir)
+                        sample["round"] = r
+                        sample["attempt"] = attempt
+                        if not sample["contaminated"] or attempt == args.retries:
+                            break
+                        log(args, f"  round {r} {mode}: other BPF probes appeared, retaking")
+                    samples.append(sample)
+                    flag = "  (CONTAMINATED)" if sample["contaminated"] else ""
+                    log(args, f"  round {r} {mode:<9} median {sample['median_ns']:.0f} ns{flag}")
+    finally:
+        if probe is not None:
+            probe.close()
+    return {
+        "benchmark": "overhead",
+        "machine": bl.machine_info(),
+        "args": {
+            "rounds": args.rounds,
+            "count": args.count,
+            "warmup": args.warmup,
+            "size": args.size,
+            "modes": modes,
+            "agent_arg": args.agent_arg,
+            "variants": {k: str(v) for k, v in args.variants.items()},
+            "empty_emul_probe": (
+                f"SSL_write+{probe.emulated_offset:#x}: {probe.emulated_insn}"
+                if probe is not None and probe.emulated_offset is not None
+                else None
+            ),
+        },
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+        "summary": summarize(samples, modes),
+        "samples": samples,
+    }
+
+
+def log(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--count", type=int, default=10000, help="timed SSL_write calls per sample")
+    p.add_argument("--warmup", type=int, default=500, help="untimed calls before them")
+    p.add_argument("--size", type=int, default=4096, help="bytes per SSL_write")
+    p.add_argument(
+        "--modes",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=list(DEFAULT_MODES),
+        help=f"comma-separated subset of {','.join(ALL_MODES)} (baseline is needed for 'added')",
+    )
+    p.add_argument(
+        "--agent-arg", action="append", default=[], help="extra argument for `tlscap run`"
+    )
+    p.add_argument(
+        "--quiet-budget",
+        type=float,
+        default=120.0,
+        help="seconds, in all, to wait for other processes' BPF probes to go away",
+    )
+    p.add_argument("--retries", type=int, default=3, help="retakes of a contaminated sample")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also measure mode tlscap@NAME: the agent on the bpf/ copy in DIR",
+    )
+    p.add_argument(
+        "--bpf-stats",
+        action="store_true",
+        help="record the kernel's run time of each agent BPF program (adds a little "
+        "overhead to every mode; for attribution, not for the headline numbers)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    args = p.parse_args(argv)
+    args.variants = {}
+    for v in args.variant:
+        name, sep, path = v.partition("=")
+        if not sep or not Path(path, "tlscap.h").exists():
+            p.error(f"--variant {v!r}: want NAME=DIR with DIR a copy of bpf/")
+        args.variants[name] = Path(path).resolve()
+        args.modes.append(f"tlscap@{name}")
+    bad = [m for m in args.modes if m not in ALL_MODES and not m.startswith("tlscap@")]
+    if bad:
+        p.error(f"unknown mode(s): {bad}")
+    if args.rounds < 1 or args.count < 1:
+        p.error("--rounds and --count must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Run the tlscap benchmarks (`make bench`): per-call overhead, then capture throughput.
+
+Prints each benchmark's table and a short summary; --json prints everything as one
+JSON object instead, and --save writes it to bench/results/<benchmark>-<date>.json.
+
+    .venv/bin/python bench/run_all.py [--quick] [--json] [--save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl
+import overhead
+import throughput
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds and sizes (a smoke run)")
+    p.add_argument("--json", action="store_true", help="print all results as one JSON object")
+    p.add_argument("--save", action="store_true", help="write bench/results/all-<date>.json")
+    args = p.parse_args(argv)
+    bl.require_root()
+
+    quiet = ["--quiet"] if args.json else []
+    if args.quick:
+        ov_args = ["--rounds", "2", "--count", "5000", *quiet]
+        tp_args = ["--sizes", "4096", "--duration", "2", "--steps", "2", *quiet]
+    else:
+        ov_args = ["--rounds", "5", "--modes", "baseline,empty,empty_ret,empty_emul,tlscap", *quiet]
+        tp_args = [*quiet]
+
+    t0 = time.monotonic()
+    ov = overhead.run(overhead.parse_args(ov_args))
+    if not args.json:
+        print("== overhead ==")
+        overhead.print_table(ov)
+        print(flush=True)
+    tp = throughput.run(throughput.parse_args(tp_args))
+    if not args.json:
+        print("== throughput ==")
+        throughput.print_table(tp)
+        print()
+
+    s = ov["summary"]
+    modes = s["modes"]
+    checks = s.get("tlscap_checks", {})
+    summary = {
+        "baseline_ns_per_call": modes["baseline"]["median_ns"],
+        "empty_probe_added_ns": modes["empty"]["added_ns"],
+        "empty_probe_with_return_added_ns": modes.get("empty_ret", {}).get("added_ns"),
+        "empty_probe_emulated_insn_added_ns": modes.get("empty_emul", {}).get("added_ns"),
+        "tlscap_added_ns": modes["tlscap"]["added_ns"],
+        "ratio_vs_empty_probe": s.get("ratio_vs_empty"),
+        "ratio_goal": 1.2,
+        "overhead_lost": checks.get("lost_total"),
+        "overhead_bytes_match": checks.get("bytes_match_all_rounds"),
+        "throughput_max_zero_loss": {
+            str(x["size"]): (
+                {
+                    "calls_per_s": round(x["max_zero_loss"]["calls_per_s"]),
+                    "mb_per_s": round(x["max_zero_loss"]["mb_per_s"], 1),
+                }
+                if x["max_zero_loss"]
+                else None
+            )
+            for x in tp["sizes"]
+        },
+        "small_ring_loss_counted": (tp["small_ring"] or {}).get("accounted"),
+        "elapsed_s": round(time.monotonic() - t0, 1),
+    }
+    everything = {"summary": summary, "overhead": ov, "throughput": tp}
+    if args.save:
+        out = bl.BENCH_DIR / "results" / f"all-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(everything, indent=1) + "\n")
+        print(f"saved {out}", file=sys.stderr)
+    if args.json:
+        json.dump(everything, sys.stdout, indent=1)
+        print()
+        return 0
+    print("== summary ==")
+    ratio = summary["ratio_vs_empty_probe"]
+    print(
+        f"SSL_write 4 KiB: baseline {summary['baseline_ns_per_call']:.0f} ns/call; "
+        f"empty uprobe +{summary['empty_probe_added_ns']:.0f} ns; "
+        f"tlscap +{summary['tlscap_added_ns']:.0f} ns; "
+        f"ratio {ratio:.2f} (goal <= 1.2)"
+        if ratio is not None
+        else "ratio: not available (see tables above)"
+    )
+    print(
+        f"tlscap lost {summary['overhead_lost']}, captured bytes match: "
+        f"{summary['overhead_bytes_match']}"
+    )
+    for size, v in summary["throughput_max_zero_loss"].items():
+        if v:
+            rate = f"{v['calls_per_s']} calls/s, {v['mb_per_s']} MB/s"
+            print(f"zero-loss capture, {size} B writes: {rate}")
+        else:
+            print(f"zero-loss capture, {size} B writes: none of the tried rates")
+    print(f"small ring: loss counted, not silent: {summary['small_ring_loss_counted']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
