@@ -6,6 +6,7 @@ benchmark starts is killed in a ``finally`` (by its own pid, never by name).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -532,3 +533,20 @@ def scratch_dir(keep: bool = False) -> Iterator[Path]:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise SystemExit("the benchmarks attach eBPF probes: run them as root")
+
+
+def run_cli(
+    argv: list[str] | None,
+    parse_args: Callable[[list[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace], dict],
+    print_table: Callable[[dict], None],
+) -> int:
+    """The shared `main` of the bench scripts: run, then a table or `--json`."""
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+    else:
+        print_table(result)
+    return 0

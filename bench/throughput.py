@@ -17,7 +17,6 @@ to the bytes written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -238,14 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = run(args)
-    if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        print()
-    else:
-        print_table(result)
-    return 0
+    return bl.run_cli(argv, parse_args, run, print_table)
 
 
 if __name__ == "__main__":

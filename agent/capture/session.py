@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from agent.events.calls import CallAssembler
+from agent.events.calls import CallAssembler, TlsCall
 from agent.events.decode import DataChunk, DecodeError, ProcessEvent, SocketClosed, decode_event
 from agent.flows.resolve import SocketResolver
 from agent.flows.table import FlowTable
@@ -232,8 +232,7 @@ class CaptureSession:
             log.warning("dropping undecodable event: %s", exc)
             return
         if isinstance(event, DataChunk):
-            for call in self._calls.feed(event):
-                self._emit_records(self._flows.on_call(call))
+            self._emit(self._calls.feed(event))
         elif isinstance(event, SocketClosed):
             self._emit_records(self._flows.on_close(event))
         elif isinstance(event, ProcessEvent):
@@ -242,7 +241,7 @@ class CaptureSession:
             else:
                 self._rescan.add(event.tgid)
 
-    def _emit(self, calls: list) -> None:
+    def _emit(self, calls: list[TlsCall]) -> None:
         for call in calls:
             self._emit_records(self._flows.on_call(call))
 
