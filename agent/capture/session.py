@@ -23,7 +23,7 @@ from agent.flows.resolve import SocketResolver
 from agent.flows.table import FlowTable
 from agent.probes.bpf_program import BpfProgram, ProbeSettings
 from agent.probes.openssl import attach_openssl
-from agent.probes.targets import TargetScanner, TlsLibrary
+from agent.probes.targets import TargetScanner, TlsLibrary, list_pids
 from agent.records.record import Record
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,11 @@ def mono_to_wall_clock() -> Callable[[int], int]:
 def pids_with_comm(comms: Iterable[str], proc_root: str = "/proc") -> list[int]:
     wanted = {c[:15] for c in comms}  # the kernel keeps 15 characters of a comm
     found = []
-    for entry in os.listdir(proc_root):
-        if not entry.isdigit():
-            continue
+    for pid in list_pids(proc_root):
         try:
-            with open(f"{proc_root}/{entry}/comm") as f:
+            with open(f"{proc_root}/{pid}/comm") as f:
                 if f.read().strip() in wanted:
-                    found.append(int(entry))
+                    found.append(pid)
         except OSError:
             continue  # exited while we looked
     return found
@@ -138,15 +136,13 @@ class CaptureSession:
             opts.ready_file.write_text(f"{os.getpid()}\n")
 
     def _adopt_existing_connections(self, pids: list[int] | None) -> None:
-        if pids is None:
-            pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
         own = os.getpid()
-        for pid in pids:
+        for pid in list_pids() if pids is None else pids:
             if pid == own:
                 continue
             for fd, info in self._resolver.open_sockets(pid).items():
                 self._flows.adopt_existing_socket(pid, fd, info)
-        self._emit_records([])  # hands the registrations to the kernel
+        self._push_kernel_registrations()
 
     def _attach(self, lib: TlsLibrary) -> None:
         assert self._program is not None
@@ -248,6 +244,10 @@ class CaptureSession:
     def _emit_records(self, records: list[Record]) -> None:
         for record in records:
             self._write(record)
+        self._push_kernel_registrations()
+
+    def _push_kernel_registrations(self) -> None:
+        """Carry out what the flow table asked of the kernel."""
         registrations = self._flows.kernel_registrations
         if registrations and self._program is not None:
             for reg in registrations:

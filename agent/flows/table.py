@@ -181,10 +181,11 @@ class FlowTable:
     def _open_socket_conn(self, call: TlsCall) -> Connection:
         ev = call.first
         gen = ev.socket.gen
+        conn_id = f"{ev.tgid}-{ev.fd}-{ev.ts_mono_ns:x}"
         adopted = self._adopted.pop((ev.tgid, ev.fd), None)
         if adopted is not None and gen in (0, adopted.gen):
-            return self._open_adopted_conn(call, adopted)
-        conn = self._new_conn(call, f"{ev.tgid}-{ev.fd}-{ev.ts_mono_ns:x}", gen)
+            return self._open_adopted_conn(call, conn_id, adopted)
+        conn = self._new_conn(call, conn_id, gen)
         conn.local = ev.socket.local
         if conn.local is not None and conn.remote is not None and conn.role != "unknown":
             return conn  # the kernel saw it all: no need to look at /proc
@@ -205,9 +206,11 @@ class FlowTable:
                 )
         return conn
 
-    def _open_adopted_conn(self, call: TlsCall, reg: KernelRegistration) -> Connection:
+    def _open_adopted_conn(
+        self, call: TlsCall, conn_id: str, reg: KernelRegistration
+    ) -> Connection:
         ev = call.first
-        conn = self._new_conn(call, f"{ev.tgid}-{ev.fd}-{ev.ts_mono_ns:x}", reg.gen)
+        conn = self._new_conn(call, conn_id, reg.gen)
         conn.local = ev.socket.local or reg.local
         conn.remote = ev.socket.remote or reg.remote
         conn.role = reg.role if ev.socket.role == "unknown" else ev.socket.role

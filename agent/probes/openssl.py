@@ -32,38 +32,37 @@ class Attacher(Protocol):
 def attach_openssl(program: Attacher, path: str, symbols: frozenset[str] | set[str]) -> list[str]:
     """Probe each OpenSSL data function the file defines; return those attached.
 
-    A symbol that cannot be attached is logged and skipped: the others still
+    A function that cannot be attached is logged and skipped: the others still
     give a useful capture (OpenSSL 1.1.0 has no _ex functions, for one).
     """
-    attached = []
-    for symbol, entry_fn in OPENSSL_ENTRY_PROBES.items():
-        if symbol not in symbols:
-            continue
-        try:
-            program.attach_uprobe(path, symbol, entry_fn, OPENSSL_RETURN_PROBE)
-        except Exception as exc:  # bcc raises bare Exception
-            log.warning("cannot attach %s in %s: %s", symbol, path, exc)
-            continue
-        attached.append(symbol)
+    targets: list[tuple[str, str | int, str]] = [
+        (symbol, symbol, entry_fn)
+        for symbol, entry_fn in OPENSSL_ENTRY_PROBES.items()
+        if symbol in symbols
+    ]
+    attached = _attach_all(program, path, targets)
     if attached:
-        attached += _attach_ssl_bio(program, path)
+        # The SSL BIO's methods have the SSL_*_ex shape: the _ex probes serve them.
+        methods = find_ssl_bio_methods(path)
+        if methods is not None:
+            attached += _attach_all(program, path, [
+                ("ssl-bio-write", methods.write_addr, OPENSSL_ENTRY_PROBES["SSL_write_ex"]),
+                ("ssl-bio-read", methods.read_addr, OPENSSL_ENTRY_PROBES["SSL_read_ex"]),
+            ])  # fmt: skip
     return attached
 
 
-def _attach_ssl_bio(program: Attacher, path: str) -> list[str]:
-    """The SSL BIO's methods have the SSL_*_ex shape: the _ex probes serve them."""
-    methods = find_ssl_bio_methods(path)
-    if methods is None:
-        return []
+def _attach_all(
+    program: Attacher, path: str, targets: list[tuple[str, str | int, str]]
+) -> list[str]:
+    """Attach each (name, symbol or address, entry program); return the names attached."""
     attached = []
-    for name, addr, entry_fn in (
-        ("ssl-bio-write", methods.write_addr, OPENSSL_ENTRY_PROBES["SSL_write_ex"]),
-        ("ssl-bio-read", methods.read_addr, OPENSSL_ENTRY_PROBES["SSL_read_ex"]),
-    ):
+    for name, where, entry_fn in targets:
         try:
-            program.attach_uprobe(path, addr, entry_fn, OPENSSL_RETURN_PROBE)
-        except Exception as exc:
-            log.warning("cannot attach %s at %#x in %s: %s", name, addr, path, exc)
+            program.attach_uprobe(path, where, entry_fn, OPENSSL_RETURN_PROBE)
+        except Exception as exc:  # bcc raises bare Exception
+            at = f"{where:#x}" if isinstance(where, int) else where
+            log.warning("cannot attach %s (%s) in %s: %s", name, at, path, exc)
             continue
         attached.append(name)
     return attached

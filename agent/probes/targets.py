@@ -124,6 +124,16 @@ class _Verdict:
     library: TlsLibrary | None
 
 
+def list_pids(proc_root: str = "/proc") -> list[int]:
+    """Every process under proc_root (an unreadable /proc is logged: no pids)."""
+    try:
+        names = os.listdir(proc_root)
+    except OSError as e:
+        log.warning("cannot list %s: %s", proc_root, e.strerror or e)
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
 class TargetScanner:
     """Finds files defining TLS functions, reporting each distinct file once.
 
@@ -184,7 +194,7 @@ class TargetScanner:
     def scan_all(self, pids: Iterable[int] | None = None) -> list[TlsLibrary]:
         """New TLS libraries of ``pids``, or of every process under ``proc_root``."""
         if pids is None:
-            pids = self._list_pids()
+            pids = list_pids(self.proc_root)
         found = []
         for pid in pids:
             found.extend(self.scan_pid(pid))
@@ -293,14 +303,6 @@ class TargetScanner:
         return TlsLibrary(host_path, path, key[0], key[1], kind, symbols)
 
     # -- enumeration ------------------------------------------------------------------
-
-    def _list_pids(self) -> list[int]:
-        try:
-            names = os.listdir(self.proc_root)
-        except OSError as e:
-            log.warning("cannot list %s: %s", self.proc_root, e.strerror or e)
-            return []
-        return sorted(int(n) for n in names if n.isdigit())
 
     def _resolve_host_root(self) -> str:
         if self._host_root is not None:
