@@ -100,6 +100,7 @@ struct data_event {
     u8 _pad[2];
     char comm[16];
     struct conn_info conn;
+    u64 cgroup_id;       // the caller's cgroup (container identity)
     u8 data[CHUNK_SIZE];
 };
 #define DATA_HEADER_SIZE (sizeof(struct data_event) - CHUNK_SIZE)

@@ -5,7 +5,8 @@
 #   2. .venv made from /usr/bin/python3 with --system-site-packages, because bcc comes
 #      from Debian's python3-bpfcc and is not on PyPI
 #   3. `pip install -e '.[dev]'`, re-run only when pyproject.toml changes (stamp file)
-#   4. tracefs mounted (a fresh boot of some VMs leaves it unmounted; bcc needs it)
+#   4. protobuf/gRPC code generated from proto/ (only when a .proto changed)
+#   5. tracefs mounted (a fresh boot of some VMs leaves it unmounted; bcc needs it)
 #
 # A second run with everything in place does no network or package work.
 set -euo pipefail
@@ -80,7 +81,10 @@ else
     say "python packages: up to date"
 fi
 
-# --- 4. tracefs --------------------------------------------------------------------
+# --- 4. generated code ------------------------------------------------------------
+"$VENV/bin/python" scripts/generate_proto.py
+
+# --- 5. tracefs --------------------------------------------------------------------
 if [[ ! -d /sys/kernel/tracing/events && ! -d /sys/kernel/debug/tracing/events ]]; then
     if [[ $EUID -eq 0 ]] && mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; then
         say "mounted tracefs at /sys/kernel/tracing"

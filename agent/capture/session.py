@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +49,19 @@ class CaptureOptions:
     duration: float | None = None
     ready_file: Path | None = None
     poll_ms: int = 5
+    node: str = field(default_factory=socket.gethostname)
+    # One id per agent run: sequence numbers restart with each run, so the
+    # (agent_id, seq) pair a collector de-duplicates on must change too.
+    agent_id: str = field(default_factory=lambda: new_agent_id())
 
     @property
     def filtered(self) -> bool:
         return bool(self.pids or self.comms)
+
+
+def new_agent_id() -> str:
+    """`<hostname>-<random>`: unique per run, still readable in a listing."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
 
 
 def mono_to_wall_clock() -> Callable[[int], int]:
@@ -205,6 +216,11 @@ class CaptureSession:
         }
         out.update({f"kernel_{k}": v for k, v in kernel.items()})
         out.update({f"flow_{k}": v for k, v in self._flows.stats.as_dict().items()})
+        for sink in self.sinks:
+            # Sinks that can lose data (the exporter) report it here too.
+            sink_stats = getattr(sink, "stats", None)
+            if callable(sink_stats):
+                out.update(sink_stats())
         return out
 
     # -- events -------------------------------------------------------------
@@ -256,6 +272,9 @@ class CaptureSession:
 
     def _write(self, record: Record) -> None:
         self.stats.records += 1
+        record.agent_id = self.options.agent_id
+        record.node = self.options.node
+        record.seq = self.stats.records
         if record.type == "data":
             self.stats.data_bytes += record.captured_len
         for sink in self.sinks:

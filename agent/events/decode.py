@@ -49,6 +49,7 @@ class DataChunk:
     comm: str
     socket: KernelSocket
     data: bytes
+    cgroup_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,4 +154,5 @@ def _decode_data(raw: bytes) -> DataChunk:
         comm=_comm(h.comm),
         socket=_kernel_socket(h.conn),
         data=bytes(raw[layout.DATA_HEADER_SIZE : end]),
+        cgroup_id=h.cgroup_id,
     )

@@ -65,6 +65,7 @@ class DataEventHeader(ct.Structure):
         ("_pad", ct.c_uint8 * 2),
         ("comm", ct.c_char * 16),
         ("conn", ConnInfo),
+        ("cgroup_id", ct.c_uint64),
     ]
 
 
@@ -89,4 +90,4 @@ class ProcEvent(ct.Structure):
 
 
 DATA_HEADER_SIZE = ct.sizeof(DataEventHeader)
-assert DATA_HEADER_SIZE == 128, DATA_HEADER_SIZE
+assert DATA_HEADER_SIZE == 136, DATA_HEADER_SIZE

@@ -64,6 +64,7 @@ class Connection:
     local: Endpoint | None
     remote: Endpoint | None
     role: Role
+    cgroup_id: int = 0
     next_offset: dict[Direction, int] = field(default_factory=lambda: {"egress": 0, "ingress": 0})
 
 
@@ -118,6 +119,7 @@ class FlowTable:
                 self._by_ssl[(ev.tgid, ev.ssl)] = conn
                 out.append(self._lifecycle_record("open", conn, ev.ts_mono_ns, ev.tid))
         conn.comm = ev.comm or conn.comm
+        conn.cgroup_id = ev.cgroup_id or conn.cgroup_id
         self._check_offset(conn, call)
         out.append(
             Record(
@@ -126,6 +128,7 @@ class FlowTable:
                 pid=ev.tgid,
                 tid=ev.tid,
                 comm=ev.comm,
+                cgroup_id=ev.cgroup_id,
                 source=ev.source,
                 conn_id=conn.conn_id,
                 fd=ev.fd,
@@ -229,6 +232,7 @@ class FlowTable:
             fd=ev.fd,
             gen=gen,
             comm=ev.comm,
+            cgroup_id=ev.cgroup_id,
             source=ev.source,
             local=None,
             remote=ev.socket.remote,
@@ -252,6 +256,7 @@ class FlowTable:
             pid=conn.tgid,
             tid=tid,
             comm=conn.comm,
+            cgroup_id=conn.cgroup_id,
             source=conn.source,
             conn_id=conn.conn_id,
             fd=conn.fd,

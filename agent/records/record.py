@@ -32,9 +32,16 @@ class Endpoint:
 class Record:
     type: RecordType
     ts_ns: int  # wall clock, ns since the Unix epoch
+    # Identity in a multi-node stream: (agent_id, seq) is unique, and the
+    # collector de-duplicates re-sent records on it.  Set by the capture session.
+    agent_id: str = ""
+    node: str = ""
+    seq: int = 0
     pid: int = 0
     tid: int = 0
     comm: str = ""
+    cgroup_id: int = 0  # the caller's kernel cgroup id (0 = unknown)
+    container_id: str = ""
     source: str = ""  # "openssl", "gotls", "proxy", ...
     conn_id: str = ""
     fd: int = -1
@@ -58,9 +65,14 @@ class Record:
         out: dict[str, Any] = {
             "type": self.type,
             "ts_ns": self.ts_ns,
+            "node": self.node,
+            "agent_id": self.agent_id,
+            "seq": self.seq,
             "pid": self.pid,
             "tid": self.tid,
             "comm": self.comm,
+            "cgroup_id": self.cgroup_id,
+            "container_id": self.container_id,
             "source": self.source,
             "conn_id": self.conn_id,
             "fd": self.fd,

@@ -41,11 +41,12 @@ def decode_data(raw: bytes) -> DataChunk:
 
 
 def test_layout_sizes_match_tlscap_h() -> None:
-    assert HDR == 128
+    assert HDR == 136
     assert ct.sizeof(layout.ConnInfo) == 48
     assert ct.sizeof(layout.CloseEvent) == 32
     assert ct.sizeof(layout.ProcEvent) == 32
     assert layout.DataEventHeader.conn.offset == 80
+    assert layout.DataEventHeader.cgroup_id.offset == 128
     assert layout.DataEventHeader.comm.offset == 64
 
 

@@ -1,0 +1,198 @@
+"""Record (the dataclass every sink takes) <-> tlscap.v1.Record (the wire form).
+
+The two carry the same fields; this is the one place that knows how names and
+enums map, so the exporter, the collector's store and `tlscap tail` agree.
+"""
+
+from __future__ import annotations
+
+from agent.records.filter import DEFAULT_TYPES, RecordFilter
+from agent.records.record import Direction, Endpoint, Record, RecordType, Role
+from agent.schema import pb
+
+_TYPE_TO_PB: dict[str, int] = {
+    "data": pb.RECORD_TYPE_DATA,
+    "open": pb.RECORD_TYPE_OPEN,
+    "close": pb.RECORD_TYPE_CLOSE,
+    "stats": pb.RECORD_TYPE_STATS,
+}
+_TYPE_FROM_PB: dict[int, RecordType] = {v: k for k, v in _TYPE_TO_PB.items()}  # type: ignore[misc]
+
+_DIRECTION_TO_PB: dict[str | None, int] = {
+    None: pb.DIRECTION_UNSPECIFIED,
+    "egress": pb.DIRECTION_EGRESS,
+    "ingress": pb.DIRECTION_INGRESS,
+}
+_DIRECTION_FROM_PB: dict[int, Direction | None] = {v: k for k, v in _DIRECTION_TO_PB.items()}  # type: ignore[misc]
+
+_ROLE_TO_PB: dict[str, int] = {
+    "unknown": pb.ROLE_UNKNOWN,
+    "client": pb.ROLE_CLIENT,
+    "server": pb.ROLE_SERVER,
+}
+_ROLE_FROM_PB: dict[int, Role] = {v: k for k, v in _ROLE_TO_PB.items()}  # type: ignore[misc]
+
+
+class SchemaError(ValueError):
+    """A wire record that cannot be a tlscap Record (unknown type, bad port, ...)."""
+
+
+def type_to_pb(name: str) -> int:
+    return _TYPE_TO_PB[name]
+
+
+def type_from_pb(value: int) -> RecordType:
+    try:
+        return _TYPE_FROM_PB[value]
+    except KeyError:
+        raise SchemaError(f"unknown record type {value}") from None
+
+
+def direction_to_pb(name: str | None) -> int:
+    return _DIRECTION_TO_PB[name]
+
+
+def direction_from_pb(value: int) -> Direction | None:
+    try:
+        return _DIRECTION_FROM_PB[value]
+    except KeyError:
+        raise SchemaError(f"unknown direction {value}") from None
+
+
+def to_pb(record: Record) -> pb.Record:
+    msg = pb.Record(
+        agent_id=record.agent_id,
+        node=record.node,
+        seq=record.seq,
+        ts_ns=record.ts_ns,
+        type=_TYPE_TO_PB[record.type],
+        source=record.source,
+    )
+    if record.type == "stats":
+        msg.stats.update(record.stats)
+        return msg
+    proc = msg.process
+    proc.pid = record.pid
+    proc.tid = record.tid
+    proc.comm = record.comm
+    proc.cgroup_id = record.cgroup_id
+    proc.container_id = record.container_id
+    flow = msg.flow
+    flow.conn_id = record.conn_id
+    flow.fd = record.fd
+    flow.role = _ROLE_TO_PB[record.role]
+    if record.local is not None:
+        flow.local.ip = record.local.ip
+        flow.local.port = record.local.port
+    if record.remote is not None:
+        flow.remote.ip = record.remote.ip
+        flow.remote.port = record.remote.port
+    if record.type == "data":
+        msg.direction = _DIRECTION_TO_PB[record.direction]
+        msg.offset = record.offset
+        msg.length = record.len
+        msg.captured_len = record.captured_len
+        msg.truncated = record.truncated
+        msg.payload = record.data
+    return msg
+
+
+def _endpoint(msg: pb.Flow, name: str) -> Endpoint | None:
+    if not msg.HasField(name):
+        return None
+    ep = getattr(msg, name)
+    if ep.port > 65535:
+        raise SchemaError(f"{name} port out of range: {ep.port}")
+    return Endpoint(ep.ip, ep.port)
+
+
+def from_pb(msg: pb.Record) -> Record:
+    """The dataclass form; raises SchemaError for a record no agent would send."""
+    rtype = type_from_pb(msg.type)
+    if rtype == "stats":
+        return Record(
+            type="stats",
+            ts_ns=msg.ts_ns,
+            agent_id=msg.agent_id,
+            node=msg.node,
+            seq=msg.seq,
+            source=msg.source,
+            stats=dict(msg.stats),
+        )
+    if msg.flow.role not in _ROLE_FROM_PB:
+        raise SchemaError(f"unknown role {msg.flow.role}")
+    record = Record(
+        type=rtype,
+        ts_ns=msg.ts_ns,
+        agent_id=msg.agent_id,
+        node=msg.node,
+        seq=msg.seq,
+        pid=msg.process.pid,
+        tid=msg.process.tid,
+        comm=msg.process.comm,
+        cgroup_id=msg.process.cgroup_id,
+        container_id=msg.process.container_id,
+        source=msg.source,
+        conn_id=msg.flow.conn_id,
+        fd=msg.flow.fd,
+        local=_endpoint(msg.flow, "local"),
+        remote=_endpoint(msg.flow, "remote"),
+        role=_ROLE_FROM_PB[msg.flow.role],
+    )
+    if rtype == "data":
+        direction = direction_from_pb(msg.direction)
+        if direction is None:
+            raise SchemaError("data record without a direction")
+        if len(msg.payload) != msg.captured_len:
+            raise SchemaError(
+                f"payload is {len(msg.payload)} bytes but captured_len says {msg.captured_len}"
+            )
+        record.direction = direction
+        record.offset = msg.offset
+        record.len = msg.length
+        record.captured_len = msg.captured_len
+        record.truncated = msg.truncated
+        record.data = msg.payload
+    return record
+
+
+def filter_to_pb(f: RecordFilter) -> pb.Filter:
+    return pb.Filter(
+        nodes=sorted(f.nodes),
+        agent_ids=sorted(f.agent_ids),
+        pids=sorted(f.pids),
+        comms=sorted(f.comms),
+        sources=sorted(f.sources),
+        directions=sorted(_DIRECTION_TO_PB[d] for d in f.directions),
+        remote_ips=sorted(f.remote_ips),
+        remote_ports=sorted(f.remote_ports),
+        local_ips=sorted(f.local_ips),
+        local_ports=sorted(f.local_ports),
+        conn_ids=sorted(f.conn_ids),
+        types=sorted(_TYPE_TO_PB[t] for t in f.types),
+        since_ns=f.since_ns,
+        until_ns=f.until_ns,
+    )
+
+
+def filter_from_pb(msg: pb.Filter) -> RecordFilter:
+    """Raises SchemaError for enum values this collector does not know."""
+    directions = frozenset(direction_from_pb(d) for d in msg.directions)
+    if None in directions:
+        raise SchemaError("filter on an unspecified direction")
+    return RecordFilter(
+        nodes=frozenset(msg.nodes),
+        agent_ids=frozenset(msg.agent_ids),
+        pids=frozenset(msg.pids),
+        comms=frozenset(msg.comms),
+        sources=frozenset(msg.sources),
+        directions=directions,  # type: ignore[arg-type]
+        remote_ips=frozenset(msg.remote_ips),
+        remote_ports=frozenset(msg.remote_ports),
+        local_ips=frozenset(msg.local_ips),
+        local_ports=frozenset(msg.local_ports),
+        conn_ids=frozenset(msg.conn_ids),
+        types=frozenset(type_from_pb(t) for t in msg.types) or DEFAULT_TYPES,
+        since_ns=msg.since_ns,
+        until_ns=msg.until_ns,
+    )
