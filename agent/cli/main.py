@@ -7,7 +7,7 @@ import logging
 import sys
 
 from agent import __version__
-from agent.cli import run
+from agent.cli import certs, collector, run, tail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tlscap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run.add_parser(sub)
+    collector.add_parser(sub)
+    tail.add_parser(sub)
+    certs.add_parser(sub)
     return parser
 
 

@@ -6,39 +6,17 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from agent.capture.session import CaptureOptions, CaptureSession
+from agent.cli import tls_options
+from agent.cli.argtypes import parse_size, positive_float
 from agent.probes import preflight
 from agent.probes.kernel_headers import KernelHeadersMissing, bcc_environment
 
 log = logging.getLogger(__name__)
-
-
-def parse_size(text: str) -> int:
-    """'1048576', '256K', '1M', '1MiB' -> bytes."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = t[-1:] if t[-1:] in units and t[-1:] != "" else ""
-    number = t[: -len(suffix)] if suffix else t
-    try:
-        value = int(number) * units[suffix]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 262144, 256K, 1M)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="trace only processes with this name (repeatable)",
     )
     p.add_argument(
-        "--output", choices=("text", "jsonl"), default="text", help="record format (default: text)"
+        "--output",
+        choices=("text", "jsonl", "none"),
+        help="local record format (default: text; none when --collector or --store is given)",
     )
     p.add_argument("--output-file", type=Path, help="write records here instead of stdout")
     p.add_argument("--ready-file", type=Path, help="create this file once every probe is attached")
@@ -67,6 +47,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ringbuf-mb", type=int, default=64, help="kernel ring buffer size in MiB (default 64)"
     )
+    export = p.add_argument_group("export to a collector / local store")
+    export.add_argument(
+        "--collector", metavar="HOST:PORT", help="stream records to this tlscap collector"
+    )
+    export.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=Path("/var/lib/tlscap/spool"),
+        help="where records wait while the collector is unreachable "
+        "(default /var/lib/tlscap/spool)",
+    )
+    export.add_argument(
+        "--spool-max",
+        type=parse_size,
+        default=256 << 20,
+        metavar="SIZE",
+        help="disk bound of the spool; beyond it the oldest records are dropped, "
+        "and counted (default 256M)",
+    )
+    export.add_argument(
+        "--node",
+        default=socket.gethostname(),
+        help="node name put on every record (default: hostname)",
+    )
+    export.add_argument(
+        "--store", type=Path, metavar="PATH", help="also write records to this SQLite store"
+    )
+    tls_options.add_tls_arguments(export, server=False)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     p.set_defaults(handler=run_command)
 
@@ -77,16 +85,42 @@ def fail(message: str) -> int:
 
 
 def open_sinks(args: argparse.Namespace) -> list:
+    """Sinks in the order records reach them; raises OSError/ValueError/TlsConfigError."""
     from agent.sinks.jsonl import JsonlSink
     from agent.sinks.terminal import TerminalSink
 
-    if args.output == "jsonl":
+    sinks: list = []
+    output = args.output or ("none" if args.collector or args.store else "text")
+    if output == "jsonl":
         if args.output_file:
-            return [JsonlSink.open(str(args.output_file))]
-        return [JsonlSink(sys.stdout)]
-    if args.output_file:
-        return [TerminalSink(open(args.output_file, "w", encoding="utf-8"), color=False)]
-    return [TerminalSink(sys.stdout)]
+            sinks.append(JsonlSink.open(str(args.output_file)))
+        else:
+            sinks.append(JsonlSink(sys.stdout))
+    elif output == "text":
+        if args.output_file:
+            stream = open(args.output_file, "w", encoding="utf-8")  # noqa: SIM115 - sink owns it
+            sinks.append(TerminalSink(stream, color=False))
+        else:
+            sinks.append(TerminalSink(sys.stdout))
+    if args.store:
+        from agent.sinks.store import StoreSink
+
+        sinks.append(StoreSink(args.store))
+    if args.collector:
+        from agent.export.exporter import CHANNEL_OPTIONS, GrpcExporter
+
+        settings = tls_options.tls_settings_from_args(args, server=False)
+        sinks.append(
+            GrpcExporter(
+                args.collector,
+                channel_factory=lambda: tls_options.open_channel(
+                    args.collector, settings, CHANNEL_OPTIONS
+                ),
+                spool_dir=args.spool_dir,
+                spool_max_bytes=args.spool_max,
+            )
+        )
+    return sinks
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -105,6 +139,8 @@ def run_command(args: argparse.Namespace) -> int:
         os.environ.update(bcc_environment(checked.kernel_source))
     try:
         sinks = open_sinks(args)
+    except tls_options.TlsConfigError as exc:
+        return fail(str(exc))
     except (OSError, ValueError) as exc:
         return fail(f"cannot open output: {exc}")
 
@@ -115,6 +151,7 @@ def run_command(args: argparse.Namespace) -> int:
         ringbuf_bytes=args.ringbuf_mb << 20,
         duration=args.duration,
         ready_file=args.ready_file,
+        node=args.node,
     )
     session = CaptureSession(options, sinks)
 

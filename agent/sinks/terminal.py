@@ -119,11 +119,13 @@ class TerminalSink:
         color: bool | None = None,
         max_bytes: int = 4096,
         flush_interval: float = 0.1,
+        show_node: bool = False,
     ) -> None:
         if color is None:
             color = _isatty(stream) and "NO_COLOR" not in os.environ
         self._style = _Style(color)
         self.max_bytes = max_bytes
+        self.show_node = show_node  # records from many nodes (tlscap tail)
         self._out = PeriodicFlusher(stream, flush_interval)
 
     def write(self, record: Record) -> None:
@@ -149,7 +151,8 @@ class TerminalSink:
     def _who(self, r: Record) -> str:
         s = self._style
         comm = s(safe(r.comm) or "?", BOLD)
-        return f"{s(format_time(r.ts_ns), DIM)} {comm}[{r.pid}/{r.tid}] {r.source}"
+        node = f"{safe(r.node) or '?'} " if self.show_node else ""
+        return f"{s(format_time(r.ts_ns), DIM)} {node}{comm}[{r.pid}/{r.tid}] {r.source}"
 
     def _conn(self, r: Record, arrow: str) -> str:
         return (

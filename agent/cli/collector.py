@@ -1,0 +1,122 @@
+"""`tlscap collector`: receive records from agents, store them, serve subscribers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from agent.cli import tls_options
+from agent.cli.argtypes import parse_duration, parse_size, positive_int
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "collector",
+        help="receive records from agents over gRPC, store them, serve `tlscap tail`",
+        description="Accepts agents' record streams (Ingest), stores them in SQLite and "
+        "streams them to subscribers (Subscribe). Health checking and server reflection "
+        "are served too, so grpc_health_probe and grpcurl work.",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:7300",
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:7300; port 0 picks a free one)",
+    )
+    p.add_argument("--store", type=Path, required=True, metavar="PATH", help="SQLite database file")
+    p.add_argument(
+        "--retention",
+        type=parse_duration,
+        default=7 * 86400.0,
+        metavar="DURATION",
+        help="delete records older than this (default 7d)",
+    )
+    p.add_argument(
+        "--max-records",
+        type=positive_int,
+        metavar="N",
+        help="also keep at most this many records (oldest go first)",
+    )
+    p.add_argument(
+        "--max-message",
+        type=parse_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="largest gRPC message accepted (default 64M); larger ones are refused",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=positive_int,
+        default=128,
+        metavar="N",
+        help="concurrent agent + subscriber streams (default 128)",
+    )
+    p.add_argument(
+        "--subscriber-queue",
+        type=positive_int,
+        default=10_000,
+        metavar="N",
+        help="records buffered per live subscriber before it is told it fell behind",
+    )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once serving, write the bound HOST:PORT here (useful with port 0)",
+    )
+    tls_options.add_tls_arguments(p, server=True)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    p.set_defaults(handler=collector_command)
+
+
+def collector_command(args: argparse.Namespace) -> int:
+    # Agents connect and disconnect all day: say so at the default level.
+    if not args.verbose:
+        logging.getLogger("agent").setLevel(logging.INFO)
+    from agent.collector.server import CollectorConfig, CollectorServer
+    from agent.collector.store import StoreError
+
+    try:
+        settings = tls_options.tls_settings_from_args(args, server=True)
+    except tls_options.TlsConfigError as exc:
+        return _fail(str(exc))
+    config = CollectorConfig(
+        listen=args.listen,
+        store_path=args.store,
+        retention_seconds=args.retention,
+        max_records=args.max_records,
+        max_message_bytes=args.max_message,
+        max_streams=args.max_streams,
+        subscriber_queue=args.subscriber_queue,
+    )
+    try:
+        server = CollectorServer(config, tls_options.server_credentials(settings))
+    except (StoreError, OSError, RuntimeError) as exc:
+        return _fail(str(exc))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.start()
+    mode = "insecure" if settings.insecure else ("mTLS" if settings.mutual else "TLS")
+    log.info("serving %s (%s)", server.address, mode)
+    if args.ready_file:
+        args.ready_file.write_text(server.address + "\n")
+    stop.wait()
+    server.stop()
+    log.info("stopped; %s", " ".join(f"{k}={v}" for k, v in server.stats().items()))
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"tlscap: error: {message}", file=sys.stderr)
+    return 2

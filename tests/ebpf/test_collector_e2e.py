@@ -1,0 +1,71 @@
+"""The whole path for real: probes -> agent -> gRPC -> collector -> subscriber."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+from tests.ebpf.conftest import REPO, TLSCAP, Capture, wait_for
+from tests.ebpf.test_openssl_capture import curl_request, run_curl
+
+
+def start_tlscap(*args: str, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*TLSCAP, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL
+    )
+
+
+def test_subscriber_receives_exactly_what_the_agent_captured(agent, s_server, tmp_path):
+    ready = tmp_path / "collector.addr"
+    logs = open(tmp_path / "tlscap.log", "w")  # noqa: SIM115
+    collector = start_tlscap(
+        "collector", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "store.db"),
+        "--insecure", "--ready-file", str(ready), log=logs,
+    )  # fmt: skip
+    tail = None
+    try:
+        wait_for(lambda: ready.exists() or collector.poll() is not None, 30, "the collector")
+        address = ready.read_text().strip()
+        tailed = tmp_path / "tail.jsonl"
+        tail = start_tlscap(
+            "tail", "--collector", address, "--insecure", "--output", "jsonl",
+            "--output-file", str(tailed), log=logs,
+        )  # fmt: skip
+        time.sleep(1.0)  # the subscription is live before anything is captured
+        a = agent("--collector", address, "--insecure", "--spool-dir", str(tmp_path / "spool"))
+        port = s_server("127.0.0.1")
+        run_curl("127.0.0.1", port, "/via-collector", tmp_path / "body")
+        cap = a.stop()
+        assert cap.returncode == 0, cap.stderr
+        local = [r for r in cap.records if r["type"] != "stats"]
+        assert local, "the agent captured nothing"
+
+        def tailed_lines() -> list[dict]:
+            if not tailed.exists():
+                return []
+            return [json.loads(line) for line in tailed.read_text().splitlines() if line]
+
+        wait_for(lambda: len(tailed_lines()) >= len(local), 30, "the subscriber")
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(20) == 0
+        remote = tailed_lines()
+        # Every field of every record, identities (node, agent id, seq) included.
+        assert remote == local
+        assert len({r["agent_id"] for r in remote}) == 1
+        assert [r["seq"] for r in remote] == sorted(r["seq"] for r in remote)
+
+        got = Capture(remote, "", 0)
+        (client_conn,) = got.conns(comm="curl")
+        request = curl_request("127.0.0.1", port, "/via-collector")
+        assert got.stream(client_conn, "egress") == request
+        assert got.stream(client_conn, "ingress").endswith((tmp_path / "body").read_bytes())
+        stats = cap.stats
+        assert stats["export_queue_dropped"] == stats["export_spool_dropped_records"] == 0
+    finally:
+        for proc in (tail, collector):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(20)
+        logs.close()
