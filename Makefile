@@ -4,7 +4,7 @@
 VENV        := .venv
 PYTHON      := $(VENV)/bin/python
 RUFF        := $(VENV)/bin/ruff
-LINT_PATHS  := agent tests bench
+LINT_PATHS  := agent tests bench scripts
 
 ARGS        ?=
 PYTEST_ARGS ?=

@@ -1,4 +1,4 @@
-"""Run the tlscap benchmarks (`make bench`): per-call overhead, then capture throughput.
+"""Run the tlscap benchmarks (`make bench`): per-call overhead, capture throughput, collector path.
 
 Prints each benchmark's table and a short summary; --json prints everything as one
 JSON object instead, and --save writes it to bench/results/<benchmark>-<date>.json.
@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl
+import collector_path
 import overhead
 import throughput
 
@@ -49,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         throughput.print_table(tp)
         print()
 
+    cp_args = ["--records", "50000" if args.quick else "150000", "--producer-rate", "40000"]
+    cp = collector_path.run(collector_path.parse_args(cp_args))
+    if not args.json:
+        print("== collector path (exporter -> collector -> subscriber) ==")
+        collector_path.print_table(cp)
+        print()
+
     s = ov["summary"]
     modes = s["modes"]
     checks = s.get("tlscap_checks", {})
@@ -74,9 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             for x in tp["sizes"]
         },
         "small_ring_loss_counted": (tp["small_ring"] or {}).get("accounted"),
+        "collector_path_acked_per_s": round(cp["throughput"]["acked_per_s"]),
+        "collector_path_latency_ms": {
+            str(x["rate"]): {"p50": round(x["p50_ms"], 1), "p99": round(x["p99_ms"], 1)}
+            for x in cp["latency"]
+        },
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
-    everything = {"summary": summary, "overhead": ov, "throughput": tp}
+    everything = {"summary": summary, "overhead": ov, "throughput": tp, "collector_path": cp}
     if args.save:
         out = bl.BENCH_DIR / "results" / f"all-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.parent.mkdir(exist_ok=True)

@@ -97,17 +97,23 @@ def to_pb(record: Record) -> pb.Record:
     return msg
 
 
-def _endpoint(msg: pb.Flow, name: str) -> Endpoint | None:
-    if not msg.HasField(name):
+def _endpoint(flow: pb.Flow, name: str) -> Endpoint | None:
+    if not flow.HasField(name):
         return None
-    ep = getattr(msg, name)
-    if ep.port > 65535:
-        raise SchemaError(f"{name} port out of range: {ep.port}")
-    return Endpoint(ep.ip, ep.port)
+    ep = getattr(flow, name)
+    port = ep.port
+    if port > 65535:
+        raise SchemaError(f"{name} port out of range: {port}")
+    return Endpoint(ep.ip, port)
 
 
 def from_pb(msg: pb.Record) -> Record:
-    """The dataclass form; raises SchemaError for a record no agent would send."""
+    """The dataclass form; raises SchemaError for a record no agent would send.
+
+    On the collector's ingest path for every record, hence the local variables:
+    each attribute access on a protobuf message is a C call (and `payload`
+    copies the bytes).
+    """
     rtype = type_from_pb(msg.type)
     if rtype == "stats":
         return Record(
@@ -119,41 +125,46 @@ def from_pb(msg: pb.Record) -> Record:
             source=msg.source,
             stats=dict(msg.stats),
         )
-    if msg.flow.role not in _ROLE_FROM_PB:
-        raise SchemaError(f"unknown role {msg.flow.role}")
-    record = Record(
+    flow = msg.flow
+    proc = msg.process
+    role = _ROLE_FROM_PB.get(flow.role)
+    if role is None:
+        raise SchemaError(f"unknown role {flow.role}")
+    direction = None
+    payload = b""
+    if rtype == "data":
+        direction = direction_from_pb(msg.direction)
+        if direction is None:
+            raise SchemaError("data record without a direction")
+        payload = msg.payload
+        if len(payload) != msg.captured_len:
+            raise SchemaError(
+                f"payload is {len(payload)} bytes but captured_len says {msg.captured_len}"
+            )
+    return Record(
         type=rtype,
         ts_ns=msg.ts_ns,
         agent_id=msg.agent_id,
         node=msg.node,
         seq=msg.seq,
-        pid=msg.process.pid,
-        tid=msg.process.tid,
-        comm=msg.process.comm,
-        cgroup_id=msg.process.cgroup_id,
-        container_id=msg.process.container_id,
+        pid=proc.pid,
+        tid=proc.tid,
+        comm=proc.comm,
+        cgroup_id=proc.cgroup_id,
+        container_id=proc.container_id,
         source=msg.source,
-        conn_id=msg.flow.conn_id,
-        fd=msg.flow.fd,
-        local=_endpoint(msg.flow, "local"),
-        remote=_endpoint(msg.flow, "remote"),
-        role=_ROLE_FROM_PB[msg.flow.role],
+        conn_id=flow.conn_id,
+        fd=flow.fd,
+        local=_endpoint(flow, "local"),
+        remote=_endpoint(flow, "remote"),
+        role=role,
+        direction=direction,
+        offset=msg.offset,
+        len=msg.length,
+        captured_len=len(payload),
+        truncated=msg.truncated,
+        data=payload,
     )
-    if rtype == "data":
-        direction = direction_from_pb(msg.direction)
-        if direction is None:
-            raise SchemaError("data record without a direction")
-        if len(msg.payload) != msg.captured_len:
-            raise SchemaError(
-                f"payload is {len(msg.payload)} bytes but captured_len says {msg.captured_len}"
-            )
-        record.direction = direction
-        record.offset = msg.offset
-        record.len = msg.length
-        record.captured_len = msg.captured_len
-        record.truncated = msg.truncated
-        record.data = msg.payload
-    return record
 
 
 def filter_to_pb(f: RecordFilter) -> pb.Filter:

@@ -34,7 +34,11 @@ def test_subscriber_receives_exactly_what_the_agent_captured(agent, s_server, tm
             "--output-file", str(tailed), log=logs,
         )  # fmt: skip
         time.sleep(1.0)  # the subscription is live before anything is captured
-        a = agent("--collector", address, "--insecure", "--spool-dir", str(tmp_path / "spool"))
+        local_store = tmp_path / "local.db"
+        a = agent(
+            "--collector", address, "--insecure", "--spool-dir", str(tmp_path / "spool"),
+            "--store", str(local_store),
+        )  # fmt: skip
         port = s_server("127.0.0.1")
         run_curl("127.0.0.1", port, "/via-collector", tmp_path / "body")
         cap = a.stop()
@@ -61,6 +65,13 @@ def test_subscriber_receives_exactly_what_the_agent_captured(agent, s_server, tm
         request = curl_request("127.0.0.1", port, "/via-collector")
         assert got.stream(client_conn, "egress") == request
         assert got.stream(client_conn, "ingress").endswith((tmp_path / "body").read_bytes())
+        # The agent's own store (`run --store`) holds the same, read by `tail --store`.
+        out = subprocess.run(
+            [*TLSCAP, "tail", "--store", str(local_store), "--since", "all", "--no-follow",
+             "--output", "jsonl"],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert [json.loads(line) for line in out.stdout.splitlines()] == local
         stats = cap.stats
         assert stats["export_queue_dropped"] == stats["export_spool_dropped_records"] == 0
     finally:

@@ -382,15 +382,6 @@ def test_tls_settings_errors(pki: Path, argv: list[str], server: bool, message: 
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_tls_settings_unreadable_file(tmp_path: Path, pki: Path) -> None:
-    locked = tmp_path / "ca.crt"
-    locked.write_bytes((pki / "ca.crt").read_bytes())
-    locked.chmod(0)
-    with pytest.raises(TlsConfigError, match=f"cannot read --tls-ca file {locked}"):
-        settings(["--tls-ca", str(locked)], server=False)
-
-
 def test_tls_settings_unreadable_directory(pki: Path) -> None:
     # A directory is unreadable as a file for root too.
     with pytest.raises(TlsConfigError, match=f"cannot read --tls-ca file {pki}"):
