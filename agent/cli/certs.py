@@ -21,6 +21,7 @@ from agent.certs.authority import (
     write_private,
     write_public,
 )
+from agent.cli.argtypes import positive_int
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 DEFAULT_CLIENTS = ("agent", "consumer")
@@ -29,16 +30,6 @@ SERVER_NAME = "collector"
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # Which command each default client certificate is for, to print ready-to-use flags.
 _CLIENT_COMMANDS = {"agent": "run", "consumer": "tail"}
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -28,17 +28,9 @@ from agent.export.wire import encode_ingest_batch, framed_size, take_batch
 from agent.records.record import Endpoint, Record
 from agent.schema import pb, pb_grpc
 from agent.schema.convert import from_pb, to_pb
+from tests.grpc.conftest import wait_for
 
 # -- helpers --------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def make_records(
