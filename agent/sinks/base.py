@@ -24,6 +24,8 @@ class OutputError(OSError):
 class PeriodicFlusher:
     """Writes text to a stream and flushes it at most every `interval` seconds.
 
+    (Any object with write() and flush() will do: the store sink passes rows.)
+
     A flush per record would cost a write(2) per TLS call; never flushing would
     leave `tail -f` (or a pipe reader) waiting for a 8 KiB buffer to fill.  So a
     write flushes if the last flush is `interval` old, and otherwise arms a timer
