@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from agent.events.calls import CallAssembler, TlsCall
 from agent.events.decode import DataChunk, DecodeError, ProcessEvent, SocketClosed, decode_event
@@ -27,6 +26,7 @@ from agent.probes.bpf_program import BpfProgram, ProbeSettings
 from agent.probes.openssl import attach_openssl
 from agent.probes.targets import TargetScanner, TlsLibrary, list_pids
 from agent.records.record import Record
+from agent.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 STALE_CALL_NS = 500_000_000
 
 
-class Sink(Protocol):
-    def write(self, record: Record) -> None: ...
-    def close(self) -> None: ...
+def new_agent_id() -> str:
+    """`<hostname>-<random>`: unique per run, still readable in a listing."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
 
 
 @dataclass
@@ -52,16 +52,11 @@ class CaptureOptions:
     node: str = field(default_factory=socket.gethostname)
     # One id per agent run: sequence numbers restart with each run, so the
     # (agent_id, seq) pair a collector de-duplicates on must change too.
-    agent_id: str = field(default_factory=lambda: new_agent_id())
+    agent_id: str = field(default_factory=new_agent_id)
 
     @property
     def filtered(self) -> bool:
         return bool(self.pids or self.comms)
-
-
-def new_agent_id() -> str:
-    """`<hostname>-<random>`: unique per run, still readable in a listing."""
-    return f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
 
 
 def mono_to_wall_clock() -> Callable[[int], int]:

@@ -6,7 +6,6 @@ import argparse
 import ipaddress
 import re
 import shlex
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from agent.certs.authority import (
     write_public,
 )
 from agent.cli.argtypes import positive_int
+from agent.cli.errors import fail
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 DEFAULT_CLIENTS = ("agent", "consumer")
@@ -67,11 +67,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     p.set_defaults(handler=certs_command)
-
-
-def fail(message: str) -> int:
-    print(f"tlscap: error: {message}", file=sys.stderr)
-    return 2
 
 
 def split_hosts(hosts: list[str]) -> tuple[list[str], list[str]]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 
 from agent.cli import tls_options
 from agent.cli.argtypes import parse_duration, parse_size, positive_int
+from agent.cli.errors import fail
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def collector_command(args: argparse.Namespace) -> int:
     try:
         settings = tls_options.tls_settings_from_args(args, server=True)
     except tls_options.TlsConfigError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     config = CollectorConfig(
         listen=args.listen,
         store_path=args.store,
@@ -97,7 +97,7 @@ def collector_command(args: argparse.Namespace) -> int:
     try:
         server = CollectorServer(config, tls_options.server_credentials(settings))
     except (StoreError, OSError, RuntimeError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -115,8 +115,3 @@ def collector_command(args: argparse.Namespace) -> int:
     server.stop()
     log.info("stopped; %s", " ".join(f"{k}={v}" for k, v in server.stats().items()))
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"tlscap: error: {message}", file=sys.stderr)
-    return 2

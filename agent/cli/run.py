@@ -13,6 +13,7 @@ from pathlib import Path
 from agent.capture.session import CaptureOptions, CaptureSession
 from agent.cli import tls_options
 from agent.cli.argtypes import parse_size, positive_float
+from agent.cli.errors import fail
 from agent.probes import preflight
 from agent.probes.kernel_headers import KernelHeadersMissing, bcc_environment
 
@@ -77,11 +78,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tls_options.add_tls_arguments(export, server=False)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     p.set_defaults(handler=run_command)
-
-
-def fail(message: str) -> int:
-    print(f"tlscap: error: {message}", file=sys.stderr)
-    return 2
 
 
 def open_sinks(args: argparse.Namespace) -> list:

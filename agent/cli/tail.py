@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.cli import tls_options
 from agent.cli.argtypes import parse_time
+from agent.cli.errors import fail
 from agent.records.filter import RecordFilter
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def tail_command(args: argparse.Namespace) -> int:
         try:
             settings = tls_options.tls_settings_from_args(args, server=False)
         except tls_options.TlsConfigError as exc:
-            return _fail(str(exc))
+            return fail(str(exc))
         events = subscribe(
             lambda: tls_options.open_channel(args.collector, settings),
             flt,
@@ -143,12 +144,12 @@ def tail_command(args: argparse.Namespace) -> int:
         )
     else:
         if not args.store.exists():
-            return _fail(f"no store at {args.store}")
+            return fail(f"no store at {args.store}")
         events = read_store(args.store, flt, replay=replay, live=live, stop=stop)
     try:
         sink = open_sink(args)
     except OSError as exc:
-        return _fail(f"cannot open output: {exc}")
+        return fail(f"cannot open output: {exc}")
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
@@ -170,7 +171,7 @@ def tail_command(args: argparse.Namespace) -> int:
             else:
                 sink.write(event)
     except SubscriptionError as exc:
-        return _fail(f"subscription refused: {exc}")
+        return fail(f"subscription refused: {exc}")
     except BrokenPipeError:
         return 0
     finally:
@@ -180,8 +181,3 @@ def tail_command(args: argparse.Namespace) -> int:
     if missed:
         print(f"tlscap: warning: {missed} record(s) missed in total", file=sys.stderr)
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"tlscap: error: {message}", file=sys.stderr)
-    return 2

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 import grpc
 
 from agent.collector.fanout import Hub, Lagged, Subscription, SubscriptionClosed
-from agent.collector.store import RecordStore, StoredItem
+from agent.collector.store import RecordStore
 from agent.records.filter import RecordFilter
 from agent.records.record import Record
 from agent.schema import pb, pb_grpc
 from agent.schema.convert import SchemaError, filter_from_pb, from_pb
+from agent.schema.wire import encode_record_batch
 
 log = logging.getLogger(__name__)
 
@@ -159,31 +160,7 @@ class CollectorService(pb_grpc.CollectorServicer):
 
 
 def batch_from_wire(wires: list[bytes], cursor: int = 0) -> pb.RecordBatch:
-    """A RecordBatch from serialized Records, parsed in one call.
-
-    A RecordBatch on the wire is just its records, each as field 1
-    (length-delimited), so concatenating framed records is a valid encoding.
-    """
-    parts = []
-    for wire in wires:
-        parts.append(b"\x0a")
-        parts.append(_varint(len(wire)))
-        parts.append(wire)
-    batch = pb.RecordBatch.FromString(b"".join(parts))
+    """A RecordBatch from serialized Records, parsed in one call."""
+    batch = pb.RecordBatch.FromString(encode_record_batch(wires))
     batch.cursor = cursor
     return batch
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-__all__ = ["CollectorService", "StoredItem", "batch_from_wire"]

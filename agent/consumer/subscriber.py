@@ -106,7 +106,7 @@ def subscribe(
                 return
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
-            if stop.is_set() or (code == grpc.StatusCode.CANCELLED and stop.is_set()):
+            if stop.is_set():  # our own cancel (see _cancel_on)
                 return
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             if code in _FATAL or not live:

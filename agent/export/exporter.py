@@ -33,10 +33,10 @@ import grpc
 
 from agent.export.backoff import Backoff
 from agent.export.spool import Spool, SpoolCheckout, SpoolWriteError
-from agent.export.wire import encode_ingest_batch, take_batch
 from agent.records.record import Record
 from agent.schema import pb
 from agent.schema.convert import to_pb
+from agent.schema.wire import encode_ingest_batch, take_batch
 
 log = logging.getLogger(__name__)
 

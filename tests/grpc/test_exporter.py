@@ -24,10 +24,10 @@ import pytest
 from agent.export.backoff import Backoff
 from agent.export.exporter import CHANNEL_OPTIONS, GrpcExporter
 from agent.export.spool import Spool
-from agent.export.wire import encode_ingest_batch, framed_size, take_batch
 from agent.records.record import Endpoint, Record
 from agent.schema import pb, pb_grpc
 from agent.schema.convert import from_pb, to_pb
+from agent.schema.wire import encode_ingest_batch, framed_size, take_batch
 from tests.grpc.conftest import wait_for
 
 # -- helpers --------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Ingest wire encoding and batching: pure functions over serialized records.
+"""Hand-built protobuf messages from already serialized records, and batching.
 
-Records are serialized once, in the exporter's write(), and stay bytes from then
-on (queue, spool, re-sends); these helpers build IngestBatch messages from them.
+Records are serialized once (in the exporter's write(), or as received by the
+collector) and stay bytes from then on: queue, spool, re-sends, the store.
+Parsing them back into messages only to serialize them again would double the
+CPU cost, so IngestBatch and RecordBatch are framed here directly.
 """
 
 from __future__ import annotations
@@ -24,18 +26,23 @@ def framed_size(record: bytes) -> int:
     return 1 + len(_varint(len(record))) + len(record)
 
 
-def encode_ingest_batch(batch_id: int, records: Sequence[bytes]) -> bytes:
-    """A serialized tlscap.v1.IngestBatch built from already serialized records.
-
-    Parsing the records back into messages only to serialize them again would
-    double the exporter's CPU cost.  Field 1 = batch_id (varint), field 2 = records.
-    """
-    parts = [b"\x08", _varint(batch_id)]
+def _framed(tag: bytes, records: Sequence[bytes], parts: list[bytes]) -> bytes:
+    """`parts` followed by each record as a length-delimited field with `tag`."""
     for record in records:
-        parts.append(b"\x12")
+        parts.append(tag)
         parts.append(_varint(len(record)))
         parts.append(record)
     return b"".join(parts)
+
+
+def encode_ingest_batch(batch_id: int, records: Sequence[bytes]) -> bytes:
+    """A serialized tlscap.v1.IngestBatch: field 1 = batch_id (varint), 2 = records."""
+    return _framed(b"\x12", records, [b"\x08", _varint(batch_id)])
+
+
+def encode_record_batch(records: Sequence[bytes]) -> bytes:
+    """A serialized tlscap.v1.RecordBatch holding `records` (field 1), without cursor."""
+    return _framed(b"\x0a", records, [])
 
 
 def take_batch(source: deque[bytes], max_records: int, max_bytes: int) -> list[bytes]:
