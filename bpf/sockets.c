@@ -261,10 +261,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
 
 // A syscall on an fd made inside a TLS call names the SSL object's socket.
 static __always_inline int learn_fd(s32 fd) {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
     struct active_call *a = active_calls.lookup(&tid);
-    if (a && a->fd < 0)
-        a->fd = fd;
+    if (a) {
+        if (a->fd < 0)
+            a->fd = fd;
+        return 0;
+    }
+    go_learn_fd(id >> 32, fd);
     return 0;
 }
 

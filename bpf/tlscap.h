@@ -34,7 +34,7 @@
 // One ring-buffer record carries at most CHUNK_SIZE payload bytes; a call that
 // moved more is split into several chunk events with the same header.
 #define CHUNK_SIZE 16384
-// openssl.c masks chunk lengths with 0x7fff (2*CHUNK_SIZE-1) for the verifier.
+// calls.c masks chunk lengths with 0x7fff (2*CHUNK_SIZE-1) for the verifier.
 _Static_assert(CHUNK_SIZE == 16384, "update the chunk-length mask in openssl.c");
 #define MAX_CHUNKS ((TLSCAP_MAX_CAPTURE + CHUNK_SIZE - 1) / CHUNK_SIZE)
 
@@ -47,7 +47,7 @@ enum event_kind {
 };
 
 enum direction { DIR_EGRESS = 0, DIR_INGRESS = 1 };
-enum source { SRC_OPENSSL = 1 };
+enum source { SRC_OPENSSL = 1, SRC_GOTLS = 2 };
 enum role { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 
 // Counters (per-CPU, summed in user space).  Every place data can be dropped
@@ -61,7 +61,8 @@ enum counter {
     CNT_TRUNCATED = 5,      // calls larger than the capture cap
     CNT_TRUNCATED_BYTES = 6,
     CNT_NESTED = 7,         // SSL calls made inside another traced SSL call
-    CNT_MAX = 8,
+    CNT_GO_FD_FALLBACK = 8, // Go calls whose fd the *tls.Conn walk could not give
+    CNT_MAX = 9,
 };
 
 #define AF_INET_ 2
@@ -141,10 +142,11 @@ struct comm_key {
 };
 BPF_HASH(allowed_comms, struct comm_key, u8, 64);
 
-// The TLS call a thread is inside of: opened by a library probe's entry,
-// completed by the socket probes (fd), emitted by the probe's return.
+// A TLS call in progress: opened by a library probe's entry, completed by the
+// socket probes (fd), emitted by the probe's return.  OpenSSL calls are kept
+// per thread (active_calls); Go calls per goroutine (gotls.c).
 struct active_call {
-    u64 ssl;
+    u64 ssl;      // the connection object: SSL* or Go *tls.Conn
     u64 buf;
     u64 len_ptr;  // SSL_*_ex: where the library stores the byte count
     s32 fd;       // learned from a syscall inside the call, -1 until then

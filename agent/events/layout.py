@@ -15,7 +15,7 @@ EV_EXIT = 5
 DIR_EGRESS = 0
 DIR_INGRESS = 1
 
-SOURCES = {1: "openssl"}
+SOURCES = {1: "openssl", 2: "gotls"}
 ROLES = {0: "unknown", 1: "client", 2: "server"}
 
 AF_INET = 2
@@ -31,6 +31,7 @@ COUNTERS = (
     "truncated_calls",
     "truncated_bytes",
     "nested_calls",
+    "go_fd_fallbacks",
 )
 
 

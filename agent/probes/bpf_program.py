@@ -15,18 +15,22 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.events import layout
 from agent.flows.table import KernelRegistration
 
+if TYPE_CHECKING:
+    from agent.probes.go_binary import GoTlsTarget
+
 log = logging.getLogger(__name__)
 
 # Concatenated in this order: the header first (maps and helpers every probe
-# family uses), then one file per probe family.  bcc only rewrites map
-# operations in the main source text, so the files are joined rather than
-# #included.
-BPF_SOURCES = ("tlscap.h", "sockets.c", "process.c", "openssl.c")
+# family uses) and the call completion they share, then one file per probe
+# family; sockets.c's fd learning reaches into gotls.c's per-goroutine calls, so
+# it comes after.  bcc only rewrites map operations in the main source text, so
+# the files are joined rather than #included.
+BPF_SOURCES = ("tlscap.h", "calls.c", "openssl.c", "gotls.c", "sockets.c", "process.c")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -105,6 +109,24 @@ class BpfProgram:
                 # it opens would only be closed by a stale-entry check.
                 self._bpf.detach_uprobe(name=path, **at)
                 raise
+
+    def detach_uprobe(self, path: str, where: str | int) -> None:
+        at = {"sym": where} if isinstance(where, str) else {"addr": where}
+        self._bpf.detach_uprobe(name=path, **at)
+
+    def set_go_tls_config(self, entry_address: int, target: GoTlsTarget) -> None:
+        """Tell gotls.c how to walk a *tls.Conn to its fd in the function at this address."""
+        table = self._bpf["go_tls_configs"]
+        config = table.Leaf()
+        offsets = target.offsets
+        # 0 never matches a real itab entry: without net.(*TCPConn).Close the
+        # walk is never trusted and the nested-syscall fallback finds the fd.
+        config.tcpconn_close = target.tcpconn_close.address if target.tcpconn_close else 0
+        config.conn_off = offsets.tls_conn_conn
+        config.iface_data_off = offsets.iface_data
+        config.fd_off = offsets.tcpconn_fd
+        config.sysfd_off = offsets.netfd_sysfd
+        table[table.Key(entry_address)] = config
 
     def open_uprobes(self) -> int:
         return self._bpf.num_open_uprobes()

@@ -1,0 +1,135 @@
+// Go crypto/tls probes: (*Conn).Write and (*Conn).Read (Go >= 1.17, amd64
+// register ABI).
+//
+// No uretprobes: a uretprobe rewrites the return address on the stack, and Go
+// moves (copies) goroutine stacks, which then crashes the program.  User space
+// attaches an entry probe at the function and a probe at every RET instruction
+// of it instead.  A call is keyed by its goroutine (the g pointer, in R14 under
+// the register ABI), not by thread: a goroutine that blocks inside Read can
+// resume, and return, on another thread.  Its fd comes from walking the
+// *tls.Conn, or failing that from the socket syscall the goroutine makes
+// inside the call.
+//
+//   entry:  RAX = *tls.Conn, RBX = b.ptr, RCX = b.len
+//   RET:    RAX = n (bytes written / read), RBX:RCX = error
+#include "tlscap.h"
+
+struct go_call_key {
+    u64 g;
+    u32 tgid;
+    u32 _pad;
+};
+BPF_HASH(go_calls, struct go_call_key, struct active_call, 16384);
+
+// Processes with a Go call whose fd the struct walk could not find (the conn
+// is not a plain *net.TCPConn: a wrapper, a test double; or a PIE binary, see
+// go_tls_configs).  Their socket syscalls are matched to the call by the
+// goroutine making them (sockets.c -> go_learn_fd), as OpenSSL calls are by
+// thread.  The set keeps that lookup off every other process's syscalls.
+BPF_TABLE("lru_hash", u32, u8, go_fallback_tgids, 4096);
+
+// Per probed Write/Read entry address: what user space read from the binary
+// to walk *tls.Conn -> conn (net.Conn) -> *net.TCPConn -> *netFD -> pfd.Sysfd.
+// Keyed by the runtime address, so position-independent Go binaries (mapped
+// at a different address in each process) find no entry and use the fallback.
+struct go_tls_config {
+    u64 tcpconn_close;  // net.(*TCPConn).Close: the first method of the itab we expect
+    u32 conn_off;       // tls.Conn.conn
+    u32 iface_data_off; // data word of an interface value
+    u32 fd_off;         // net.TCPConn -> its conn.fd (*netFD)
+    u32 sysfd_off;      // netFD -> pfd.Sysfd
+};
+BPF_HASH(go_tls_configs, u64, struct go_tls_config, 4096);
+
+// The socket fd behind a *tls.Conn, or -1.  The itab's first method proves the
+// interface holds a *net.TCPConn before any of its fields are trusted.
+static __always_inline s32 go_conn_fd(u64 entry_ip, u64 conn) {
+    struct go_tls_config *cfg = go_tls_configs.lookup(&entry_ip);
+    if (!cfg)
+        return -1;
+    u64 iface[2] = {};
+    if (bpf_probe_read_user(&iface[0], sizeof(u64), (void *)(conn + cfg->conn_off)) != 0)
+        return -1;
+    if (bpf_probe_read_user(&iface[1], sizeof(u64),
+                            (void *)(conn + cfg->conn_off + cfg->iface_data_off)) != 0)
+        return -1;
+    if (!iface[0] || !iface[1])
+        return -1;
+    u64 first_method = 0;
+    // itab: inter, _type (pointers), hash (u32) + pad, then fun[].
+    if (bpf_probe_read_user(&first_method, sizeof(first_method), (void *)(iface[0] + 24)) != 0)
+        return -1;
+    if (first_method != cfg->tcpconn_close)
+        return -1;
+    u64 netfd = 0;
+    if (bpf_probe_read_user(&netfd, sizeof(netfd), (void *)(iface[1] + cfg->fd_off)) != 0 || !netfd)
+        return -1;
+    s64 sysfd = -1;
+    if (bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(netfd + cfg->sysfd_off)) != 0)
+        return -1;
+    if (sysfd < 0 || sysfd > 0x7fffffff)
+        return -1;
+    return (s32)sysfd;
+}
+
+static __always_inline int go_tls_enter(struct pt_regs *ctx, u8 direction) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!tgid_wanted(tgid))
+        return 0;
+    if (ctx->cx == 0)
+        return 0;  // an empty buffer moves nothing
+    struct go_call_key key = {.g = ctx->r14, .tgid = tgid};
+    struct active_call c = {};
+    c.ssl = ctx->ax;
+    c.buf = ctx->bx;
+    c.fd = go_conn_fd(PT_REGS_IP(ctx), ctx->ax);
+    c.depth = 1;
+    c.direction = direction;
+    c.source = SRC_GOTLS;
+    // A growing stack re-runs the function from its first instruction (after
+    // runtime.morestack) with the same arguments: the update just repeats.
+    go_calls.update(&key, &c);
+    if (c.fd < 0) {
+        count(CNT_GO_FD_FALLBACK, 1);
+        if (!go_fallback_tgids.lookup(&tgid)) {
+            u8 one = 1;
+            go_fallback_tgids.update(&tgid, &one);
+        }
+    }
+    return 0;
+}
+
+int probe_gotls_write_enter(struct pt_regs *ctx) { return go_tls_enter(ctx, DIR_EGRESS); }
+int probe_gotls_read_enter(struct pt_regs *ctx) { return go_tls_enter(ctx, DIR_INGRESS); }
+
+// At every RET of Write and Read.
+int probe_gotls_return(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    struct go_call_key key = {.g = ctx->r14, .tgid = tgid};
+    struct active_call *a = go_calls.lookup(&key);
+    if (!a)
+        return 0;
+    struct active_call call = *a;
+    go_calls.delete(&key);
+    s64 n = (s64)ctx->ax;
+    if (n > 0)
+        emit_call(&call, tgid, (u32)id, (u64)n);
+    return 0;
+}
+
+// Called by sockets.c for a socket syscall made outside any OpenSSL call.  The
+// syscall's saved user registers hold the goroutine making it: R14 is g in Go
+// code, and the runtime's syscall stubs leave it alone.
+static __always_inline void go_learn_fd(u32 tgid, s32 fd) {
+    if (!go_fallback_tgids.lookup(&tgid))
+        return;
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    struct go_call_key key = {.tgid = tgid};
+    if (bpf_probe_read_kernel(&key.g, sizeof(key.g), &regs->r14) != 0)
+        return;
+    struct active_call *a = go_calls.lookup(&key);
+    if (a && a->fd < 0)
+        a->fd = fd;  // the call's first socket syscall
+}
