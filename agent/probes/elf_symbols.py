@@ -26,7 +26,7 @@ from typing import BinaryIO
 from elftools.common.utils import struct_parse
 from elftools.elf.elffile import ELFFile
 
-__all__ = ["ElfError", "find_symbols", "is_elf"]
+__all__ = ["ElfError", "find_symbol_values", "find_symbols", "is_elf"]
 
 ELF_MAGIC = b"\x7fELF"
 
@@ -67,6 +67,29 @@ def find_symbols(path: str, names: Iterable[str]) -> set[str]:
     except OSError as e:
         raise ElfError(f"{path}: {e.strerror or e}") from e
     return {wanted[name] for name in found}
+
+
+def find_symbol_values(
+    path: str, names: Iterable[str], *, functions_only: bool = True
+) -> dict[str, tuple[int, int]]:
+    """``{name: (st_value, st_size)}`` for each of ``names`` that ``path`` defines.
+
+    Searches ``.symtab`` first, then a ``.dynsym`` whose size the section headers give.
+    With ``functions_only`` a symbol must be ``STT_FUNC`` (as in ``find_symbols``);
+    without, any defined symbol counts (data such as Go's ``runtime.buildVersion``).
+    Raises ``ElfError`` for unreadable, non-ELF or truncated files.
+    """
+    wanted = {name.encode(): name for name in names}
+    if not wanted:
+        return {}
+    try:
+        with _open_regular(path) as f:
+            if f.read(4) != ELF_MAGIC:
+                raise ElfError(f"{path}: not an ELF file")
+            found = _Reader(path, f).values(set(wanted), functions_only)
+    except OSError as e:
+        raise ElfError(f"{path}: {e.strerror or e}") from e
+    return {wanted[name]: value for name, value in found.items()}
 
 
 def _open_regular(path: str) -> BinaryIO:
@@ -122,7 +145,18 @@ class _Reader:
         if dynsym is not None:
             found |= self._lookup_dynsym(dynsym, names)
         if symtab is not None and found != names:
-            found |= self._scan(symtab, names - found)
+            found |= set(self._scan(symtab, names - found))
+        return found
+
+    def values(self, names: set[bytes], functions_only: bool) -> dict[bytes, tuple[int, int]]:
+        dynsym, symtab = self._tables()
+        found: dict[bytes, tuple[int, int]] = {}
+        for table in (symtab, dynsym):
+            if table is None or table.sym_count is None or table.str_size is None:
+                continue
+            entries = self._scan(table, names - found.keys(), functions_only)
+            for name, raw in entries.items():
+                found[name] = self._value_size(raw)
         return found
 
     def _lookup_dynsym(self, table: _SymbolTable, names: set[bytes]) -> set[bytes]:
@@ -131,7 +165,7 @@ class _Reader:
         if table.sysv_hash_off is not None:
             return {n for n in names if self._sysv_lookup(table, n)}
         if table.sym_count is not None and table.str_size is not None:
-            return self._scan(table, names)
+            return set(self._scan(table, names))
         return set()  # no hash and no section headers: the table's length is unknowable
 
     def _gnu_lookup(self, table: _SymbolTable, name: bytes) -> bool:
@@ -186,7 +220,10 @@ class _Reader:
         # Reading len+1 bytes is enough to tell "exactly this name" from a longer one.
         return self._read_upto(table.str_off + st_name, len(name) + 1) == name + b"\0"
 
-    def _scan(self, table: _SymbolTable, names: set[bytes]) -> set[bytes]:
+    def _scan(
+        self, table: _SymbolTable, names: set[bytes], functions_only: bool = True
+    ) -> dict[bytes, bytes]:
+        """name -> the raw entry of the first symbol defining it."""
         assert table.sym_count is not None and table.str_size is not None
         strings = self._read(table.str_off, table.str_size)
         # Every string-table offset at which a wanted name starts; linkers merge string
@@ -199,10 +236,10 @@ class _Reader:
                 offsets[pos] = name
                 pos = strings.find(needle, pos + 1)
         if not offsets:
-            return set()
+            return {}
         entsize = self._sym.size
         symbols = self._read(table.sym_off, table.sym_count * entsize)
-        found: set[bytes] = set()
+        found: dict[bytes, bytes] = {}
         for str_off, name in offsets.items():
             if name in found:
                 continue
@@ -213,9 +250,11 @@ class _Reader:
                 if rem:  # a match inside another field; st_name starts every entry
                     pos = symbols.find(needle, pos + entsize - rem)
                     continue
-                _, st_info, st_shndx = self._symbol(symbols[pos : pos + entsize])
-                if st_info & 0xF == _STT_FUNC and st_shndx != _SHN_UNDEF:
-                    found.add(name)
+                raw = symbols[pos : pos + entsize]
+                _, st_info, st_shndx = self._symbol(raw)
+                is_func = st_info & 0xF == _STT_FUNC
+                if st_shndx != _SHN_UNDEF and (is_func or not functions_only):
+                    found[name] = raw
                     break
                 pos = symbols.find(needle, pos + entsize)
         return found
@@ -299,6 +338,13 @@ class _Reader:
         if self._is64:
             return fields[0], fields[1], fields[3]
         return fields[0], fields[3], fields[5]
+
+    def _value_size(self, raw: bytes) -> tuple[int, int]:
+        """(st_value, st_size) of one raw symbol entry."""
+        fields = self._sym.unpack(raw)
+        if self._is64:
+            return fields[4], fields[5]
+        return fields[1], fields[2]
 
     def _check_range(self, off: int, size: int) -> None:
         if off + size > self._size:
