@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent bootstrap for tlscap on Debian 12 (run by `make setup`, as root).
 #
-#   1. system packages (bcc, headers, tools the tests drive) - installed only if missing
+#   1. system packages (bcc, headers, tools the tests drive, Go 1.19 for the Go TLS
+#      tests) - installed only if missing
 #   2. .venv made from /usr/bin/python3 with --system-site-packages, because bcc comes
 #      from Debian's python3-bpfcc and is not on PyPI
 #   3. `pip install -e '.[dev]'`, re-run only when pyproject.toml changes (stamp file)
@@ -28,6 +29,7 @@ packages=(
     python3-bpfcc libbpfcc bpftool "linux-headers-$arch"
     iptables iproute2 curl openssl ca-certificates
     python3-venv gcc libssl-dev make
+    golang-go binutils
 )
 
 # One dpkg-query for all of them; unknown packages print nothing on stdout.

@@ -23,6 +23,8 @@ from agent.events.decode import DataChunk, DecodeError, ProcessEvent, SocketClos
 from agent.flows.resolve import SocketResolver
 from agent.flows.table import FlowTable
 from agent.probes.bpf_program import BpfProgram, ProbeSettings
+from agent.probes.go_binary import GoBinaryError, GoBinaryUnsupported, analyze_go_tls
+from agent.probes.gotls import attach_gotls
 from agent.probes.openssl import attach_openssl
 from agent.probes.targets import TargetScanner, TlsLibrary, list_pids
 from agent.records.record import Record
@@ -86,6 +88,7 @@ class AgentStats:
     decode_errors: int = 0
     targets_attached: int = 0
     attach_failures: int = 0
+    go_binaries_refused: int = 0  # Go programs we cannot probe safely (old ABI, not amd64)
 
 
 class CaptureSession:
@@ -152,12 +155,37 @@ class CaptureSession:
 
     def _attach(self, lib: TlsLibrary) -> None:
         assert self._program is not None
-        attached = attach_openssl(self._program, lib.host_path, lib.symbols)
+        if lib.kind == "go":
+            attached = self._attach_go(lib)
+            if attached is None:
+                return  # not a failure: a Go program without crypto/tls, or refused (logged)
+        else:
+            attached = attach_openssl(self._program, lib.host_path, lib.symbols)
         if attached:
             self.stats.targets_attached += 1
             log.info("probing %s (%s: %s)", lib.path, lib.kind, ", ".join(attached))
         else:
             self.stats.attach_failures += 1
+
+    def _attach_go(self, lib: TlsLibrary) -> list[str] | None:
+        assert self._program is not None
+        try:
+            target = analyze_go_tls(lib.host_path)
+        except GoBinaryError as exc:
+            if isinstance(exc, GoBinaryUnsupported):
+                self.stats.go_binaries_refused += 1
+                log.warning("%s: not probed: %s", lib.path, exc)
+            else:
+                log.debug("%s: not probed: %s", lib.path, exc)
+            return None
+        log.debug(
+            "%s: Go %s, functions from %s, struct offsets from %s",
+            lib.path,
+            target.version.raw,
+            target.functions_from,
+            target.offsets.source,
+        )
+        return attach_gotls(self._program, lib.host_path, target)
 
     # -- the loop -----------------------------------------------------------
 
@@ -208,6 +236,7 @@ class CaptureSession:
             "incomplete_calls": self._calls.incomplete_calls,
             "targets_attached": self.stats.targets_attached,
             "attach_failures": self.stats.attach_failures,
+            "go_binaries_refused": self.stats.go_binaries_refused,
         }
         out.update({f"kernel_{k}": v for k, v in kernel.items()})
         out.update({f"flow_{k}": v for k, v in self._flows.stats.as_dict().items()})

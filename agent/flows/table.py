@@ -75,6 +75,7 @@ class FlowStats:
     gaps: int = 0  # offset jumps: data lost before it reached us
     gap_bytes: int = 0
     overlaps: int = 0  # offset went backwards: should never happen
+    fds_learned_late: int = 0  # connections whose first calls came without an fd
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -111,7 +112,18 @@ class FlowTable:
             if conn is None:
                 conn = self._open_socket_conn(call)
                 self._by_fd[(ev.tgid, ev.fd)] = conn
-                out.append(self._lifecycle_record("open", conn, ev.ts_mono_ns, ev.tid))
+                fdless = self._by_ssl.pop((ev.tgid, ev.ssl), None)
+                if fdless is not None:
+                    # The same TLS object carried data before its socket was
+                    # known: calls served from what the handshake had already
+                    # buffered make no syscall to learn it from.  The kernel
+                    # kept counting its offsets, so it stays one connection.
+                    conn.conn_id = fdless.conn_id
+                    conn.next_offset = fdless.next_offset
+                    self.stats.fds_learned_late += 1
+                    self.stats.connections -= 1  # counted when it opened fd-less
+                else:
+                    out.append(self._lifecycle_record("open", conn, ev.ts_mono_ns, ev.tid))
         else:
             conn = self._by_ssl.get((ev.tgid, ev.ssl))
             if conn is None:

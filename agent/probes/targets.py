@@ -1,4 +1,5 @@
-"""Target discovery: which files on this node get OpenSSL-family uprobes.
+"""Target discovery: which files on this node get TLS uprobes (OpenSSL-family
+libraries, executables with OpenSSL linked in, Go executables).
 
 A uprobe is attached to an inode, and fires in every process that maps that file, so
 the unit of work here is a distinct file — ``(st_dev, st_ino)`` — never a process. A
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent.probes.elf_symbols import ElfError, find_symbols
+from agent.probes.go_binary import is_go_binary
 
 __all__ = [
     "TLS_FUNCTIONS",
@@ -45,7 +47,7 @@ _LIBSSL_NAME = re.compile(r"libssl(?:-[0-9a-f]+)?\.so(?:\.[0-9.]+)?")
 
 _DELETED = " (deleted)"
 
-LibraryKind = Literal["libssl", "static"]
+LibraryKind = Literal["libssl", "static", "go"]
 
 
 def is_libssl_name(path: str) -> bool:
@@ -298,6 +300,10 @@ class TargetScanner:
             kind: LibraryKind = "libssl"
         elif symbols & _STATIC_MARKERS:
             kind = "static"
+        elif is_go_binary(host_path):
+            # Go's TLS lives in the executable, under Go's own names: whether it
+            # is used, and where, is for the Go attach step to find out.
+            kind = "go"
         else:
             return None
         return TlsLibrary(host_path, path, key[0], key[1], kind, symbols)

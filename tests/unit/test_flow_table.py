@@ -440,6 +440,24 @@ def test_memory_bio_does_not_collide_with_fd_conn() -> None:
     assert len(t) == 2
 
 
+def test_fd_learned_after_the_first_calls_keeps_one_connection() -> None:
+    """A server's first read served from what the handshake buffered makes no
+    syscall, so it comes without an fd; the next call of the same TLS object
+    names the socket, and the kernel's offsets simply continue."""
+    t, _ = table()
+    first = t.on_call(call(b"a" * 10, fd=-1, ssl=0x1000, ts_ns=1, socket=conn()))
+    later = t.on_call(call(b"b" * 5, fd=7, ssl=0x1000, ts_ns=2, offset=10, socket=known()))
+    assert types(first) == ["open", "data"] and types(later) == ["data"]
+    assert later[0].conn_id == first[0].conn_id
+    assert later[0].fd == 7 and later[0].remote == REMOTE and later[0].local == LOCAL
+    assert (t.stats.gaps, t.stats.overlaps, t.stats.fds_learned_late) == (0, 0, 1)
+    assert t.stats.connections == 1
+    assert len(t) == 1  # no longer tracked by SSL pointer
+    # It is now a socket connection: its close is reported under the same id.
+    (close,) = t.on_close(closed(fd=7, gen=KERNEL_GEN))
+    assert close.conn_id == first[0].conn_id
+
+
 # --- offsets ---------------------------------------------------------------------------------
 
 
@@ -524,4 +542,5 @@ def test_stats_as_dict() -> None:
         "gaps": 1,
         "gap_bytes": 9,
         "overlaps": 0,
+        "fds_learned_late": 0,
     }
