@@ -27,6 +27,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 BUILD_DIR = BENCH_DIR / ".build"
 LOADGEN_SRC = BENCH_DIR / "ssl_write_loop.c"
+GO_LOADGEN_SRC = BENCH_DIR / "go_tls_write_loop.go"
 LIBSSL = "/lib/x86_64-linux-gnu/libssl.so.3"
 VENV_BIN = REPO / ".venv" / "bin"
 
@@ -67,6 +68,23 @@ def build_loadgen(force: bool = False) -> Path:
     return out
 
 
+def build_go_loadgen(toolchain: str = "pypi") -> Path:
+    """Build go_tls_write_loop.go with one of the test suite's Go toolchains (cached).
+
+    toolchain: "pypi" (the venv's current Go) or "debian" (golang-go, 1.19).
+    """
+    from tests import golang
+
+    found = golang.toolchains().get(toolchain)
+    if found is None:
+        reason = golang.MISSING_REASON.get(toolchain, f"unknown Go toolchain {toolchain!r}")
+        raise BenchError(reason)
+    try:
+        return golang.build(found, GO_LOADGEN_SRC)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+
+
 # Instructions x86 uprobes emulate in the kernel instead of single-stepping a copy of
 # them out of line (arch/x86/kernel/uprobes.c: branches, calls, nops, push).
 EMULATED_MNEMONICS = ("call", "jmp", "nop", "push")  # and every conditional jump (j*)
@@ -91,27 +109,42 @@ def first_emulated_instruction(lib: str, symbol: str, window: int = 64) -> tuple
     start = symbol_offset(lib, symbol)
     if start is None:
         return None
+    return first_emulated_instruction_at(lib, start, window)
+
+
+def disassemble(path: str, start: int, length: int) -> list[tuple[int, str]]:
+    """(address, instruction) pairs objdump prints for [start, start + length) of `path`."""
     out = subprocess.run(
         [
             "objdump",
             "-d",
             "--no-show-raw-insn",
             f"--start-address={start:#x}",
-            f"--stop-address={start + window:#x}",
-            lib,
+            f"--stop-address={start + length:#x}",
+            path,
         ],
         capture_output=True,
         text=True,
         timeout=30,
     ).stdout
+    found = []
     for line in out.splitlines():
         addr, sep, insn = line.partition(":\t")
-        if not sep:
-            continue
+        if sep:
+            found.append((int(addr.strip(), 16), insn.strip()))
+    return found
+
+
+def first_emulated_instruction_at(
+    path: str, start: int, window: int = 64
+) -> tuple[int, str] | None:
+    """(offset from start, instruction) of the first emulated instruction at or after
+    the file address `start` (a symbol's value: what objdump's addresses are)."""
+    for addr, insn in disassemble(path, start, window):
         mnemonic = insn.split()[0] if insn.split() else ""
         mnemonic = mnemonic.removesuffix("q").removesuffix("w")
         if mnemonic in EMULATED_MNEMONICS or mnemonic.startswith("j"):
-            return int(addr.strip(), 16) - start, insn.strip()
+            return addr - start, insn
     return None
 
 

@@ -129,7 +129,7 @@ static __always_inline void emit_payload(struct data_event *e, u64 buf, u32 capt
 )
 SIZED_EDITS: list[Edit] = [
     (
-        "openssl.c",
+        "calls.c",
         (
             "static __always_inline void emit_payload(",
             "static __always_inline void emit_call(",
@@ -139,7 +139,7 @@ SIZED_EDITS: list[Edit] = [
 ]
 TGID_EDITS: list[Edit] = [
     (
-        "openssl.c",
+        "calls.c",
         "    tls_tgids.update(&tgid, &one);",
         "    if (!tls_tgids.lookup(&tgid))\n        tls_tgids.update(&tgid, &one);",
     )
@@ -167,7 +167,7 @@ VARIANTS: dict[str, tuple[str, list[Edit]]] = {
     ),
     "no_payload": (
         "everything but the payload copy + ring output (prices emit_payload)",
-        [("openssl.c", "    emit_payload(e, a->buf, captured);", "    (void)e;")],
+        [("calls.c", "    emit_payload(e, a->buf, captured);", "    (void)e;")],
     ),
     "no_fd_tp": (
         "no read/write-family syscall tracepoints (prices learn_fd; fd stays unknown)",

@@ -26,7 +26,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,6 +44,24 @@ def is_tlscap(mode: str) -> bool:
 
 
 EMPTY_PROBE = "int probe(struct pt_regs *ctx) { return 0; }"
+
+# The agent programs one SSL_write runs: its entry and return probes and the write(2)
+# OpenSSL makes inside it; with --bpf-stats their run times add up to a per-call cost.
+SSL_WRITE_PROGRAMS = {
+    "probe_ssl_write_enter": "SSL_write entry",
+    "probe_ssl_return": "return",
+    "tracepoint__syscalls__sys_enter_write": "sys_enter_write",
+}
+
+
+class FloorProbe(Protocol):
+    """Empty probes that a floor mode (`empty*`) attaches for the length of one sample."""
+
+    def attach(self, mode: str) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class EmptyProbe:
@@ -84,10 +104,17 @@ class EmptyProbe:
 
 
 def one_sample(
-    mode: str, args: argparse.Namespace, binary: Path, probe: EmptyProbe | None, workdir: Path
+    mode: str,
+    args: argparse.Namespace,
+    binary: Path,
+    probe: FloorProbe | None,
+    workdir: Path,
+    latency_key: str = "ssl_write",
+    loadgen_extra: tuple[str, ...] = (),
 ) -> dict:
+    """One load generator run in `mode`; latency_key names its per-call latency object."""
     loadgen_args = ["--count", str(args.count), "--warmup", str(args.warmup)]
-    loadgen_args += ["--size", str(args.size)]
+    loadgen_args += ["--size", str(args.size), *loadgen_extra]
     run = bl.start_loadgen(binary, loadgen_args)
     own = {os.getpid()}
     sample: dict = {"mode": mode, "loadavg": bl.loadavg()}
@@ -107,6 +134,8 @@ def one_sample(
                 # From ready to exit: draining, decoding and writing this sample's events.
                 sample["agent_cpu_s"] = agent.total_cpu_s - agent.cpu_at_ready_s
             sample.update(check_capture(agent.output, run.pid, result))
+            if not sample["bytes_match"] or sample["agent_stats"].get("lost"):
+                sample["agent_log_tail"] = agent.log_tail()  # why, for the report
             agent.output.unlink(missing_ok=True)
         else:
             try:
@@ -121,8 +150,8 @@ def one_sample(
     finally:
         bl.kill_tree(run.proc)
     sample["loadgen"] = result
-    sample["median_ns"] = result["ssl_write"]["median_ns"]
-    sample["mean_ns"] = result["ssl_write"]["mean_ns"]
+    sample["median_ns"] = result[latency_key]["median_ns"]
+    sample["mean_ns"] = result[latency_key]["mean_ns"]
     sample["foreign"] = sorted(monitor.seen)
     sample["contaminated"] = bool(monitor.seen)
     return sample
@@ -143,11 +172,18 @@ def check_capture(output: Path, pid: int, result: dict) -> dict:
     }
 
 
-def summarize(samples: list[dict], modes: list[str]) -> dict:
+def summarize(
+    samples: list[dict],
+    modes: list[str],
+    floors: tuple[str, ...] = ("empty", "empty_ret"),
+    hot_programs: dict[str, str] = SSL_WRITE_PROGRAMS,
+) -> dict:
     """Median over rounds, using only samples no other tool's probes disturbed.
 
     `added_ns` is the median of paired differences (mode minus the baseline of the same
     round, both clean); `added_of_medians_ns` is the difference of the two medians.
+    tlscap is compared with each floor mode in `floors`; `hot_programs` are the agent
+    programs one call runs (for the --bpf-stats per-call sum).
     """
     clean = [s for s in samples if not s["contaminated"]]
     by_mode = {m: [s for s in clean if s["mode"] == m] for m in modes}
@@ -173,7 +209,7 @@ def summarize(samples: list[dict], modes: list[str]) -> dict:
     out["ratios"] = {}
     for m in (m for m in modes if is_tlscap(m)):
         r: dict = {}
-        for floor in ("empty", "empty_ret"):
+        for floor in floors:
             if floor in ms and ms[floor]["added_ns"] > 0:
                 r[f"vs_{floor}"] = ms[m]["added_ns"] / ms[floor]["added_ns"]
         if "empty" in ms:
@@ -201,13 +237,11 @@ def summarize(samples: list[dict], modes: list[str]) -> dict:
             )
             for n in names
         }
-        # The programs one SSL_write runs: its entry and return probes and the write(2)
-        # OpenSSL makes inside it.
-        hot = ("probe_ssl_write_enter", "probe_ssl_return", "tracepoint__syscalls__sys_enter_write")
-        if all(h in per_run[m] for h in hot):
-            per_run[m]["per_ssl_write"] = sum(per_run[m][h] for h in hot)
+        if all(h in per_run[m] for h in hot_programs):
+            per_run[m]["per_call"] = sum(per_run[m][h] for h in hot_programs)
     if any(per_run.values()):
         out["bpf_ns_per_run"] = per_run
+        out["bpf_hot_programs"] = hot_programs
     out["capture_checks"] = {
         m: {
             "lost": sum(s["agent_stats"].get("lost") or 0 for s in samples if s["mode"] == m),
@@ -228,6 +262,9 @@ def summarize(samples: list[dict], modes: list[str]) -> dict:
             "stats_last_round": tl[-1]["agent_stats"],
             "agent_cpu_s_per_round": [round(s["agent_cpu_s"], 3) for s in tl],
             "agent_ready_s": [round(s["agent_ready_s"], 2) for s in tl],
+            "first_failure_agent_log": next(
+                (s["agent_log_tail"] for s in tl if s.get("agent_log_tail")), None
+            ),
         }
     out["contaminated_samples"] = len(samples) - len(clean)
     return out
@@ -239,8 +276,9 @@ def print_table(result: dict, out=sys.stdout) -> None:
     def p(*x: object) -> None:
         print(*x, file=out)
 
+    call = a.get("call", "SSL_write")
     p(
-        f"SSL_write of {a['size']} B, {a['count']} timed calls per sample, {a['rounds']} rounds "
+        f"{call} of {a['size']} B, {a['count']} timed calls per sample, {a['rounds']} rounds "
         f"round-robin; ns per call (median over rounds of each sample's median)"
     )
     w = max(10, *(len(m) for m in s["modes"]))
@@ -255,15 +293,20 @@ def print_table(result: dict, out=sys.stdout) -> None:
             f"empty_emul: the empty probe on {a['empty_emul_probe']}, an instruction the "
             "kernel emulates (no out-of-line single step)"
         )
+    # Results saved before "ratio_goal" existed are OpenSSL runs, whose goal is 1.2.
+    goal = a.get("ratio_goal", 1.2)
     for m, r in s["ratios"].items():
         if "vs_empty" in r:
             per = " ".join(f"{x:.2f}" for x in r["per_round_vs_empty"].values())
+            goal_note = f"goal <= {goal}; " if goal else ""
             p(
                 f"ratio ({m} - baseline) / (empty - baseline) = {r['vs_empty']:.2f}"
-                f"  (goal <= 1.2; per round: {per})"
+                f"  ({goal_note}per round: {per})"
             )
-        if "vs_empty_ret" in r:
-            p(f"ratio ({m} - baseline) / (empty_ret - baseline) = {r['vs_empty_ret']:.2f}")
+        for key, value in r.items():
+            if key.startswith("vs_") and key != "vs_empty":
+                floor = key.removeprefix("vs_")
+                p(f"ratio ({m} - baseline) / ({floor} - baseline) = {value:.2f}")
     c = s.get("tlscap_checks")
     if c:
         ok = c["lost_total"] == 0 and c["bytes_match_all_rounds"] and not c["payload_mismatches"]
@@ -277,17 +320,17 @@ def print_table(result: dict, out=sys.stdout) -> None:
             f" ready after s: {c['agent_ready_s']}"
         )
         p(f"tlscap stats (last round): {json.dumps(c['stats_last_round'])}")
+        if c.get("first_failure_agent_log"):
+            p(f"tlscap: agent log of the first failing round:\n{c['first_failure_agent_log']}")
     if s.get("bpf_ns_per_run"):
         p("BPF program run time, ns per run (kernel bpf_stats; excludes the uprobe trap):")
+        hot = s.get("bpf_hot_programs", SSL_WRITE_PROGRAMS)
         for m, progs in s["bpf_ns_per_run"].items():
-            enter = progs.get("probe_ssl_write_enter", float("nan"))
-            ret = progs.get("probe_ssl_return", float("nan"))
-            wr = progs.get("tracepoint__syscalls__sys_enter_write", float("nan"))
-            total = progs.get("per_ssl_write", float("nan"))
-            p(
-                f"  {m:<{w}} SSL_write entry {enter:6.0f}  return {ret:6.0f}  "
-                f"sys_enter_write {wr:5.0f}  = {total:6.0f} per SSL_write"
+            parts = "  ".join(
+                f"{label} {progs.get(name, float('nan')):6.0f}" for name, label in hot.items()
             )
+            total = progs.get("per_call", float("nan"))
+            p(f"  {m:<{w}} {parts}  = {total:6.0f} per {call}")
     for m, chk in s["capture_checks"].items():
         if m != "tlscap":
             p(f"{m}: lost={chk['lost']} captured egress bytes == written: {chk['bytes_match']}")
@@ -298,38 +341,53 @@ def print_table(result: dict, out=sys.stdout) -> None:
         )
 
 
+def run_rounds(
+    args: argparse.Namespace, modes: list[str], take_sample: Callable[[str, Path], dict]
+) -> list[dict]:
+    """`args.rounds` rounds of one sample per mode, the order rotated every round.
+
+    Waits for a machine without foreign BPF probes before each sample and retakes a
+    sample they disturbed (args.retries, args.quiet_budget); take_sample(mode, workdir)
+    runs one.
+    """
+    samples: list[dict] = []
+    wait_budget = args.quiet_budget
+    with (
+        bl.scratch_dir(keep=args.keep) as workdir,
+        contextlib.ExitStack() as stack,
+    ):
+        if args.bpf_stats and not stack.enter_context(bl.bpf_run_time_stats()):
+            log(args, "BPF run-time stats unavailable (BPF_ENABLE_STATS refused)")
+        for r in range(args.rounds):
+            # Rotate the order so that no mode always runs first.
+            order = modes[r % len(modes) :] + modes[: r % len(modes)]
+            for mode in order:
+                for attempt in range(args.retries + 1):
+                    t0 = time.monotonic()
+                    bl.wait_for_quiet_machine({os.getpid()}, min(wait_budget, 30.0))
+                    wait_budget = max(0.0, wait_budget - (time.monotonic() - t0))
+                    sample = take_sample(mode, workdir)
+                    sample["round"] = r
+                    sample["attempt"] = attempt
+                    if not sample["contaminated"] or attempt == args.retries:
+                        break
+                    log(args, f"  round {r} {mode}: other BPF probes appeared, retaking")
+                samples.append(sample)
+                flag = "  (CONTAMINATED)" if sample["contaminated"] else ""
+                log(args, f"  round {r} {mode:<10} median {sample['median_ns']:.0f} ns{flag}")
+    return samples
+
+
 def run(args: argparse.Namespace) -> dict:
     bl.require_root()
     binary = bl.build_loadgen()
     modes = list(args.modes)
     probe = EmptyProbe() if any(m.startswith("empty") for m in modes) else None
-    samples: list[dict] = []
     t_start = time.monotonic()
-    wait_budget = args.quiet_budget
     try:
-        with (
-            bl.scratch_dir(keep=args.keep) as workdir,
-            contextlib.ExitStack() as stack,
-        ):
-            if args.bpf_stats and not stack.enter_context(bl.bpf_run_time_stats()):
-                log(args, "BPF run-time stats unavailable (BPF_ENABLE_STATS refused)")
-            for r in range(args.rounds):
-                # Rotate the order so that no mode always runs first.
-                order = modes[r % len(modes) :] + modes[: r % len(modes)]
-                for mode in order:
-                    for attempt in range(args.retries + 1):
-                        t0 = time.monotonic()
-                        bl.wait_for_quiet_machine({os.getpid()}, min(wait_budget, 30.0))
-                        wait_budget = max(0.0, wait_budget - (time.monotonic() - t0))
-                        sample = one_sample(mode, args, binary, probe, workdir)
-                        sample["round"] = r
-                        sample["attempt"] = attempt
-                        if not sample["contaminated"] or attempt == args.retries:
-                            break
-                        log(args, f"  round {r} {mode}: other BPF probes appeared, retaking")
-                    samples.append(sample)
-                    flag = "  (CONTAMINATED)" if sample["contaminated"] else ""
-                    log(args, f"  round {r} {mode:<9} median {sample['median_ns']:.0f} ns{flag}")
+        samples = run_rounds(
+            args, modes, lambda mode, workdir: one_sample(mode, args, binary, probe, workdir)
+        )
     finally:
         if probe is not None:
             probe.close()
@@ -361,17 +419,22 @@ def log(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_sample_args(
+    p: argparse.ArgumentParser,
+    call: str,
+    all_modes: tuple[str, ...],
+    default_modes: tuple[str, ...],
+) -> None:
+    """The options every per-call overhead script shares (this one, gotls_overhead.py)."""
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--count", type=int, default=10000, help="timed SSL_write calls per sample")
+    p.add_argument("--count", type=int, default=10000, help=f"timed {call} calls per sample")
     p.add_argument("--warmup", type=int, default=500, help="untimed calls before them")
-    p.add_argument("--size", type=int, default=4096, help="bytes per SSL_write")
+    p.add_argument("--size", type=int, default=4096, help=f"bytes per {call}")
     p.add_argument(
         "--modes",
         type=lambda s: [m for m in s.split(",") if m],
-        default=list(DEFAULT_MODES),
-        help=f"comma-separated subset of {','.join(ALL_MODES)} (baseline is needed for 'added')",
+        default=list(default_modes),
+        help=f"comma-separated subset of {','.join(all_modes)} (baseline is needed for 'added')",
     )
     p.add_argument(
         "--agent-arg", action="append", default=[], help="extra argument for `tlscap run`"
@@ -399,7 +462,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    args = p.parse_args(argv)
+
+
+def check_sample_args(
+    p: argparse.ArgumentParser, args: argparse.Namespace, all_modes: tuple[str, ...]
+) -> argparse.Namespace:
+    """Validate add_sample_args' options; turn each --variant into a tlscap@NAME mode."""
     args.variants = {}
     for v in args.variant:
         name, sep, path = v.partition("=")
@@ -407,12 +475,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--variant {v!r}: want NAME=DIR with DIR a copy of bpf/")
         args.variants[name] = Path(path).resolve()
         args.modes.append(f"tlscap@{name}")
-    bad = [m for m in args.modes if m not in ALL_MODES and not m.startswith("tlscap@")]
+    bad = [m for m in args.modes if m not in all_modes and not m.startswith("tlscap@")]
     if bad:
         p.error(f"unknown mode(s): {bad}")
     if args.rounds < 1 or args.count < 1:
         p.error("--rounds and --count must be positive")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_sample_args(p, "SSL_write", ALL_MODES, DEFAULT_MODES)
+    return check_sample_args(p, p.parse_args(argv), ALL_MODES)
 
 
 def main(argv: list[str] | None = None) -> int:

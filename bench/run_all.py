@@ -1,4 +1,5 @@
-"""Run the tlscap benchmarks (`make bench`): per-call overhead, capture throughput, collector path.
+"""Run the tlscap benchmarks (`make bench`): per-call overhead and capture throughput, for
+OpenSSL's SSL_write and Go's crypto/tls.(*Conn).Write, and the collector path.
 
 Prints each benchmark's table and a short summary; --json prints everything as one
 JSON object instead, and --save writes it to bench/results/<benchmark>-<date>.json.
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl
 import collector_path
+import gotls_overhead
 import overhead
 import throughput
 
@@ -34,9 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         ov_args = ["--rounds", "2", "--count", "5000", *quiet]
         tp_args = ["--sizes", "4096", "--duration", "2", "--steps", "2", *quiet]
+        go_ov_args = ["--rounds", "2", "--count", "5000", *quiet]
+        go_tp_args = ["--go", "pypi", *tp_args, "--small-ring-mb", "0"]
     else:
         ov_args = ["--rounds", "5", "--modes", "baseline,empty,empty_ret,empty_emul,tlscap", *quiet]
         tp_args = [*quiet]
+        go_ov_args = ["--rounds", "5", *quiet]
+        # The small-ring check is the ring's, not the probes': the OpenSSL run covers it.
+        go_tp_args = ["--go", "pypi", "--small-ring-mb", "0", *quiet]
 
     t0 = time.monotonic()
     ov = overhead.run(overhead.parse_args(ov_args))
@@ -50,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         throughput.print_table(tp)
         print()
 
+    go_ov = gotls_overhead.run(gotls_overhead.parse_args(go_ov_args))
+    if not args.json:
+        print("== Go crypto/tls overhead ==")
+        gotls_overhead.print_table(go_ov)
+        print(flush=True)
+    go_tp = throughput.run(throughput.parse_args(go_tp_args))
+    if not args.json:
+        print("== Go crypto/tls throughput ==")
+        throughput.print_table(go_tp)
+        print()
+
     cp_args = ["--records", "50000" if args.quick else "150000", "--producer-rate", "40000"]
     cp = collector_path.run(collector_path.parse_args(cp_args))
     if not args.json:
@@ -60,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     s = ov["summary"]
     modes = s["modes"]
     checks = s.get("tlscap_checks", {})
+    gs = go_ov["summary"]
+    go_modes, go_checks = gs["modes"], gs.get("tlscap_checks", {})
     summary = {
         "baseline_ns_per_call": modes["baseline"]["median_ns"],
         "empty_probe_added_ns": modes["empty"]["added_ns"],
@@ -70,17 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_goal": 1.2,
         "overhead_lost": checks.get("lost_total"),
         "overhead_bytes_match": checks.get("bytes_match_all_rounds"),
-        "throughput_max_zero_loss": {
-            str(x["size"]): (
-                {
-                    "calls_per_s": round(x["max_zero_loss"]["calls_per_s"]),
-                    "mb_per_s": round(x["max_zero_loss"]["mb_per_s"], 1),
-                }
-                if x["max_zero_loss"]
-                else None
-            )
-            for x in tp["sizes"]
-        },
+        "throughput_max_zero_loss": zero_loss_rates(tp),
+        "go_baseline_ns_per_call": go_modes["baseline"]["median_ns"],
+        "go_empty_probe_added_ns": go_modes["empty"]["added_ns"],
+        "go_empty_probe_with_rets_added_ns": go_modes["empty_rets"]["added_ns"],
+        "go_tlscap_added_ns": go_modes["tlscap"]["added_ns"],
+        "go_ratio_vs_empty_probe": gs["ratios"].get("tlscap", {}).get("vs_empty"),
+        "go_ratio_vs_empty_probe_with_rets": gs["ratios"].get("tlscap", {}).get("vs_empty_rets"),
+        "go_overhead_lost": go_checks.get("lost_total"),
+        "go_overhead_bytes_match": go_checks.get("bytes_match_all_rounds"),
+        "go_throughput_max_zero_loss": zero_loss_rates(go_tp),
         "small_ring_loss_counted": (tp["small_ring"] or {}).get("accounted"),
         "collector_path_acked_per_s": round(cp["throughput"]["acked_per_s"]),
         "collector_path_latency_ms": {
@@ -89,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
-    everything = {"summary": summary, "overhead": ov, "throughput": tp, "collector_path": cp}
+    everything = {
+        "summary": summary,
+        "overhead": ov,
+        "throughput": tp,
+        "gotls_overhead": go_ov,
+        "gotls_throughput": go_tp,
+        "collector_path": cp,
+    }
     if args.save:
         out = bl.BENCH_DIR / "results" / f"all-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.parent.mkdir(exist_ok=True)
@@ -113,14 +139,53 @@ def main(argv: list[str] | None = None) -> int:
         f"tlscap lost {summary['overhead_lost']}, captured bytes match: "
         f"{summary['overhead_bytes_match']}"
     )
-    for size, v in summary["throughput_max_zero_loss"].items():
+    print_zero_loss("SSL_write", summary["throughput_max_zero_loss"])
+    print(f"small ring: loss counted, not silent: {summary['small_ring_loss_counted']}")
+    go_ratio, go_ratio_rets = (
+        summary["go_ratio_vs_empty_probe"],
+        summary["go_ratio_vs_empty_probe_with_rets"],
+    )
+    print(
+        f"Go Write 4 KiB: baseline {summary['go_baseline_ns_per_call']:.0f} ns/call; "
+        f"empty uprobe +{summary['go_empty_probe_added_ns']:.0f} ns; "
+        f"empty entry+RET probes +{summary['go_empty_probe_with_rets_added_ns']:.0f} ns; "
+        f"tlscap +{summary['go_tlscap_added_ns']:.0f} ns; ratio vs empty "
+        f"{fmt_ratio(go_ratio)}, vs entry+RET floor {fmt_ratio(go_ratio_rets)}"
+    )
+    print(
+        f"Go tlscap lost {summary['go_overhead_lost']}, captured bytes match: "
+        f"{summary['go_overhead_bytes_match']}"
+    )
+    print_zero_loss("Go Write", summary["go_throughput_max_zero_loss"])
+    return 0
+
+
+def zero_loss_rates(tp: dict) -> dict:
+    """Per write size, the highest rate throughput.py found captured with zero loss."""
+    return {
+        str(x["size"]): (
+            {
+                "calls_per_s": round(x["max_zero_loss"]["calls_per_s"]),
+                "mb_per_s": round(x["max_zero_loss"]["mb_per_s"], 1),
+            }
+            if x["max_zero_loss"]
+            else None
+        )
+        for x in tp["sizes"]
+    }
+
+
+def print_zero_loss(call: str, rates: dict) -> None:
+    for size, v in rates.items():
         if v:
             rate = f"{v['calls_per_s']} calls/s, {v['mb_per_s']} MB/s"
-            print(f"zero-loss capture, {size} B writes: {rate}")
+            print(f"zero-loss capture, {size} B {call}s: {rate}")
         else:
-            print(f"zero-loss capture, {size} B writes: none of the tried rates")
-    print(f"small ring: loss counted, not silent: {summary['small_ring_loss_counted']}")
-    return 0
+            print(f"zero-loss capture, {size} B {call}s: none of the tried rates")
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ Last, the same flat-out run with a tiny ring (--ringbuf-mb 1) shows that loss is
 counted, not silent: the bytes captured plus the bytes the kernel reports lost add up
 to the bytes written.
 
-    .venv/bin/python bench/throughput.py [--sizes 256,4096,16384] [--duration 3] [--json]
+--go measures Go's crypto/tls.(*Conn).Write instead of OpenSSL's SSL_write: the load
+generator is then go_tls_write_loop.go (same flags and result line), built with the
+venv's current Go (`--go pypi`) or Debian's Go 1.19 (`--go debian`).
+
+    .venv/bin/python bench/throughput.py [--go pypi|debian] [--sizes 256,4096,16384]
+        [--duration 3] [--json]
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ def describe(run: dict) -> str:
         f"{run['calls_per_s']:>9.0f} calls/s {run['mb_per_s']:>8.1f} MB/s  "
         f"lost {run['lost']:>6}  events {run['events']:>7}  incomplete {run['incomplete_calls']}"
         f"  backlog {run['backlog_s']:.2f} s  agent {run['agent_us_per_event']} us/event"
+        f"{'' if run['accounted'] else '  NOT ACCOUNTED (captured + lost != written)'}"
     )
 
 
@@ -147,7 +153,7 @@ def log(args: argparse.Namespace, message: str) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     bl.require_root()
-    binary = bl.build_loadgen()
+    binary = bl.build_go_loadgen(args.go) if args.go else bl.build_loadgen()
     t0 = time.monotonic()
     sizes = []
     with bl.scratch_dir(keep=args.keep) as workdir:
@@ -160,9 +166,12 @@ def run(args: argparse.Namespace) -> dict:
             )
             log(args, describe(small_ring))
     return {
-        "benchmark": "throughput",
+        "benchmark": "gotls_throughput" if args.go else "throughput",
         "machine": bl.machine_info(),
         "args": {
+            "call": "crypto/tls.(*Conn).Write" if args.go else "SSL_write",
+            "go_toolchain": args.go,
+            "loadgen": str(binary),
             "sizes": args.sizes,
             "duration": args.duration,
             "clients": args.clients,
@@ -181,7 +190,8 @@ def print_table(result: dict, out=sys.stdout) -> None:
 
     a = result["args"]
     p(
-        f"tlscap throughput: {a['clients']} writer(s), {a['duration']} s per run; "
+        f"tlscap throughput of {a.get('call', 'SSL_write')}: {a['clients']} writer(s), "
+        f"{a['duration']} s per run; "
         f"zero loss = lost 0 and backlog <= {a['max_backlog']} s at the writers' end"
     )
     p(
@@ -225,6 +235,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--small-ring-mb", type=int, default=1, help="0 skips the small-ring run")
     p.add_argument("--small-ring-size", type=int, default=16384)
+    p.add_argument(
+        "--go",
+        choices=("pypi", "debian"),
+        help="measure Go crypto/tls Writes (go_tls_write_loop built with this toolchain)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
