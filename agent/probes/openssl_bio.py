@@ -26,6 +26,9 @@ import logging
 import struct
 from dataclasses import dataclass
 
+from agent.probes.elf_image import ElfImage
+from agent.probes.elf_symbols import find_symbol_values
+
 log = logging.getLogger(__name__)
 
 BIO_TYPE_SSL = 7 | 0x0200  # BIO_TYPE_FILTER
@@ -33,7 +36,6 @@ BIO_TYPE_SSL = 7 | 0x0200  # BIO_TYPE_FILTER
 # bwrite; bwrite_old; bread; bread_old; ...
 BWRITE_OFFSET = 16
 BREAD_OFFSET = 32
-R_X86_64_RELATIVE = 8
 
 
 @dataclass(frozen=True)
@@ -52,47 +54,27 @@ def find_ssl_bio_methods(path: str) -> SslBioMethods | None:
 
 
 def _find(path: str) -> SslBioMethods | None:
-    from elftools.elf.elffile import ELFFile
-
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        if elf["e_machine"] != "EM_X86_64":
-            log.info("SSL BIO methods: %s is %s, only x86-64 is decoded", path, elf["e_machine"])
+    with ElfImage(path) as elf:
+        if elf.machine != "amd64":
+            log.info("SSL BIO methods: %s is %s, only x86-64 is decoded", path, elf.machine)
             return None
-        bio_f_ssl = _dynamic_symbol(elf, "BIO_f_ssl")
-        if bio_f_ssl is None:
+        bio_f_ssl = find_symbol_values(path, ["BIO_f_ssl"]).get("BIO_f_ssl")
+        if bio_f_ssl is None or not bio_f_ssl[0]:
             return None
         addr, size = bio_f_ssl
-        table = _returned_address(_read_vaddr(elf, addr, max(size, 16)), addr)
+        table = _returned_address(elf.read_vaddr(addr, max(size, 16)), addr)
         if table is None:
             raise ValueError("BIO_f_ssl does not return a RIP-relative address")
-        (bio_type,) = struct.unpack("<i", _read_vaddr(elf, table, 4))
+        (bio_type,) = struct.unpack("<i", elf.read_vaddr(table, 4))
         if bio_type != BIO_TYPE_SSL:
             raise ValueError(f"BIO_f_ssl's table has type {bio_type:#x}, not BIO_TYPE_SSL")
-        write = _pointer_at(elf, table + BWRITE_OFFSET)
-        read = _pointer_at(elf, table + BREAD_OFFSET)
+        # In a shared object these are R_X86_64_RELATIVE relocations; pointer_at
+        # applies them.
+        write = elf.pointer_at(table + BWRITE_OFFSET)
+        read = elf.pointer_at(table + BREAD_OFFSET)
     if not write or not read:
         raise ValueError("SSL BIO table has no bwrite/bread")
     return SslBioMethods(write_addr=write, read_addr=read)
-
-
-def _dynamic_symbol(elf, name: str) -> tuple[int, int] | None:
-    dynsym = elf.get_section_by_name(".dynsym")
-    if dynsym is None:
-        return None
-    for sym in dynsym.get_symbol_by_name(name) or []:
-        if sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"]:
-            return sym["st_value"], sym["st_size"]
-    return None
-
-
-def _read_vaddr(elf, vaddr: int, size: int) -> bytes:
-    for seg in elf.iter_segments("PT_LOAD"):
-        start = seg["p_vaddr"]
-        if start <= vaddr and vaddr + size <= start + seg["p_filesz"]:
-            elf.stream.seek(seg["p_offset"] + vaddr - start)
-            return elf.stream.read(size)
-    raise ValueError(f"address {vaddr:#x} is not file-backed")
 
 
 def _returned_address(code: bytes, addr: int) -> int | None:
@@ -110,17 +92,3 @@ def _returned_address(code: bytes, addr: int) -> int | None:
         if insn.mnemonic == "ret":
             break
     return None
-
-
-def _pointer_at(elf, vaddr: int) -> int:
-    """A pointer in a data table: its relocation's addend in a PIC file, else the
-    value stored in the file (non-PIE executables)."""
-    for name in (".rela.dyn",):
-        rela = elf.get_section_by_name(name)
-        if rela is None:
-            continue
-        for reloc in rela.iter_relocations():
-            if reloc["r_offset"] == vaddr and reloc["r_info_type"] == R_X86_64_RELATIVE:
-                return reloc["r_addend"]
-    (value,) = struct.unpack("<Q", _read_vaddr(elf, vaddr, 8))
-    return value
