@@ -69,6 +69,11 @@ def _power_of_two_at_least(n: int) -> int:
     return p
 
 
+def _uprobe_location(where: str | int) -> dict[str, str | int]:
+    """bcc's keyword for a probe point given by symbol name or by virtual address."""
+    return {"sym": where} if isinstance(where, str) else {"addr": where}
+
+
 def program_text(source_dir: Path | None = None) -> str:
     src = source_dir or bpf_source_dir()
     return "\n".join((src / name).read_text() for name in BPF_SOURCES)
@@ -99,7 +104,7 @@ class BpfProgram:
 
         Raises whatever bcc raises (the caller logs and skips that target).
         """
-        at = {"sym": where} if isinstance(where, str) else {"addr": where}
+        at = _uprobe_location(where)
         self._bpf.attach_uprobe(name=path, fn_name=entry_fn, **at)
         if return_fn:
             try:
@@ -111,8 +116,7 @@ class BpfProgram:
                 raise
 
     def detach_uprobe(self, path: str, where: str | int) -> None:
-        at = {"sym": where} if isinstance(where, str) else {"addr": where}
-        self._bpf.detach_uprobe(name=path, **at)
+        self._bpf.detach_uprobe(name=path, **_uprobe_location(where))
 
     def set_go_tls_config(self, entry_address: int, target: GoTlsTarget) -> None:
         """Tell gotls.c how to walk a *tls.Conn to its fd in the function at this address."""

@@ -9,12 +9,11 @@ each read checked against the file size, so a truncated or shrinking file raises
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from agent.probes.elf_symbols import ELF_MAGIC, ElfError
+from agent.probes.elf_symbols import ELF_MAGIC, ElfError, open_regular
 
 __all__ = ["ElfImage", "Section"]
 
@@ -52,25 +51,22 @@ class ElfImage:
         self.path = path
         self._rela_tables: list[bytes] | None = None
         try:
-            # O_NONBLOCK: a FIFO planted at the path must not hang the scan.
-            self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._file = open_regular(path)
         except OSError as e:
             raise ElfError(f"{path}: {e.strerror or e}") from e
+        self._fd = self._file.fileno()
         try:
-            st = os.fstat(self._fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ElfError(f"{path}: not a regular file")
-            self.size = st.st_size
+            self.size = os.fstat(self._fd).st_size
             self._parse_headers()
         except BaseException:
-            os.close(self._fd)
+            self._file.close()
             raise
 
     def __enter__(self) -> ElfImage:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self._fd)
+        self._file.close()
 
     # -- headers ----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import BinaryIO
 from elftools.common.utils import struct_parse
 from elftools.elf.elffile import ELFFile
 
-__all__ = ["ElfError", "find_symbol_values", "find_symbols", "is_elf"]
+__all__ = ["ElfError", "find_symbol_values", "find_symbols", "is_elf", "open_regular"]
 
 ELF_MAGIC = b"\x7fELF"
 
@@ -43,7 +43,7 @@ class ElfError(Exception):
 def is_elf(path: str) -> bool:
     """True when ``path`` is a regular file starting with the ELF magic bytes."""
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             return f.read(4) == ELF_MAGIC
     except (OSError, ElfError):
         return False
@@ -60,7 +60,7 @@ def find_symbols(path: str, names: Iterable[str]) -> set[str]:
     if not wanted:
         return set()
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             if f.read(4) != ELF_MAGIC:
                 raise ElfError(f"{path}: not an ELF file")
             found = _Reader(path, f).find(set(wanted))
@@ -83,7 +83,7 @@ def find_symbol_values(
     if not wanted:
         return {}
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             if f.read(4) != ELF_MAGIC:
                 raise ElfError(f"{path}: not an ELF file")
             found = _Reader(path, f).values(set(wanted), functions_only)
@@ -92,7 +92,8 @@ def find_symbol_values(
     return {wanted[name]: value for name, value in found.items()}
 
 
-def _open_regular(path: str) -> BinaryIO:
+def open_regular(path: str) -> BinaryIO:
+    """Open a regular file for reading (ElfError for anything else: FIFOs, devices)."""
     # O_NONBLOCK so a FIFO at the path can't hang the scanner on open().
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
