@@ -133,6 +133,16 @@ def wait_until_probed(agent, binary: Path) -> None:
     wait_for(lambda: f"probing {binary}" in agent.stderr_text(), 60, f"the agent to probe {binary}")
 
 
+def agent_then_server(agent, go_programs, binary: Path) -> tuple:
+    """Start the agent, then a Go server (found by following its exec), and wait
+    until its binary is probed: (agent, programs, server)."""
+    a = agent()
+    programs = go_programs(binary)
+    server = programs.server()
+    wait_until_probed(a, binary)
+    return a, programs, server
+
+
 def go_conns(cap: Capture, pid: int) -> dict[tuple[int, int], str]:
     """(local port, remote port) -> conn_id of the gotls connections of one process."""
     out = {}
@@ -161,10 +171,8 @@ def assert_matches_recordings(cap: Capture, pid: int, recorded: dict, role: str)
 
 
 def test_go_client_and_server_both_sides_exact(agent, go_programs, go_https):
-    a = agent()
-    programs = go_programs(go_https)
-    server = programs.server()  # started after the agent: found by following exec
-    wait_until_probed(a, go_https)
+    # The server starts after the agent: found by following exec.
+    a, programs, server = agent_then_server(agent, go_programs, go_https)
     client = programs.client(server, workers=2, requests=3, size=5000)
     programs.stop()
     cap = a.stop()
@@ -178,10 +186,7 @@ def test_go_client_and_server_both_sides_exact(agent, go_programs, go_https):
 
 
 def test_one_mib_body_each_way_reassembles_exactly(agent, go_programs, go_https_current):
-    a = agent()
-    programs = go_programs(go_https_current)
-    server = programs.server()
-    wait_until_probed(a, go_https_current)
+    a, programs, server = agent_then_server(agent, go_programs, go_https_current)
     client = programs.client(server, workers=1, requests=2, size=1 << 20)
     programs.stop()
     cap = a.stop()
@@ -194,10 +199,7 @@ def test_one_mib_body_each_way_reassembles_exactly(agent, go_programs, go_https_
 
 def test_many_goroutines_attributed_to_their_connections(agent, go_programs, go_https_current):
     """250 goroutines, a connection each, 8 requests each, probes attached all along."""
-    a = agent()
-    programs = go_programs(go_https_current)
-    server = programs.server()
-    wait_until_probed(a, go_https_current)
+    a, programs, server = agent_then_server(agent, go_programs, go_https_current)
     client = programs.client(server, workers=250, requests=8, size=3000)
     assert client["failures"] == 0 and client["requests"] == 2000
     programs.stop()
@@ -237,10 +239,7 @@ def test_agent_started_after_the_go_processes(agent, go_programs, go_https_curre
 
 
 def test_go_process_killed_mid_capture(agent, go_programs, go_https_current):
-    a = agent()
-    programs = go_programs(go_https_current)
-    server = programs.server()
-    wait_until_probed(a, go_https_current)
+    a, programs, server = agent_then_server(agent, go_programs, go_https_current)
     # Paced: a kill mid-stream is the point here, not the throughput ceiling.
     doomed = programs.start_client(server, workers=4, requests=100000, size=16384, pause="5ms")
     wait_for(lambda: a.output.stat().st_size > 2 << 20, 30, "the doomed client's traffic")
@@ -265,10 +264,7 @@ def test_go_process_killed_mid_capture(agent, go_programs, go_https_current):
 def test_wrapped_tcp_conn_falls_back_to_the_nested_syscall(agent, go_programs, go_https_current):
     """A tls.Conn over a net.Conn that is not a *net.TCPConn: the struct walk must
     refuse it (never misread), and the fd comes from the syscall inside the call."""
-    a = agent()
-    programs = go_programs(go_https_current)
-    server = programs.server()
-    wait_until_probed(a, go_https_current)
+    a, programs, server = agent_then_server(agent, go_programs, go_https_current)
     client = programs.client(server, workers=2, requests=3, size=1500, **{"wrap-tcp": True})
     programs.stop()
     cap = a.stop()
@@ -284,10 +280,7 @@ def test_position_independent_go_binary(agent, go_programs):
     if toolchain is None:
         pytest.skip(golang.MISSING_REASON["pypi"])
     binary = golang.build(toolchain, SOURCE, pie=True)
-    a = agent()
-    programs = go_programs(binary)
-    server = programs.server()
-    wait_until_probed(a, binary)
+    a, programs, server = agent_then_server(agent, go_programs, binary)
     client = programs.client(server, workers=3, requests=3, size=2500)
     programs.stop()
     cap = a.stop()
