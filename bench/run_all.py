@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,34 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         go_tp_args = ["--go", "pypi", "--small-ring-mb", "0", *quiet]
 
     t0 = time.monotonic()
-    ov = overhead.run(overhead.parse_args(ov_args))
-    if not args.json:
-        print("== overhead ==")
-        overhead.print_table(ov)
-        print(flush=True)
-    tp = throughput.run(throughput.parse_args(tp_args))
-    if not args.json:
-        print("== throughput ==")
-        throughput.print_table(tp)
-        print()
 
-    go_ov = gotls_overhead.run(gotls_overhead.parse_args(go_ov_args))
-    if not args.json:
-        print("== Go crypto/tls overhead ==")
-        gotls_overhead.print_table(go_ov)
-        print(flush=True)
-    go_tp = throughput.run(throughput.parse_args(go_tp_args))
-    if not args.json:
-        print("== Go crypto/tls throughput ==")
-        throughput.print_table(go_tp)
-        print()
+    def run_one(title: str, module: ModuleType, bench_args: list[str]) -> dict:
+        result = module.run(module.parse_args(bench_args))
+        if not args.json:
+            print(f"== {title} ==")
+            module.print_table(result)
+            print(flush=True)
+        return result
 
+    ov = run_one("overhead", overhead, ov_args)
+    tp = run_one("throughput", throughput, tp_args)
+    go_ov = run_one("Go crypto/tls overhead", gotls_overhead, go_ov_args)
+    go_tp = run_one("Go crypto/tls throughput", throughput, go_tp_args)
     cp_args = ["--records", "50000" if args.quick else "150000", "--producer-rate", "40000"]
-    cp = collector_path.run(collector_path.parse_args(cp_args))
-    if not args.json:
-        print("== collector path (exporter -> collector -> subscriber) ==")
-        collector_path.print_table(cp)
-        print()
+    title = "collector path (exporter -> collector -> subscriber)"
+    cp = run_one(title, collector_path, cp_args)
 
     s = ov["summary"]
     modes = s["modes"]
