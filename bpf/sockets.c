@@ -173,10 +173,22 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
             if (ends) {
                 copy_local(&c, ends);
                 active_established.delete(&sk);
-            } else if (sk) {
-                sk_sockets.update(&sk, &key);  // ESTABLISHED will fill it in
             }
             sockets.update(&key, &c);
+            if (sk && !ends) {
+                sk_sockets.update(&sk, &key);  // ESTABLISHED will fill it in
+                // ...unless it ran on another CPU between our first look and
+                // this update, found no sk_sockets entry and parked the ends
+                // in active_established: look once more.
+                ends = active_established.lookup(&sk);
+                if (ends) {
+                    struct conn_info *known = sockets.lookup(&key);
+                    if (known)
+                        copy_local(known, ends);
+                    active_established.delete(&sk);
+                    sk_sockets.delete(&sk);
+                }
+            }
         }
     }
     pending_connects.delete(&tid);
