@@ -13,7 +13,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from agent.probes.gotls import attach_gotls
 from agent.probes.openssl import attach_openssl
 from agent.probes.targets import TargetScanner, TlsLibrary, list_pids
 from agent.records.record import Record
+from agent.records.writer import RecordWriter, new_agent_id
 from agent.sinks.base import Sink
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,6 @@ log = logging.getLogger(__name__)
 # A partial call whose remaining chunks have not come after this long never
 # will (the kernel stopped sending it when the ring was full).
 STALE_CALL_NS = 500_000_000
-
-
-def new_agent_id() -> str:
-    """`<hostname>-<random>`: unique per run, still readable in a listing."""
-    return f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
 
 
 @dataclass
@@ -83,8 +78,6 @@ def pids_with_comm(comms: Iterable[str], proc_root: str = "/proc") -> list[int]:
 @dataclass
 class AgentStats:
     events: int = 0
-    records: int = 0
-    data_bytes: int = 0
     decode_errors: int = 0
     targets_attached: int = 0
     attach_failures: int = 0
@@ -103,6 +96,7 @@ class CaptureSession:
     ) -> None:
         self.options = options
         self.sinks = sinks
+        self._out = RecordWriter(sinks, options.agent_id, options.node)
         self._program = program
         self._scanner = scanner or TargetScanner(exclude_pids={os.getpid()})
         self._wall = mono_to_wall_clock()
@@ -215,11 +209,7 @@ class CaptureSession:
         except BrokenPipeError:
             pass  # the reader is gone: nobody is left to tell
         finally:
-            for sink in self.sinks:
-                try:
-                    sink.close()
-                except OSError as exc:
-                    log.error("closing output: %s", exc)
+            self._out.close()
             if program is not None:
                 program.close()
 
@@ -227,8 +217,8 @@ class CaptureSession:
         kernel = self._program.counters() if self._program else {}
         out = {
             "events": self.stats.events,
-            "records": self.stats.records,
-            "bytes": self.stats.data_bytes,
+            "records": self._out.records,
+            "bytes": self._out.data_bytes,
             # Everything the kernel could not hand us, in events: the
             # contract's one number for "did we lose anything".
             "lost": kernel.get("lost_events", 0) + kernel.get("read_errors", 0),
@@ -240,11 +230,7 @@ class CaptureSession:
         }
         out.update({f"kernel_{k}": v for k, v in kernel.items()})
         out.update({f"flow_{k}": v for k, v in self._flows.stats.as_dict().items()})
-        for sink in self.sinks:
-            # Sinks that can lose data (the exporter) report it here too.
-            sink_stats = getattr(sink, "stats", None)
-            if callable(sink_stats):
-                out.update(sink_stats())
+        out.update(self._out.sink_stats())
         return out
 
     # -- events -------------------------------------------------------------
@@ -295,14 +281,7 @@ class CaptureSession:
             registrations.clear()
 
     def _write(self, record: Record) -> None:
-        self.stats.records += 1
-        record.agent_id = self.options.agent_id
-        record.node = self.options.node
-        record.seq = self.stats.records
-        if record.type == "data":
-            self.stats.data_bytes += record.captured_len
-        for sink in self.sinks:
-            sink.write(record)
+        self._out.write(record)
 
     def _attach_new_targets(self) -> None:
         if not self._rescan:

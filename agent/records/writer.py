@@ -1,0 +1,59 @@
+"""Stamp records with the run's identity and hand them to every sink.
+
+Both capture paths (the eBPF session and the fallback proxy) end here, so a record
+gets its (agent_id, node, seq) the same way whichever path made it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Iterable
+
+from agent.records.record import Record
+from agent.sinks.base import Sink
+
+log = logging.getLogger(__name__)
+
+
+def new_agent_id() -> str:
+    """`<hostname>-<random>`: unique per run, still readable in a listing."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+
+
+class RecordWriter:
+    """Numbers records (seq restarts per run, hence one agent_id per run) and fans them out."""
+
+    def __init__(self, sinks: Iterable[Sink], agent_id: str, node: str) -> None:
+        self.sinks = list(sinks)
+        self.agent_id = agent_id
+        self.node = node
+        self.records = 0
+        self.data_bytes = 0
+
+    def write(self, record: Record) -> None:
+        self.records += 1
+        record.agent_id = self.agent_id
+        record.node = self.node
+        record.seq = self.records
+        if record.type == "data":
+            self.data_bytes += record.captured_len
+        for sink in self.sinks:
+            sink.write(record)
+
+    def sink_stats(self) -> dict[str, int]:
+        """Counters of sinks that can lose data (the exporter), for the stats record."""
+        out: dict[str, int] = {}
+        for sink in self.sinks:
+            stats = getattr(sink, "stats", None)
+            if callable(stats):
+                out.update(stats())
+        return out
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except OSError as exc:
+                log.error("closing output: %s", exc)
