@@ -7,7 +7,7 @@ import logging
 import sys
 
 from agent import __version__
-from agent.cli import certs, collector, run, tail
+from agent.cli import ca, certs, collector, run, tail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     collector.add_parser(sub)
     tail.add_parser(sub)
     certs.add_parser(sub)
+    ca.add_parser(sub)
     return parser
 
 

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 from agent.capture.session import CaptureOptions, CaptureSession
-from agent.cli import tls_options
+from agent.cli import proxy_options, tls_options
 from agent.cli.argtypes import parse_size, positive_float
 from agent.cli.errors import fail
+from agent.fallback.config import ConfigError
+from agent.fallback.session import ProxyOptions, ProxySession
 from agent.probes import preflight
 from agent.probes.kernel_headers import KernelHeadersMissing, bcc_environment
 
@@ -22,6 +24,14 @@ log = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="capture TLS plaintext on this host")
+    p.add_argument(
+        "--mode",
+        choices=("ebpf", "auto", "proxy"),
+        default="ebpf",
+        help="ebpf: uprobes on TLS libraries (default); proxy: iptables redirection to a "
+        "local TLS-terminating proxy (needs clients to trust its CA); auto: eBPF where "
+        "this host supports it, else proxy",
+    )
     p.add_argument(
         "--pid", type=int, action="append", default=[], help="trace only this process (repeatable)"
     )
@@ -76,6 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--store", type=Path, metavar="PATH", help="also write records to this SQLite store"
     )
     tls_options.add_tls_arguments(export, server=False)
+    proxy_options.add_proxy_arguments(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     p.set_defaults(handler=run_command)
 
@@ -125,14 +136,25 @@ def run_command(args: argparse.Namespace) -> int:
             return fail(f"no such process: --pid {pid}")
     if args.ringbuf_mb <= 0:
         return fail("--ringbuf-mb must be positive")
-    try:
-        checked = preflight.check_environment()
-    except preflight.EnvironmentProblem as exc:
-        return fail("eBPF capture cannot run here:\n  " + "\n  ".join(exc.problems))
-    except KernelHeadersMissing as exc:
-        return fail(str(exc))
-    if not os.environ.get("BCC_KERNEL_SOURCE"):
-        os.environ.update(bcc_environment(checked.kernel_source))
+    proxy_config = None
+    if args.mode != "ebpf":
+        try:
+            proxy_config = proxy_options.proxy_config_from_args(args)
+            excludes = proxy_options.collector_excludes(args.collector)
+        except ConfigError as exc:
+            return fail(str(exc))
+        except OSError as exc:
+            return fail(f"cannot read --proxy-config: {exc}")
+
+    program = None
+    if args.mode != "proxy":
+        try:
+            program = _load_ebpf(args)
+        except EbpfUnavailable as exc:
+            if args.mode == "ebpf":
+                return fail(str(exc))
+            log.warning("eBPF capture is not possible here, using proxy mode instead: %s", exc)
+
     try:
         sinks = open_sinks(args)
     except tls_options.TlsConfigError as exc:
@@ -140,17 +162,70 @@ def run_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         return fail(f"cannot open output: {exc}")
 
-    options = CaptureOptions(
-        pids=args.pid,
-        comms=args.comm,
+    session: CaptureSession | ProxySession
+    if program is not None:
+        options = CaptureOptions(
+            pids=args.pid,
+            comms=args.comm,
+            max_capture=args.max_capture,
+            ringbuf_bytes=args.ringbuf_mb << 20,
+            duration=args.duration,
+            ready_file=args.ready_file,
+            node=args.node,
+        )
+        session = CaptureSession(options, sinks, program=program)
+    else:
+        assert proxy_config is not None
+        if args.pid or args.comm:
+            log.warning(
+                "--pid/--comm do not apply in proxy mode: every redirected connection is captured"
+            )
+        session = ProxySession(
+            ProxyOptions(
+                config=proxy_config,
+                max_capture=args.max_capture,
+                duration=args.duration,
+                ready_file=args.ready_file,
+                node=args.node,
+                extra_excludes=excludes,
+            ),
+            sinks,
+        )
+    return _drive(session)
+
+
+class EbpfUnavailable(RuntimeError):
+    """Why eBPF capture cannot run here (one or more lines)."""
+
+
+def _load_ebpf(args: argparse.Namespace):
+    """Check the host and compile the probes: the two steps that fail where eBPF cannot run."""
+    try:
+        checked = preflight.check_environment()
+    except preflight.EnvironmentProblem as exc:
+        raise EbpfUnavailable(
+            "eBPF capture cannot run here:\n  " + "\n  ".join(exc.problems)
+        ) from None
+    except KernelHeadersMissing as exc:
+        raise EbpfUnavailable(str(exc)) from None
+    if not os.environ.get("BCC_KERNEL_SOURCE"):
+        os.environ.update(bcc_environment(checked.kernel_source))
+    from agent.probes.bpf_program import BpfProgram, ProbeSettings
+
+    settings = ProbeSettings(
+        self_tgid=os.getpid(),
+        filtered=bool(args.pid or args.comm),
         max_capture=args.max_capture,
         ringbuf_bytes=args.ringbuf_mb << 20,
-        duration=args.duration,
-        ready_file=args.ready_file,
-        node=args.node,
     )
-    session = CaptureSession(options, sinks)
+    try:
+        return BpfProgram(settings)
+    except Exception as exc:  # bcc raises bare Exception on compile/load errors
+        log.debug("loading the eBPF program failed", exc_info=True)
+        raise EbpfUnavailable(f"the eBPF program does not load: {exc}") from None
 
+
+def _drive(session: CaptureSession | ProxySession) -> int:
     def stop(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         session.stop_event.set()

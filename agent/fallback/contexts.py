@@ -113,6 +113,22 @@ class LeafCache:
             return self.ca.issue(name, dns_names=[name], valid_for=self.validity)
         return self.ca.issue(str(ip), ip_addresses=[ip], valid_for=self.validity)
 
+    def cached_context(self, name: str, alpn: Alpn) -> ssl.SSLContext | None:
+        """The context for (name, ALPN) if one is ready and fresh; never mints.
+
+        The proxy's event loop calls this first and goes to a worker thread only on a
+        miss, so the common case costs a dict lookup instead of a thread hop.
+        """
+        with self._lock:
+            leaf = self._leaves.get(name)
+            cached = self._contexts.get((name, alpn))
+            if leaf is None or cached is None or cached[0] != leaf.not_after:
+                return None
+            if leaf.not_after - self._clock() <= self.renew_before:
+                return None
+            self.hits += 1
+            return cached[1]
+
     def context(self, name: str, alpn: Alpn) -> ssl.SSLContext:
         leaf = self.leaf(name)
         with self._lock:
