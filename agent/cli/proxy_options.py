@@ -41,7 +41,8 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--intercept-ports",
         metavar="PORTS",
-        help="destination ports whose outbound connections are intercepted (default 443)",
+        help="destination ports whose outbound connections are intercepted (default 443; "
+        "none: inbound only)",
     )
     g.add_argument(
         "--intercept-cidr",

@@ -53,7 +53,10 @@ def parse_port(text: str | int, what: str = "port") -> int:
 
 
 def parse_port_list(text: str) -> tuple[int, ...]:
-    """`443,8443` -> (443, 8443); duplicates dropped, order kept."""
+    """`443,8443` -> (443, 8443); duplicates dropped, order kept.  `none`: no outbound
+    interception (an inbound-only setup)."""
+    if text.strip().lower() == "none":
+        return ()
     ports = [parse_port(p.strip(), "intercept port") for p in text.split(",") if p.strip()]
     if not ports:
         raise ConfigError("intercept ports: empty list")

@@ -35,6 +35,7 @@ from agent.fallback.original_dst import original_destination
 from agent.fallback.owners import ProcessRef, SocketOwners
 from agent.fallback.passthrough import PassthroughMemory
 from agent.fallback.sockets import (
+    LINGER_RESET,
     Closed,
     Silent,
     accepted_stream,
@@ -368,8 +369,8 @@ class TlsProxy:
         self.emit(flow.opened())
         try:
             await asyncio.gather(
-                self._pump(flow if record else None, True, reader, up_writer),
-                self._pump(flow if record else None, False, up_reader, writer),
+                self._pump(flow if record else None, True, reader, up_writer, writer),
+                self._pump(flow if record else None, False, up_reader, writer, up_writer),
             )
         finally:
             for w in (writer, up_writer):
@@ -383,6 +384,7 @@ class TlsProxy:
         from_client: bool,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        reader_side: asyncio.StreamWriter,
     ) -> None:
         try:
             while data := await reader.read(RELAY_CHUNK):
@@ -390,14 +392,28 @@ class TlsProxy:
                     self.emit(flow.data(from_client, data))
                 writer.write(data)
                 await writer.drain()
-        except (OSError, ssl.SSLError):
+        except (OSError, ssl.SSLError) as exc:
+            # A reset or a TLS alert on one side (TLS 1.3 servers, for one, reject a missing
+            # client certificate only after the handshake): reset both sides, so each peer
+            # sees an error as it would without us, not a clean end of stream.
             self.stats.relay_errors += 1
-        finally:
-            # Plain TCP half-closes, so a client that shuts down its sending side still
-            # gets its answer.  TLS streams cannot half-close: ending one direction ends
-            # the connection, as close_notify does for most TLS peers.
-            with contextlib.suppress(OSError, RuntimeError):
-                if writer.can_write_eof():
-                    writer.write_eof()
-                else:
-                    writer.close()
+            log.debug("relay ended by an error: %s", exc)
+            for side in (writer, reader_side):
+                _abort_with_reset(side)
+            return
+        # Plain TCP half-closes, so a client that shuts down its sending side still gets
+        # its answer.  TLS streams cannot half-close: ending one direction ends the
+        # connection, as close_notify does for most TLS peers.
+        with contextlib.suppress(OSError, RuntimeError):
+            if writer.can_write_eof():
+                writer.write_eof()
+            else:
+                writer.close()
+
+
+def _abort_with_reset(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    writer.transport.abort()

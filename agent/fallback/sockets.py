@@ -28,6 +28,7 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 # TLS alert record: level fatal (2), handshake_failure (40).  Sent to a client whose
 # upstream handshake failed, so it sees an error at once instead of waiting on a timeout.
 HANDSHAKE_FAILURE_ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
+LINGER_RESET = struct.pack("ii", 1, 0)  # close() then sends RST instead of FIN
 _PEEK_LIMIT = MAX_CLIENT_HELLO + 64 * 5  # the largest hello we parse plus its record headers
 
 
@@ -114,7 +115,7 @@ def discard(sock: socket.socket, count: int) -> None:
 def reset(sock: socket.socket) -> None:
     """Close with RST: tells the client at once that the destination is unreachable."""
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     sock.close()
 
 

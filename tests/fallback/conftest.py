@@ -95,3 +95,61 @@ def programs(lab: NetnsLab) -> Iterator:
     for proc in started:
         proc.kill()
         proc.communicate(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    from tests.fallback.proxyharness import UpstreamPki
+
+    return UpstreamPki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def echo_binary() -> Path:
+    from tests.fallback.proxyharness import echo_server_binary
+
+    built = echo_server_binary()
+    if isinstance(built, str):
+        pytest.skip(built)
+    return built
+
+
+@pytest.fixture
+def start_echo(lab: NetnsLab, echo_binary: Path, pki) -> Iterator:
+    """start_echo(port, *flags) -> the Go HTTPS echo server in the server namespace."""
+    from tests.fallback import proxyharness
+
+    started: list[subprocess.Popen] = []
+
+    def start(port: int = 443, *flags: str, cert=None, key=None) -> subprocess.Popen:
+        proc = proxyharness.start_echo(
+            lab, echo_binary, port, cert or pki.server_cert, key or pki.server_key, *flags
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def start_agent(lab: NetnsLab, tmp_path: Path) -> Iterator:
+    """start_agent(*args, ns=lab.client) -> a running ProxyAgent; stopped at teardown,
+    after which no tlscap rule may remain in its namespace."""
+    from tests.fallback.proxyharness import ProxyAgent
+
+    agents: list = []
+
+    def start(*args: str, ns: str | None = None):
+        agent = ProxyAgent(lab, ns or lab.client, tmp_path / f"agent{len(agents)}", *args)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
+        for tool in ("iptables-save", "ip6tables-save"):
+            left = lab.run(agent.ns, [tool, "-t", "nat"]).stdout
+            assert "TLSCAP" not in left, f"rules left behind after exit:\n{left}"
