@@ -29,6 +29,7 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 # upstream handshake failed, so it sees an error at once instead of waiting on a timeout.
 HANDSHAKE_FAILURE_ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
 LINGER_RESET = struct.pack("ii", 1, 0)  # close() then sends RST instead of FIN
+_TCP_CLOSE_WAIT = 8  # tcpi_state, include/net/tcp_states.h
 _PEEK_LIMIT = MAX_CLIENT_HELLO + 64 * 5  # the largest hello we parse plus its record headers
 
 
@@ -98,8 +99,20 @@ async def peek_opening(sock: socket.socket, first_byte_timeout: float, timeout: 
             # for readability would spin.  Poll with a short, growing sleep instead.
             if elapsed >= timeout:
                 return Malformed("ClientHello did not complete in time")
+            if _peer_closed(sock):
+                return Malformed(f"client closed after {len(data)} bytes of a ClientHello")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 0.05)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True once the client has sent FIN (CLOSE_WAIT), which a peek cannot show while
+    unread bytes are queued."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return False
+    return state == _TCP_CLOSE_WAIT
 
 
 def discard(sock: socket.socket, count: int) -> None:

@@ -142,8 +142,9 @@ def start_agent(lab: NetnsLab, tmp_path: Path) -> Iterator:
 
     agents: list = []
 
-    def start(*args: str, ns: str | None = None):
-        agent = ProxyAgent(lab, ns or lab.client, tmp_path / f"agent{len(agents)}", *args)
+    def start(*args: str, ns: str | None = None, env: dict | None = None):
+        workdir = tmp_path / f"agent{len(agents)}"
+        agent = ProxyAgent(lab, ns or lab.client, workdir, *args, env=env)
         agents.append(agent)
         return agent
 

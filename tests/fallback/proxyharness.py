@@ -87,7 +87,9 @@ def start_echo(
 class ProxyAgent:
     """`tlscap run --mode proxy` in namespace `ns`, writing JSON lines to a file."""
 
-    def __init__(self, lab: NetnsLab, ns: str, workdir: Path, *args: str) -> None:
+    def __init__(
+        self, lab: NetnsLab, ns: str, workdir: Path, *args: str, env: dict | None = None
+    ) -> None:
         self.lab, self.ns, self.workdir = lab, ns, workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.ca_dir = workdir / "ca"
@@ -104,9 +106,10 @@ class ProxyAgent:
                 "--output-file", str(self.output), "--ready-file", str(self.ready), "-vv",
                 *args,
             ],
-            cwd=REPO, env=program_env(), stdout=subprocess.DEVNULL, stderr=self._stderr,
+            cwd=REPO, env={**program_env(), **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=self._stderr,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # auto mode may compile the eBPF program first
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
