@@ -128,9 +128,11 @@ def proxy_config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if args.intercept_ports:
         config = replace(config, ports=parse_port_list(args.intercept_ports))
     if args.intercept_cidr:
-        config = replace(config, cidrs=tuple(parse_cidr(c) for c in args.intercept_cidr))
+        config = replace(
+            config, cidrs=tuple(parse_cidr(c, "--intercept-cidr") for c in args.intercept_cidr)
+        )
     if args.exclude_cidr:
-        extra = tuple(parse_cidr(c) for c in args.exclude_cidr)
+        extra = tuple(parse_cidr(c, "--exclude-cidr") for c in args.exclude_cidr)
         config = replace(config, exclude_cidrs=(*config.exclude_cidrs, *extra))
     if args.intercept_loopback:
         config = replace(config, intercept_loopback=True)
@@ -143,7 +145,11 @@ def proxy_config_from_args(args: argparse.Namespace) -> ProxyConfig:
     for text in args.upstream_insecure:
         config = config.with_rule(UpstreamRule(DestinationPattern.parse(text), insecure=True))
     if args.inbound:
-        config = replace(config, inbound=(*config.inbound, *map(parse_inbound, args.inbound)))
+        # A flag for a port the file also names replaces the file's entry.
+        flagged = [parse_inbound(text) for text in args.inbound]
+        ports = {service.port for service in flagged}
+        kept = tuple(service for service in config.inbound if service.port not in ports)
+        config = replace(config, inbound=(*kept, *flagged))
     if args.proxy_port is not None:
         config = replace(config, outbound_port=parse_port(args.proxy_port, "--proxy-port"))
     if args.inbound_proxy_port is not None:

@@ -43,6 +43,8 @@ class ConfigError(ValueError):
 
 
 def parse_port(text: str | int, what: str = "port") -> int:
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise ConfigError(f"{what}: {text!r} is not a port number")
     try:
         port = int(text)
     except (TypeError, ValueError):
@@ -63,11 +65,11 @@ def parse_port_list(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ports))
 
 
-def parse_cidr(text: str) -> str:
+def parse_cidr(text: str, what: str = "network") -> str:
     try:
         return str(ipaddress.ip_network(text.strip(), strict=False))
     except ValueError:
-        raise ConfigError(f"{text!r} is not an IP network (CIDR)") from None
+        raise ConfigError(f"{what}: {text!r} is not an IP network (CIDR)") from None
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,8 @@ def config_from_toml(text: str, source: str = "config") -> ProxyConfig:
     for key, attr in (("intercept_cidrs", "cidrs"), ("exclude_cidrs", "exclude_cidrs")):
         cidrs = _want(data, key, list, source)
         if cidrs is not None:
-            config = replace(config, **{attr: tuple(parse_cidr(str(c)) for c in cidrs)})
+            where = f"{source}: {key}"
+            config = replace(config, **{attr: tuple(parse_cidr(str(c), where) for c in cidrs)})
     loopback = _want(data, "intercept_loopback", bool, source)
     if loopback is not None:
         config = replace(config, intercept_loopback=loopback)
@@ -273,7 +276,9 @@ def config_from_toml(text: str, source: str = "config") -> ProxyConfig:
         extra = sorted(set(table) - {"match", "client_cert", "client_key", "insecure", "ca"})
         if extra:
             raise ConfigError(f"{where}: unknown setting(s) {', '.join(extra)}")
-        cert, key = table.get("client_cert"), table.get("client_key")
+        cert = _want(table, "client_cert", str, where)
+        key = _want(table, "client_key", str, where)
+        ca = _want(table, "ca", str, where)
         if bool(cert) != bool(key):
             raise ConfigError(f"{where}: client_cert and client_key go together")
         rule = UpstreamRule(
@@ -281,7 +286,7 @@ def config_from_toml(text: str, source: str = "config") -> ProxyConfig:
             client_cert=Path(cert) if cert else None,
             client_key=Path(key) if key else None,
             insecure=bool(_want(table, "insecure", bool, where)),
-            ca=Path(table["ca"]) if table.get("ca") else None,
+            ca=Path(ca) if ca else None,
         )
         config = config.with_rule(rule)
     services = []
@@ -291,7 +296,9 @@ def config_from_toml(text: str, source: str = "config") -> ProxyConfig:
             raise ConfigError(f"{where}: needs port, cert and key")
         services.append(
             InboundService(
-                parse_port(table["port"], where), Path(table["cert"]), Path(table["key"])
+                parse_port(table["port"], where),
+                Path(_want(table, "cert", str, where)),
+                Path(_want(table, "key", str, where)),
             )
         )
     if services:

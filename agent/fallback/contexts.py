@@ -152,11 +152,21 @@ class ServiceContexts:
         self._pem: dict[int, bytes] = {}
         self._contexts: dict[tuple[int, Alpn], ssl.SSLContext] = {}
         self._scratch = _private_dir()
-        for service in services:
-            pem = _read(service.cert, "inbound certificate") + b"\n"
-            pem += _read(service.key, "inbound key")
-            server_context(pem, self._scratch, ())  # fail now, not on the first client
-            self._pem[service.port] = pem
+        try:
+            for service in services:
+                pem = _read(service.cert, "inbound certificate") + b"\n"
+                pem += _read(service.key, "inbound key")
+                try:
+                    server_context(pem, self._scratch, ())  # fail now, not on the first client
+                except ssl.SSLError as exc:
+                    raise CertificateError(
+                        f"inbound port {service.port}: {service.cert} and {service.key} "
+                        f"are not a usable certificate and key ({exc.reason or exc})"
+                    ) from None
+                self._pem[service.port] = pem
+        except BaseException:
+            self.close()
+            raise
 
     def context(self, port: int, alpn: Alpn) -> ssl.SSLContext:
         ctx = self._contexts.get((port, alpn))

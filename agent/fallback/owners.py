@@ -13,9 +13,11 @@ in one directory listing), and callers run lookups off the event loop.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from agent.flows.resolve import TcpState, normalize_ip, parse_proc_net_tcp
@@ -74,7 +76,7 @@ class SocketOwners:
         self.lookups += 1
         target = f"socket:[{inode}]"
         hot = list(reversed(self._hot))
-        for pid in [*hot, *(p for p in self._all_pids() if p not in self._hot)]:
+        for pid in itertools.chain(hot, (p for p in self._all_pids() if p not in hot)):
             if self._holds(pid, target):
                 self._hot[pid] = None
                 self._hot.move_to_end(pid)
@@ -84,9 +86,11 @@ class SocketOwners:
         self.misses += 1
         return None
 
-    def _all_pids(self) -> list[int]:
+    def _all_pids(self) -> Iterator[int]:
         own = os.getpid()
-        return [int(d) for d in os.listdir(self.proc_root) if d.isdigit() and int(d) != own]
+        for entry in os.scandir(self.proc_root):
+            if entry.name.isdigit() and int(entry.name) != own:
+                yield int(entry.name)
 
     def _holds(self, pid: int, target: str) -> bool:
         fd_dir = f"{self.proc_root}/{pid}/fd"
