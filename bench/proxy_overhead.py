@@ -459,7 +459,7 @@ EXPECTED_ISSUER = {"direct": SERVER_CA_NAME, "tlscap": "tlscap CA", "mitmproxy":
 
 def summarize(samples: list[dict], modes: list[str]) -> dict:
     out: dict = {}
-    for w in WORKLOADS:
+    for w in dict.fromkeys(s["workload"] for s in samples):
         by_mode = {m: [s for s in samples if s["mode"] == m and s["workload"] == w] for m in modes}
         direct = {s["round"]: s for s in by_mode.get("direct", [])}
         rows: dict = {}
@@ -631,6 +631,9 @@ def print_table(result: dict, out=sys.stdout) -> None:
             f"{c.get('tlscap_stop_s')} s (exit {c.get('tlscap_exit')}), rules left: "
             f"{len(c.get('tlscap_rules_left', []))}; stats: {json.dumps(shown)}"
         )
+        errors = sum(res["modes"].get("tlscap", {}).get("errors", 0) for res in s.values())
+        if errors or any(st.get(k) for k in ("proxy_internal_errors", "proxy_relay_errors")):
+            p(f"tlscap agent log (tail):\n{c.get('tlscap_log_tail', '')}")
     if c.get("leftover_netns"):
         p(f"LEFTOVER network namespaces: {c['leftover_netns']}")
 

@@ -13,9 +13,9 @@ Python's `ssl` offers ALPN per context, not per connection, so contexts are cach
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
+import shutil
 import ssl
 import tempfile
 import threading
@@ -35,25 +35,25 @@ Alpn = tuple[str, ...]
 
 
 def _private_dir() -> Path:
-    # Leaf keys exist on disk only for the instant load_cert_chain() needs a file (the
-    # ssl module takes no in-memory keys); a tmpfs keeps even that instant off the disk.
+    # Keys exist on disk only for the instant load_cert_chain() needs a file (the ssl
+    # module takes no in-memory keys), in a fresh 0700 directory removed right after;
+    # a tmpfs keeps even that instant off the disk.
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="tlscap-leaf-", dir=base))  # mode 0700
+    return Path(tempfile.mkdtemp(prefix="tlscap-leaf-", dir=base))
 
 
-def server_context(cert_pem_and_key_pem: bytes, scratch: Path, alpn: Alpn) -> ssl.SSLContext:
+def server_context(cert_pem_and_key_pem: bytes, alpn: Alpn) -> ssl.SSLContext:
     """A server-side context from PEM bytes (certificate chain followed by the key)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
-    fd, name = tempfile.mkstemp(dir=scratch)
-    os.close(fd)
+    scratch = _private_dir()
     try:
-        write_private(name, cert_pem_and_key_pem)
-        ctx.load_cert_chain(name)
+        path = scratch / "pair.pem"
+        write_private(path, cert_pem_and_key_pem)
+        ctx.load_cert_chain(str(path))
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
+        shutil.rmtree(scratch, ignore_errors=True)
     return ctx
 
 
@@ -83,7 +83,6 @@ class LeafCache:
         self._lock = threading.Lock()
         self._leaves: OrderedDict[str, IssuedCert] = OrderedDict()
         self._contexts: dict[tuple[str, Alpn], tuple[datetime, ssl.SSLContext]] = {}
-        self._scratch = _private_dir()
         self.issued = 0
         self.hits = 0
 
@@ -135,14 +134,10 @@ class LeafCache:
             cached = self._contexts.get((name, alpn))
             if cached is not None and cached[0] == leaf.not_after:
                 return cached[1]
-        ctx = server_context(leaf.cert_pem + self.ca.cert_pem + leaf.key_pem, self._scratch, alpn)
+        ctx = server_context(leaf.cert_pem + self.ca.cert_pem + leaf.key_pem, alpn)
         with self._lock:
             self._contexts[(name, alpn)] = (leaf.not_after, ctx)
         return ctx
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.rmdir(self._scratch)
 
 
 class ServiceContexts:
@@ -151,34 +146,23 @@ class ServiceContexts:
     def __init__(self, services: tuple[InboundService, ...]) -> None:
         self._pem: dict[int, bytes] = {}
         self._contexts: dict[tuple[int, Alpn], ssl.SSLContext] = {}
-        self._scratch = _private_dir()
-        try:
-            for service in services:
-                pem = _read(service.cert, "inbound certificate") + b"\n"
-                pem += _read(service.key, "inbound key")
-                try:
-                    server_context(pem, self._scratch, ())  # fail now, not on the first client
-                except ssl.SSLError as exc:
-                    raise CertificateError(
-                        f"inbound port {service.port}: {service.cert} and {service.key} "
-                        f"are not a usable certificate and key ({exc.reason or exc})"
-                    ) from None
-                self._pem[service.port] = pem
-        except BaseException:
-            self.close()
-            raise
+        for service in services:
+            pem = _read(service.cert, "inbound certificate") + b"\n"
+            pem += _read(service.key, "inbound key")
+            try:
+                server_context(pem, ())  # fail now, not on the first client
+            except ssl.SSLError as exc:
+                raise CertificateError(
+                    f"inbound port {service.port}: {service.cert} and {service.key} "
+                    f"are not a usable certificate and key ({exc.reason or exc})"
+                ) from None
+            self._pem[service.port] = pem
 
     def context(self, port: int, alpn: Alpn) -> ssl.SSLContext:
         ctx = self._contexts.get((port, alpn))
         if ctx is None:
-            ctx = self._contexts[(port, alpn)] = server_context(
-                self._pem[port], self._scratch, alpn
-            )
+            ctx = self._contexts[(port, alpn)] = server_context(self._pem[port], alpn)
         return ctx
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.rmdir(self._scratch)
 
 
 def _read(path: Path, what: str) -> bytes:

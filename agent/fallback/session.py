@@ -85,14 +85,13 @@ class ProxySession:
         self._rules_installed = False
         self._proxy: TlsProxy | None = None
         self._leaves: LeafCache | None = None
-        self._services: ServiceContexts | None = None
 
     def start(self) -> None:
         """Raises CertificateError, OSError (a port in use) or IptablesError."""
         config = self.options.config
         ca = CertificateAuthority.load_or_create(config.ca_dir)
         self._leaves = LeafCache(ca)
-        self._services = ServiceContexts(config.inbound)
+        services = ServiceContexts(config.inbound)
         upstreams = UpstreamContexts(config.upstream_ca)
         rules = config.intercept_rules(self.options.extra_excludes)
         v6 = _ipv6_available()
@@ -105,7 +104,7 @@ class ProxySession:
         self._proxy = TlsProxy(
             config,
             self._leaves,
-            self._services,
+            services,
             upstreams,
             self._out.write,
             max_capture=self.options.max_capture,
@@ -165,9 +164,6 @@ class ProxySession:
             pass
         finally:
             self._out.close()
-            for holder in (self._leaves, self._services):
-                if holder is not None:
-                    holder.close()
 
     def summary(self) -> dict[str, int]:
         proxy = self._proxy

@@ -58,11 +58,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def leaves(ca: CertificateAuthority, clock: FakeClock) -> Iterator[LeafCache]:
-    cache = LeafCache(ca, clock=clock)
-    yield cache
-    for name in os.listdir(cache._scratch):
-        os.unlink(cache._scratch / name)
-    cache.close()
+    yield LeafCache(ca, clock=clock)
 
 
 def cert_of(issued: IssuedCert) -> x509.Certificate:
@@ -202,36 +198,30 @@ def test_cached_context(leaves: LeafCache, clock: FakeClock) -> None:
 
 def test_eviction_drops_leaves_and_contexts(ca: CertificateAuthority) -> None:
     cache = LeafCache(ca, max_entries=2)
-    try:
-        ctx_a = cache.context("a.test", ALPN)
-        cache.context("a.test", ("h2",))
-        cache.context("b.test", ALPN)
-        assert cache.cached_context("a.test", ALPN) is ctx_a
-        cache.leaf("c.test")
-        assert cache.issued == 3
-        assert cache.cached_context("a.test", ALPN) is None
-        assert cache.cached_context("a.test", ("h2",)) is None
-        assert not [key for key in cache._contexts if key[0] == "a.test"]
-        assert cache.cached_context("b.test", ALPN) is not None
-        cache.leaf("a.test")  # minted again
-        assert cache.issued == 4
-    finally:
-        cache.close()
+    ctx_a = cache.context("a.test", ALPN)
+    cache.context("a.test", ("h2",))
+    cache.context("b.test", ALPN)
+    assert cache.cached_context("a.test", ALPN) is ctx_a
+    cache.leaf("c.test")
+    assert cache.issued == 3
+    assert cache.cached_context("a.test", ALPN) is None
+    assert cache.cached_context("a.test", ("h2",)) is None
+    assert not [key for key in cache._contexts if key[0] == "a.test"]
+    assert cache.cached_context("b.test", ALPN) is not None
+    cache.leaf("a.test")  # minted again
+    assert cache.issued == 4
 
 
 def test_eviction_is_least_recently_used(ca: CertificateAuthority) -> None:
     cache = LeafCache(ca, max_entries=2)
-    try:
-        a = cache.leaf("a.test")
-        cache.leaf("b.test")
-        assert cache.leaf("a.test") is a  # a is now the most recent
-        cache.leaf("c.test")  # evicts b
-        assert cache.leaf("a.test") is a
-        assert cache.issued == 3
-        cache.leaf("b.test")
-        assert cache.issued == 4
-    finally:
-        cache.close()
+    a = cache.leaf("a.test")
+    cache.leaf("b.test")
+    assert cache.leaf("a.test") is a  # a is now the most recent
+    cache.leaf("c.test")  # evicts b
+    assert cache.leaf("a.test") is a
+    assert cache.issued == 3
+    cache.leaf("b.test")
+    assert cache.issued == 4
 
 
 def test_server_context_handshake_with_alpn(leaves: LeafCache, ca: CertificateAuthority) -> None:
@@ -262,15 +252,24 @@ def test_leaf_for_one_name_is_refused_for_another(
         handshake(leaves.context("api.test", ()), client_context(ca), "other.test")
 
 
-def test_scratch_dir_private_and_empty(ca: CertificateAuthority) -> None:
+def test_key_files_exist_only_while_a_context_loads(
+    ca: CertificateAuthority, scratch_dirs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, list[str]]] = []
+    load = ssl.SSLContext.load_cert_chain
+
+    def spying_load(self, certfile, *args, **kwargs):
+        directory = Path(certfile).parent
+        seen.append((stat.S_IMODE(directory.stat().st_mode), os.listdir(directory)))
+        return load(self, certfile, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spying_load)
     cache = LeafCache(ca)
-    scratch = cache._scratch
-    assert stat.S_IMODE(scratch.stat().st_mode) == 0o700
     cache.context("api.test", ALPN)
     cache.context("198.18.0.2", ())
-    assert os.listdir(scratch) == []  # no key file left behind
-    cache.close()
-    assert not scratch.exists()
+    assert [mode for mode, _ in seen] == [0o700, 0o700]
+    assert all(len(files) == 1 for _, files in seen)
+    assert not any(d.exists() for d in scratch_dirs)  # nothing left behind
 
 
 # --- ServiceContexts ------------------------------------------------------------------
@@ -279,14 +278,10 @@ def test_scratch_dir_private_and_empty(ca: CertificateAuthority) -> None:
 def test_service_context_handshake(tmp_path: Path, ca: CertificateAuthority) -> None:
     cert, key = write_pair(tmp_path, "svc", ca.issue("svc.test", dns_names=["svc.test"]))
     services = ServiceContexts((InboundService(8443, cert, key),))
-    try:
-        ctx = services.context(8443, ("http/1.1",))
-        assert services.context(8443, ("http/1.1",)) is ctx
-        client, _ = handshake(ctx, client_context(ca), "svc.test")
-        assert client.selected_alpn_protocol() == "http/1.1"
-        assert os.listdir(services._scratch) == []
-    finally:
-        services.close()
+    ctx = services.context(8443, ("http/1.1",))
+    assert services.context(8443, ("http/1.1",)) is ctx
+    client, _ = handshake(ctx, client_context(ca), "svc.test")
+    assert client.selected_alpn_protocol() == "http/1.1"
 
 
 def test_service_contexts_per_port(tmp_path: Path, ca: CertificateAuthority) -> None:
@@ -295,13 +290,10 @@ def test_service_contexts_per_port(tmp_path: Path, ca: CertificateAuthority) -> 
     services = ServiceContexts(
         (InboundService(8443, a_cert, a_key), InboundService(9443, b_cert, b_key))
     )
-    try:
-        handshake(services.context(8443, ()), client_context(ca), "a.test")
-        handshake(services.context(9443, ()), client_context(ca), "b.test")
-        with pytest.raises(ssl.SSLCertVerificationError):
-            handshake(services.context(9443, ()), client_context(ca), "a.test")
-    finally:
-        services.close()
+    handshake(services.context(8443, ()), client_context(ca), "a.test")
+    handshake(services.context(9443, ()), client_context(ca), "b.test")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(services.context(9443, ()), client_context(ca), "a.test")
 
 
 @pytest.fixture
@@ -344,10 +336,12 @@ def test_service_bad_pair_fails_at_start(
 
 
 def test_failed_service_contexts_leave_no_scratch_dir(
-    tmp_path: Path, scratch_dirs: list[Path]
+    tmp_path: Path, ca: CertificateAuthority, scratch_dirs: list[Path]
 ) -> None:
-    with pytest.raises(CertificateError):
-        ServiceContexts((InboundService(8443, tmp_path / "no.crt", tmp_path / "no.key"),))
+    cert, _ = write_pair(tmp_path, "one", ca.issue("one.test"))
+    _, other_key = write_pair(tmp_path, "two", ca.issue("two.test"))
+    with pytest.raises(CertificateError, match="inbound port 8443"):
+        ServiceContexts((InboundService(8443, cert, other_key),))
     assert scratch_dirs
     assert not any(d.exists() for d in scratch_dirs)
 
