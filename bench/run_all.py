@@ -1,5 +1,6 @@
 """Run the tlscap benchmarks (`make bench`): per-call overhead and capture throughput, for
-OpenSSL's SSL_write and Go's crypto/tls.(*Conn).Write, and the collector path.
+OpenSSL's SSL_write and Go's crypto/tls.(*Conn).Write, the collector path, and HTTPS
+requests/s through proxy mode next to mitmproxy.
 
 Prints each benchmark's table and a short summary; --json prints everything as one
 JSON object instead, and --save writes it to bench/results/<benchmark>-<date>.json.
@@ -22,6 +23,7 @@ import benchlib as bl
 import collector_path
 import gotls_overhead
 import overhead
+import proxy_overhead
 import throughput
 
 
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     cp_args = ["--records", "50000" if args.quick else "150000", "--producer-rate", "40000"]
     title = "collector path (exporter -> collector -> subscriber)"
     cp = run_one(title, collector_path, cp_args)
+    px_args = ["--quick", *quiet] if args.quick else [*quiet]
+    px = run_one("proxy mode vs mitmproxy (HTTPS requests/s)", proxy_overhead, px_args)
 
     s = ov["summary"]
     modes = s["modes"]
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             str(x["rate"]): {"p50": round(x["p50_ms"], 1), "p99": round(x["p99_ms"], 1)}
             for x in cp["latency"]
         },
+        "proxy_mode": proxy_summary(px),
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
     everything = {
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "gotls_overhead": go_ov,
         "gotls_throughput": go_tp,
         "collector_path": cp,
+        "proxy_overhead": px,
     }
     if args.save:
         out = bl.BENCH_DIR / "results" / f"all-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -146,7 +152,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['go_overhead_bytes_match']}"
     )
     print_zero_loss("Go Write", summary["go_throughput_max_zero_loss"])
+    for workload, v in summary["proxy_mode"].items():
+        rates = ", ".join(f"{m} {r}" for m, r in v["req_per_s"].items())
+        print(
+            f"proxy mode, {workload}: req/s {rates}; tlscap/direct "
+            f"{fmt_ratio(v['tlscap_vs_direct'])}, tlscap/mitmproxy "
+            f"{fmt_ratio(v['tlscap_vs_mitmproxy'])}"
+        )
     return 0
+
+
+def proxy_summary(px: dict) -> dict:
+    """Per workload: req/s of each path and tlscap's ratios (None where not measured)."""
+    out = {}
+    for workload, res in px["summary"].items():
+        modes = res["modes"]
+        out[workload] = {
+            "req_per_s": {m: round(v["req_per_s"]) for m, v in modes.items()},
+            "tlscap_vs_direct": rounded(modes.get("tlscap", {}).get("ratio_vs_direct")),
+            "tlscap_vs_mitmproxy": rounded(res.get("tlscap_vs_mitmproxy_req_per_s")),
+        }
+    return out
+
+
+def rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def zero_loss_rates(tp: dict) -> dict:

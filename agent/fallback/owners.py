@@ -2,13 +2,15 @@
 
 The eBPF path knows the pid of every call; the proxy only sees sockets.  For an
 outbound connection the client is a local process whose socket's local end is the
-peer address of the connection we accepted; for an inbound one the "process" is the
-service listening on the port.  Both are found the way `ss -p` does it: the socket's
-inode in /proc/net/tcp{,6}, then the process holding `socket:[inode]` among its fds.
+peer address of the connection we accepted; for an inbound one it is the service
+listening on the original destination.  Both are found the way `ss -p` does it: the
+socket's inode from the kernel (an exact sock_diag lookup, /proc/net/tcp where netlink
+is not allowed), then the process holding `socket:[inode]` among its fds.
 
-Scanning every process's fds costs milliseconds on a busy host, so processes that
-owned recent connections are searched first (a client making many connections is found
-in one directory listing), and callers run lookups off the event loop.
+Scanning processes' fds is the expensive half, so processes that owned recent
+connections are searched first (a client making many connections is found in one
+directory listing), then the newest processes (a fresh `curl` is usually among them);
+callers run lookups off the event loop.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from agent.fallback.sock_diag import SockDiag
 from agent.flows.resolve import TcpState, normalize_ip, parse_proc_net_tcp
 from agent.records.record import Endpoint
 
@@ -35,33 +39,75 @@ class ProcessRef:
 
 
 class SocketOwners:
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", use_netlink: bool = True) -> None:
         self.proc_root = proc_root
+        self.use_netlink = use_netlink
         self._hot: OrderedDict[int, None] = OrderedDict()
+        self._hot_lock = threading.Lock()
+        self._diag = threading.local()  # a netlink socket per worker thread
         self.lookups = 0
         self.misses = 0
 
     def connection_owner(self, local: Endpoint, remote: Endpoint) -> ProcessRef | None:
         """The process whose socket has this (local, remote) pair, in our netns."""
-        key = (normalize_ip(local.ip), local.port, normalize_ip(remote.ip), remote.port)
-        for sock in self._sockets():
-            if sock.inode and sock.state != TcpState.LISTEN:
-                here = (normalize_ip(sock.local.ip), sock.local.port)
-                there = (normalize_ip(sock.remote.ip), sock.remote.port)
-                if (*here, *there) == key:
-                    return self._holder(sock.inode)
-        return self._missed()
+        return self._owner(local, remote, listening=False)
 
-    def listener_owner(self, port: int) -> ProcessRef | None:
-        """The process listening on `port` (any address): an inbound service."""
-        for sock in self._sockets():
-            if sock.inode and sock.state == TcpState.LISTEN and sock.local.port == port:
-                return self._holder(sock.inode)
-        return self._missed()
+    def listener_owner(self, local: Endpoint, peer: Endpoint) -> ProcessRef | None:
+        """The process listening where `peer` was going (`local`): an inbound service.
 
-    def _missed(self) -> None:
+        Asked with the peer's tuple, the kernel answers as it would for a packet of that
+        connection: no established socket exists (the proxy took it), so the listener.
+        """
+        return self._owner(local, peer, listening=True)
+
+    def _owner(self, local: Endpoint, remote: Endpoint, listening: bool) -> ProcessRef | None:
         self.lookups += 1
-        self.misses += 1
+        inode = self._inode(local, remote, listening)
+        found = self._holder(inode) if inode else None
+        if found is None:
+            self.misses += 1
+        return found
+
+    def _inode(self, local: Endpoint, remote: Endpoint, listening: bool) -> int | None:
+        diag = self._netlink()
+        if diag is not None:
+            try:
+                sock = diag.lookup((local.ip, local.port), (remote.ip, remote.port))
+            except OSError as exc:
+                log.debug("sock_diag lookup failed (%s); reading /proc/net/tcp", exc)
+            else:
+                if sock is None or (sock.state == TcpState.LISTEN) != listening:
+                    return None
+                return sock.inode
+        return self._inode_from_proc(local, remote, listening)
+
+    def _netlink(self) -> SockDiag | None:
+        if not self.use_netlink:
+            return None
+        diag = getattr(self._diag, "socket", None)
+        if diag is None:
+            try:
+                diag = self._diag.socket = SockDiag()
+            except OSError as exc:
+                log.warning("no NETLINK_SOCK_DIAG (%s): owner lookups read /proc/net/tcp", exc)
+                self.use_netlink = False
+                return None
+        return diag
+
+    def _inode_from_proc(self, local: Endpoint, remote: Endpoint, listening: bool) -> int | None:
+        here = (normalize_ip(local.ip), local.port)
+        there = (normalize_ip(remote.ip), remote.port)
+        for sock in self._sockets():
+            if not sock.inode or (sock.state == TcpState.LISTEN) != listening:
+                continue
+            if listening:
+                if sock.local.port == local.port:
+                    return sock.inode
+            elif (normalize_ip(sock.local.ip), sock.local.port) == here and (
+                normalize_ip(sock.remote.ip),
+                sock.remote.port,
+            ) == there:
+                return sock.inode
         return None
 
     def _sockets(self):
@@ -73,31 +119,32 @@ class SocketOwners:
                 continue  # no IPv6 in this kernel
 
     def _holder(self, inode: int) -> ProcessRef | None:
-        self.lookups += 1
         target = f"socket:[{inode}]"
-        hot = list(reversed(self._hot))
+        with self._hot_lock:
+            hot = list(reversed(self._hot))
         for pid in itertools.chain(hot, (p for p in self._all_pids() if p not in hot)):
             if self._holds(pid, target):
-                self._hot[pid] = None
-                self._hot.move_to_end(pid)
-                while len(self._hot) > HOT_PIDS:
-                    self._hot.popitem(last=False)
+                with self._hot_lock:
+                    self._hot[pid] = None
+                    self._hot.move_to_end(pid)
+                    while len(self._hot) > HOT_PIDS:
+                        self._hot.popitem(last=False)
                 return ProcessRef(pid, self._comm(pid))
-        self.misses += 1
         return None
 
     def _all_pids(self) -> Iterator[int]:
+        """Newest first: pids grow until they wrap, and new clients are the usual case."""
         own = os.getpid()
-        for entry in os.scandir(self.proc_root):
-            if entry.name.isdigit() and int(entry.name) != own:
-                yield int(entry.name)
+        pids = [int(name) for name in os.listdir(self.proc_root) if name.isdigit()]
+        return (pid for pid in sorted(pids, reverse=True) if pid != own)
 
     def _holds(self, pid: int, target: str) -> bool:
         fd_dir = f"{self.proc_root}/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
         except OSError:
-            self._hot.pop(pid, None)  # exited, or not ours to read
+            with self._hot_lock:
+                self._hot.pop(pid, None)  # exited, or not ours to read
             return False
         for fd in fds:
             try:

@@ -200,7 +200,7 @@ class TlsProxy:
             if side == "outbound":
                 found = self.owners.connection_owner(client, server)
             else:
-                found = self.owners.listener_owner(server.port)
+                found = self.owners.listener_owner(server, client)
         except (OSError, ValueError) as exc:
             log.debug("owner lookup failed: %s", exc)
             found = None

@@ -37,6 +37,18 @@ LISTENER = textwrap.dedent(
 )
 
 
+def toward(port: int) -> tuple[Endpoint, Endpoint]:
+    """(local, peer) of a connection a client would make to 127.0.0.1:port."""
+    return Endpoint("127.0.0.1", port), Endpoint("127.0.0.1", 40000)
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["sock_diag", "proc_net_tcp"])
+def lookup_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test runs with both ways of finding a socket's inode."""
+    monkeypatch.setattr(SocketOwners.__init__, "__defaults__", ("/proc", request.param))
+    return request.param
+
+
 def spawn(code: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
@@ -122,7 +134,7 @@ def test_the_callers_own_sockets_are_not_attributed(listener: socket.socket) -> 
             owners = SocketOwners()
             local = Endpoint("127.0.0.1", mine.getsockname()[1])
             assert owners.connection_owner(local, Endpoint("127.0.0.1", port)) is None
-            assert owners.listener_owner(port) is None
+            assert owners.listener_owner(*toward(port)) is None
             assert owners.misses == 2
             assert os.getpid() not in owners._hot
 
@@ -131,7 +143,7 @@ def test_listener_owner(children: list[subprocess.Popen[str]]) -> None:
     child, port = spawn(LISTENER)
     children.append(child)
     owners = SocketOwners()
-    assert owners.listener_owner(port) == ProcessRef(child.pid, comm_of(child.pid))
+    assert owners.listener_owner(*toward(port)) == ProcessRef(child.pid, comm_of(child.pid))
     assert (owners.lookups, owners.misses) == (1, 0)
 
 
@@ -141,7 +153,7 @@ def test_listener_owner_ignores_established_sockets(
     _child, local, _remote = connect_child(children, listener)
     owners = SocketOwners()
     # The child's connected socket has that local port, but nothing listens on it.
-    assert owners.listener_owner(local.port) is None
+    assert owners.listener_owner(*toward(local.port)) is None
     assert (owners.lookups, owners.misses) == (1, 1)
 
 
@@ -152,12 +164,12 @@ def test_unknown_endpoints_are_misses(listener: socket.socket) -> None:
     assert owners.connection_owner(Endpoint("::1", 1), Endpoint("::1", 2)) is None
     assert (owners.lookups, owners.misses) == (2, 2)
     # the test process itself listens on `free`, and is never reported
-    assert owners.listener_owner(free) is None
+    assert owners.listener_owner(*toward(free)) is None
     assert (owners.lookups, owners.misses) == (3, 3)
 
 
 def test_missing_proc_root(tmp_path: Path) -> None:
     owners = SocketOwners(proc_root=str(tmp_path))
     assert owners.connection_owner(Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2)) is None
-    assert owners.listener_owner(443) is None
+    assert owners.listener_owner(*toward(443)) is None
     assert owners.misses == 2
