@@ -198,6 +198,7 @@ class TlsProxy:
             await self._relay_plain(conn, identity_parts, owner, record=False)
 
     def _owner(self, side: Side, client: Endpoint, server: Endpoint) -> ProcessRef | None:
+        """Runs in a worker thread."""
         if self.owners is None:
             return None
         try:
@@ -208,8 +209,6 @@ class TlsProxy:
         except (OSError, ValueError) as exc:
             log.debug("owner lookup failed: %s", exc)
             found = None
-        if found is None:
-            self.stats.owner_unknown += 1
         return found
 
     async def _flow(
@@ -217,6 +216,8 @@ class TlsProxy:
     ) -> ProxiedFlow:
         side, client, server = parts
         process = await owner
+        if process is None and self.owners is not None:
+            self.stats.owner_unknown += 1  # counted here, on the loop's thread
         identity = FlowIdentity(
             side,
             client,
