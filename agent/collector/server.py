@@ -104,7 +104,10 @@ class CollectorServer:
         self.health.enter_graceful_shutdown()
         self.service.stopping.set()
         self.hub.close()
-        self._server.stop(grace).wait()
+        # grpcio's shutdown event has been seen never to fire (a test hung here in CI
+        # after a garbage Ingest stream); a collector must still exit on SIGTERM.
+        if not self._server.stop(grace).wait(grace + 5):
+            log.warning("gRPC server did not finish stopping in %.1f s; closing anyway", grace + 5)
         self._stop_pruning.set()
         if self._pruner.is_alive():
             self._pruner.join()
