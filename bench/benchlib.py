@@ -324,24 +324,34 @@ def start_loadgen(binary: Path, args: list[str], timeout: float = 20.0) -> Loadg
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
+    line = wait_for_line(proc, lambda text: text.startswith("READY"), timeout)
+    if line is None:
+        err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+        kill_tree(proc)
+        raise BenchError(f"load generator did not get ready: {err.strip()}")
+    return LoadgenRun(proc, int(line.split()[1]))
+
+
+def wait_for_line(
+    proc: subprocess.Popen, wanted: Callable[[str], bool], timeout: float
+) -> str | None:
+    """The first stdout line `wanted` accepts, or None if the process ends or times out."""
     import selectors
 
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         while time.monotonic() < deadline:
             if sel.select(timeout=0.2):
                 line = proc.stdout.readline()
-                if line.startswith("READY"):
-                    return LoadgenRun(proc, int(line.split()[1]))
+                if wanted(line):
+                    return line
                 if not line:
-                    break
+                    return None
             if proc.poll() is not None:
-                break
-    err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
-    kill_tree(proc)
-    raise BenchError(f"load generator did not get ready: {err.strip()}")
+                return None
+    return None
 
 
 # -- the agent -----------------------------------------------------------------------

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import selectors
 import shutil
 import signal
 import socket
@@ -223,19 +222,9 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: floa
 
 
 def wait_line(proc: subprocess.Popen, want: str, timeout: float) -> None:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(timeout=0.2):
-                line = proc.stdout.readline()
-                if line.strip() == want:
-                    return
-                if not line:
-                    break
-    err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
-    raise bl.BenchError(f"{proc.args[-6:]} did not print {want!r}: {err.strip()}")
+    if bl.wait_for_line(proc, lambda line: line.strip() == want, timeout) is None:
+        err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+        raise bl.BenchError(f"{proc.args[-6:]} did not print {want!r}: {err.strip()}")
 
 
 def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path) -> None:

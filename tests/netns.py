@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from agent.probes.targets import pid_alive
+
 _NAME_RE = re.compile(r"tlscap-t(\d+)-\d+-[cs]")
 _counter = itertools.count()
 _counter_lock = threading.Lock()
@@ -88,22 +90,12 @@ def lab_unavailable_reason() -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _sweep_stale() -> None:
     from pyroute2 import netns
 
     for name in netns.listnetns():
         m = _NAME_RE.fullmatch(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             with contextlib.suppress(OSError):
                 netns.remove(name)
 

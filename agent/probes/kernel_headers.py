@@ -31,6 +31,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.probes.targets import pid_alive
+
 __all__ = [
     "BCC_KERNEL_SOURCE",
     "MARKER_NAME",
@@ -231,21 +233,11 @@ def _overlay(src: Path, dst: Path) -> None:
                 _link(entry.path, target)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_partials(cache_dir: Path, name: str) -> None:
     """Delete half-built trees left by builders that died mid-way."""
     for partial in cache_dir.glob(f".{name}.partial-*"):
         pid_text = partial.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
+        if pid_text.isdigit() and (int(pid_text) == os.getpid() or not pid_alive(int(pid_text))):
             shutil.rmtree(partial, ignore_errors=True)
 
 

@@ -126,6 +126,17 @@ class _Verdict:
     library: TlsLibrary | None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (one we may not signal still counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def list_pids(proc_root: str = "/proc") -> list[int]:
     """Every process under proc_root (an unreadable /proc is logged: no pids)."""
     try:
