@@ -35,10 +35,10 @@ from agent.fallback.original_dst import original_destination
 from agent.fallback.owners import ProcessRef, SocketOwners
 from agent.fallback.passthrough import PassthroughMemory
 from agent.fallback.sockets import (
-    LINGER_RESET,
     Closed,
     Silent,
     accepted_stream,
+    arm_reset,
     marked_socket,
     peek_opening,
     reset,
@@ -236,11 +236,8 @@ class TlsProxy:
     ) -> None:
         side, client, server = parts
         key = (server.ip, server.port, hello.sni)
-        if side == "inbound" and self.config.inbound_service(server.port) is None:
-            self.stats.passthrough += 1
-            await self._relay_plain(conn, parts, owner, record=False)
-            return
-        if self.passthrough.reason(key) is not None:
+        no_certificate = side == "inbound" and self.config.inbound_service(server.port) is None
+        if no_certificate or self.passthrough.reason(key) is not None:
             self.stats.passthrough += 1
             await self._relay_plain(conn, parts, owner, record=False)
             return
@@ -250,10 +247,8 @@ class TlsProxy:
             up_context = self.upstreams.context(rule, hello.alpn)
         else:
             up_context = self.upstreams.insecure(hello.alpn)
-        up_sock = await self._connect(server)
+        up_sock = await self._connect(server, conn)
         if up_sock is None:
-            self.stats.upstream_connect_failures += 1
-            reset(conn)
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(
@@ -327,7 +322,9 @@ class TlsProxy:
                 reason,
             )
 
-    async def _connect(self, server: Endpoint) -> socket.socket | None:
+    async def _connect(self, server: Endpoint, client: socket.socket) -> socket.socket | None:
+        """A marked TCP connection to `server`; None (and the client reset, as the
+        unreachable server would have) when it cannot be made."""
         family = socket.AF_INET6 if ":" in server.ip else socket.AF_INET
         sock = marked_socket(family, self.config.mark)
         try:
@@ -338,6 +335,8 @@ class TlsProxy:
         except (OSError, TimeoutError) as exc:
             sock.close()
             log.info("upstream %s unreachable: %s", server, exc or "timed out")
+            self.stats.upstream_connect_failures += 1
+            reset(client)
             return None
         return sock
 
@@ -349,10 +348,8 @@ class TlsProxy:
         *,
         record: bool,
     ) -> None:
-        up_sock = await self._connect(parts[2])
+        up_sock = await self._connect(parts[2], conn)
         if up_sock is None:
-            self.stats.upstream_connect_failures += 1
-            reset(conn)
             return
         up_reader, up_writer = await asyncio.open_connection(sock=up_sock, limit=1 << 20)
         reader, writer = await accepted_stream(conn, None, self.timeouts.handshake)
@@ -419,6 +416,5 @@ class TlsProxy:
 def _abort_with_reset(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        arm_reset(sock)
     writer.transport.abort()

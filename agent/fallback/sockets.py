@@ -125,10 +125,16 @@ def discard(sock: socket.socket, count: int) -> None:
             count -= len(chunk)
 
 
-def reset(sock: socket.socket) -> None:
-    """Close with RST: tells the client at once that the destination is unreachable."""
+def arm_reset(sock: socket.socket) -> None:
+    """Make the coming close send RST instead of FIN (SO_LINGER with a zero timeout).
+    Also takes the socket wrapper a transport hands out (`get_extra_info("socket")`)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST: tells the client at once that the destination is unreachable."""
+    arm_reset(sock)
     sock.close()
 
 
