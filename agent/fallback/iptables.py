@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from collections.abc import Callable
+from functools import partial
 
 from agent.fallback.rules import (
     CHAIN_PREFIX,
-    Family,
     InterceptRules,
     find_installed,
     render_install,
@@ -89,16 +90,22 @@ def families(rules: InterceptRules) -> list[int]:
     return [4]
 
 
-def _apply_install(rules: InterceptRules, family: Family) -> None:
+def _apply(family: int, render: Callable[[str], str]) -> bool:
+    """Restore what `render` makes of the table as it is now; False if it made nothing.
+
+    Retried from a fresh read when the restore fails (see _ATTEMPTS)."""
     for attempt in range(1, _ATTEMPTS + 1):
-        text = render_install(rules, family, current_nat(family))
+        text = render(current_nat(family))
+        if not text:
+            return False
         try:
             _restore(family, text)
-            return
+            return True
         except IptablesError as exc:
             if attempt == _ATTEMPTS:
                 raise
             log.debug("IPv%d restore failed (attempt %d), retrying: %s", family, attempt, exc)
+    return False
 
 
 def install(rules: InterceptRules) -> list[int]:
@@ -107,7 +114,7 @@ def install(rules: InterceptRules) -> list[int]:
     rules.validate()
     installed = []
     for family in families(rules):
-        _apply_install(rules, family)
+        _apply(family, partial(render_install, rules, family))
         if find_installed(current_nat(family), rules.chain_prefix):
             installed.append(family)
             log.info("IPv%d interception rules installed", family)
@@ -122,17 +129,8 @@ def remove(prefix: str = CHAIN_PREFIX) -> None:
     errors: list[str] = []
     for family in (4, 6):
         try:
-            for attempt in range(1, _ATTEMPTS + 1):
-                text = render_remove(current_nat(family), prefix)
-                if not text:
-                    break
-                try:
-                    _restore(family, text)
-                    log.info("IPv%d interception rules removed", family)
-                    break
-                except IptablesError:
-                    if attempt == _ATTEMPTS:
-                        raise
+            if _apply(family, partial(render_remove, prefix=prefix)):
+                log.info("IPv%d interception rules removed", family)
         except IptablesError as exc:
             if family == 6 and _ipv6_usable() is not None:
                 continue  # no usable ip6tables: there can be no rules of ours there
