@@ -55,6 +55,15 @@ class CaptureOptions:
     def filtered(self) -> bool:
         return bool(self.pids or self.comms)
 
+    def probe_settings(self) -> ProbeSettings:
+        """What the BPF program is compiled with, for this run."""
+        return ProbeSettings(
+            self_tgid=os.getpid(),
+            filtered=self.filtered,
+            max_capture=self.max_capture,
+            ringbuf_bytes=self.ringbuf_bytes,
+        )
+
 
 def mono_to_wall_clock() -> Callable[[int], int]:
     """Kernel timestamps are CLOCK_MONOTONIC; records carry wall-clock ns."""
@@ -113,14 +122,7 @@ class CaptureSession:
     def start(self) -> None:
         opts = self.options
         if self._program is None:
-            self._program = BpfProgram(
-                ProbeSettings(
-                    self_tgid=os.getpid(),
-                    filtered=opts.filtered,
-                    max_capture=opts.max_capture,
-                    ringbuf_bytes=opts.ringbuf_bytes,
-                )
-            )
+            self._program = BpfProgram(opts.probe_settings())
         program = self._program
         initial_pids: list[int] | None = None
         if opts.filtered:

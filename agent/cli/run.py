@@ -146,10 +146,19 @@ def run_command(args: argparse.Namespace) -> int:
         except OSError as exc:
             return fail(f"cannot read --proxy-config: {exc}")
 
+    options = CaptureOptions(
+        pids=args.pid,
+        comms=args.comm,
+        max_capture=args.max_capture,
+        ringbuf_bytes=args.ringbuf_mb << 20,
+        duration=args.duration,
+        ready_file=args.ready_file,
+        node=args.node,
+    )
     program = None
     if args.mode != "proxy":
         try:
-            program = _load_ebpf(args)
+            program = _load_ebpf(options)
         except EbpfUnavailable as exc:
             if args.mode == "ebpf":
                 return fail(str(exc))
@@ -164,15 +173,6 @@ def run_command(args: argparse.Namespace) -> int:
 
     session: CaptureSession | ProxySession
     if program is not None:
-        options = CaptureOptions(
-            pids=args.pid,
-            comms=args.comm,
-            max_capture=args.max_capture,
-            ringbuf_bytes=args.ringbuf_mb << 20,
-            duration=args.duration,
-            ready_file=args.ready_file,
-            node=args.node,
-        )
         session = CaptureSession(options, sinks, program=program)
     else:
         assert proxy_config is not None
@@ -198,7 +198,7 @@ class EbpfUnavailable(RuntimeError):
     """Why eBPF capture cannot run here (one or more lines)."""
 
 
-def _load_ebpf(args: argparse.Namespace):
+def _load_ebpf(options: CaptureOptions):
     """Check the host and compile the probes: the two steps that fail where eBPF cannot run."""
     try:
         checked = preflight.check_environment()
@@ -210,16 +210,10 @@ def _load_ebpf(args: argparse.Namespace):
         raise EbpfUnavailable(str(exc)) from None
     if not os.environ.get("BCC_KERNEL_SOURCE"):
         os.environ.update(bcc_environment(checked.kernel_source))
-    from agent.probes.bpf_program import BpfProgram, ProbeSettings
+    from agent.probes.bpf_program import BpfProgram
 
-    settings = ProbeSettings(
-        self_tgid=os.getpid(),
-        filtered=bool(args.pid or args.comm),
-        max_capture=args.max_capture,
-        ringbuf_bytes=args.ringbuf_mb << 20,
-    )
     try:
-        return BpfProgram(settings)
+        return BpfProgram(options.probe_settings())
     except Exception as exc:  # bcc raises bare Exception on compile/load errors
         log.debug("loading the eBPF program failed", exc_info=True)
         raise EbpfUnavailable(f"the eBPF program does not load: {exc}") from None

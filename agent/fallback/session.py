@@ -23,6 +23,7 @@ from agent.fallback.contexts import LeafCache, ServiceContexts, UpstreamContexts
 from agent.fallback.flow_records import Side
 from agent.fallback.owners import SocketOwners
 from agent.fallback.proxy import TlsProxy
+from agent.fallback.rules import InterceptRules
 from agent.records.record import Record
 from agent.records.writer import RecordWriter, new_agent_id
 from agent.sinks.base import Sink
@@ -82,7 +83,7 @@ class ProxySession:
         self.stop_event = threading.Event()
         self._out = RecordWriter(sinks, options.agent_id, options.node)
         self._listeners: list[tuple[socket.socket, Side]] = []
-        self._rules_installed = False
+        self._rules: InterceptRules | None = None  # set once their install is attempted
         self._proxy: TlsProxy | None = None
         self._leaves: LeafCache | None = None
 
@@ -110,7 +111,7 @@ class ProxySession:
             max_capture=self.options.max_capture,
             owners=SocketOwners(),
         )
-        self._rules_installed = True  # a partial install is removed in close()
+        self._rules = rules  # a partial install is removed in close() too
         families = iptables.install(rules)
         log.info(
             "proxy mode: redirecting %s to the proxy (IPv%s); CA in %s",
@@ -148,12 +149,12 @@ class ProxySession:
 
     def close(self) -> None:
         """Remove the rules, close the listeners, write the stats record."""
-        if self._rules_installed:
+        if self._rules is not None:
             try:
-                iptables.remove(self.options.config.intercept_rules().chain_prefix)
+                iptables.remove(self._rules.chain_prefix)
             except iptables.IptablesError as exc:
                 log.error("could not remove the interception rules: %s", exc)
-            self._rules_installed = False
+            self._rules = None
         for sock, _ in self._listeners:
             sock.close()
         self._listeners.clear()
