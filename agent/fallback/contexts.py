@@ -90,7 +90,7 @@ class LeafCache:
         """The cached leaf for `name` (a DNS name or an IP address), minted when needed."""
         with self._lock:
             cached = self._leaves.get(name)
-            if cached is not None and cached.not_after - self._clock() > self.renew_before:
+            if cached is not None and self._fresh(cached):
                 self._leaves.move_to_end(name)
                 self.hits += 1
                 return cached
@@ -104,6 +104,10 @@ class LeafCache:
                 for key in [k for k in self._contexts if k[0] == old]:
                     del self._contexts[key]
         return issued
+
+    def _fresh(self, leaf: IssuedCert) -> bool:
+        """Still far enough from expiry to hand out (else it is re-issued)."""
+        return leaf.not_after - self._clock() > self.renew_before
 
     def _issue(self, name: str) -> IssuedCert:
         try:
@@ -123,7 +127,7 @@ class LeafCache:
             cached = self._contexts.get((name, alpn))
             if leaf is None or cached is None or cached[0] != leaf.not_after:
                 return None
-            if leaf.not_after - self._clock() <= self.renew_before:
+            if not self._fresh(leaf):
                 return None
             self.hits += 1
             return cached[1]

@@ -67,18 +67,23 @@ def run_program(
     return out.returncode, json.loads(lines[-1])
 
 
-def start_program(lab: NetnsLab, ns: str, name: str, *args: str) -> subprocess.Popen:
-    """Start a long-running helper in `ns` and wait for its "ready" line."""
+def start_ready(lab: NetnsLab, ns: str, argv: list[str], **kwargs) -> subprocess.Popen:
+    """Start a long-running program in `ns` and wait for its "ready" line."""
     proc = lab.popen(
-        ns, [sys.executable, str(PROGRAMS / name), *args],
-        cwd=REPO, env=program_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
     )  # fmt: skip
     line = proc.stdout.readline().strip()
     if line != "ready":
         proc.kill()
         _, err = proc.communicate(timeout=10)
-        raise AssertionError(f"{name} did not start: {line!r}\n{err}")
+        raise AssertionError(f"{Path(argv[0]).name} did not start: {line!r}\n{err}")
     return proc
+
+
+def start_program(lab: NetnsLab, ns: str, name: str, *args: str) -> subprocess.Popen:
+    """Start a long-running helper from tests/fallback/programs in `ns`."""
+    argv = [sys.executable, str(PROGRAMS / name), *args]
+    return start_ready(lab, ns, argv, cwd=REPO, env=program_env())
 
 
 @pytest.fixture

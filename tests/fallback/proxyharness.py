@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.certs.authority import CertificateAuthority
 from tests import golang
-from tests.fallback.conftest import PROGRAMS, REPO, program_env
+from tests.fallback.conftest import PROGRAMS, REPO, program_env, run_program, start_ready
 from tests.netns import NetnsLab
 
 SERVER_NAME = "api.lab.test"
@@ -70,18 +70,8 @@ def echo_server_binary() -> Path | str:
 def start_echo(
     lab: NetnsLab, binary: Path, port: int, cert: Path, key: Path, *extra: str
 ) -> subprocess.Popen:
-    proc = lab.popen(
-        lab.server,
-        [str(binary), "-listen", f":{port}", "-cert", str(cert), "-key", str(key), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline().strip()
-    if line != "ready":
-        proc.kill()
-        raise AssertionError(f"https_echo did not start: {line!r} {proc.communicate()[1]}")
-    return proc
+    argv = [str(binary), "-listen", f":{port}", "-cert", str(cert), "-key", str(key), *extra]
+    return start_ready(lab, lab.server, argv)
 
 
 class ProxyAgent:
@@ -146,13 +136,7 @@ class ProxyAgent:
 
 def run_client(lab: NetnsLab, *args: str, timeout: float = 60) -> dict:
     """tests/fallback/programs/tls_client.py in the client namespace; its JSON report."""
-    out = lab.run(
-        lab.client, [sys.executable, str(PROGRAMS / "tls_client.py"), *args],
-        cwd=REPO, env=program_env(), timeout=timeout,
-    )  # fmt: skip
-    lines = out.stdout.strip().splitlines()
-    assert lines, f"tls_client printed nothing (rc {out.returncode}):\n{out.stderr}"
-    report = json.loads(lines[-1])
+    _, report = run_program(lab, lab.client, "tls_client.py", *args, timeout=timeout)
     report["sent"] = base64.b64decode(report.pop("sent_b64"))
     report["received"] = base64.b64decode(report.pop("received_b64"))
     return report
