@@ -159,14 +159,16 @@ def prepare_bcc_env() -> None:
         os.environ["BCC_KERNEL_SOURCE"] = str(source)
 
 
-def kill_tree(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
+def kill_tree(
+    proc: subprocess.Popen | None, sig: int = signal.SIGKILL, timeout: float = 10.0
+) -> None:
     """Kill a process we started (its own pid only) and reap it."""
     if proc is None or proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, sig)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+        proc.wait(timeout=timeout)
 
 
 # -- other tracers on the machine ---------------------------------------------------

@@ -211,14 +211,8 @@ def find_mitmdump() -> str | None:
 
 def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
     """Signal a process we started (by its pid), wait, SIGKILL it if it does not go."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        bl.kill_tree(proc)
+    bl.kill_tree(proc, sig, timeout)
+    bl.kill_tree(proc)
 
 
 def wait_line(proc: subprocess.Popen, want: str, timeout: float) -> None:
