@@ -49,7 +49,7 @@ EMPTY_PROBE = "int probe(struct pt_regs *ctx) { return 0; }"
 # OpenSSL makes inside it; with --bpf-stats their run times add up to a per-call cost.
 SSL_WRITE_PROGRAMS = {
     "probe_ssl_write_enter": "SSL_write entry",
-    "probe_ssl_return": "return",
+    "probe_tls_return": "return",
     "tracepoint__syscalls__sys_enter_write": "sys_enter_write",
 }
 

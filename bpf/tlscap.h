@@ -47,7 +47,7 @@ enum event_kind {
 };
 
 enum direction { DIR_EGRESS = 0, DIR_INGRESS = 1 };
-enum source { SRC_OPENSSL = 1, SRC_GOTLS = 2 };
+enum source { SRC_OPENSSL = 1, SRC_GOTLS = 2, SRC_GNUTLS = 3, SRC_NSS = 4 };
 enum role { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 
 // Counters (per-CPU, summed in user space).  Every place data can be dropped
@@ -62,7 +62,8 @@ enum counter {
     CNT_TRUNCATED_BYTES = 6,
     CNT_NESTED = 7,         // SSL calls made inside another traced SSL call
     CNT_GO_FD_FALLBACK = 8, // Go calls whose fd the *tls.Conn walk could not give
-    CNT_MAX = 9,
+    CNT_NSS_PLAIN = 9,      // NSPR calls on descriptors without a TLS layer: not recorded
+    CNT_MAX = 10,
 };
 
 #define AF_INET_ 2

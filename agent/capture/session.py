@@ -24,7 +24,7 @@ from agent.flows.table import FlowTable
 from agent.probes.bpf_program import BpfProgram, ProbeSettings
 from agent.probes.go_binary import GoBinaryError, GoBinaryUnsupported, analyze_go_tls
 from agent.probes.gotls import attach_gotls
-from agent.probes.openssl import attach_openssl
+from agent.probes.library_probes import attach_library
 from agent.probes.targets import TargetScanner, TlsLibrary, list_pids
 from agent.records.record import Record
 from agent.records.writer import RecordWriter, new_agent_id
@@ -156,7 +156,7 @@ class CaptureSession:
             if attached is None:
                 return  # not a failure: a Go program without crypto/tls, or refused (logged)
         else:
-            attached = attach_openssl(self._program, lib.host_path, lib.symbols)
+            attached = attach_library(self._program, lib)
         if attached:
             self.stats.targets_attached += 1
             log.info("probing %s (%s: %s)", lib.path, lib.kind, ", ".join(attached))

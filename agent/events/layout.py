@@ -15,7 +15,7 @@ EV_EXIT = 5
 DIR_EGRESS = 0
 DIR_INGRESS = 1
 
-SOURCES = {1: "openssl", 2: "gotls"}
+SOURCES = {1: "openssl", 2: "gotls", 3: "gnutls", 4: "nss"}
 ROLES = {0: "unknown", 1: "client", 2: "server"}
 
 AF_INET = 2
@@ -32,6 +32,7 @@ COUNTERS = (
     "truncated_bytes",
     "nested_calls",
     "go_fd_fallbacks",
+    "nss_plain_calls",
 )
 
 

@@ -30,7 +30,16 @@ log = logging.getLogger(__name__)
 # family; sockets.c's fd learning reaches into gotls.c's per-goroutine calls, so
 # it comes after.  bcc only rewrites map operations in the main source text, so
 # the files are joined rather than #included.
-BPF_SOURCES = ("tlscap.h", "calls.c", "openssl.c", "gotls.c", "sockets.c", "process.c")
+BPF_SOURCES = (
+    "tlscap.h",
+    "calls.c",
+    "openssl.c",
+    "gnutls.c",
+    "nss.c",
+    "gotls.c",
+    "sockets.c",
+    "process.c",
+)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -97,14 +106,18 @@ class BpfProgram:
     # -- probes -------------------------------------------------------------
 
     def attach_uprobe(
-        self, path: str, where: str | int, entry_fn: str, return_fn: str | None
+        self, path: str, where: str | int, entry_fn: str | None, return_fn: str | None
     ) -> None:
-        """Attach an entry (and optionally return) probe to a function in a file,
+        """Attach an entry probe, a return probe, or both to a function in a file,
         named by symbol or by virtual address.
 
         Raises whatever bcc raises (the caller logs and skips that target).
         """
         at = _uprobe_location(where)
+        if entry_fn is None:
+            if return_fn:
+                self._bpf.attach_uretprobe(name=path, fn_name=return_fn, **at)
+            return
         self._bpf.attach_uprobe(name=path, fn_name=entry_fn, **at)
         if return_fn:
             try:

@@ -1,5 +1,5 @@
 """Target discovery: which files on this node get TLS uprobes (OpenSSL-family
-libraries, executables with OpenSSL linked in, Go executables).
+libraries, executables with OpenSSL linked in, GnuTLS, NSS/NSPR, Go executables).
 
 A uprobe is attached to an inode, and fires in every process that maps that file, so
 the unit of work here is a distinct file — ``(st_dev, st_ino)`` — never a process. A
@@ -24,6 +24,7 @@ from typing import Literal
 
 from agent.probes.elf_symbols import ElfError, find_symbols
 from agent.probes.go_binary import is_go_binary
+from agent.probes.library_probes import OPENSSL_PROBES, PROBED_SYMBOLS
 
 __all__ = [
     "TLS_FUNCTIONS",
@@ -36,18 +37,27 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TLS_FUNCTIONS = frozenset({"SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex"})
+TLS_FUNCTIONS = frozenset(p.symbol for p in OPENSSL_PROBES)  # OpenSSL's data functions
 # The _ex variants alone don't make a static TLS stack: BoringSSL has neither, and
 # OpenSSL builds always define the plain pair too.
 _STATIC_MARKERS = frozenset({"SSL_write", "SSL_read"})
+# A file defining any of these is a GnuTLS, or an NSS/NSPR, library. NSS's pieces are
+# found by symbol rather than name: Firefox folds NSPR and libssl3 into its libnss3.so.
+_GNUTLS_MARKERS = frozenset({"gnutls_record_recv", "gnutls_record_send"})
+_NSS_MARKERS = frozenset({"PR_Read", "PR_Write", "SSL_ImportFD"})
 
 # libssl.so, libssl.so.3, libssl.so.1.1, and auditwheel-vendored copies such as
 # libssl-8ab2c3d4.so.1.1 — but not NSS's libssl3.so, which has no SSL_write.
 _LIBSSL_NAME = re.compile(r"libssl(?:-[0-9a-f]+)?\.so(?:\.[0-9.]+)?")
+# Shared TLS libraries probed up front (system_libraries), before anything maps them.
+_SYSTEM_TLS_NAME = re.compile(
+    r"libssl(?:-[0-9a-f]+)?\.so(?:\.[0-9.]+)?|libgnutls\.so(?:\.[0-9.]+)?"
+    r"|libnspr4\.so|libssl3\.so|libnss3\.so"
+)
 
 _DELETED = " (deleted)"
 
-LibraryKind = Literal["libssl", "static", "go"]
+LibraryKind = Literal["libssl", "static", "gnutls", "nss", "go"]
 
 
 def is_libssl_name(path: str) -> bool:
@@ -64,7 +74,7 @@ class TlsLibrary:
     dev: int  # st_dev of host_path: together with ino, the file's identity
     ino: int
     kind: LibraryKind
-    symbols: frozenset[str]  # which of TLS_FUNCTIONS the file defines
+    symbols: frozenset[str]  # which of the probed functions (PROBED_SYMBOLS) the file defines
 
 
 @dataclass(frozen=True)
@@ -214,14 +224,15 @@ class TargetScanner:
         return found
 
     def system_libraries(self) -> list[TlsLibrary]:
-        """New ``libssl`` copies installed on the host, whether or not anything maps them.
+        """New TLS libraries (libssl, libgnutls, NSS's libnspr4/libssl3/libnss3) installed
+        on the host, whether or not anything maps them.
 
         Probing them up front covers processes started later without waiting for a scan
         to notice them: the uprobe is already on the file they load.
         """
         root = self._resolve_host_root()
         by_key: dict[tuple[int, int], tuple[str, str, os.stat_result]] = {}
-        for path in self._system_libssl_paths(root):
+        for path in self._system_library_paths(root):
             host_path = _join_root(root, path)
             try:
                 st = os.stat(host_path)
@@ -286,7 +297,7 @@ class TargetScanner:
         if known is not None and known.fingerprint == fingerprint:
             return None  # judged before, and reported then if it is a TLS library
         try:
-            symbols = frozenset(find_symbols(host_path, TLS_FUNCTIONS))
+            symbols = frozenset(find_symbols(host_path, PROBED_SYMBOLS))
         except ElfError as e:
             if isinstance(e.__cause__, OSError):
                 # About this attempt (permissions, a process that just exited), not about
@@ -305,12 +316,16 @@ class TargetScanner:
         where: str, path: str, host_path: str, key: tuple[int, int], symbols: frozenset[str]
     ) -> TlsLibrary | None:
         if is_libssl_name(path):
-            if not symbols:
+            if not symbols & TLS_FUNCTIONS:
                 log.info("%s: not probed: named like libssl but defines no SSL_read/write", where)
                 return None
             kind: LibraryKind = "libssl"
         elif symbols & _STATIC_MARKERS:
             kind = "static"
+        elif symbols & _GNUTLS_MARKERS:
+            kind = "gnutls"
+        elif symbols & _NSS_MARKERS:
+            kind = "nss"
         elif is_go_binary(host_path):
             # Go's TLS lives in the executable, under Go's own names: whether it
             # is used, and where, is for the Go attach step to find out.
@@ -329,14 +344,14 @@ class TargetScanner:
         # init's root is not ours to read) the agent's own root is the best guess.
         return init_root if os.path.isdir(init_root) else "/"
 
-    def _system_libssl_paths(self, root: str) -> list[str]:
+    def _system_library_paths(self, root: str) -> list[str]:
         paths = self._ldconfig_paths(root) if self._use_ldconfig else []
         for directory in self._library_dirs or _default_library_dirs():
             try:
                 names = sorted(os.listdir(_join_root(root, directory)))
             except OSError:
                 continue
-            paths.extend(os.path.join(directory, n) for n in names if _LIBSSL_NAME.fullmatch(n))
+            paths.extend(os.path.join(directory, n) for n in names if _SYSTEM_TLS_NAME.fullmatch(n))
         return paths
 
     def _ldconfig_paths(self, root: str) -> list[str]:
@@ -360,12 +375,12 @@ class TargetScanner:
 
 
 def _parse_ldconfig(text: str) -> list[str]:
-    """libssl paths from ``ldconfig -p`` lines like
+    """TLS library paths from ``ldconfig -p`` lines like
     ``libssl.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so.3``."""
     paths = []
     for line in text.split("\n"):
         name, sep, path = line.strip().partition(" => ")
-        if sep and _LIBSSL_NAME.fullmatch(name.split(" ", 1)[0]) and path.startswith("/"):
+        if sep and _SYSTEM_TLS_NAME.fullmatch(name.split(" ", 1)[0]) and path.startswith("/"):
             paths.append(path)
     return paths
 

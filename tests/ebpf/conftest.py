@@ -233,3 +233,67 @@ def run_program(name: str, *args: str, env: dict | None = None, timeout: float =
     )  # fmt: skip
     assert out.returncode == 0, f"{name} failed:\n{out.stdout}\n{out.stderr}"
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class TruthServer:
+    """A running programs/https_truth_server.py: what it received and sent is the truth."""
+
+    proc: subprocess.Popen
+    port: int
+
+    def wait_received(self) -> None:
+        """--hold: block until the server has a request."""
+        assert self.proc.stdout.readline() == "received\n"
+
+    def release(self) -> None:
+        """--hold: let the server answer."""
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float = 30) -> list[dict]:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, f"truth server failed:\n{err}"
+        return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def truth_server(tls_cert: tuple[Path, Path]) -> Iterator:
+    """truth_server(count=1, body_size=3000, host=..., hold=False) -> a started TruthServer."""
+    procs: list[subprocess.Popen] = []
+
+    def start(
+        count: int = 1, body_size: int = 3000, host: str = "127.0.0.1", hold: bool = False
+    ) -> TruthServer:
+        cert, key = tls_cert
+        proc = subprocess.Popen(
+            [sys.executable, str(PROGRAMS / "https_truth_server.py"), str(cert), str(key),
+             "--count", str(count), "--body-size", str(body_size), "--host", host,
+             *(["--hold"] if hold else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE if hold else subprocess.DEVNULL,
+        )  # fmt: skip
+        procs.append(proc)
+        line = proc.stdout.readline()
+        assert line.startswith("ready "), f"truth server did not start: {line!r}"
+        return TruthServer(proc, int(line.split()[1]))
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def assert_client_capture(cap: Capture, comm: str, source: str, truth: dict, port: int) -> str:
+    """The one connection `comm` made carries exactly the bytes the truth server got and
+    sent, with the right tuple and source; returns its conn_id."""
+    (conn,) = cap.conns(comm=comm)
+    assert cap.stream(conn, "egress") == base64.b64decode(truth["received_b64"])
+    assert cap.stream(conn, "ingress") == base64.b64decode(truth["sent_b64"])
+    first = cap.data(conn_id=conn)[0]
+    assert first["source"] == source
+    assert first["role"] == "client"
+    assert first["remote"]["port"] == port
+    assert [first["local"]["ip"], first["local"]["port"]] == truth["peer"]
+    return conn

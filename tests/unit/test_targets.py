@@ -120,10 +120,18 @@ def test_parse_ldconfig() -> None:
         "\tlibssl.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so.3\n"
         "\tlibssl.so (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so\n"
         "\tlibc.so.6 (libc6,x86-64, OS ABI: Linux 3.2.0) => /lib/x86_64-linux-gnu/libc.so.6\n"
+        "\tlibgnutls.so.30 (libc6,x86-64) => /lib/x86_64-linux-gnu/libgnutls.so.30\n"
+        "\tlibgnutls-dane.so.0 (libc6,x86-64) => /lib/x86_64-linux-gnu/libgnutls-dane.so.0\n"
+        "\tlibnspr4.so (libc6,x86-64) => /lib/x86_64-linux-gnu/libnspr4.so\n"
+        "\tlibplc4.so (libc6,x86-64) => /lib/x86_64-linux-gnu/libplc4.so\n"
     )
+    # NSS's libssl3 is listed: its SSL_ImportFD is probed (for the NSPR probes' sake).
     assert _parse_ldconfig(text) == [
+        "/lib/x86_64-linux-gnu/libssl3.so",
         "/lib/x86_64-linux-gnu/libssl.so.3",
         "/lib/x86_64-linux-gnu/libssl.so",
+        "/lib/x86_64-linux-gnu/libgnutls.so.30",
+        "/lib/x86_64-linux-gnu/libnspr4.so",
     ]
 
 
@@ -342,7 +350,18 @@ def test_system_libraries_on_this_host(proc: FakeProc) -> None:
     [lib] = [lib for lib in found if (lib.dev, lib.ino) == (st.st_dev, st.st_ino)]
     assert lib.kind == "libssl" and lib.symbols == TLS_FUNCTIONS
     assert lib.host_path == lib.path and os.path.basename(lib.path) == "libssl.so.3"
-    assert not any(os.path.basename(x.path) == "libssl3.so" for x in found)  # NSS
+    kinds = {os.path.basename(x.path): x.kind for x in found}
+    # NSS's libssl3 is not OpenSSL: it is probed for SSL_ImportFD only, as an NSS file.
+    if Path("/lib/x86_64-linux-gnu/libssl3.so").exists():
+        assert kinds["libssl3.so"] == "nss"
+        [nss_ssl] = [x for x in found if os.path.basename(x.path) == "libssl3.so"]
+        assert nss_ssl.symbols == {"SSL_ImportFD"}
+    if Path("/lib/x86_64-linux-gnu/libnspr4.so").exists():
+        assert kinds["libnspr4.so"] == "nss"
+    if Path("/lib/x86_64-linux-gnu/libgnutls.so.30").exists():
+        # Named by the real file, not the soname symlink: libgnutls.so.30.34.3
+        assert [k for name, k in kinds.items() if name.startswith("libgnutls.so.30")] == ["gnutls"]
+    assert "libnss3.so" not in kinds  # Debian's does not fold NSPR and libssl3 in
     assert s.system_libraries() == []
 
     # A process that maps the system libssl later brings nothing new to attach.
