@@ -7,7 +7,7 @@ import logging
 import sys
 
 from agent import __version__
-from agent.cli import ca, certs, collector, run, tail
+from agent.cli import ca, certs, collector, run, tail, targets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_parser(sub)
     certs.add_parser(sub)
     ca.add_parser(sub)
+    targets.add_parser(sub)
     return parser
 
 

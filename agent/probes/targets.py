@@ -190,29 +190,38 @@ class TargetScanner:
 
     def scan_pid(self, pid: int) -> list[TlsLibrary]:
         """TLS libraries mapped by ``pid`` that this scanner has not reported before."""
+        return self._libraries_of(pid, only_new=True)
+
+    def libraries_of(self, pid: int) -> list[TlsLibrary]:
+        """Every TLS library mapped by ``pid``, reported before or not (for inventories)."""
+        return self._libraries_of(pid, only_new=False)
+
+    def _libraries_of(self, pid: int, only_new: bool) -> list[TlsLibrary]:
         if pid in self.exclude_pids:
             return []
-        maps_path = f"{self.proc_root}/{pid}/maps"
-        try:
-            with open(maps_path, encoding="utf-8", errors="surrogateescape") as f:
-                text = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            log.debug("pid %d: skipped: exited before %s could be read", pid, maps_path)
-            return []
-        except OSError as e:
-            log.warning("pid %d: skipped: cannot read %s: %s", pid, maps_path, e.strerror or e)
-            return []
-
+        mappings = self.read_maps(pid)
         found = []
         considered: set[tuple[int, int]] = set()
-        for mapping in parse_maps(text):
+        for mapping in mappings or ():
             if not mapping.is_executable_file or (mapping.dev, mapping.inode) in considered:
                 continue
             considered.add((mapping.dev, mapping.inode))
-            library = self._consider_mapping(pid, mapping)
+            library = self._consider_mapping(pid, mapping, only_new)
             if library is not None:
                 found.append(library)
         return found
+
+    def read_maps(self, pid: int) -> list[Mapping] | None:
+        """The parsed /proc/<pid>/maps, or None (logged) when it cannot be read."""
+        maps_path = f"{self.proc_root}/{pid}/maps"
+        try:
+            with open(maps_path, encoding="utf-8", errors="surrogateescape") as f:
+                return parse_maps(f.read())
+        except (FileNotFoundError, ProcessLookupError):
+            log.debug("pid %d: skipped: exited before %s could be read", pid, maps_path)
+        except OSError as e:
+            log.warning("pid %d: skipped: cannot read %s: %s", pid, maps_path, e.strerror or e)
+        return None
 
     def scan_all(self, pids: Iterable[int] | None = None) -> list[TlsLibrary]:
         """New TLS libraries of ``pids``, or of every process under ``proc_root``."""
@@ -259,7 +268,7 @@ class TargetScanner:
 
     # -- one file ---------------------------------------------------------------------
 
-    def _consider_mapping(self, pid: int, mapping: Mapping) -> TlsLibrary | None:
+    def _consider_mapping(self, pid: int, mapping: Mapping, only_new: bool) -> TlsLibrary | None:
         assert mapping.path is not None
         where = f"pid {pid}: {mapping.path}"
         if mapping.deleted:
@@ -286,16 +295,17 @@ class TargetScanner:
                 st.st_ino,
             )
             return None
-        return self._consider_file(where, mapping.path, host_path, st)
+        return self._consider_file(where, mapping.path, host_path, st, only_new)
 
     def _consider_file(
-        self, where: str, path: str, host_path: str, st: os.stat_result
+        self, where: str, path: str, host_path: str, st: os.stat_result, only_new: bool = True
     ) -> TlsLibrary | None:
         key = (st.st_dev, st.st_ino)
         fingerprint = (st.st_size, st.st_mtime_ns)
         known = self._verdicts.get(key)
         if known is not None and known.fingerprint == fingerprint:
-            return None  # judged before, and reported then if it is a TLS library
+            # Judged before, and reported then if it is a TLS library.
+            return None if only_new else known.library
         try:
             symbols = frozenset(find_symbols(host_path, PROBED_SYMBOLS))
         except ElfError as e:
