@@ -1,6 +1,7 @@
 """Run the tlscap benchmarks (`make bench`): per-call overhead and capture throughput, for
-OpenSSL's SSL_write and Go's crypto/tls.(*Conn).Write, the collector path, and HTTPS
-requests/s through proxy mode next to mitmproxy.
+OpenSSL's SSL_write and Go's crypto/tls.(*Conn).Write, the collector path, HTTPS
+requests/s through proxy mode next to mitmproxy, and what capture costs OpenSSL, GnuTLS
+and NSS clients downloading a file.
 
 Prints each benchmark's table and a short summary; --json prints everything as one
 JSON object instead, and --save writes it to bench/results/<benchmark>-<date>.json.
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl
 import collector_path
 import gotls_overhead
+import library_overhead
 import overhead
 import proxy_overhead
 import throughput
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     cp = run_one(title, collector_path, cp_args)
     px_args = ["--quick", *quiet] if args.quick else [*quiet]
     px = run_one("proxy mode vs mitmproxy (HTTPS requests/s)", proxy_overhead, px_args)
+    lib_args = ["--size-mb", "8" if args.quick else "32", "--rounds", "1" if args.quick else "3"]
+    libs = run_one("OpenSSL / GnuTLS / NSS clients, download with and without capture",
+                   library_overhead, lib_args)  # fmt: skip
 
     s = ov["summary"]
     modes = s["modes"]
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             for x in cp["latency"]
         },
         "proxy_mode": proxy_summary(px),
+        "library_download_time_ratio": {
+            lib: round(r["ratio_with_over_without"], 2) for lib, r in libs["libraries"].items()
+        },
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
     everything = {
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "gotls_throughput": go_tp,
         "collector_path": cp,
         "proxy_overhead": px,
+        "library_overhead": libs,
     }
     if args.save:
         out = bl.BENCH_DIR / "results" / f"all-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -159,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt_ratio(v['tlscap_vs_direct'])}, tlscap/mitmproxy "
             f"{fmt_ratio(v['tlscap_vs_mitmproxy'])}"
         )
+    ratios = ", ".join(f"{lib} x{r}" for lib, r in summary["library_download_time_ratio"].items())
+    print(f"download time with capture / without: {ratios}")
     return 0
 
 
