@@ -30,9 +30,9 @@ packages=(
     iptables iproute2 curl openssl ca-certificates
     python3-venv gcc libssl-dev make
     golang-go binutils
-    # GnuTLS and NSS programs the capture tests drive (wget, gnutls-serv, an NSS
-    # client built against libnss3-dev), and a JVM for `tlscap targets`' tests
-    wget gnutls-bin libnss3-dev libnspr4-dev libnss3-tools default-jre-headless
+    # GnuTLS and NSS programs the capture tests drive (wget, gnutls-serv, NSS's
+    # tstclnt/httpserv), and a JVM for `tlscap targets`' tests
+    wget gnutls-bin libnss3-tools default-jre-headless
     # `vagrant validate` of the lab's Vagrantfile (no VM provider is needed for it)
     vagrant
 )
