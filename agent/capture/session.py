@@ -21,6 +21,8 @@ from agent.events.calls import CallAssembler, TlsCall
 from agent.events.decode import DataChunk, DecodeError, ProcessEvent, SocketClosed, decode_event
 from agent.flows.resolve import SocketResolver
 from agent.flows.table import FlowTable
+from agent.health.liveness import Liveness
+from agent.k8s.attribution import Attribution
 from agent.probes.bpf_program import BpfProgram, ProbeSettings
 from agent.probes.go_binary import GoBinaryError, GoBinaryUnsupported, analyze_go_tls
 from agent.probes.gotls import attach_gotls
@@ -102,10 +104,11 @@ class CaptureSession:
         program: BpfProgram | None = None,
         scanner: TargetScanner | None = None,
         resolver: SocketResolver | None = None,
+        attribution: Attribution | None = None,
     ) -> None:
         self.options = options
         self.sinks = sinks
-        self._out = RecordWriter(sinks, options.agent_id, options.node)
+        self._out = RecordWriter(sinks, options.agent_id, options.node, attribution)
         self._program = program
         self._scanner = scanner or TargetScanner(exclude_pids={os.getpid()})
         self._wall = mono_to_wall_clock()
@@ -116,6 +119,7 @@ class CaptureSession:
         self.stats = AgentStats()
         self.stop_event = threading.Event()
         self.failure: Exception | None = None
+        self.liveness = Liveness()
 
     # -- setup --------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class CaptureSession:
             self._attach(lib)
         self._adopt_existing_connections(initial_pids)
         log.info("attached to %d file(s)", self.stats.targets_attached)
+        self.liveness.mark_ready()
         if opts.ready_file:
             opts.ready_file.write_text(f"{os.getpid()}\n")
 
@@ -192,6 +197,7 @@ class CaptureSession:
         if self.options.duration is not None:
             deadline = time.monotonic() + self.options.duration
         while not self.stop_event.is_set():
+            self.liveness.beat()
             self._program.drain(self.options.poll_ms)
             self._attach_new_targets()
             self._emit(self._calls.flush(older_than_mono_ns=time.monotonic_ns() - STALE_CALL_NS))
@@ -262,6 +268,7 @@ class CaptureSession:
         elif isinstance(event, ProcessEvent):
             if event.kind == "exit":
                 self._emit_records(self._flows.on_exit(event.tgid, event.ts_mono_ns))
+                self._out.process_exited(event.tgid)
             else:
                 self._rescan.add(event.tgid)
 

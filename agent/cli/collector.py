@@ -10,12 +10,13 @@ from pathlib import Path
 
 from agent.cli import tls_options
 from agent.cli.argtypes import parse_duration, parse_size, positive_int
+from agent.cli.config_file import add_config_argument
 from agent.cli.errors import fail
 
 log = logging.getLogger(__name__)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "collector",
         help="receive records from agents over gRPC, store them, serve `tlscap tail`",
@@ -71,7 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     tls_options.add_tls_arguments(p, server=True)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    add_config_argument(p)
     p.set_defaults(handler=collector_command)
+    return p
 
 
 def collector_command(args: argparse.Namespace) -> int:

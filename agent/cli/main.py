@@ -8,6 +8,7 @@ import sys
 
 from agent import __version__
 from agent.cli import ca, certs, collector, run, tail, targets
+from agent.cli.config_file import ConfigFileError, expand_argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,8 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tlscap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run.add_parser(sub)
-    collector.add_parser(sub)
+    # These two take --config FILE and TLSCAP_<OPTION> variables (config_file.py).
+    parser.configurable = {"run": run.add_parser(sub), "collector": collector.add_parser(sub)}
     tail.add_parser(sub)
     certs.add_parser(sub)
     ca.add_parser(sub)
@@ -27,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in parser.configurable:
+        try:
+            argv = [argv[0], *expand_argv(parser.configurable[argv[0]], argv[1:])]
+        except ConfigFileError as exc:
+            parser.configurable[argv[0]].error(str(exc))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG

@@ -13,16 +13,19 @@ from pathlib import Path
 from agent.capture.session import CaptureOptions, CaptureSession
 from agent.cli import proxy_options, tls_options
 from agent.cli.argtypes import parse_size, positive_float
+from agent.cli.config_file import add_config_argument
 from agent.cli.errors import fail
 from agent.fallback.config import ConfigError
 from agent.fallback.session import ProxyOptions, ProxySession
+from agent.health.server import HealthServer, ListenError, parse_listen
+from agent.k8s.attribution import AttributionError, start_attribution
 from agent.probes import preflight
 from agent.probes.kernel_headers import KernelHeadersMissing, bcc_environment
 
 log = logging.getLogger(__name__)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="capture TLS plaintext on this host")
     p.add_argument(
         "--mode",
@@ -87,8 +90,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     tls_options.add_tls_arguments(export, server=False)
     proxy_options.add_proxy_arguments(p)
+    k8s = p.add_argument_group("Kubernetes: pod metadata and opt-in by annotation")
+    k8s.add_argument(
+        "--k8s-metadata",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="put pod name, namespace and labels on records, from the API server "
+        "(auto: when in a cluster or a kubeconfig is found; on: required; off: never). "
+        "Container ids, from /proc/<pid>/cgroup, are always there",
+    )
+    k8s.add_argument(
+        "--kubeconfig", metavar="FILE", help="kubeconfig for running outside a cluster"
+    )
+    k8s.add_argument(
+        "--capture-scope",
+        choices=("node", "annotated"),
+        default="node",
+        help="node: every process (default); annotated: only pods annotated (or in a "
+        'namespace annotated) tlscap.io/capture: "true"',
+    )
+    p.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz and Prometheus /metrics here (e.g. 0.0.0.0:9090)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    add_config_argument(p)
     p.set_defaults(handler=run_command)
+    return p
 
 
 def open_sinks(args: argparse.Namespace) -> list:
@@ -131,6 +160,11 @@ def open_sinks(args: argparse.Namespace) -> list:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.health_listen:
+        try:
+            parse_listen(args.health_listen)
+        except ValueError as exc:
+            return fail(f"--health-listen: {exc}")
     for pid in args.pid:
         if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
             return fail(f"no such process: --pid {pid}")
@@ -145,6 +179,13 @@ def run_command(args: argparse.Namespace) -> int:
             return fail(str(exc))
         except OSError as exc:
             return fail(f"cannot read --proxy-config: {exc}")
+
+    try:
+        attribution = start_attribution(
+            args.k8s_metadata, args.capture_scope, args.node, args.kubeconfig
+        )
+    except AttributionError as exc:
+        return fail(str(exc))
 
     options = CaptureOptions(
         pids=args.pid,
@@ -173,7 +214,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     session: CaptureSession | ProxySession
     if program is not None:
-        session = CaptureSession(options, sinks, program=program)
+        session = CaptureSession(options, sinks, program=program, attribution=attribution)
     else:
         assert proxy_config is not None
         if args.pid or args.comm:
@@ -190,8 +231,26 @@ def run_command(args: argparse.Namespace) -> int:
                 extra_excludes=excludes,
             ),
             sinks,
+            attribution,
         )
-    return _drive(session)
+    health = None
+    if args.health_listen:
+        health = HealthServer(
+            args.health_listen,
+            snapshot=session.summary,
+            ready=lambda: session.liveness.ready,
+            alive=session.liveness.alive,
+        )
+        try:
+            health.start()
+        except ListenError as exc:
+            return fail(str(exc))
+        log.info("health and metrics on http://%s:%d/", *health.address)
+    try:
+        return _drive(session)
+    finally:
+        if health is not None:
+            health.stop()
 
 
 class EbpfUnavailable(RuntimeError):

@@ -57,7 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--agent-id", action="append", default=[], help="records from this agent run")
     f.add_argument("--pid", type=int, action="append", default=[], help="process id")
     f.add_argument("--comm", action="append", default=[], help="process name")
-    f.add_argument("--source", action="append", default=[], help="openssl, gotls, proxy, ...")
+    f.add_argument(
+        "--source", action="append", default=[], help="openssl, gnutls, nss, gotls, proxy"
+    )
     f.add_argument("--direction", choices=DIRECTIONS, action="append", default=[])
     f.add_argument("--type", choices=TYPES, action="append", default=[], help="record type")
     f.add_argument("--conn-id", action="append", default=[], help="one connection")
@@ -65,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--remote-port", type=_port, action="append", default=[])
     f.add_argument("--local-ip", type=_ip, action="append", default=[])
     f.add_argument("--local-port", type=_port, action="append", default=[])
+    f.add_argument("--namespace", action="append", default=[], help="Kubernetes namespace")
+    f.add_argument("--pod", action="append", default=[], help="Kubernetes pod name")
+    f.add_argument("--container-id", action="append", default=[], help="container id (64 hex)")
     tls_options.add_tls_arguments(p, server=False)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     p.set_defaults(handler=tail_command)
@@ -101,6 +106,9 @@ def filter_from_args(args: argparse.Namespace) -> RecordFilter:
         local_ports=frozenset(args.local_port),
         since_ns=args.since or 0,
         until_ns=args.until or 0,
+        namespaces=frozenset(args.namespace),
+        pods=frozenset(args.pod),
+        container_ids=frozenset(args.container_id),
         **kwargs,
     )
 

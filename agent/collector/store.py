@@ -23,7 +23,7 @@ from typing import NamedTuple
 from agent.records.filter import RecordFilter
 from agent.records.record import Record
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # PRAGMA application_id: tells our file apart from any other SQLite database.
 APPLICATION_ID = 0x544C5343  # "TLSC"
 
@@ -49,6 +49,9 @@ CREATE TABLE {_TABLE} (
     remote_port INTEGER,
     conn_id TEXT NOT NULL,
     wire BLOB NOT NULL,
+    container_id TEXT,  -- schema 2: Kubernetes attribution (NULL when unknown)
+    namespace TEXT,
+    pod TEXT,
     -- The de-duplication key (at-least-once delivery from agents).
     UNIQUE (agent_id, seq)
 )
@@ -60,8 +63,9 @@ CREATE TABLE {_TABLE} (
 
 _INSERT = (
     f"INSERT OR IGNORE INTO {_TABLE} (agent_id, seq, ts_ns, node, type, pid, comm, source,"
-    " direction, local_ip, local_port, remote_ip, remote_port, conn_id, wire)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " direction, local_ip, local_port, remote_ip, remote_port, conn_id, wire,"
+    " container_id, namespace, pod)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _DELETE_OLDER = (
@@ -73,6 +77,12 @@ _DELETE_FIRST_STORED = (
 # INDEXED BY: left alone, SQLite answers min(id) by walking rowids from the top,
 # the very scan this query is there to avoid.
 _FIRST_ROWID_SINCE = f"SELECT min(id) FROM {_TABLE} INDEXED BY {_TABLE}_ts WHERE ts_ns >= ?"
+# From schema 1 (no Kubernetes columns): old rows keep NULL there, as records of
+# processes in no pod would.
+_MIGRATE_1_TO_2 = tuple(
+    f"ALTER TABLE {_TABLE} ADD COLUMN {column} TEXT"
+    for column in ("container_id", "namespace", "pod")
+)
 # Rows deleted per transaction when pruning.
 _PRUNE_CHUNK = 5000
 # Idle reader connections kept for reuse; more concurrent readers than this
@@ -367,6 +377,9 @@ def filter_to_sql(flt: RecordFilter) -> tuple[str, list]:
     one_of("remote_port", flt.remote_ports)
     one_of("local_ip", flt.local_ips)
     one_of("local_port", flt.local_ports)
+    one_of("container_id", flt.container_ids)
+    one_of("namespace", flt.namespaces)
+    one_of("pod", flt.pods)
     return " AND ".join(clauses), params
 
 
@@ -387,6 +400,10 @@ def _prepare(conn: sqlite3.Connection) -> None:
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version == 1:
+            for statement in _MIGRATE_1_TO_2:
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     finally:
@@ -411,7 +428,7 @@ def _check_identity(conn: sqlite3.Connection) -> int:
         ]
         if tables:
             raise StoreError(f"not a tlscap store (an SQLite database with tables {tables})")
-    elif version != SCHEMA_VERSION:  # no older versions exist yet, so nothing to migrate
+    elif version not in (1, SCHEMA_VERSION):  # 1 is migrated by _prepare
         raise StoreError(f"unknown store schema version {version}")
     return version
 
@@ -434,6 +451,9 @@ def _row(record: Record, wire: bytes) -> tuple:
         remote.port if remote is not None else None,
         record.conn_id,
         wire,
+        record.container_id or None,
+        record.pod.namespace if record.pod is not None else None,
+        record.pod.name if record.pod is not None else None,
     )
 
 

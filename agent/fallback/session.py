@@ -24,6 +24,8 @@ from agent.fallback.flow_records import Side
 from agent.fallback.owners import SocketOwners
 from agent.fallback.proxy import TlsProxy
 from agent.fallback.rules import InterceptRules
+from agent.health.liveness import Liveness
+from agent.k8s.attribution import Attribution
 from agent.records.record import Record
 from agent.records.writer import RecordWriter, new_agent_id
 from agent.sinks.base import Sink
@@ -78,10 +80,13 @@ def _event_loop_factory():
 
 
 class ProxySession:
-    def __init__(self, options: ProxyOptions, sinks: list[Sink]) -> None:
+    def __init__(
+        self, options: ProxyOptions, sinks: list[Sink], attribution: Attribution | None = None
+    ) -> None:
         self.options = options
         self.stop_event = threading.Event()
-        self._out = RecordWriter(sinks, options.agent_id, options.node)
+        self.liveness = Liveness()
+        self._out = RecordWriter(sinks, options.agent_id, options.node, attribution)
         self._listeners: list[tuple[socket.socket, Side]] = []
         self._rules: InterceptRules | None = None  # set once their install is attempted
         self._proxy: TlsProxy | None = None
@@ -119,6 +124,7 @@ class ProxySession:
             "/".join(map(str, families)),
             config.ca_dir,
         )
+        self.liveness.mark_ready()
         if self.options.ready_file:
             self.options.ready_file.write_text("ready\n")
 
@@ -142,6 +148,7 @@ class ProxySession:
         if self.options.duration is not None:
             deadline = time.monotonic() + self.options.duration
         while not self.stop_event.is_set():
+            self.liveness.beat()  # from the event loop: a wedged loop stops beating
             if deadline is not None and time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)

@@ -31,6 +31,9 @@ class RecordFilter:
     types: frozenset[str] = field(default=DEFAULT_TYPES)
     since_ns: int = 0  # 0: no lower bound
     until_ns: int = 0  # 0: no upper bound
+    namespaces: frozenset[str] = frozenset()  # of the process's Kubernetes pod
+    pods: frozenset[str] = frozenset()
+    container_ids: frozenset[str] = frozenset()
 
     def matches(self, r: Record) -> bool:
         if r.type not in self.types:
@@ -59,4 +62,10 @@ class RecordFilter:
             return False
         if self.local_ips and (r.local is None or r.local.ip not in self.local_ips):
             return False
-        return not (self.local_ports and (r.local is None or r.local.port not in self.local_ports))
+        if self.local_ports and (r.local is None or r.local.port not in self.local_ports):
+            return False
+        if self.container_ids and r.container_id not in self.container_ids:
+            return False
+        if self.namespaces and (r.pod is None or r.pod.namespace not in self.namespaces):
+            return False
+        return not (self.pods and (r.pod is None or r.pod.name not in self.pods))

@@ -28,6 +28,26 @@ class Endpoint:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
 
+@dataclass(frozen=True)
+class PodRef:
+    """The Kubernetes pod (and container in it) a process runs in."""
+
+    name: str
+    namespace: str
+    uid: str = ""
+    container: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "namespace": self.namespace,
+            "uid": self.uid,
+            "container": self.container,
+            "labels": dict(self.labels),
+        }
+
+
 @dataclass
 class Record:
     type: RecordType
@@ -42,6 +62,7 @@ class Record:
     comm: str = ""
     cgroup_id: int = 0  # the caller's kernel cgroup id (0 = unknown)
     container_id: str = ""
+    pod: PodRef | None = None
     source: str = ""  # "openssl", "gotls", "proxy", ...
     conn_id: str = ""
     fd: int = -1
@@ -73,6 +94,7 @@ class Record:
             "comm": self.comm,
             "cgroup_id": self.cgroup_id,
             "container_id": self.container_id,
+            "pod": self.pod.to_json() if self.pod else None,
             "source": self.source,
             "conn_id": self.conn_id,
             "fd": self.fd,

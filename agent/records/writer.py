@@ -10,9 +10,13 @@ import logging
 import socket
 import uuid
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from agent.records.record import Record
 from agent.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from agent.k8s.attribution import Attribution
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +29,27 @@ def new_agent_id() -> str:
 class RecordWriter:
     """Numbers records (seq restarts per run, hence one agent_id per run) and fans them out."""
 
-    def __init__(self, sinks: Iterable[Sink], agent_id: str, node: str) -> None:
+    def __init__(
+        self,
+        sinks: Iterable[Sink],
+        agent_id: str,
+        node: str,
+        attribution: Attribution | None = None,
+    ) -> None:
         self.sinks = list(sinks)
         self.agent_id = agent_id
         self.node = node
+        self.attribution = attribution  # container/pod stamping and the capture policy
         self.records = 0
         self.data_bytes = 0
 
     def write(self, record: Record) -> None:
+        if (
+            self.attribution is not None
+            and record.type != "stats"
+            and not self.attribution.apply(record)
+        ):
+            return  # left out by the tlscap.io/capture policy (counted there)
         self.records += 1
         record.agent_id = self.agent_id
         record.node = self.node
@@ -42,9 +59,17 @@ class RecordWriter:
         for sink in self.sinks:
             sink.write(record)
 
+    def process_exited(self, pid: int) -> None:
+        """Forget what was cached about the process: its pid may be reused."""
+        if self.attribution is not None:
+            self.attribution.forget(pid)
+
     def sink_stats(self) -> dict[str, int]:
-        """Counters of sinks that can lose data (the exporter), for the stats record."""
+        """Counters of sinks that can lose data (the exporter), and attribution's, for
+        the stats record."""
         out: dict[str, int] = {}
+        if self.attribution is not None:
+            out.update(self.attribution.stats())
         for sink in self.sinks:
             stats = getattr(sink, "stats", None)
             if callable(stats):
@@ -52,6 +77,8 @@ class RecordWriter:
         return out
 
     def close(self) -> None:
+        if self.attribution is not None:
+            self.attribution.close()
         for sink in self.sinks:
             try:
                 sink.close()

@@ -7,7 +7,7 @@ enums map, so the exporter, the collector's store and `tlscap tail` agree.
 from __future__ import annotations
 
 from agent.records.filter import DEFAULT_TYPES, RecordFilter
-from agent.records.record import Direction, Endpoint, Record, RecordType, Role
+from agent.records.record import Direction, Endpoint, PodRef, Record, RecordType, Role
 from agent.schema import pb
 
 _TYPE_TO_PB: dict[str, int] = {
@@ -77,6 +77,13 @@ def to_pb(record: Record) -> pb.Record:
     proc.comm = record.comm
     proc.cgroup_id = record.cgroup_id
     proc.container_id = record.container_id
+    if record.pod is not None:
+        pod = proc.pod
+        pod.name = record.pod.name
+        pod.namespace = record.pod.namespace
+        pod.uid = record.pod.uid
+        pod.container = record.pod.container
+        pod.labels.update(record.pod.labels)
     flow = msg.flow
     flow.conn_id = record.conn_id
     flow.fd = record.fd
@@ -105,6 +112,13 @@ def _endpoint(flow: pb.Flow, name: str) -> Endpoint | None:
     if port > 65535:
         raise SchemaError(f"{name} port out of range: {port}")
     return Endpoint(ep.ip, port)
+
+
+def _pod(proc: pb.Process) -> PodRef | None:
+    if not proc.HasField("pod"):
+        return None
+    pod = proc.pod
+    return PodRef(pod.name, pod.namespace, pod.uid, pod.container, dict(pod.labels))
 
 
 def from_pb(msg: pb.Record) -> Record:
@@ -152,6 +166,7 @@ def from_pb(msg: pb.Record) -> Record:
         comm=proc.comm,
         cgroup_id=proc.cgroup_id,
         container_id=proc.container_id,
+        pod=_pod(proc),
         source=msg.source,
         conn_id=flow.conn_id,
         fd=flow.fd,
@@ -183,6 +198,9 @@ def filter_to_pb(f: RecordFilter) -> pb.Filter:
         types=sorted(_TYPE_TO_PB[t] for t in f.types),
         since_ns=f.since_ns,
         until_ns=f.until_ns,
+        namespaces=sorted(f.namespaces),
+        pods=sorted(f.pods),
+        container_ids=sorted(f.container_ids),
     )
 
 
@@ -206,4 +224,7 @@ def filter_from_pb(msg: pb.Filter) -> RecordFilter:
         types=frozenset(type_from_pb(t) for t in msg.types) or DEFAULT_TYPES,
         since_ns=msg.since_ns,
         until_ns=msg.until_ns,
+        namespaces=frozenset(msg.namespaces),
+        pods=frozenset(msg.pods),
+        container_ids=frozenset(msg.container_ids),
     )

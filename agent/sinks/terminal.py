@@ -152,7 +152,9 @@ class TerminalSink:
         s = self._style
         comm = s(safe(r.comm) or "?", BOLD)
         node = f"{safe(r.node) or '?'} " if self.show_node else ""
-        return f"{s(format_time(r.ts_ns), DIM)} {node}{comm}[{r.pid}/{r.tid}] {r.source}"
+        # People read a cluster by pod, not by pid: namespace/pod first when known.
+        pod = f"{safe(r.pod.namespace)}/{safe(r.pod.name)} " if r.pod else ""
+        return f"{s(format_time(r.ts_ns), DIM)} {node}{pod}{comm}[{r.pid}/{r.tid}] {r.source}"
 
     def _conn(self, r: Record, arrow: str) -> str:
         return (

@@ -12,7 +12,7 @@ import pytest
 from agent.collector import store as store_mod
 from agent.collector.store import RecordStore, StoreError, filter_to_sql
 from agent.records.filter import RecordFilter
-from agent.records.record import Endpoint, Record
+from agent.records.record import Endpoint, PodRef, Record
 from agent.schema import pb
 from agent.schema.convert import to_pb
 
@@ -122,6 +122,9 @@ FIELD_CASES = [
     ("remote_ports", 8443, dict(remote=Endpoint("198.18.0.2", 8443))),
     ("local_ips", "::1", dict(local=Endpoint("::1", 51234))),
     ("local_ports", 40000, dict(local=Endpoint("127.0.0.1", 40000))),
+    ("container_ids", "c0ffee", dict(container_id="c0ffee")),
+    ("namespaces", "shop", dict(pod=PodRef("web-1", "shop"))),
+    ("pods", "web-1", dict(pod=PodRef("web-1", "shop"))),
 ]
 
 
@@ -280,6 +283,25 @@ def test_filter_to_sql_handles_none_like_matches() -> None:
 
 
 # -- retention ---------------------------------------------------------------------------------
+
+
+def test_schema_1_store_is_migrated_and_keeps_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with RecordStore(path) as s:
+        s.insert([_item(_rec(1))])
+    # What a schema-1 file looks like: no Kubernetes columns.
+    conn = sqlite3.connect(path)
+    for column in ("container_id", "namespace", "pod"):
+        conn.execute(f"ALTER TABLE records DROP COLUMN {column}")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+    with RecordStore(path) as s:
+        s.insert([_item(_rec(2, pod=PodRef("web-1", "shop"), container_id="ab" * 32))])
+        assert _seqs(s.query(RecordFilter())) == [1, 2]
+        assert _seqs(s.query(RecordFilter(namespaces=frozenset({"shop"})))) == [2]
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_prune_by_age(tmp_path: Path) -> None:
