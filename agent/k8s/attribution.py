@@ -16,13 +16,14 @@ from typing import Literal
 from agent.k8s.api import ApiConfig, ConfigError, KubeApi
 from agent.k8s.cgroup import ContainerCache, ContainerRef, parse_cgroup_path
 from agent.k8s.cgroup_ids import CgroupPaths
-from agent.k8s.metadata import CapturePolicy, PodIndex, PodResolver
+from agent.k8s.metadata import CapturePolicy, PodIndex, PodInfo, PodResolver
 from agent.k8s.podwatch import PodWatcher
 from agent.records.record import PodRef, Record
 
 log = logging.getLogger(__name__)
 
 MetadataMode = Literal["auto", "on", "off"]
+CACHE_SIZE = 65536  # cgroups / containers remembered; cleared (and refilled) beyond
 Scope = Literal["node", "annotated"]
 
 
@@ -43,18 +44,16 @@ class Attribution:
         self.watcher = watcher
         self.cgroups = cgroups if cgroups is not None else CgroupPaths()
         self.dropped_records = 0  # left out by the capture policy
+        self._containers: dict[int, ContainerRef | None] = {}  # cgroup id -> container
+        self._pod_refs: dict[str, tuple[PodInfo, PodRef]] = {}  # container id -> its pod
 
     def apply(self, record: Record) -> bool:
         """Fill in the record's container and pod; False when the policy drops it."""
-        meta = self.resolver.resolve_container(self._container(record))
+        ref = self._container(record)
         pod_info = None
-        if meta is not None:
-            record.container_id = meta.container_id
-            if meta.pod_name:
-                record.pod = PodRef(
-                    meta.pod_name, meta.namespace, meta.pod_uid, meta.container_name, meta.labels
-                )
-                pod_info = self.resolver.index.by_uid(meta.pod_uid)
+        if ref is not None:
+            record.container_id = ref.container_id
+            pod_info, record.pod = self._pod(ref)
         if self.policy.scope == "node" and pod_info is None:
             return True  # the common case: nothing to look up
         namespace = self.resolver.index.namespace(pod_info.namespace) if pod_info else None
@@ -66,11 +65,33 @@ class Attribution:
     def _container(self, record: Record) -> ContainerRef | None:
         # The cgroup id first: it outlives the process (usually gone by now if it was a
         # short-lived one); /proc/<pid>/cgroup where there is none (proxy records,
-        # cgroup v1-only hosts).
-        path = self.cgroups.path_of(record.cgroup_id)
+        # cgroup v1-only hosts).  Parsed once per id: this runs for every record.
+        cgroup_id = record.cgroup_id
+        if cgroup_id in self._containers:
+            return self._containers[cgroup_id]
+        path = self.cgroups.path_of(cgroup_id)
         if path is not None:
-            return parse_cgroup_path(path)
+            if len(self._containers) >= CACHE_SIZE:
+                self._containers.clear()
+            ref = self._containers[cgroup_id] = parse_cgroup_path(path)
+            return ref
         return self.resolver.cache.get(record.pid) if record.pid > 0 else None
+
+    def _pod(self, ref: ContainerRef) -> tuple[PodInfo | None, PodRef | None]:
+        found = self.resolver.pod_of(ref)
+        if found is None:
+            return None, None
+        pod, container_name = found
+        # One PodRef per container while its pod object is unchanged (the index makes a
+        # new PodInfo on every update), shared by all of the container's records.
+        cached = self._pod_refs.get(ref.container_id)
+        if cached is not None and cached[0] is pod:
+            return pod, cached[1]
+        pod_ref = PodRef(pod.name, pod.namespace, pod.uid, container_name, pod.labels)
+        if len(self._pod_refs) >= CACHE_SIZE:
+            self._pod_refs.clear()
+        self._pod_refs[ref.container_id] = (pod, pod_ref)
+        return pod, pod_ref
 
     def forget(self, pid: int) -> None:
         self.resolver.forget(pid)

@@ -412,18 +412,12 @@ class PodResolver:
         """The pod of a container found some other way (e.g. from a cgroup id)."""
         if ref is None:
             return None
-        found = self.index.by_container(ref.container_id)
-        if found is not None:
-            pod, container_name = found
-        else:
-            # The container is not in the pod's status yet (just started): the pod UID
-            # from the cgroup still names the pod.
-            pod = self.index.by_uid(ref.pod_uid) if ref.pod_uid else None
-            container_name = ""
-        if pod is None:
+        found = self.pod_of(ref)
+        if found is None:
             return PodMeta(
                 container_id=ref.container_id, runtime=ref.runtime, pod_uid=ref.pod_uid or ""
             )
+        pod, container_name = found
         return PodMeta(
             container_id=ref.container_id,
             runtime=ref.runtime,
@@ -433,6 +427,16 @@ class PodResolver:
             container_name=container_name,
             labels=pod.labels,
         )
+
+    def pod_of(self, ref: ContainerRef) -> tuple[PodInfo, str] | None:
+        """(pod, container name) of a container, or None while the pod is unknown."""
+        found = self.index.by_container(ref.container_id)
+        if found is not None:
+            return found
+        # The container is not in the pod's status yet (just started): the pod UID
+        # from the cgroup still names the pod.
+        pod = self.index.by_uid(ref.pod_uid) if ref.pod_uid else None
+        return (pod, "") if pod is not None else None
 
     def forget(self, pid: int) -> None:
         """The process exited: drop its cached container."""
