@@ -202,15 +202,18 @@ def run_command(args: argparse.Namespace) -> int:
             program = _load_ebpf(options)
         except EbpfUnavailable as exc:
             if args.mode == "ebpf":
+                attribution.close()  # its API watch threads were started
                 return fail(str(exc))
             log.warning("eBPF capture is not possible here, using proxy mode instead: %s", exc)
 
     try:
         sinks = open_sinks(args)
-    except tls_options.TlsConfigError as exc:
-        return fail(str(exc))
-    except (OSError, ValueError) as exc:
-        return fail(f"cannot open output: {exc}")
+    except (tls_options.TlsConfigError, OSError, ValueError) as exc:
+        attribution.close()
+        detail = (
+            exc if isinstance(exc, tls_options.TlsConfigError) else f"cannot open output: {exc}"
+        )
+        return fail(str(detail))
 
     session: CaptureSession | ProxySession
     if program is not None:
