@@ -155,9 +155,8 @@ class Inventory:
         except OSError as exc:
             reason = f"cannot read /proc/{pid}/maps: {exc.strerror or exc}"
             return [TargetRow(pid, comm, "?", "unreadable", detail=reason)]
-        rows = [
-            self._library_row(pid, comm, lib, mappings) for lib in self._scanner.libraries_of(pid)
-        ]
+        libraries = self._scanner.libraries_of(pid, mappings)
+        rows = [self._library_row(pid, comm, lib, mappings) for lib in libraries]
         rows = [r for r in rows if r is not None]
         if not rows:
             rows = [self._why_not(pid, comm, mappings)]

@@ -190,19 +190,21 @@ class TargetScanner:
 
     def scan_pid(self, pid: int) -> list[TlsLibrary]:
         """TLS libraries mapped by ``pid`` that this scanner has not reported before."""
-        return self._libraries_of(pid, only_new=True)
-
-    def libraries_of(self, pid: int) -> list[TlsLibrary]:
-        """Every TLS library mapped by ``pid``, reported before or not (for inventories)."""
-        return self._libraries_of(pid, only_new=False)
-
-    def _libraries_of(self, pid: int, only_new: bool) -> list[TlsLibrary]:
         if pid in self.exclude_pids:
             return []
-        mappings = self.read_maps(pid)
+        return self._libraries_in(pid, self._read_maps(pid) or [], only_new=True)
+
+    def libraries_of(self, pid: int, mappings: list[Mapping]) -> list[TlsLibrary]:
+        """Every TLS library among ``pid``'s (already read) mappings, reported before or
+        not (for inventories)."""
+        if pid in self.exclude_pids:
+            return []
+        return self._libraries_in(pid, mappings, only_new=False)
+
+    def _libraries_in(self, pid: int, mappings: list[Mapping], only_new: bool) -> list[TlsLibrary]:
         found = []
         considered: set[tuple[int, int]] = set()
-        for mapping in mappings or ():
+        for mapping in mappings:
             if not mapping.is_executable_file or (mapping.dev, mapping.inode) in considered:
                 continue
             considered.add((mapping.dev, mapping.inode))
@@ -211,7 +213,7 @@ class TargetScanner:
                 found.append(library)
         return found
 
-    def read_maps(self, pid: int) -> list[Mapping] | None:
+    def _read_maps(self, pid: int) -> list[Mapping] | None:
         """The parsed /proc/<pid>/maps, or None (logged) when it cannot be read."""
         maps_path = f"{self.proc_root}/{pid}/maps"
         try:

@@ -17,19 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.k8s.cgroup_ids import cgroup2_mount
 from tests.ebpf.conftest import REPO, TLSCAP, wait_for
 from tests.k8s.fake_apiserver import FakeApiServer, load_fixture
 
 NODE = "tlscap-lab-node"
-
-
-def cgroup2_root() -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or .../unified)."""
-    for line in Path("/proc/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    return None
 
 
 class FakeContainer:
@@ -79,9 +71,10 @@ def pod_object(name: str, uid: str, container_id: str, annotations: dict) -> dic
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[dict]:
-    root = cgroup2_root()
-    if root is None:
+    mount = cgroup2_mount()
+    if mount is None:
         pytest.skip("no cgroup v2 hierarchy mounted on this host")
+    root = Path(mount)
     server = FakeApiServer(token="lab-token").start()
     made: list[FakeContainer] = []
     try:
