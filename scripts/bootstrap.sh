@@ -35,6 +35,8 @@ packages=(
     wget gnutls-bin libnss3-tools default-jre-headless
     # `vagrant validate` of the lab's Vagrantfile (no VM provider is needed for it)
     vagrant
+    # tshark dissects the pcapng files tlscap writes (tests of agent/pcap)
+    tshark
 )
 
 # One dpkg-query for all of them; unknown packages print nothing on stdout.

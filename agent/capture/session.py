@@ -23,6 +23,7 @@ from agent.flows.resolve import SocketResolver
 from agent.flows.table import FlowTable
 from agent.health.liveness import Liveness
 from agent.k8s.attribution import Attribution
+from agent.l7.stage import L7Stage
 from agent.probes.bpf_program import BpfProgram, ProbeSettings
 from agent.probes.go_binary import GoBinaryError, GoBinaryUnsupported, analyze_go_tls
 from agent.probes.gotls import attach_gotls
@@ -105,10 +106,11 @@ class CaptureSession:
         scanner: TargetScanner | None = None,
         resolver: SocketResolver | None = None,
         attribution: Attribution | None = None,
+        l7: L7Stage | None = None,
     ) -> None:
         self.options = options
         self.sinks = sinks
-        self._out = RecordWriter(sinks, options.agent_id, options.node, attribution)
+        self._out = RecordWriter(sinks, options.agent_id, options.node, attribution, l7)
         self._program = program
         self._scanner = scanner or TargetScanner(exclude_pids={os.getpid()})
         self._wall = mono_to_wall_clock()

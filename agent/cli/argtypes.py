@@ -80,3 +80,13 @@ def parse_time(text: str, now_ns: int | None = None) -> int:
     if when.tzinfo is None:
         when = when.astimezone()  # local time, as a person typing it means
     return int(when.timestamp() * 1e9)
+
+
+LOG_LEVELS = ("warning", "info", "debug")
+
+
+def add_log_level_argument(p: argparse.ArgumentParser) -> None:
+    """`--log-level`, for commands whose -v means "show more output" rather than logs."""
+    p.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="warning", help="log messages (default warning)"
+    )

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from agent import __version__
-from agent.cli import ca, certs, collector, run, tail, targets
+from agent.cli import ca, certs, collector, export, run, tail, targets
 from agent.cli.config_file import ConfigFileError, expand_argv
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     # These two take --config FILE and TLSCAP_<OPTION> variables (config_file.py).
     parser.configurable = {"run": run.add_parser(sub), "collector": collector.add_parser(sub)}
     tail.add_parser(sub)
+    export.add_parser(sub)
     certs.add_parser(sub)
     ca.add_parser(sub)
     targets.add_parser(sub)
@@ -35,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigFileError as exc:
             parser.configurable[argv[0]].error(str(exc))
     args = parser.parse_args(argv)
+    log_level = getattr(args, "log_level", None)  # run, tail: -v is about output there
+    if log_level is None:
+        verbose = getattr(args, "verbose", 0)
+        log_level = "debug" if verbose > 1 else "info" if verbose else "warning"
     logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose > 1
-        else logging.INFO
-        if args.verbose
-        else logging.WARNING,
+        level=getattr(logging, log_level.upper()),
         format="tlscap: %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -11,14 +11,15 @@ import sys
 from pathlib import Path
 
 from agent.capture.session import CaptureOptions, CaptureSession
-from agent.cli import proxy_options, tls_options
-from agent.cli.argtypes import parse_size, positive_float
+from agent.cli import l7_options, proxy_options, tls_options
+from agent.cli.argtypes import add_log_level_argument, parse_size, positive_float
 from agent.cli.config_file import add_config_argument
 from agent.cli.errors import fail
 from agent.fallback.config import ConfigError
 from agent.fallback.session import ProxyOptions, ProxySession
 from agent.health.server import HealthServer, ListenError, parse_listen
 from agent.k8s.attribution import AttributionError, start_attribution
+from agent.l7.stage import L7Stage
 from agent.probes import preflight
 from agent.probes.kernel_headers import KernelHeadersMissing, bcc_environment
 
@@ -46,8 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--output",
-        choices=("text", "jsonl", "none"),
-        help="local record format (default: text; none when --collector or --store is given)",
+        choices=("text", "jsonl", "pcapng", "none"),
+        help="local record format (default: text; none when --collector or --store is given); "
+        "pcapng (needs --output-file) writes the plaintext as TCP packets for Wireshark",
     )
     p.add_argument("--output-file", type=Path, help="write records here instead of stdout")
     p.add_argument("--ready-file", type=Path, help="create this file once every probe is attached")
@@ -114,7 +116,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve /healthz, /readyz and Prometheus /metrics here (e.g. 0.0.0.0:9090)",
     )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    l7_options.add_l7_arguments(p)
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="text output: also show the raw data records of connections parsed as HTTP",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="text output: show exchange headers (-vv: and bodies)",
+    )
+    add_log_level_argument(p)
     add_config_argument(p)
     p.set_defaults(handler=run_command)
     return p
@@ -132,12 +147,19 @@ def open_sinks(args: argparse.Namespace) -> list:
             sinks.append(JsonlSink.open(str(args.output_file)))
         else:
             sinks.append(JsonlSink(sys.stdout))
+    elif output == "pcapng":
+        from agent.sinks.pcapng import PcapngSink
+
+        if not args.output_file:
+            raise ValueError("--output pcapng needs --output-file")
+        sinks.append(PcapngSink.open(str(args.output_file)))
     elif output == "text":
+        view = {"detail": args.verbose, "raw": args.raw}
         if args.output_file:
             stream = open(args.output_file, "w", encoding="utf-8")  # noqa: SIM115 - sink owns it
-            sinks.append(TerminalSink(stream, color=False))
+            sinks.append(TerminalSink(stream, color=False, **view))
         else:
-            sinks.append(TerminalSink(sys.stdout))
+            sinks.append(TerminalSink(sys.stdout, **view))
     if args.store:
         from agent.sinks.store import StoreSink
 
@@ -181,6 +203,10 @@ def run_command(args: argparse.Namespace) -> int:
             return fail(f"cannot read --proxy-config: {exc}")
 
     try:
+        l7 = L7Stage(l7_options.l7_options_from_args(args))
+    except ValueError as exc:
+        return fail(str(exc))
+    try:
         attribution = start_attribution(
             args.k8s_metadata, args.capture_scope, args.node, args.kubeconfig
         )
@@ -217,7 +243,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     session: CaptureSession | ProxySession
     if program is not None:
-        session = CaptureSession(options, sinks, program=program, attribution=attribution)
+        session = CaptureSession(options, sinks, program=program, attribution=attribution, l7=l7)
     else:
         assert proxy_config is not None
         if args.pid or args.comm:
@@ -235,6 +261,7 @@ def run_command(args: argparse.Namespace) -> int:
             ),
             sinks,
             attribution,
+            l7,
         )
     health = None
     if args.health_listen:

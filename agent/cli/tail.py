@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import logging
 import signal
 import sys
@@ -12,14 +11,11 @@ import threading
 from pathlib import Path
 
 from agent.cli import tls_options
-from agent.cli.argtypes import parse_time
+from agent.cli.argtypes import add_log_level_argument, parse_time
 from agent.cli.errors import fail
-from agent.records.filter import RecordFilter
+from agent.cli.filter_options import add_filter_arguments, filter_from_args
 
 log = logging.getLogger(__name__)
-
-DIRECTIONS = ("egress", "ingress")
-TYPES = ("data", "open", "close", "stats")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,65 +48,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="stop after the replayed history instead of following live records",
     )
-    f = p.add_argument_group("filters")
-    f.add_argument("--node", action="append", default=[], help="records from this node")
-    f.add_argument("--agent-id", action="append", default=[], help="records from this agent run")
-    f.add_argument("--pid", type=int, action="append", default=[], help="process id")
-    f.add_argument("--comm", action="append", default=[], help="process name")
-    f.add_argument(
-        "--source", action="append", default=[], help="openssl, gnutls, nss, gotls, proxy"
-    )
-    f.add_argument("--direction", choices=DIRECTIONS, action="append", default=[])
-    f.add_argument("--type", choices=TYPES, action="append", default=[], help="record type")
-    f.add_argument("--conn-id", action="append", default=[], help="one connection")
-    f.add_argument("--remote-ip", type=_ip, action="append", default=[])
-    f.add_argument("--remote-port", type=_port, action="append", default=[])
-    f.add_argument("--local-ip", type=_ip, action="append", default=[])
-    f.add_argument("--local-port", type=_port, action="append", default=[])
-    f.add_argument("--namespace", action="append", default=[], help="Kubernetes namespace")
-    f.add_argument("--pod", action="append", default=[], help="Kubernetes pod name")
-    f.add_argument("--container-id", action="append", default=[], help="container id (64 hex)")
+    add_filter_arguments(p)
     tls_options.add_tls_arguments(p, server=False)
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
-    p.set_defaults(handler=tail_command)
-
-
-def _ip(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
-    return int(text)
-
-
-def filter_from_args(args: argparse.Namespace) -> RecordFilter:
-    kwargs = {}
-    if args.type:
-        kwargs["types"] = frozenset(args.type)
-    return RecordFilter(
-        nodes=frozenset(args.node),
-        agent_ids=frozenset(args.agent_id),
-        pids=frozenset(args.pid),
-        comms=frozenset(args.comm),
-        sources=frozenset(args.source),
-        directions=frozenset(args.direction),
-        conn_ids=frozenset(args.conn_id),
-        remote_ips=frozenset(args.remote_ip),
-        remote_ports=frozenset(args.remote_port),
-        local_ips=frozenset(args.local_ip),
-        local_ports=frozenset(args.local_port),
-        since_ns=args.since or 0,
-        until_ns=args.until or 0,
-        namespaces=frozenset(args.namespace),
-        pods=frozenset(args.pod),
-        container_ids=frozenset(args.container_id),
-        **kwargs,
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="text output: also show the raw data records of connections parsed as HTTP",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="text output: show exchange headers (-vv: and bodies)",
+    )
+    add_log_level_argument(p)
+    p.set_defaults(handler=tail_command)
 
 
 def open_sink(args: argparse.Namespace):
@@ -121,8 +74,8 @@ def open_sink(args: argparse.Namespace):
         return JsonlSink.open(str(args.output_file) if args.output_file else "-")
     if args.output_file:
         stream = open(args.output_file, "w", encoding="utf-8")  # noqa: SIM115 - sink owns it
-        return TerminalSink(stream, color=False, show_node=True)
-    return TerminalSink(sys.stdout, show_node=True)
+        return TerminalSink(stream, color=False, show_node=True, detail=args.verbose, raw=args.raw)
+    return TerminalSink(sys.stdout, show_node=True, detail=args.verbose, raw=args.raw)
 
 
 def tail_command(args: argparse.Namespace) -> int:

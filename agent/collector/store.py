@@ -23,7 +23,7 @@ from typing import NamedTuple
 from agent.records.filter import RecordFilter
 from agent.records.record import Record
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # PRAGMA application_id: tells our file apart from any other SQLite database.
 APPLICATION_ID = 0x544C5343  # "TLSC"
 
@@ -52,6 +52,11 @@ CREATE TABLE {_TABLE} (
     container_id TEXT,  -- schema 2: Kubernetes attribution (NULL when unknown)
     namespace TEXT,
     pod TEXT,
+    protocol TEXT,  -- schema 3: parsed HTTP/gRPC (agent/l7); NULL when not parsed
+    method TEXT,
+    path TEXT,
+    status INTEGER,
+    grpc_method TEXT,
     -- The de-duplication key (at-least-once delivery from agents).
     UNIQUE (agent_id, seq)
 )
@@ -64,8 +69,8 @@ CREATE TABLE {_TABLE} (
 _INSERT = (
     f"INSERT OR IGNORE INTO {_TABLE} (agent_id, seq, ts_ns, node, type, pid, comm, source,"
     " direction, local_ip, local_port, remote_ip, remote_port, conn_id, wire,"
-    " container_id, namespace, pod)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " container_id, namespace, pod, protocol, method, path, status, grpc_method)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _DELETE_OLDER = (
@@ -82,6 +87,17 @@ _FIRST_ROWID_SINCE = f"SELECT min(id) FROM {_TABLE} INDEXED BY {_TABLE}_ts WHERE
 _MIGRATE_1_TO_2 = tuple(
     f"ALTER TABLE {_TABLE} ADD COLUMN {column} TEXT"
     for column in ("container_id", "namespace", "pod")
+)
+# From schema 2: old rows were never parsed, as records of unparsed traffic are.
+_MIGRATE_2_TO_3 = tuple(
+    f"ALTER TABLE {_TABLE} ADD COLUMN {column}"
+    for column in (
+        "protocol TEXT",
+        "method TEXT",
+        "path TEXT",
+        "status INTEGER",
+        "grpc_method TEXT",
+    )
 )
 # Rows deleted per transaction when pruning.
 _PRUNE_CHUNK = 5000
@@ -380,6 +396,26 @@ def filter_to_sql(flt: RecordFilter) -> tuple[str, list]:
     one_of("container_id", flt.container_ids)
     one_of("namespace", flt.namespaces)
     one_of("pod", flt.pods)
+    one_of("protocol", flt.protocols)
+    if flt.selects_exchanges_only:
+        clauses.append("type = 'exchange'")
+    one_of("method", flt.methods)
+    one_of("status", flt.statuses)
+    if flt.path_prefixes:
+        terms = []
+        for prefix in flt.path_prefixes:
+            terms.append("substr(path, 1, ?) = ?")
+            params.extend((len(prefix), prefix))
+        clauses.append(f"({' OR '.join(terms)})")
+    if flt.grpc_methods:
+        # A value is a whole "pkg.Service/Method" or a service name (all its methods).
+        marks = ", ".join("?" * len(flt.grpc_methods))
+        clauses.append(
+            f"(grpc_method IN ({marks})"
+            f" OR substr(grpc_method, 1, instr(grpc_method, '/') - 1) IN ({marks}))"
+        )
+        params.extend(flt.grpc_methods)
+        params.extend(flt.grpc_methods)
     return " AND ".join(clauses), params
 
 
@@ -401,9 +437,11 @@ def _prepare(conn: sqlite3.Connection) -> None:
                 conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif version == 1:
-            for statement in _MIGRATE_1_TO_2:
-                conn.execute(statement)
+        else:
+            migrations = (_MIGRATE_1_TO_2, _MIGRATE_2_TO_3)
+            for step in migrations[version - 1 :]:
+                for statement in step:
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     finally:
@@ -428,7 +466,7 @@ def _check_identity(conn: sqlite3.Connection) -> int:
         ]
         if tables:
             raise StoreError(f"not a tlscap store (an SQLite database with tables {tables})")
-    elif version not in (1, SCHEMA_VERSION):  # 1 is migrated by _prepare
+    elif version not in (1, 2, SCHEMA_VERSION):  # 1 and 2 are migrated by _prepare
         raise StoreError(f"unknown store schema version {version}")
     return version
 
@@ -454,6 +492,22 @@ def _row(record: Record, wire: bytes) -> tuple:
         record.container_id or None,
         record.pod.namespace if record.pod is not None else None,
         record.pod.name if record.pod is not None else None,
+        *_l7_columns(record),
+    )
+
+
+def _l7_columns(record: Record) -> tuple:
+    """protocol, method, path, status, grpc_method (NULL where not applicable)."""
+    ex = record.exchange
+    if ex is None:
+        return (record.protocol or None, None, None, None, None)
+    req, resp = ex.request, ex.response
+    return (
+        record.protocol or None,
+        req.method if req is not None else None,
+        req.target if req is not None else None,
+        resp.status if resp is not None else None,
+        ex.grpc.full_method if ex.grpc is not None else None,
     )
 
 

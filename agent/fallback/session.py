@@ -26,6 +26,7 @@ from agent.fallback.proxy import TlsProxy
 from agent.fallback.rules import InterceptRules
 from agent.health.liveness import Liveness
 from agent.k8s.attribution import Attribution
+from agent.l7.stage import L7Stage
 from agent.records.record import Record
 from agent.records.writer import RecordWriter, new_agent_id
 from agent.sinks.base import Sink
@@ -81,12 +82,16 @@ def _event_loop_factory():
 
 class ProxySession:
     def __init__(
-        self, options: ProxyOptions, sinks: list[Sink], attribution: Attribution | None = None
+        self,
+        options: ProxyOptions,
+        sinks: list[Sink],
+        attribution: Attribution | None = None,
+        l7: L7Stage | None = None,
     ) -> None:
         self.options = options
         self.stop_event = threading.Event()
         self.liveness = Liveness()
-        self._out = RecordWriter(sinks, options.agent_id, options.node, attribution)
+        self._out = RecordWriter(sinks, options.agent_id, options.node, attribution, l7)
         self._listeners: list[tuple[socket.socket, Side]] = []
         self._rules: InterceptRules | None = None  # set once their install is attempted
         self._proxy: TlsProxy | None = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from agent.records.record import Record
 
 # With no `types` given, a consumer sees the traffic, not agents' stats lines.
-DEFAULT_TYPES = frozenset({"data", "open", "close"})
+DEFAULT_TYPES = frozenset({"data", "open", "close", "exchange"})
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,17 @@ class RecordFilter:
     namespaces: frozenset[str] = frozenset()  # of the process's Kubernetes pod
     pods: frozenset[str] = frozenset()
     container_ids: frozenset[str] = frozenset()
+    # Parsed HTTP/gRPC (agent/l7).  `protocols` also selects the data records of
+    # connections parsed as that protocol; the others select exchange records only.
+    protocols: frozenset[str] = frozenset()
+    methods: frozenset[str] = frozenset()
+    path_prefixes: frozenset[str] = frozenset()
+    statuses: frozenset[int] = frozenset()
+    grpc_methods: frozenset[str] = frozenset()  # "pkg.Service/Method" or "pkg.Service"
+
+    @property
+    def selects_exchanges_only(self) -> bool:
+        return bool(self.methods or self.path_prefixes or self.statuses or self.grpc_methods)
 
     def matches(self, r: Record) -> bool:
         if r.type not in self.types:
@@ -68,4 +79,29 @@ class RecordFilter:
             return False
         if self.namespaces and (r.pod is None or r.pod.namespace not in self.namespaces):
             return False
-        return not (self.pods and (r.pod is None or r.pod.name not in self.pods))
+        if self.pods and (r.pod is None or r.pod.name not in self.pods):
+            return False
+        if self.protocols and r.protocol not in self.protocols:
+            return False
+        return not self.selects_exchanges_only or self._matches_exchange(r)
+
+    def _matches_exchange(self, r: Record) -> bool:
+        ex = r.exchange
+        if ex is None:
+            return False
+        req, resp = ex.request, ex.response
+        if self.methods and (req is None or req.method not in self.methods):
+            return False
+        if self.path_prefixes and (
+            req is None or not any(req.target.startswith(p) for p in self.path_prefixes)
+        ):
+            return False
+        if self.statuses and (resp is None or resp.status not in self.statuses):
+            return False
+        if self.grpc_methods:
+            call = ex.grpc
+            if call is None or (
+                call.full_method not in self.grpc_methods and call.service not in self.grpc_methods
+            ):
+                return False
+        return True

@@ -1,17 +1,22 @@
 """The one record type every capture path produces and every sink consumes.
 
 A data Record is one TLS library call (one SSL_write / SSL_read ...) with the
-plaintext it moved; open/close Records mark a connection's lifecycle and a stats
-Record closes a run.  The field names are the JSON-lines contract (DESIGN.md §5).
+plaintext it moved; open/close Records mark a connection's lifecycle; an exchange
+Record is one HTTP request and its response parsed from a connection's data
+records (agent/l7), and a stats Record closes a run.  The field names are the
+JSON-lines contract (DESIGN.md §5).
 """
 
 from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-RecordType = Literal["data", "open", "close", "stats"]
+if TYPE_CHECKING:
+    from agent.l7.exchange import Exchange
+
+RecordType = Literal["data", "open", "close", "exchange", "stats"]
 Direction = Literal["egress", "ingress"]
 Role = Literal["client", "server", "unknown"]
 
@@ -76,6 +81,13 @@ class Record:
     captured_len: int = 0  # bytes of it we carry in `data`
     truncated: bool = False
     data: bytes = b""
+    # data and exchange records: the application protocol the connection was parsed
+    # as ("http1", "http2", "grpc"; "" when not parsed or not recognised)
+    protocol: str = ""
+    # data records: the redaction rules that masked bytes of `data` (same length kept)
+    redactions: list[str] = field(default_factory=list)
+    # exchange records only
+    exchange: Exchange | None = None
     # stats records only
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -110,5 +122,10 @@ class Record:
                 captured_len=self.captured_len,
                 truncated=self.truncated,
                 data_b64=base64.b64encode(self.data).decode("ascii"),
+                protocol=self.protocol,
+                redactions=list(self.redactions),
             )
+        elif self.type == "exchange" and self.exchange is not None:
+            out["protocol"] = self.protocol
+            out["exchange"] = self.exchange.to_json()
         return out

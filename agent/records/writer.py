@@ -17,6 +17,7 @@ from agent.sinks.base import Sink
 
 if TYPE_CHECKING:
     from agent.k8s.attribution import Attribution
+    from agent.l7.stage import L7Stage
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ class RecordWriter:
         agent_id: str,
         node: str,
         attribution: Attribution | None = None,
+        l7: L7Stage | None = None,
     ) -> None:
         self.sinks = list(sinks)
+        # HTTP parsing and redaction (agent/l7): between the policy and the sinks, so
+        # nothing unredacted reaches any sink.  None (or an inactive stage): off.
+        self.l7 = l7 if l7 is not None and l7.active else None
         self.agent_id = agent_id
         self.node = node
         self.attribution = attribution  # container/pod stamping and the capture policy
@@ -50,6 +55,24 @@ class RecordWriter:
             and not self.attribution.apply(record)
         ):
             return  # left out by the tlscap.io/capture policy (counted there)
+        if self.l7 is None:
+            self._emit(record)
+            return
+        if record.type == "stats":
+            # Held records and unfinished exchanges go out before the run's last word,
+            # and the stats line carries the stage's final counters.
+            for out in self.l7.flush():
+                self._emit(out)
+            record.stats.update(self.l7.stats())
+            if "records" in record.stats:  # counted before the flush above
+                record.stats["records"] = self.records
+                record.stats["bytes"] = self.data_bytes
+            self._emit(record)
+            return
+        for out in self.l7.process(record):
+            self._emit(out)
+
+    def _emit(self, record: Record) -> None:
         self.records += 1
         record.agent_id = self.agent_id
         record.node = self.node
@@ -68,6 +91,8 @@ class RecordWriter:
         """Counters of sinks that can lose data (the exporter), and attribution's, for
         the stats record."""
         out: dict[str, int] = {}
+        if self.l7 is not None:
+            out.update(self.l7.stats())
         if self.attribution is not None:
             out.update(self.attribution.stats())
         for sink in self.sinks:
@@ -77,6 +102,12 @@ class RecordWriter:
         return out
 
     def close(self) -> None:
+        if self.l7 is not None:
+            try:
+                for out in self.l7.flush():
+                    self._emit(out)
+            except OSError as exc:
+                log.error("writing the last records: %s", exc)
         if self.attribution is not None:
             self.attribution.close()
         for sink in self.sinks:

@@ -6,6 +6,7 @@ enums map, so the exporter, the collector's store and `tlscap tail` agree.
 
 from __future__ import annotations
 
+from agent.l7.exchange import Exchange, GrpcCall, GrpcMessage, HttpMessage
 from agent.records.filter import DEFAULT_TYPES, RecordFilter
 from agent.records.record import Direction, Endpoint, PodRef, Record, RecordType, Role
 from agent.schema import pb
@@ -15,6 +16,7 @@ _TYPE_TO_PB: dict[str, int] = {
     "open": pb.RECORD_TYPE_OPEN,
     "close": pb.RECORD_TYPE_CLOSE,
     "stats": pb.RECORD_TYPE_STATS,
+    "exchange": pb.RECORD_TYPE_EXCHANGE,
 }
 _TYPE_FROM_PB: dict[int, RecordType] = {v: k for k, v in _TYPE_TO_PB.items()}  # type: ignore[misc]
 
@@ -101,7 +103,105 @@ def to_pb(record: Record) -> pb.Record:
         msg.captured_len = record.captured_len
         msg.truncated = record.truncated
         msg.payload = record.data
+        msg.protocol = record.protocol
+        if record.redactions:
+            msg.redactions.extend(record.redactions)
+    elif record.type == "exchange" and record.exchange is not None:
+        msg.protocol = record.protocol
+        _exchange_to_pb(record.exchange, msg.exchange)
     return msg
+
+
+def _http_to_pb(m: HttpMessage, out: pb.HttpMessage) -> None:
+    out.ts_ns = m.ts_ns
+    out.end_ts_ns = m.end_ts_ns
+    out.method = m.method
+    out.target = m.target
+    out.authority = m.authority
+    out.status = m.status
+    out.reason = m.reason
+    out.version = m.version
+    out.headers.extend(pb.Header(name=k, value=v) for k, v in m.headers)
+    out.trailers.extend(pb.Header(name=k, value=v) for k, v in m.trailers)
+    out.body = m.body
+    out.body_len = m.body_len
+    out.body_truncated = m.body_truncated
+    out.complete = m.complete
+
+
+def _http_from_pb(m: pb.HttpMessage) -> HttpMessage:
+    return HttpMessage(
+        ts_ns=m.ts_ns,
+        end_ts_ns=m.end_ts_ns,
+        method=m.method,
+        target=m.target,
+        authority=m.authority,
+        status=m.status,
+        reason=m.reason,
+        version=m.version,
+        headers=[(h.name, h.value) for h in m.headers],
+        trailers=[(h.name, h.value) for h in m.trailers],
+        body=m.body,
+        body_len=m.body_len,
+        body_truncated=m.body_truncated,
+        complete=m.complete,
+    )
+
+
+def _exchange_to_pb(ex: Exchange, out: pb.Exchange) -> None:
+    out.protocol = ex.protocol
+    out.stream_id = ex.stream_id
+    if ex.request is not None:
+        _http_to_pb(ex.request, out.request)
+    if ex.response is not None:
+        _http_to_pb(ex.response, out.response)
+    if ex.grpc is not None:
+        g = out.grpc
+        g.service = ex.grpc.service
+        g.method = ex.grpc.method
+        if ex.grpc.status is not None:
+            g.has_status = True
+            g.status = ex.grpc.status
+        g.message = ex.grpc.message
+        for messages, target in (
+            (ex.grpc.request_messages, g.request_messages),
+            (ex.grpc.response_messages, g.response_messages),
+        ):
+            target.extend(
+                pb.GrpcMessage(compressed=m.compressed, length=m.length, data=m.data)
+                for m in messages
+            )
+    out.notes.extend(ex.notes)
+    out.redactions.extend(ex.redactions)
+
+
+def _exchange_from_pb(m: pb.Exchange) -> Exchange:
+    if m.protocol not in ("http1", "http2", "grpc"):
+        raise SchemaError(f"unknown exchange protocol {m.protocol!r}")
+    grpc = None
+    if m.HasField("grpc"):
+        g = m.grpc
+        grpc = GrpcCall(
+            service=g.service,
+            method=g.method,
+            status=g.status if g.has_status else None,
+            message=g.message,
+            request_messages=[
+                GrpcMessage(x.compressed, x.length, x.data) for x in g.request_messages
+            ],
+            response_messages=[
+                GrpcMessage(x.compressed, x.length, x.data) for x in g.response_messages
+            ],
+        )
+    return Exchange(
+        protocol=m.protocol,  # type: ignore[arg-type]
+        request=_http_from_pb(m.request) if m.HasField("request") else None,
+        response=_http_from_pb(m.response) if m.HasField("response") else None,
+        stream_id=m.stream_id,
+        grpc=grpc,
+        notes=list(m.notes),
+        redactions=list(m.redactions),
+    )
 
 
 def _endpoint(flow: pb.Flow, name: str) -> Endpoint | None:
@@ -146,6 +246,11 @@ def from_pb(msg: pb.Record) -> Record:
         raise SchemaError(f"unknown role {flow.role}")
     direction = None
     payload = b""
+    exchange = None
+    if rtype == "exchange":
+        if not msg.HasField("exchange"):
+            raise SchemaError("exchange record without an exchange")
+        exchange = _exchange_from_pb(msg.exchange)
     if rtype == "data":
         direction = direction_from_pb(msg.direction)
         if direction is None:
@@ -179,6 +284,9 @@ def from_pb(msg: pb.Record) -> Record:
         captured_len=len(payload),
         truncated=msg.truncated,
         data=payload,
+        protocol=msg.protocol,
+        redactions=list(msg.redactions),
+        exchange=exchange,
     )
 
 
@@ -201,6 +309,11 @@ def filter_to_pb(f: RecordFilter) -> pb.Filter:
         namespaces=sorted(f.namespaces),
         pods=sorted(f.pods),
         container_ids=sorted(f.container_ids),
+        protocols=sorted(f.protocols),
+        methods=sorted(f.methods),
+        path_prefixes=sorted(f.path_prefixes),
+        statuses=sorted(f.statuses),
+        grpc_methods=sorted(f.grpc_methods),
     )
 
 
@@ -227,4 +340,9 @@ def filter_from_pb(msg: pb.Filter) -> RecordFilter:
         namespaces=frozenset(msg.namespaces),
         pods=frozenset(msg.pods),
         container_ids=frozenset(msg.container_ids),
+        protocols=frozenset(msg.protocols),
+        methods=frozenset(msg.methods),
+        path_prefixes=frozenset(msg.path_prefixes),
+        statuses=frozenset(msg.statuses),
+        grpc_methods=frozenset(msg.grpc_methods),
     )

@@ -16,94 +16,32 @@ spaces so they cannot be mistaken for headers.
 from __future__ import annotations
 
 import os
-import time
 from typing import TextIO
 
-from agent.records.record import Endpoint, Record
+from agent.records.record import Record
 from agent.sinks.base import PeriodicFlusher
+from agent.sinks.exchange_text import render_exchange
+from agent.sinks.textfmt import (
+    BOLD,
+    CYAN,
+    DIM,
+    GREEN,
+    INDENT,
+    MAGENTA,
+    RED,
+    YELLOW,
+    Style,
+    byte_count,
+    format_endpoint,
+    format_time,
+    looks_like_text,
+    render_hexdump,
+    render_payload,
+    render_text,
+    safe,
+)
 
-TEXT_THRESHOLD = 0.9  # share of printable characters for a payload to be shown as text
-INDENT = "  "
-
-
-class _Style:
-    """ANSI SGR codes, or nothing when color is off."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __call__(self, text: str, code: str) -> str:
-        return f"\x1b[{code}m{text}\x1b[0m" if self.enabled else text
-
-
-BOLD, DIM, RED, GREEN, YELLOW, CYAN, MAGENTA = "1", "2", "31", "32", "33", "36", "35"
-
-
-def format_time(ts_ns: int) -> str:
-    """Local wall-clock time with microseconds, e.g. 14:03:07.123456."""
-    secs, ns = divmod(ts_ns, 1_000_000_000)
-    return time.strftime("%H:%M:%S", time.localtime(secs)) + f".{ns // 1000:06d}"
-
-
-def format_endpoint(ep: Endpoint | None) -> str:
-    return "?" if ep is None else str(ep)
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not valid UTF-8 (surrogateescape)
-        return f"\\x{code - 0xDC00:02x}"
-    if ch == "\r":
-        return "\\r"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def safe(text: str) -> str:
-    """`text` with every non-printable character escaped (process names are user-set)."""
-    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
-
-
-def _decode(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")
-
-
-def looks_like_text(data: bytes) -> bool:
-    """Mostly printable UTF-8 (tabs/newlines count as printable)."""
-    if not data:
-        return False
-    text = _decode(data)
-    printable = sum(1 for ch in text if ch.isprintable() or ch in "\n\t\r")
-    return printable >= TEXT_THRESHOLD * len(text)
-
-
-def render_text(data: bytes) -> list[str]:
-    """Payload as text lines; control and non-UTF-8 bytes escaped, CRLF/LF kept as breaks.
-
-    Escaping matters beyond looks: raw ESC sequences in captured traffic could
-    drive the user's terminal.  CRLF is the norm in HTTP/SMTP headers, so it is
-    shown as a plain line break; a lone CR is escaped.
-    """
-    lines = _decode(data).replace("\r\n", "\n").split("\n")
-    if lines[-1] == "":
-        lines.pop()  # a trailing newline ends the last line rather than starting one
-    # Tabs stay raw so indented bodies (JSON, YAML) keep their shape.
-    return ["\t".join(safe(part) for part in line.split("\t")) for line in lines]
-
-
-def render_hexdump(data: bytes) -> list[str]:
-    """Classic `hexdump -C` layout: offset, 16 hex bytes in two groups of 8, ASCII column."""
-    out = []
-    for off in range(0, len(data), 16):
-        chunk = data[off : off + 16]
-        left = " ".join(f"{b:02x}" for b in chunk[:8])
-        right = " ".join(f"{b:02x}" for b in chunk[8:])
-        ascii_col = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
-        out.append(f"{off:08x}  {left:<23}  {right:<23}  |{ascii_col}|")
-    return out
-
-
-def _bytes(n: int, adjective: str = "") -> str:
-    return f"{n} {adjective}{'byte' if n == 1 else 'bytes'}"
+__all__ = ["TerminalSink", "looks_like_text", "render_hexdump", "render_text"]
 
 
 class TerminalSink:
@@ -120,16 +58,22 @@ class TerminalSink:
         max_bytes: int = 4096,
         flush_interval: float = 0.1,
         show_node: bool = False,
+        detail: int = 0,
+        raw: bool = False,
     ) -> None:
         if color is None:
             color = _isatty(stream) and "NO_COLOR" not in os.environ
-        self._style = _Style(color)
+        self._style = Style(color)
         self.max_bytes = max_bytes
         self.show_node = show_node  # records from many nodes (tlscap tail)
+        self.detail = detail  # exchanges: 0 one line, 1 + headers, 2 + bodies
+        self.raw = raw  # also the data records of connections parsed as HTTP
         self._out = PeriodicFlusher(stream, flush_interval)
 
     def write(self, record: Record) -> None:
-        self._out.write("".join(line + "\n" for line in self.render(record)))
+        lines = self.render(record)
+        if lines:
+            self._out.write("".join(line + "\n" for line in lines))
 
     def flush(self) -> None:
         self._out.flush()
@@ -144,6 +88,10 @@ class TerminalSink:
             return [self._stats_line(record)]
         if record.type in ("open", "close"):
             return [self._lifecycle_line(record)]
+        if record.type == "exchange":
+            return render_exchange(record, self._who(record), self._style, self.detail)
+        if record.protocol and not self.raw:
+            return []  # its connection is shown as exchanges
         return [self._data_header(record), *self._payload_lines(record)]
 
     # --- lines -------------------------------------------------------------------------
@@ -173,19 +121,16 @@ class TerminalSink:
         line = f"{self._who(r)} {s(word, color)} {self._conn(r, arrow)} off={r.offset} len={r.len}"
         if r.truncated or r.captured_len < r.len:
             line += f" captured={r.captured_len} " + s("TRUNCATED", RED)
+        if r.redactions:
+            line += " " + s("redacted=" + ",".join(r.redactions), MAGENTA)
         return line
 
     def _payload_lines(self, r: Record) -> list[str]:
-        data = r.data
-        shown = data[: self.max_bytes]
-        body = render_text(shown) if looks_like_text(shown) else render_hexdump(shown)
-        lines = [INDENT + line for line in body]
+        lines = render_payload(r.data, self.max_bytes, self._style)
         s = self._style
-        if len(data) > len(shown):
-            lines.append(INDENT + s(f"... ({_bytes(len(data) - len(shown), 'more ')})", DIM))
         not_captured = r.len - r.captured_len
         if not_captured > 0:
-            lines.append(INDENT + s(f"... ({_bytes(not_captured)} not captured)", RED))
+            lines.append(INDENT + s(f"... ({byte_count(not_captured)} not captured)", RED))
         return lines
 
     def _lifecycle_line(self, r: Record) -> str:

@@ -136,7 +136,7 @@ class Agent:
     def start(self, timeout: float = 60.0) -> Agent:
         self.ready.unlink(missing_ok=True)
         cmd = [*TLSCAP, "run", "--output", "jsonl", "--output-file", str(self.output)]
-        cmd += ["--ready-file", str(self.ready), "-v", *self.args]
+        cmd += ["--ready-file", str(self.ready), "--log-level", "info", *self.args]
         self._stderr = open(self.workdir / "agent.stderr", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=REPO, stderr=self._stderr, stdout=subprocess.DEVNULL)
 

@@ -93,7 +93,8 @@ class ProxyAgent:
             [
                 sys.executable, "-m", "agent", "run", "--mode", "proxy",
                 "--ca-dir", str(self.ca_dir), "--output", "jsonl",
-                "--output-file", str(self.output), "--ready-file", str(self.ready), "-vv",
+                "--output-file", str(self.output), "--ready-file", str(self.ready),
+                "--log-level", "debug",
                 *args,
             ],
             cwd=REPO, env={**program_env(), **(env or {})},

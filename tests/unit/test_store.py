@@ -14,7 +14,7 @@ from agent.collector.store import RecordStore, StoreError, filter_to_sql
 from agent.records.filter import RecordFilter
 from agent.records.record import Endpoint, PodRef, Record
 from agent.schema import pb
-from agent.schema.convert import to_pb
+from agent.schema.convert import from_pb, to_pb
 
 TS = 1_795_442_587_000_000_000
 
@@ -289,9 +289,9 @@ def test_schema_1_store_is_migrated_and_keeps_its_records(tmp_path: Path) -> Non
     path = tmp_path / "old.db"
     with RecordStore(path) as s:
         s.insert([_item(_rec(1))])
-    # What a schema-1 file looks like: no Kubernetes columns.
+    # What a schema-1 file looks like: no Kubernetes columns (nor schema 3's).
     conn = sqlite3.connect(path)
-    for column in ("container_id", "namespace", "pod"):
+    for column in (*L7_COLUMNS, "container_id", "namespace", "pod"):
         conn.execute(f"ALTER TABLE records DROP COLUMN {column}")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
@@ -301,7 +301,61 @@ def test_schema_1_store_is_migrated_and_keeps_its_records(tmp_path: Path) -> Non
         s.insert([_item(_rec(2, pod=PodRef("web-1", "shop"), container_id="ab" * 32))])
         assert _seqs(s.query(RecordFilter())) == [1, 2]
         assert _seqs(s.query(RecordFilter(namespaces=frozenset({"shop"})))) == [2]
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+L7_COLUMNS = ("protocol", "method", "path", "status", "grpc_method")
+
+
+def test_schema_2_store_is_migrated_and_filters_exchanges(tmp_path: Path) -> None:
+    from agent.l7.exchange import Exchange, GrpcCall, HttpMessage
+
+    path = tmp_path / "old2.db"
+    with RecordStore(path) as s:
+        s.insert([_item(_rec(1))])
+    conn = sqlite3.connect(path)
+    for column in L7_COLUMNS:
+        conn.execute(f"ALTER TABLE records DROP COLUMN {column}")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+
+    def exchange(seq: int, method: str, path: str, status: int, grpc: str = "") -> Record:
+        rec = _rec(seq)
+        rec.type = "exchange"
+        rec.protocol = "grpc" if grpc else "http1"
+        rec.exchange = Exchange(
+            protocol=rec.protocol,
+            request=HttpMessage(method=method, target=path),
+            response=HttpMessage(status=status),
+            grpc=GrpcCall(*grpc.split("/")) if grpc else None,
+        )
+        return rec
+
+    with RecordStore(path) as s:
+        s.insert(
+            [
+                _item(exchange(2, "GET", "/api/users", 200)),
+                _item(exchange(3, "POST", "/api/users/7", 503)),
+                _item(exchange(4, "POST", "/pkg.Echo/Say", 200, "pkg.Echo/Say")),
+                _item(exchange(5, "POST", "/pkg.Other/Say", 200, "pkg.Other/Say")),
+            ]
+        )
+        cases = {
+            RecordFilter(methods=frozenset({"POST"})): [3, 4, 5],
+            RecordFilter(path_prefixes=frozenset({"/api/"})): [2, 3],
+            RecordFilter(statuses=frozenset(range(500, 600))): [3],
+            RecordFilter(grpc_methods=frozenset({"pkg.Echo/Say"})): [4],
+            RecordFilter(grpc_methods=frozenset({"pkg.Other"})): [5],
+            RecordFilter(protocols=frozenset({"grpc"})): [4, 5],
+            RecordFilter(): [1, 2, 3, 4, 5],
+        }
+        for flt, expected in cases.items():
+            assert _seqs(s.query(flt)) == expected, flt
+            # The SQL and the in-memory predicate agree.
+            stored = [from_pb(pb.Record.FromString(w)) for _, w in s.query(RecordFilter())]
+            assert [r.seq for r in stored if flt.matches(r)] == expected, flt
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_prune_by_age(tmp_path: Path) -> None:

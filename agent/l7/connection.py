@@ -1,0 +1,371 @@
+"""One connection's way through the L7 stage: detect, redact, parse, release.
+
+Each data record of a connection passes, in order:
+
+1. **Stream position.**  Its offset is checked against what its direction has
+   delivered so far: a jump is a gap (lost events), a short capture (the payload
+   cap) is a gap after it.  Gaps are told to the masker and the parser, which
+   mark them rather than guess across them.
+2. **Detection** (agent/l7/detect.py) from the first bytes, holding the first
+   records back until the protocol is known (at most the 24-byte HTTP/2 preface).
+3. **Parsing** of the original bytes into Exchanges (agent/l7/http1.py, http2.py).
+4. **Redaction** of the bytes that leave: a streaming masker per direction (HTTP/2
+   header blocks are held until complete, because a header's name can be in one
+   TLS record and its value in the next) and the payload regex rules.  Masking
+   keeps lengths, so offsets and lengths of every record stay true.
+
+Records are released in the order they came (per connection), each once every
+byte in it is decided.  Nothing is dropped here: at close or exit whatever is held
+goes out, fail-closed where a header block never completed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
+
+from agent.l7.detect import (
+    Verdict,
+    classify_request_start,
+    classify_response_start,
+    looks_like_settings_frame,
+)
+from agent.l7.exchange import Exchange, Side
+from agent.l7.http1 import Http1Parser
+from agent.l7.http2 import Http2Parser
+from agent.records.record import Record
+from agent.redact.exchange import redact_exchange
+from agent.redact.http1_masker import Http1HeaderMasker
+from agent.redact.http2_masker import Http2HeaderMasker
+from agent.redact.payload import mask_regexes
+from agent.redact.rules import DEFAULT_RULES, RedactionRules
+
+# Records of a connection whose start we did not see are tried for an HTTP/1
+# request line this many times before the connection is left raw.
+MIDSTREAM_TRIES = 16
+
+
+@dataclass(frozen=True)
+class L7Options:
+    parse: bool = True  # parse HTTP/1.x, HTTP/2 and gRPC into exchange records
+    body_limit: int = 4096  # body bytes kept per message in an exchange
+    rules: RedactionRules = DEFAULT_RULES
+    max_connections: int = 16384  # tracked at once; the least recently used go first
+
+
+@dataclass
+class L7Counters:
+    exchanges: int = 0
+    parse_failures: int = 0  # connections whose parser gave up (protocol error, gap in HTTP/2)
+    redacted_records: int = 0  # data records with masked bytes
+    redacted_exchanges: int = 0
+    gaps: int = 0  # holes in a connection's byte stream (lost or truncated captures)
+    connections_evicted: int = 0  # dropped from tracking past max_connections
+    http1_connections: int = 0
+    http2_connections: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f"l7_{k}": v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class _DirectionState:
+    next_offset: int | None = None  # where the next byte of this direction belongs
+    first: bytearray = field(default_factory=bytearray)  # first bytes, for detection
+    first_offset: int | None = None
+    masker: Http1HeaderMasker | Http2HeaderMasker | None = None
+    decided: bytearray = field(default_factory=bytearray)  # masked, not yet in a record
+    hits: set[str] = field(default_factory=set)  # rules behind `decided`
+
+
+def side_of(role: str, direction: str) -> Side | None:
+    """Which stream a direction carries, when the process's role says it."""
+    if role == "client":
+        return "request" if direction == "egress" else "response"
+    if role == "server":
+        return "request" if direction == "ingress" else "response"
+    return None
+
+
+class ConnectionL7:
+    def __init__(self, options: L7Options, counters: L7Counters) -> None:
+        self.options = options
+        self.counters = counters
+        self.protocol = ""  # "", "http1", "http2" once decided
+        self.decided = False
+        self.request_direction: str | None = None  # "egress" / "ingress"
+        self.parser: Http1Parser | Http2Parser | None = None
+        self.last: Record | None = None  # identity for exchange records
+        self._dirs = {"egress": _DirectionState(), "ingress": _DirectionState()}
+        self._queue: deque[Record] = deque()  # released in order, once decided
+        self._undetected: list[Record] = []  # held while detection needs more bytes
+        self._midstream_tries = 0
+        self._parse_failed_counted = False
+
+    # -- input -------------------------------------------------------------
+
+    def on_data(self, record: Record) -> list[Record]:
+        self.last = record
+        if not self.decided:
+            self._undetected.append(record)
+            self._note_first_bytes(record)
+            if not self._try_detect(final=False):
+                return []
+            held, self._undetected = self._undetected, []
+            out: list[Record] = []
+            for r in held:
+                out.extend(self._process(r))
+            return out
+        if self.protocol == "" and self._midstream_tries < MIDSTREAM_TRIES:
+            self._try_midstream_http1(record)
+        return self._process(record)
+
+    def on_close(self, record: Record | None) -> list[Record]:
+        """Finish the connection: everything held goes out, then pending exchanges,
+        then `record` (the close record; None when the stage itself lets go)."""
+        out: list[Record] = []
+        if not self.decided:
+            self._try_detect(final=True)
+            held, self._undetected = self._undetected, []
+            for r in held:
+                out.extend(self._process(r))
+        for state in self._dirs.values():
+            masker = state.masker
+            if isinstance(masker, Http2HeaderMasker):
+                data, hits = masker.flush()
+                state.decided += data
+                state.hits |= hits
+        out.extend(self._release())
+        if self._queue:  # cannot happen after flush(); never keep a record back
+            out.extend(self._force_release())
+        if self.parser is not None:
+            ts = record.ts_ns if record is not None else (self.last.ts_ns if self.last else 0)
+            out.extend(self._exchange_records(self.parser.close(ts)))
+        if record is not None:
+            record.protocol = self.protocol
+            out.append(record)
+        return out
+
+    # -- detection ---------------------------------------------------------
+
+    def _note_first_bytes(self, r: Record) -> None:
+        state = self._dirs[r.direction or "egress"]
+        if state.first_offset is None:
+            state.first_offset = r.offset
+        if len(state.first) < 64 and state.first_offset + len(state.first) == r.offset:
+            state.first += r.data[: 64 - len(state.first)]
+
+    def _try_detect(self, final: bool) -> bool:
+        """Decide the protocol if the bytes so far allow it (or `final`): True if decided."""
+        first = self._undetected[0] if self._undetected else None
+        role = first.role if first is not None else "unknown"
+        verdict = Verdict.UNKNOWN
+        request_dir: str | None = None
+        candidates = (
+            [d for d in ("egress", "ingress") if side_of(role, d) == "request"]
+            if role in ("client", "server")
+            else ["egress", "ingress"]
+        )
+        for direction in candidates:
+            state = self._dirs[direction]
+            if not state.first:
+                continue
+            v = classify_request_start(bytes(state.first), state.first_offset == 0)
+            if v is Verdict.NEED_MORE and not final:
+                return False
+            if v in (Verdict.HTTP1, Verdict.HTTP2):
+                verdict, request_dir = v, direction
+                break
+        if request_dir is None and not final and self._server_spoke_http2_first(candidates):
+            return False
+        if request_dir is None:
+            # A status line first: the other direction carries the requests.
+            for direction in ("egress", "ingress"):
+                state = self._dirs[direction]
+                status_line = (
+                    state.first
+                    and classify_response_start(bytes(state.first)) is Verdict.HTTP1
+                    and (role == "unknown" or side_of(role, direction) == "response")
+                )
+                if status_line:
+                    verdict = Verdict.HTTP1
+                    request_dir = "ingress" if direction == "egress" else "egress"
+                    break
+        self._decide(verdict, request_dir, role)
+        return True
+
+    def _server_spoke_http2_first(self, request_dirs: list[str]) -> bool:
+        """An HTTP/2 server may send its SETTINGS before the client's preface is read:
+        wait (a few records at most) for the requests rather than call it unknown."""
+        if any(self._dirs[d].first for d in request_dirs) or len(self._undetected) > 8:
+            return False
+        return any(looks_like_settings_frame(bytes(state.first)) for state in self._dirs.values())
+
+    def _decide(self, verdict: Verdict, request_dir: str | None, role: str) -> None:
+        self.decided = True
+        if request_dir is None and role in ("client", "server"):
+            request_dir = "egress" if role == "client" else "ingress"
+        self.request_direction = request_dir
+        if verdict is Verdict.HTTP2:
+            self.protocol = "http2"
+            self.counters.http2_connections += 1
+            names = self.options.rules.header_names
+            for direction, state in self._dirs.items():
+                state.masker = Http2HeaderMasker(names, preface=direction == request_dir)
+            if self.options.parse:
+                self.parser = Http2Parser(self.options.body_limit)
+            return
+        if verdict is Verdict.HTTP1:
+            self._start_http1()
+        # Not HTTP/2: the HTTP/1 masker is framing-independent and cheap, so it runs on
+        # every such connection -- a header line it finds is masked whatever the protocol.
+        for state in self._dirs.values():
+            if state.masker is None and self.options.rules.header_names:
+                state.masker = Http1HeaderMasker(self.options.rules.header_names)
+
+    def _start_http1(self) -> None:
+        self.protocol = "http1"
+        self.counters.http1_connections += 1
+        if self.options.parse:
+            self.parser = Http1Parser(self.options.body_limit)
+
+    def _try_midstream_http1(self, r: Record) -> None:
+        self._midstream_tries += 1
+        side = self._side(r)
+        verdict = (
+            classify_request_start(r.data, False)
+            if side in ("request", None)
+            else classify_response_start(r.data)
+        )
+        if verdict is Verdict.HTTP1 and side in ("request", None):
+            if self.request_direction is None:
+                self.request_direction = r.direction
+            self._start_http1()
+            self._midstream_tries = MIDSTREAM_TRIES
+
+    # -- the record path ---------------------------------------------------
+
+    def _side(self, r: Record) -> Side | None:
+        if self.request_direction is None:
+            return None
+        return "request" if r.direction == self.request_direction else "response"
+
+    def _process(self, r: Record) -> list[Record]:
+        direction = r.direction or "egress"
+        state = self._dirs[direction]
+        side = self._side(r)
+        exchanges: list[Exchange] = []
+        data = r.data
+        if state.next_offset is not None and r.offset != state.next_offset:
+            if r.offset > state.next_offset:
+                exchanges += self._gap(state, side, r.offset - state.next_offset, r.ts_ns)
+            else:
+                # Bytes we already had (a re-read cannot happen at this layer; a reused
+                # conn id could): parse only what is new.
+                data = data[min(len(data), state.next_offset - r.offset) :]
+        state.next_offset = r.offset + r.len
+        if self.parser is not None and side is not None and self.parser.failed is None:
+            exchanges += self.parser.feed(side, data, r.ts_ns)
+        if state.masker is not None:
+            masked, hits = state.masker.feed(r.data)
+            state.decided += masked
+            state.hits |= hits
+        else:
+            state.decided += r.data
+        if r.len > r.captured_len:
+            exchanges += self._gap(state, side, r.len - r.captured_len, r.ts_ns)
+        self._queue.append(r)
+        out = self._release()
+        out.extend(self._exchange_records(exchanges))
+        return out
+
+    def _gap(self, state: _DirectionState, side: Side | None, length: int, ts: int) -> list:
+        self.counters.gaps += 1
+        if isinstance(state.masker, Http2HeaderMasker):
+            state.masker.gap(length)
+        elif state.masker is not None:
+            state.masker.gap()
+        if self.parser is not None and side is not None and self.parser.failed is None:
+            return self.parser.gap(side, length, ts)
+        return []
+
+    def _release(self) -> list[Record]:
+        out = []
+        rules = self.options.rules
+        while self._queue:
+            r = self._queue[0]
+            state = self._dirs[r.direction or "egress"]
+            n = r.captured_len
+            if len(state.decided) < n:
+                break
+            self._queue.popleft()
+            masked = bytes(state.decided[:n])
+            del state.decided[:n]
+            redactions: set[str] = set()
+            if masked != r.data:
+                redactions |= state.hits
+            if not state.decided:
+                state.hits = set()
+            if rules.regexes:
+                masked, hits = mask_regexes(masked, rules.regexes)
+                redactions |= hits
+            if redactions:
+                self.counters.redacted_records += 1
+                r.redactions = sorted(redactions | set(r.redactions))
+            r.data = masked
+            r.protocol = self.protocol
+            out.append(r)
+        if self.parser is not None and self.parser.failed and not self._parse_failed_counted:
+            self._parse_failed_counted = True
+            self.counters.parse_failures += 1
+        return out
+
+    def _force_release(self) -> list[Record]:
+        """Fail closed: a record whose bytes were never decided leaves fully masked."""
+        out = []
+        while self._queue:
+            r = self._queue.popleft()
+            r.data = b"\x00" * r.captured_len
+            r.redactions = sorted({*r.redactions, "undecided"})
+            r.protocol = self.protocol
+            self.counters.redacted_records += 1
+            out.append(r)
+        return out
+
+    def _exchange_records(self, exchanges: list[Exchange]) -> list[Record]:
+        out = []
+        last = self.last
+        for ex in exchanges:
+            if self.options.rules.enabled:
+                redact_exchange(ex, self.options.rules)
+                if ex.redactions:
+                    self.counters.redacted_exchanges += 1
+            self.counters.exchanges += 1
+            ts = 0
+            for msg in (ex.response, ex.request):
+                if msg is not None:
+                    ts = msg.end_ts_ns or msg.ts_ns
+                    if ts:
+                        break
+            out.append(
+                Record(
+                    type="exchange",
+                    ts_ns=ts or (last.ts_ns if last else 0),
+                    pid=last.pid if last else 0,
+                    tid=last.tid if last else 0,
+                    comm=last.comm if last else "",
+                    cgroup_id=last.cgroup_id if last else 0,
+                    container_id=last.container_id if last else "",
+                    pod=last.pod if last else None,
+                    source=last.source if last else "",
+                    conn_id=last.conn_id if last else "",
+                    fd=last.fd if last else -1,
+                    local=last.local if last else None,
+                    remote=last.remote if last else None,
+                    role=last.role if last else "unknown",
+                    protocol=ex.protocol,
+                    exchange=ex,
+                )
+            )
+        return out

@@ -1,0 +1,466 @@
+"""HTTP/2 ("h2" inside TLS) from a connection's two captured byte streams.
+
+We are a passive third party: we see what the client wrote (the request side,
+starting with the connection preface) and what the server wrote, in chunks of
+any size, and can never ask either peer for anything.  That shapes the design:
+
+* Frames come from `hyperframe` (it knows the padding/priority layouts).  Each
+  side buffers at most one incomplete frame, kept as a list of chunks that is
+  joined once when the frame is complete, so a 16 MiB frame arriving in 4 KiB
+  chunks is not re-copied per chunk; complete frames are parsed straight out of
+  the caller's chunk through a memoryview.
+* HPACK is stateful per direction: one `hpack.Decoder` per side, and *every*
+  header block (HEADERS + CONTINUATION, PUSH_PROMISE) must be decoded in order,
+  even for streams we no longer track, or the dynamic table desyncs.  For the
+  same reason lost bytes (a gap) end the parse: the table cannot be recovered.
+  Table-size limits are the peers' business; ours are set high.
+* A stream becomes an `Exchange` when it closes: both sides sent END_STREAM,
+  or either reset it, or a GOAWAY says it was never processed, or the
+  connection closed.  Waiting for both ends (not just the response's) keeps a
+  request whose last bytes are delivered a little after the response -- the
+  two sides are captured separately -- from being cut short.
+* Nothing raises out of feed/gap/close: any malformed input sets `failed` and
+  hands back the open exchanges with a note saying why.
+
+gRPC (agent/l7/grpc.py) rides on top: a stream whose request content-type is
+application/grpc* gets a `GrpcStream` fed the DATA payloads and HEADERS blocks.
+"""
+
+from __future__ import annotations
+
+from hpack import Decoder
+from hpack.exceptions import HPACKError
+from hyperframe.exceptions import HyperframeError
+from hyperframe.frame import Frame
+
+from agent.l7.exchange import Exchange, Headers, HttpMessage, Side
+from agent.l7.grpc import GrpcStream, is_grpc_content_type
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+_HEADER = 9  # frame header bytes
+MAX_HEADER_BLOCK = 1 << 24  # raw HPACK bytes in one HEADERS+CONTINUATION block
+MAX_HEADER_LIST = 1 << 24  # decoded header list size (hpack's accounting)
+MAX_OPEN_STREAMS = 4096  # beyond this the oldest open stream is given up
+_SIDE_INDEX = {"request": 0, "response": 1}
+_PEER = ("client", "server")
+
+_ERROR_NAMES = (
+    "NO_ERROR",
+    "PROTOCOL_ERROR",
+    "INTERNAL_ERROR",
+    "FLOW_CONTROL_ERROR",
+    "SETTINGS_TIMEOUT",
+    "STREAM_CLOSED",
+    "FRAME_SIZE_ERROR",
+    "REFUSED_STREAM",
+    "CANCEL",
+    "COMPRESSION_ERROR",
+    "CONNECT_ERROR",
+    "ENHANCE_YOUR_CALM",
+    "INADEQUATE_SECURITY",
+    "HTTP_1_1_REQUIRED",
+)
+
+# Frame types (RFC 9113 section 6).
+_DATA, _HEADERS, _RST_STREAM, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0, 1, 3, 5, 7, 9
+
+
+def error_name(code: int) -> str:
+    """RST_STREAM / GOAWAY error code -> its RFC name ("CANCEL"), or hex if unknown."""
+    return _ERROR_NAMES[code] if 0 <= code < len(_ERROR_NAMES) else f"0x{code:x}"
+
+
+class _Fail(Exception):
+    """Parsing cannot go on; the message is the reason recorded in `failed`."""
+
+
+class _Block:
+    """A header block being assembled from HEADERS/PUSH_PROMISE + CONTINUATION."""
+
+    __slots__ = ("end_stream", "parts", "promised", "size", "stream_id", "ts")
+
+    def __init__(self, stream_id: int, end_stream: bool, promised: int, ts: int) -> None:
+        self.stream_id = stream_id
+        self.end_stream = end_stream
+        self.promised = promised  # PUSH_PROMISE: the promised stream (0: a HEADERS block)
+        self.ts = ts
+        self.parts: list[bytes] = []
+        self.size = 0
+
+
+class _SideState:
+    """One direction: its HPACK table, its partial frame, its open header block."""
+
+    __slots__ = ("block", "decoder", "have", "need", "parts", "pending_ts", "preface_left")
+
+    def __init__(self, preface: bool) -> None:
+        self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self.decoder.max_allowed_table_size = (1 << 32) - 1
+        self.preface_left = len(PREFACE) if preface else 0
+        self.parts: list[bytes] = []  # chunks of the incomplete frame at the stream's head
+        self.have = 0  # their total length
+        self.need = _HEADER  # bytes needed before another parse is worth trying
+        self.pending_ts = 0  # time of the chunk that carried its first byte
+        self.block: _Block | None = None
+
+
+class _Stream:
+    __slots__ = ("bodies", "ended", "exchange", "final_response", "grpc")
+
+    def __init__(self, stream_id: int) -> None:
+        self.exchange = Exchange("http2", stream_id=stream_id)
+        self.bodies = (bytearray(), bytearray())  # kept body bytes per side
+        self.ended = [False, False]  # END_STREAM seen per side
+        self.final_response = False  # a non-1xx response HEADERS was seen
+        self.grpc: GrpcStream | None = None
+
+
+def _first(headers: Headers, name: str) -> str:
+    for key, value in headers:
+        if key == name:
+            return value
+    return ""
+
+
+class Http2Parser:
+    """Turns one HTTP/2 connection's two byte streams into Exchanges."""
+
+    def __init__(self, body_limit: int = 4096) -> None:
+        self.body_limit = max(0, body_limit)
+        self.failed: str | None = None
+        self._closed = False
+        self._sides = (_SideState(preface=True), _SideState(preface=False))
+        self._streams: dict[int, _Stream] = {}  # open streams, oldest first
+        self._max_id = [0, 0]  # highest stream id opened, by parity (even, odd)
+        # Streams reported before their opening frame arrived (the response side ran ahead).
+        self._closed_early: set[int] = set()
+
+    # -- public API ------------------------------------------------------------------
+
+    def feed(self, side: Side, data: bytes, ts_ns: int) -> list[Exchange]:
+        """One captured chunk of `side`, in stream order; returns exchanges that closed."""
+        if self.failed is not None or self._closed:
+            return []
+        out: list[Exchange] = []
+        try:
+            index = _SIDE_INDEX.get(side)
+            if index is None:
+                raise _Fail(f"unknown side {side!r}")
+            self._feed(index, data, ts_ns, out)
+        except _Fail as exc:
+            return out + self._fail(str(exc))
+        except Exception as exc:  # a bug here must not take the capture down
+            return out + self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        return out
+
+    def gap(self, side: Side, length: int, ts_ns: int) -> list[Exchange]:
+        """`length` bytes of `side` were lost: HPACK state is gone, so parsing ends."""
+        if self.failed is not None or self._closed:
+            return []
+        return self._fail(
+            "gap: HTTP/2 header compression state lost",
+            f"gap: {length} bytes lost on the {side} side; stream left unfinished",
+        )
+
+    def close(self, ts_ns: int) -> list[Exchange]:
+        """The connection ended: every unfinished exchange, with notes on what is missing."""
+        if self.failed is not None or self._closed:
+            return []
+        self._closed = True
+        try:
+            out = []
+            mid = [name for name, st in zip(_SIDE_INDEX, self._sides, strict=True) if st.have]
+            for stream in list(self._streams.values()):
+                notes = ["connection closed before the stream ended"]
+                notes += [f"connection closed in the middle of a {n} side frame" for n in mid]
+                out.append(self._emit(stream, notes))
+            return out
+        except Exception as exc:
+            self.failed = f"internal error: {type(exc).__name__}: {exc}"
+            return []
+
+    # -- bytes -> frames ---------------------------------------------------------------
+
+    def _feed(self, index: int, data: bytes, ts: int, out: list[Exchange]) -> None:
+        st = self._sides[index]
+        view = memoryview(data)
+        if st.preface_left:
+            n = min(len(view), st.preface_left)
+            start = len(PREFACE) - st.preface_left
+            if view[:n] != PREFACE[start : start + n]:
+                raise _Fail("request side does not begin with the HTTP/2 connection preface")
+            st.preface_left -= n
+            view = view[n:]
+        if not view:
+            return
+        if st.parts:  # finish the frame already begun
+            st.parts.append(view.tobytes())
+            st.have += len(view)
+            if st.have < st.need:
+                return
+            view = memoryview(b"".join(st.parts))
+            first_ts = st.pending_ts
+            st.parts, st.have = [], 0
+        else:
+            first_ts = ts
+        consumed = self._frames(index, view, first_ts, ts, out)
+        if consumed < len(view):
+            rest = view[consumed:].tobytes()
+            st.parts, st.have = [rest], len(rest)
+            st.pending_ts = first_ts if consumed == 0 else ts
+            st.need = _HEADER
+            if len(rest) >= _HEADER:
+                st.need += int.from_bytes(rest[:3], "big")
+
+    def _frames(
+        self, index: int, view: memoryview, first_ts: int, ts: int, out: list[Exchange]
+    ) -> int:
+        """Handle every complete frame in `view`; return how many bytes they took."""
+        pos, end = 0, len(view)
+        while end - pos >= _HEADER:
+            length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
+            body_end = pos + _HEADER + length
+            if body_end > end:
+                break
+            try:
+                frame, _ = Frame.parse_frame_header(view[pos : pos + _HEADER])
+                frame.parse_body(view[pos + _HEADER : body_end])
+            except HyperframeError as exc:
+                raise _Fail(
+                    f"bad frame on the {('request', 'response')[index]} side: {exc}"
+                ) from None
+            self._frame(index, frame, first_ts if pos == 0 else ts, ts, out)
+            pos = body_end
+        return pos
+
+    # -- frames -> streams -------------------------------------------------------------
+
+    def _frame(self, index: int, frame, fts: int, ts: int, out: list[Exchange]) -> None:
+        st = self._sides[index]
+        kind = frame.type
+        if st.block is not None and kind != _CONTINUATION:
+            raise _Fail(f"protocol error: frame type {kind} inside a header block")
+        if kind == _DATA:
+            stream = self._streams.get(frame.stream_id)
+            if stream is not None:
+                self._data(index, stream, frame.data, "END_STREAM" in frame.flags, ts, out)
+        elif kind in (_HEADERS, _PUSH_PROMISE):
+            promised = 0
+            if kind == _PUSH_PROMISE:
+                if index == 0:
+                    raise _Fail("protocol error: PUSH_PROMISE from the client")
+                promised = frame.promised_stream_id
+            st.block = _Block(frame.stream_id, "END_STREAM" in frame.flags, promised, fts)
+            self._fragment(index, frame, ts, out)
+        elif kind == _CONTINUATION:
+            if st.block is None or st.block.stream_id != frame.stream_id:
+                raise _Fail("protocol error: CONTINUATION without a header block to continue")
+            self._fragment(index, frame, ts, out)
+        elif kind == _RST_STREAM:
+            stream = self._streams.get(frame.stream_id)
+            if stream is not None:
+                note = f"stream reset by the {_PEER[index]}: {error_name(frame.error_code)}"
+                out.append(self._emit(stream, [note]))
+        elif kind == _GOAWAY:
+            # Streams the GOAWAY's receiver opened above last_stream_id were never processed.
+            parity = 1 if index == 1 else 0
+            last = frame.last_stream_id
+            note = (
+                f"not processed: {_PEER[index]} sent GOAWAY ({error_name(frame.error_code)}) "
+                f"with last_stream_id {last}"
+            )
+            for sid in [s for s in self._streams if s > last and s & 1 == parity]:
+                out.append(self._emit(self._streams[sid], [note]))
+        # SETTINGS, PING, WINDOW_UPDATE, PRIORITY and unknown types change nothing we report.
+
+    def _fragment(self, index: int, frame, ts: int, out: list[Exchange]) -> None:
+        block = self._sides[index].block
+        assert block is not None
+        block.parts.append(frame.data)
+        block.size += len(frame.data)
+        if block.size > MAX_HEADER_BLOCK:
+            raise _Fail(f"header block larger than {MAX_HEADER_BLOCK} bytes")
+        if "END_HEADERS" in frame.flags:
+            self._sides[index].block = None
+            self._headers(index, block, ts, out)
+
+    def _headers(self, index: int, block: _Block, ts: int, out: list[Exchange]) -> None:
+        raw = block.parts[0] if len(block.parts) == 1 else b"".join(block.parts)
+        try:
+            decoded = self._sides[index].decoder.decode(raw, raw=True)
+        except HPACKError as exc:
+            side = ("request", "response")[index]
+            raise _Fail(f"HPACK decoding failed on the {side} side: {exc}") from None
+        headers = [(n.decode("utf-8", "replace"), v.decode("utf-8", "replace")) for n, v in decoded]
+        if block.promised:
+            self._push(block, headers, ts, out)
+            return
+        sid = block.stream_id
+        stream = self._streams.get(sid)
+        if stream is None and (index == 1 or sid & 1):
+            stream = self._open(sid, out, opener=index == 0)
+        if stream is None:  # a stream already closed (or a client HEADERS on an even id)
+            return
+        if index == 0:
+            self._request_headers(stream, headers, block.ts)
+        else:
+            self._response_headers(stream, headers, block.ts)
+        if block.end_stream:
+            self._end(index, stream, ts, out)
+
+    def _open(self, sid: int, out: list[Exchange], opener: bool) -> _Stream | None:
+        """A new stream, or None if `sid` was already reported.
+
+        `opener`: the frame is the one that opens `sid` in its own side's order
+        (client HEADERS for odd ids, PUSH_PROMISE for even ones).  Only those
+        advance the high-water mark, so a response seen ahead of its request
+        does not make the requests below it look stale.
+        """
+        if sid <= self._max_id[sid & 1]:
+            return None  # closed and already reported
+        if sid in self._closed_early:
+            if opener:
+                self._closed_early.discard(sid)
+                self._max_id[sid & 1] = sid
+            return None
+        if opener:
+            self._max_id[sid & 1] = sid
+        stream = self._streams[sid] = _Stream(sid)
+        if len(self._streams) > MAX_OPEN_STREAMS:
+            oldest = self._streams[next(iter(self._streams))]
+            note = f"more than {MAX_OPEN_STREAMS} open streams: given up on the oldest"
+            out.append(self._emit(oldest, [note]))
+        return stream
+
+    def _request_headers(self, stream: _Stream, headers: Headers, ts: int) -> None:
+        exchange = stream.exchange
+        request = exchange.request
+        if request is not None:
+            if not stream.ended[0]:
+                request.trailers.extend(headers)
+            return
+        request = exchange.request = HttpMessage(
+            ts_ns=ts,
+            method=_first(headers, ":method"),
+            target=_first(headers, ":path"),
+            authority=_first(headers, ":authority") or _first(headers, "host"),
+            version="2",
+            headers=headers,
+        )
+        if is_grpc_content_type(request.header("content-type")):
+            exchange.protocol = "grpc"
+            stream.grpc = GrpcStream(request.target, self.body_limit)
+
+    def _response_headers(self, stream: _Stream, headers: Headers, ts: int) -> None:
+        exchange = stream.exchange
+        if stream.final_response:
+            if exchange.response is not None and not stream.ended[1]:
+                exchange.response.trailers.extend(headers)
+                if stream.grpc is not None:
+                    stream.grpc.response_headers(headers)
+            return
+        text = _first(headers, ":status")
+        status = int(text) if text.isdigit() and len(text) == 3 else 0
+        if 100 <= status < 200:
+            exchange.notes.append(f"informational response {status} skipped")
+            return
+        if not status:
+            exchange.notes.append(f"response :status {text!r} is not a status code")
+        stream.final_response = True
+        exchange.response = HttpMessage(ts_ns=ts, status=status, version="2", headers=headers)
+        if stream.grpc is not None:
+            stream.grpc.response_headers(headers)
+
+    def _push(self, block: _Block, headers: Headers, ts: int, out: list[Exchange]) -> None:
+        stream = self._open(block.promised, out, opener=True)
+        if stream is None:
+            return
+        stream.exchange.request = HttpMessage(
+            ts_ns=block.ts,
+            end_ts_ns=ts,
+            method=_first(headers, ":method"),
+            target=_first(headers, ":path"),
+            authority=_first(headers, ":authority"),
+            version="2",
+            headers=headers,
+            complete=True,
+        )
+        stream.ended[0] = True
+        stream.exchange.notes.append(f"server push, promised on stream {block.stream_id}")
+
+    def _data(
+        self, index: int, stream: _Stream, data: bytes, end: bool, ts: int, out: list[Exchange]
+    ) -> None:
+        exchange = stream.exchange
+        message = exchange.response if index else exchange.request
+        if message is not None and not stream.ended[index]:
+            message.body_len += len(data)
+            body = stream.bodies[index]
+            room = self.body_limit - len(body)
+            if room > 0 and data:
+                body += data[:room] if len(data) > room else data
+            if stream.grpc is not None:
+                if index:
+                    stream.grpc.response_data(data)
+                else:
+                    stream.grpc.request_data(data)
+        elif message is None and data:
+            exchange.notes.append(f"{len(data)} DATA bytes before the headers of their message")
+        if end:
+            self._end(index, stream, ts, out)
+
+    def _end(self, index: int, stream: _Stream, ts: int, out: list[Exchange]) -> None:
+        if stream.ended[index]:
+            return
+        stream.ended[index] = True
+        exchange = stream.exchange
+        message = exchange.response if index else exchange.request
+        if message is not None:
+            message.complete = True
+            message.end_ts_ns = ts
+        if stream.ended[0] and stream.ended[1]:
+            out.append(self._emit(stream, []))
+
+    # -- streams -> exchanges ----------------------------------------------------------
+
+    def _emit(self, stream: _Stream, notes: list[str]) -> Exchange:
+        """Take `stream` off the open list and finish its Exchange."""
+        exchange = stream.exchange
+        sid = exchange.stream_id
+        self._streams.pop(sid, None)
+        if sid > self._max_id[sid & 1]:
+            if len(self._closed_early) >= MAX_OPEN_STREAMS:
+                self._closed_early.clear()
+            self._closed_early.add(sid)
+        for message, body in (
+            (exchange.request, stream.bodies[0]),
+            (exchange.response, stream.bodies[1]),
+        ):
+            if message is not None:
+                message.body = bytes(body)
+                message.body_truncated = message.body_len > len(message.body)
+        if exchange.request is None:
+            exchange.notes.append("request not seen")
+        if exchange.response is None:
+            exchange.notes.append("no response seen")
+        exchange.notes.extend(notes)
+        if stream.grpc is not None:
+            response = exchange.response
+            exchange.notes.extend(stream.grpc.finish(response is not None and response.complete))
+            exchange.grpc = stream.grpc.call
+        return exchange
+
+    def _fail(self, reason: str, note: str | None = None) -> list[Exchange]:
+        """Give up for good: record why, drop all state, return the open exchanges."""
+        self.failed = reason
+        streams, self._streams = list(self._streams.values()), {}
+        self._sides = (_SideState(preface=False), _SideState(preface=False))
+        note = note or f"HTTP/2 parsing stopped: {reason}"
+        out = []
+        for stream in streams:
+            try:
+                out.append(self._emit(stream, [note]))
+            except Exception:  # pragma: no cover - emitting is plain bookkeeping
+                continue
+        return out

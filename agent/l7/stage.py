@@ -1,0 +1,70 @@
+"""The L7 stage of the record path: parsed exchanges in, secrets out.
+
+RecordWriter hands every record here before numbering it and passing it to the
+sinks, so both capture paths (eBPF and proxy) get the same parsing and the same
+redaction, and nothing unredacted reaches a sink, the spool or a collector.
+Sans-I/O: records in, records out; a test drives it with hand-made records.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from agent.l7.connection import ConnectionL7, L7Counters, L7Options
+from agent.records.record import Record
+
+
+class L7Stage:
+    def __init__(self, options: L7Options) -> None:
+        self.options = options
+        self.counters = L7Counters()
+        self._conns: OrderedDict[str, ConnectionL7] = OrderedDict()
+
+    @property
+    def active(self) -> bool:
+        """Anything to do at all (parsing on, or a redaction rule)."""
+        return self.options.parse or self.options.rules.enabled
+
+    def process(self, record: Record) -> list[Record]:
+        """The records to emit now, in order (held ones may come out later)."""
+        if record.type == "data" and record.conn_id:
+            out = self._conn(record.conn_id).on_data(record)
+            if len(self._conns) > self.options.max_connections:
+                out.extend(self.evict_overflow())
+            return out
+        if record.type == "close" and record.conn_id:
+            conn = self._conns.pop(record.conn_id, None)
+            if conn is not None:
+                return conn.on_close(record)
+        return [record]
+
+    def flush(self) -> list[Record]:
+        """Let every connection go (end of the run): held records and pending exchanges."""
+        out: list[Record] = []
+        while self._conns:
+            _, conn = self._conns.popitem(last=False)
+            out.extend(conn.on_close(None))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        out = self.counters.as_dict()
+        out["l7_connections_tracked"] = len(self._conns)
+        return out
+
+    def _conn(self, conn_id: str) -> ConnectionL7:
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            conn = self._conns[conn_id] = ConnectionL7(self.options, self.counters)
+        else:
+            self._conns.move_to_end(conn_id)
+        return conn
+
+    def evict_overflow(self) -> list[Record]:
+        """Past max_connections, the least recently used connections are finished
+        (as at a close) and forgotten; counted."""
+        out: list[Record] = []
+        while len(self._conns) > self.options.max_connections:
+            _, conn = self._conns.popitem(last=False)
+            self.counters.connections_evicted += 1
+            out.extend(conn.on_close(None))
+        return out

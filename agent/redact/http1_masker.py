@@ -1,0 +1,180 @@
+"""Masking sensitive HTTP/1.x header values in a byte stream, chunk by chunk.
+
+Data records are whatever one TLS library call wrote or read: a header line can
+be split anywhere between two records (its name in one, the colon or the value
+in the next, CR and LF apart), and records must leave the agent masked one by
+one, in order, at their original length.  So this masker does not parse HTTP
+messages: it is a small line-oriented state machine over the raw stream that
+recognises, at every line start, "<sensitive name>[SP/HT]*:" and replaces the
+value after it with b"*" up to the end of the line -- including obs-fold
+continuation lines (lines starting with SP or HT right after such a value).
+
+Why framing-independent: a parser that knows where the header section ends would
+have to be as lenient as every server it watches, and any disagreement (a bare
+LF, a smuggling attempt, a pipelined request it lost track of) would leak a
+token.  Matching every line instead errs the other way: a body line that
+happens to start like "Authorization:" is masked too.  That over-redaction is
+accepted; under-redaction is not.
+
+Masking rules, precisely:
+- the value starts after the colon and the SP/HT that follow it;
+- it ends at the LF ending the line; CR bytes are kept (so a bare CR inside a
+  value does not end the masking early), every other byte becomes b"*";
+- after gap() (bytes lost) the line position is unknown, so nothing matches until
+  the next LF -- except that a value being masked when the gap came, or one whose
+  line had just ended (a fold line may have started in the gap), goes on being
+  masked until the next LF (fail closed).  A sensitive header whose *name* was
+  lost in a gap cannot be recognised: that is the one thing a stream masker
+  cannot do.
+"""
+
+from __future__ import annotations
+
+import re
+
+from agent.redact.rules import header_rule_name
+
+# States.
+_SCAN = 0  # at a line start, nothing pending: search the chunk
+_NAME = 1  # inside a line's first bytes, which may still become a sensitive name
+_NAME_WS = 2  # a full sensitive name seen; SP/HT may follow before the colon
+_VALUE_WS = 3  # after the colon (or at a fold line's start): skip SP/HT
+_VALUE = 4  # masking up to the next LF
+_AFTER_VALUE = 5  # at the start of the line after a masked value: a fold line?
+_SKIP = 6  # inside an uninteresting line: wait for its LF
+
+# Every byte becomes "*" except CR and LF.
+_MASK = bytearray(b"*" * 256)
+_MASK[0x0D] = 0x0D
+_MASK[0x0A] = 0x0A
+_MASK_TABLE = bytes(_MASK)
+
+_WS = re.compile(rb"[ \t]*")
+
+
+def _skip_ws(data: bytes, i: int) -> int:
+    m = _WS.match(data, i)
+    return i if m is None else m.end()
+
+
+class Http1HeaderMasker:
+    """One direction of one connection.  feed() returns each chunk masked (same
+    length) at once; state carries across chunks at every byte position."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = frozenset(n.lower() for n in names)
+        encoded = sorted((n.encode("latin-1") for n in self._names), key=len, reverse=True)
+        # Every prefix of every name, for a line start split across chunks.
+        self._prefixes = {n[:k] for n in encoded for k in range(len(n) + 1)}
+        self._encoded = frozenset(encoded)
+        self._at: re.Pattern[bytes] | None = None  # a sensitive header line at a position
+        self._next: re.Pattern[bytes] | None = None  # the next one after a LF
+        if encoded:
+            header = rb"(?i:(" + b"|".join(re.escape(n) for n in encoded) + rb"))[ \t]*:"
+            self._at = re.compile(header)
+            # The literal LF and the look-ahead on the first byte let the regex engine
+            # skip through a body quickly (about twice as fast as "^" in MULTILINE).
+            first = {n[:1].lower() for n in encoded} | {n[:1].upper() for n in encoded}
+            lead = b"".join(re.escape(c) for c in sorted(first))
+            self._next = re.compile(rb"\n(?=[" + lead + rb"])" + header)
+        self._state = _SCAN
+        self._partial = b""  # _NAME: the line's bytes so far (lower-case)
+        self._header = ""  # the sensitive header whose value is being masked
+
+    def gap(self) -> None:
+        """Bytes of the stream were lost: the line position is unknown."""
+        if self._state in (_VALUE_WS, _VALUE, _AFTER_VALUE):
+            self._state = _VALUE  # fail closed: mask on to the next LF
+        else:
+            self._state = _SKIP
+        self._partial = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, set[str]]:
+        """`data` masked (same length), and the rule names that masked bytes of it."""
+        data = bytes(data)
+        if self._at is None or self._next is None:
+            return data, set()
+        n = len(data)
+        hits: set[str] = set()
+        out: bytearray | None = None
+        i = 0
+        while i < n:
+            state = self._state
+            if state == _SCAN:
+                # i is a line start: test it, then every line after a LF.
+                m = self._at.match(data, i) or self._next.search(data, i)
+                if m is not None:
+                    self._header = m.group(1).decode("latin-1").lower()
+                    self._state = _VALUE_WS
+                    i = m.end()
+                    continue
+                # No complete match; the last line may still be one in the next chunk.
+                last = data.rfind(b"\n", i)
+                i = i if last < 0 else last + 1
+                self._state, self._partial = _NAME, b""
+            elif state == _NAME:
+                i = self._name(data, i)
+            elif state == _NAME_WS:
+                j = _skip_ws(data, i)
+                if j == n:
+                    i = n
+                elif data[j] == 0x3A:  # ":"
+                    self._state, i = _VALUE_WS, j + 1
+                else:
+                    self._state, i = _SKIP, j
+            elif state == _VALUE_WS:
+                i = _skip_ws(data, i)
+                if i < n:
+                    self._state = _VALUE
+            elif state == _VALUE:
+                nl = data.find(b"\n", i)
+                end = n if nl < 0 else nl
+                if end > i:
+                    if out is None:
+                        out = bytearray(data)
+                    masked = data[i:end].translate(_MASK_TABLE)
+                    if masked != data[i:end]:
+                        hits.add(header_rule_name(self._header))
+                    out[i:end] = masked
+                if nl < 0:
+                    i = n
+                else:
+                    self._state, i = _AFTER_VALUE, nl + 1
+            elif state == _AFTER_VALUE:
+                if data[i] in (0x20, 0x09):  # obs-fold: the value goes on
+                    self._state = _VALUE_WS
+                else:
+                    self._state = _SCAN
+            else:  # _SKIP
+                nl = data.find(b"\n", i)
+                if nl < 0:
+                    i = n
+                else:
+                    self._state, i = _SCAN, nl + 1
+        if out is None:
+            return data, hits
+        return bytes(out), hits
+
+    def _name(self, data: bytes, i: int) -> int:
+        """Go on with a line start that may become a sensitive name (at most a
+        name's length of bytes is looked at); returns where to continue."""
+        partial = self._partial
+        n = len(data)
+        while i < n:
+            c = data[i]
+            if c == 0x3A and partial in self._encoded:  # "name:"
+                self._header = partial.decode("latin-1")
+                self._state = _VALUE_WS
+                return i + 1
+            if c in (0x20, 0x09) and partial in self._encoded:  # "name ... :"
+                self._header = partial.decode("latin-1")
+                self._state = _NAME_WS
+                return i
+            longer = partial + bytes((c | 0x20 if 0x41 <= c <= 0x5A else c,))
+            if longer not in self._prefixes:
+                self._state = _SKIP
+                return i
+            partial = longer
+            i += 1
+        self._partial = partial
+        return n

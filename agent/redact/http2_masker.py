@@ -1,0 +1,409 @@
+"""Masking sensitive header values inside an HTTP/2 byte stream, keeping it valid.
+
+In HTTP/2 a header's name and value are HPACK-compressed: a value may be
+Huffman-coded, and its name may be nothing but an index into a dynamic table
+built from earlier header blocks of the same direction.  Header blocks can be
+split across HEADERS/PUSH_PROMISE + CONTINUATION frames, and frames across TLS
+records.  So no byte of a header block can be let out before the whole block is
+seen: this masker is a streaming transducer that walks frames by their 9-byte
+headers, passes everything outside header blocks on at once (DATA is most of the
+volume) and holds each header block from its first frame to the frame with
+END_HEADERS.
+
+A complete block is walked HPACK instruction by instruction (RFC 7541 section 6).
+Each instruction is also fed, on its own, to one `hpack.Decoder` per masker,
+which keeps the dynamic table in step with the peer's and tells each field's
+name.  A literal whose name is sensitive has its value masked in place so that
+the stream stays valid HPACK, at the same length: the H (Huffman) bit of the
+string's length prefix is cleared (the length integer keeps its encoding) and
+the string's bytes become b"*".  A decoder of the masked stream (Wireshark, or
+anything fed the records) sees "****" where the secret was, and every other
+header unchanged.
+
+Fail closed, always with a rule name saying why:
+- a block that never completes (another frame came before END_HEADERS, flush(),
+  or more than `max_hold` bytes would be held) has its fragment bytes replaced
+  with b"\\x00": "http2:incomplete-header-block"; CONTINUATION frames still to
+  come of a block forced out that way are wiped as they pass;
+- an HPACK instruction that does not decode (and a malformed padded/priority
+  frame): the rest of that block is wiped, "http2:undecodable-header-block";
+- after either, the dynamic table may no longer match the peer's: a literal
+  whose name comes from the dynamic table has its value masked,
+  "http2:unknown-header-name" (until a table size update to 0 empties it);
+- after gap(), frame sync is lost, unless the lost bytes lay entirely within
+  the payload of the current non-header frame (a DATA frame, typically), whose
+  length says exactly where the next frame starts.  Without sync every later
+  byte is replaced with b"\\x00": "http2:desync".  Likewise when a client
+  stream does not begin with the connection preface.
+
+Frame headers, pad-length, priority and promised-stream fields and padding
+(zeros, by RFC 9113) are never changed: the masked stream frames exactly like
+the original.  Limitation: a masked Huffman value can decode to a different
+length than the original, so a third-party decoder's dynamic table *size
+accounting* may differ from the peer's (entries evicted at other times); the
+masker's own decoder sees the original bytes and is not affected.
+"""
+
+from __future__ import annotations
+
+import hpack
+
+from agent.redact.rules import header_rule_name
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+RULE_INCOMPLETE = "http2:incomplete-header-block"
+RULE_UNDECODABLE = "http2:undecodable-header-block"
+RULE_UNKNOWN_NAME = "http2:unknown-header-name"
+RULE_DESYNC = "http2:desync"
+
+_HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
+_END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20
+_STATIC_TABLE_LEN = 61
+
+# Where the walk is.
+_PREFACE_MODE, _HEADER_MODE, _PAYLOAD_MODE, _DESYNC_MODE = range(4)
+# What happens to the current frame's payload.
+_PASS, _HOLD, _WIPE = range(3)
+
+
+class _HpackError(Exception):
+    pass
+
+
+def _integer(buf: bytearray, i: int, prefix_bits: int) -> tuple[int, int]:
+    """RFC 7541 5.1: the integer at buf[i] and the index after it."""
+    if i >= len(buf):
+        raise _HpackError("truncated integer")
+    limit = (1 << prefix_bits) - 1
+    value = buf[i] & limit
+    i += 1
+    if value < limit:
+        return value, i
+    shift = 0
+    while True:
+        if i >= len(buf) or shift > 28:
+            raise _HpackError("truncated or oversized integer")
+        byte = buf[i]
+        i += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+def _string(buf: bytearray, i: int) -> tuple[int, int, int]:
+    """RFC 7541 5.2: (position of the H bit's byte, start, end) of the string at i."""
+    length, start = _integer(buf, i, 7)
+    end = start + length
+    if end > len(buf):
+        raise _HpackError("truncated string")
+    return i, start, end
+
+
+def _instruction(buf: bytearray, i: int) -> tuple[int, int, tuple[int, int, int] | None, bool]:
+    """One representation at buf[i]: (end, name index (0: literal name), the value
+    string or None, whether it is a dynamic table size update)."""
+    first = buf[i]
+    if first & 0x80:  # indexed field
+        index, end = _integer(buf, i, 7)
+        return end, index, None, False
+    if first & 0x40:  # literal with incremental indexing
+        prefix = 6
+    elif first & 0x20:  # dynamic table size update
+        _, end = _integer(buf, i, 5)
+        return end, 0, None, True
+    else:  # literal without indexing / never indexed
+        prefix = 4
+    index, j = _integer(buf, i, prefix)
+    if index == 0:
+        j = _string(buf, j)[2]
+    value = _string(buf, j)
+    return value[2], index, value, False
+
+
+class Http2HeaderMasker:
+    """One direction of one HTTP/2 connection (`preface`: the client's side).
+
+    feed() returns the bytes decided so far (in order, masked; possibly fewer
+    or more than were fed), flush() whatever is still held.  With no sensitive
+    names at all it passes everything through untouched.
+    """
+
+    def __init__(self, names: frozenset[str], preface: bool, max_hold: int = 1 << 20) -> None:
+        self._names = frozenset(n.lower() for n in names)
+        self._max_hold = max_hold
+        self._decoder = hpack.Decoder(max_header_list_size=1 << 30)
+        self._decoder.max_allowed_table_size = 1 << 24
+        self._trusted = True  # the dynamic table is in step with the peer's
+        self._mode = _PREFACE_MODE if preface else _HEADER_MODE
+        self._preface_pos = 0
+        self._hdr = bytearray()  # the frame header being read
+        # The current frame.
+        self._ftype = self._flags = self._flen = self._fpos = 0
+        self._role = _PASS
+        self._wipe_rule = ""
+        self._need_pad = False  # its Pad Length byte is still to come
+        self._frag_lo = self._frag_hi = 0  # its header block fragment, in payload positions
+        # The current header block.
+        self._in_block = False
+        self._block_stream = 0
+        self._block_bad = False  # malformed frame: wipe it all
+        self._discard = False  # rest of a block that was forced out: wipe as it passes
+        self._held = bytearray()
+        self._frags: list[tuple[int, int]] = []  # (offset in _held, length) of fragment bytes
+        # Decided, not yet returned.
+        self._out: list[bytes | memoryview] = []
+        self._hits: set[str] = set()
+
+    @property
+    def held(self) -> int:
+        """Bytes fed and not yet returned."""
+        return len(self._held) + sum(len(part) for part in self._out)
+
+    def feed(self, data: bytes) -> tuple[bytes, set[str]]:
+        """The bytes decided now (masked), and the rules that changed any of them."""
+        if not self._names:
+            self._out.append(data)
+            return self._drain()
+        n = len(data)
+        view = memoryview(data)
+        pos = 0
+        while pos < n:
+            mode = self._mode
+            if mode == _PAYLOAD_MODE:
+                k = min(self._flen - self._fpos, n - pos)
+                self._payload(data, view, pos, k)
+                pos += k
+                if self._fpos == self._flen:
+                    self._frame_end()
+            elif mode == _HEADER_MODE:
+                k = min(9 - len(self._hdr), n - pos)
+                chunk = data[pos : pos + k]
+                self._hdr += chunk
+                if self._in_block:
+                    self._hold(chunk)
+                else:
+                    self._out.append(chunk)
+                pos += k
+                if len(self._hdr) == 9:
+                    self._frame_start()
+            elif mode == _PREFACE_MODE:
+                k = min(len(PREFACE) - self._preface_pos, n - pos)
+                chunk = data[pos : pos + k]
+                expected = PREFACE[self._preface_pos : self._preface_pos + k]
+                same = 0
+                while same < k and chunk[same] == expected[same]:
+                    same += 1
+                self._out.append(chunk[:same])
+                pos += same
+                self._preface_pos += same
+                if same < k:
+                    self._desync()
+                elif self._preface_pos == len(PREFACE):
+                    self._mode = _HEADER_MODE
+            else:
+                self._out.append(bytes(n - pos))
+                self._hits.add(RULE_DESYNC)
+                pos = n
+        return self._drain()
+
+    def flush(self) -> tuple[bytes, set[str]]:
+        """Everything still held; an incomplete header block leaves wiped."""
+        if self._in_block:
+            self._release_incomplete(more_to_come=True)
+        return self._drain()
+
+    def gap(self, length: int) -> None:
+        """`length` bytes of the stream were lost (length <= 0: unknown)."""
+        if not self._names or self._mode == _DESYNC_MODE:
+            return
+        in_frame = self._mode == _PAYLOAD_MODE and 0 < length <= self._flen - self._fpos
+        if in_frame and self._role == _PASS:  # within a DATA (or other non-header) frame
+            self._fpos += length
+            if self._fpos == self._flen:
+                self._frame_end()
+            return
+        self._desync()
+
+    # -- frames ---------------------------------------------------------------
+
+    def _drain(self) -> tuple[bytes, set[str]]:
+        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        hits = self._hits
+        self._out, self._hits = [], set()
+        return bytes(out), hits
+
+    def _desync(self) -> None:
+        if self._in_block:
+            self._release_incomplete(more_to_come=False)
+        self._mode = _DESYNC_MODE
+        self._discard = False
+
+    def _frame_start(self) -> None:
+        h = self._hdr
+        flen = int.from_bytes(h[0:3], "big")
+        ftype, flags = h[3], h[4]
+        stream = int.from_bytes(h[5:9], "big") & 0x7FFFFFFF
+        self._hdr = bytearray()
+        self._ftype, self._flags, self._flen, self._fpos = ftype, flags, flen, 0
+        continues = ftype == _CONTINUATION and stream == self._block_stream
+        if self._in_block and not continues:
+            self._release_incomplete(more_to_come=False)
+        if self._discard and not continues:
+            self._discard = False
+        self._mode = _PAYLOAD_MODE
+        if ftype == _CONTINUATION:
+            if self._in_block:
+                self._role = _HOLD
+            else:
+                self._role = _WIPE
+                self._wipe_rule = RULE_INCOMPLETE if self._discard else RULE_UNDECODABLE
+        elif ftype in (_HEADERS, _PUSH_PROMISE):
+            self._in_block, self._block_stream, self._block_bad = True, stream, False
+            self._role = _HOLD
+        else:
+            self._role = _PASS
+            if flen == 0:
+                self._frame_end()
+            return
+        lo = 0
+        if ftype != _CONTINUATION and flags & _PADDED:
+            lo += 1
+        if ftype == _HEADERS and flags & _PRIORITY:
+            lo += 5
+        elif ftype == _PUSH_PROMISE:
+            lo += 4
+        self._need_pad = ftype != _CONTINUATION and bool(flags & _PADDED)
+        if lo > flen:
+            self._block_bad = True
+            lo = flen
+        self._frag_lo, self._frag_hi = lo, flen
+        if flen == 0:
+            self._frame_end()
+
+    def _payload(self, data: bytes, view: memoryview, pos: int, k: int) -> None:
+        fpos = self._fpos
+        self._fpos = fpos + k
+        role = self._role
+        if role == _PASS:
+            self._out.append(view[pos : pos + k])
+            return
+        if self._need_pad:  # fpos == 0: the Pad Length byte is here
+            self._need_pad = False
+            hi = self._flen - data[pos]
+            if hi < self._frag_lo:
+                self._block_bad = True
+                hi = self._flen
+            self._frag_hi = hi
+        if role == _HOLD:
+            base = len(self._held) - fpos  # where payload position 0 is in _held
+            lo, hi = max(fpos, self._frag_lo), min(fpos + k, self._frag_hi)
+            if hi > lo:
+                self._frags.append((base + lo, hi - lo))
+            self._hold(data[pos : pos + k])
+            return
+        # _WIPE: the fragment bytes become zeros (as in _wipe_held).
+        seg = data[pos : pos + k]
+        start = max(fpos, self._frag_lo) - fpos
+        stop = min(fpos + k, self._frag_hi) - fpos
+        if stop > start:
+            seg = seg[:start] + bytes(stop - start) + seg[stop:]
+            self._hits.add(self._wipe_rule)
+        self._out.append(seg)
+
+    def _hold(self, chunk: bytes) -> None:
+        self._held += chunk
+        if len(self._held) > self._max_hold:
+            self._release_incomplete(more_to_come=True)
+
+    def _frame_end(self) -> None:
+        self._mode = _HEADER_MODE
+        if self._ftype in (_HEADERS, _PUSH_PROMISE, _CONTINUATION) and self._flags & _END_HEADERS:
+            if self._role == _HOLD:
+                self._complete_block()
+            self._discard = False
+
+    # -- header blocks ----------------------------------------------------------
+
+    def _wipe_held(self, rule: str) -> None:
+        held = self._held
+        for off, length in self._frags:
+            held[off : off + length] = bytes(length)
+        if self._frags:
+            self._hits.add(rule)
+        self._trusted = False
+
+    def _emit_held(self) -> None:
+        self._out.append(bytes(self._held))
+        self._held = bytearray()
+        self._frags = []
+        self._in_block = False
+
+    def _release_incomplete(self, more_to_come: bool) -> None:
+        """The block will not complete here: its fragments leave wiped.  With
+        `more_to_come` the rest of it is wiped as it passes (max_hold, flush)."""
+        self._wipe_held(RULE_INCOMPLETE)
+        self._emit_held()
+        if more_to_come:
+            self._discard = True
+            if self._mode == _PAYLOAD_MODE and self._role == _HOLD:
+                self._role, self._wipe_rule = _WIPE, RULE_INCOMPLETE
+
+    def _complete_block(self) -> None:
+        if self._block_bad:
+            self._wipe_held(RULE_UNDECODABLE)
+        elif self._frags:
+            held = self._held
+            frag = bytearray()
+            for off, length in self._frags:
+                frag += held[off : off + length]
+            if self._walk(frag):
+                p = 0
+                for off, length in self._frags:
+                    held[off : off + length] = frag[p : p + length]
+                    p += length
+        self._emit_held()
+
+    def _walk(self, frag: bytearray) -> bool:
+        """Mask the sensitive values of a whole header block fragment in place;
+        whether anything changed."""
+        changed = False
+        decoder = self._decoder
+        i, n = 0, len(frag)
+        seen_field = False
+        while i < n:
+            try:
+                end, index, value, size_update = _instruction(frag, i)
+                if size_update and seen_field:
+                    raise _HpackError("table size update after a header field")
+                fields = decoder.decode(bytes(frag[i:end]), raw=True)
+                if len(fields) != (0 if size_update else 1):
+                    raise _HpackError("instruction boundary mismatch")
+            except Exception:  # untrusted input: any failure wipes the rest
+                frag[i:n] = bytes(n - i)
+                self._hits.add(RULE_UNDECODABLE)
+                self._trusted = False
+                return True
+            i = end
+            if size_update:
+                if decoder.header_table_size == 0:
+                    self._trusted = True  # an empty table is in step again
+                continue
+            seen_field = True
+            if value is None:
+                continue
+            name = bytes(fields[0][0]).decode("latin-1").lower()
+            if name in self._names:
+                rule = header_rule_name(name)
+            elif not self._trusted and index > _STATIC_TABLE_LEN:
+                rule = RULE_UNKNOWN_NAME
+            else:
+                continue
+            h_pos, start, stop = value
+            if stop > start:
+                frag[h_pos] &= 0x7F
+                frag[start:stop] = b"*" * (stop - start)
+                self._hits.add(rule)
+                changed = True
+        return changed

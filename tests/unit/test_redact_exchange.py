@@ -1,0 +1,139 @@
+"""Redaction of parsed exchanges: sensitive headers/trailers, regexes in values,
+bodies and gRPC messages, derived fields, and the rule names recorded."""
+
+from __future__ import annotations
+
+from agent.l7.exchange import Exchange, GrpcCall, GrpcMessage, HttpMessage
+from agent.redact.exchange import REDACTED, redact_exchange
+from agent.redact.rules import DEFAULT_RULES, build_rules
+
+
+def http1_exchange() -> Exchange:
+    req = HttpMessage(
+        method="POST",
+        target="/login?card=4111111111111111",
+        authority="api.example",
+        version="1.1",
+        headers=[
+            ("host", "api.example"),
+            ("authorization", "Bearer s3cr3t"),
+            ("cookie", "a=1"),
+            ("x-note", "card 4111111111111111"),
+        ],
+        body=b'{"card": "4111111111111111"}',
+        body_len=28,
+    )
+    resp = HttpMessage(
+        status=200,
+        reason="OK",
+        version="1.1",
+        headers=[("set-cookie", "sid=1"), ("Set-Cookie", "sid=2"), ("content-type", "json")],
+        trailers=[("x-api-key", "trailer-key")],
+    )
+    return Exchange("http1", request=req, response=resp, stream_id=1)
+
+
+def test_default_rules_redact_sensitive_headers_and_trailers() -> None:
+    ex = http1_exchange()
+    redact_exchange(ex, DEFAULT_RULES)
+    assert ex.request is not None and ex.response is not None
+    assert dict(ex.request.headers)["authorization"] == REDACTED
+    assert dict(ex.request.headers)["cookie"] == REDACTED
+    assert dict(ex.request.headers)["host"] == "api.example"
+    assert [v for _, v in ex.response.headers] == [REDACTED, REDACTED, "json"]
+    assert ex.response.trailers == [("x-api-key", REDACTED)]
+    # No regex rules: bodies and other values untouched.
+    assert ex.request.body == b'{"card": "4111111111111111"}'
+    assert ex.request.target == "/login?card=4111111111111111"
+    assert ex.redactions == [
+        "header:authorization",
+        "header:cookie",
+        "header:set-cookie",
+        "header:x-api-key",
+    ]
+
+
+def test_regexes_mask_values_bodies_and_target_at_the_same_length() -> None:
+    ex = http1_exchange()
+    redact_exchange(ex, build_rules([], [], [r"card=\d{16}"]))
+    assert ex.request is not None
+    assert dict(ex.request.headers)["x-note"] == "card " + "*" * 16
+    assert ex.request.body == b'{"card": "' + b"*" * 16 + b'"}'
+    assert ex.request.body_len == 28 == len(ex.request.body)
+    assert ex.request.target == "/login?card=" + "*" * 16
+    assert "regex:card" in ex.redactions
+
+
+def test_http2_pseudo_headers_and_derived_fields() -> None:
+    req = HttpMessage(
+        method="GET",
+        target="/v1/items",
+        authority="internal.example",
+        version="2",
+        headers=[(":method", "GET"), (":path", "/v1/items"), (":authority", "internal.example")],
+    )
+    ex = Exchange("http2", request=req, stream_id=3)
+    redact_exchange(ex, build_rules([":authority", ":path"], [], []))
+    assert req.headers == [(":method", "GET"), (":path", REDACTED), (":authority", REDACTED)]
+    assert req.target == REDACTED and req.authority == REDACTED and req.method == "GET"
+    assert ex.redactions == ["header::authority", "header::path"]
+
+
+def test_grpc_messages_and_grpc_message_header() -> None:
+    call = GrpcCall(
+        service="pkg.Users",
+        method="Get",
+        status=5,
+        message="user card=4111111111111111 not found",
+        request_messages=[GrpcMessage(False, 20, b"\x0a\x10" + b"4111111111111111" + b"\x10\x01")],
+        response_messages=[GrpcMessage(False, 3, b"\x08\x01\x10")],
+    )
+    resp = HttpMessage(
+        status=200,
+        version="2",
+        trailers=[("grpc-status", "5"), ("grpc-message", "user card=4111111111111111 not found")],
+    )
+    ex = Exchange("grpc", response=resp, grpc=call)
+    redact_exchange(ex, build_rules([], [], [r"card=\d{16}"]))
+    assert call.request_messages[0].data == b"\x0a\x10" + b"*" * 16 + b"\x10\x01"
+    assert call.response_messages[0].data == b"\x08\x01\x10"
+    assert call.message == "user card=" + "*" * 16 + " not found"
+    assert resp.trailers[1] == ("grpc-message", "user card=" + "*" * 16 + " not found")
+    assert ex.redactions == ["regex:card"]
+    redact_exchange(ex, build_rules(["grpc-message"], [], []))
+    assert call.message == REDACTED and resp.trailers[1] == ("grpc-message", REDACTED)
+    assert call.full_method == "pkg.Users/Get"
+    assert ex.redactions == ["header:grpc-message", "regex:card"]
+
+
+def test_non_latin1_values_keep_their_characters_outside_matches() -> None:
+    req = HttpMessage(headers=[("x-user", "Jürgen ✓ token=abc123 ✓")])
+    ex = Exchange("http2", request=req)
+    redact_exchange(ex, build_rules([], [], [r"tok=token=\w+"]))
+    assert req.headers == [("x-user", "Jürgen ✓ " + "*" * 12 + " ✓")]
+
+
+def test_redactions_merge_sorted_without_duplicates_and_repeat_is_stable() -> None:
+    ex = http1_exchange()
+    ex.redactions = ["header:cookie", "aaa"]
+    redact_exchange(ex, DEFAULT_RULES)
+    first = list(ex.redactions)
+    assert first == sorted(set(first)) and "aaa" in first
+    redact_exchange(ex, DEFAULT_RULES)
+    assert ex.redactions == first
+
+
+def test_notes_are_regex_masked_too() -> None:
+    ex = Exchange("http1", notes=["bad header line 'x: card=4111111111111111'"])
+    redact_exchange(ex, build_rules([], [], [r"card=\d{16}"]))
+    assert ex.notes == ["bad header line 'x: card=" + "*" * 16 + "'"]
+
+
+def test_nothing_to_do_leaves_the_exchange_alone() -> None:
+    ex = http1_exchange()
+    before = ex.to_json()
+    redact_exchange(ex, build_rules([], [], [], disabled=True))
+    assert ex.to_json() == before
+    ex = Exchange("http1")  # no request, no response
+    redact_exchange(ex, DEFAULT_RULES)
+    assert ex.redactions == []
