@@ -210,6 +210,26 @@ METRICS: dict[str, MetricSpec] = {
     "k8s_cgroup_walks": _counter(
         "k8s_cgroup_walks", "Walks of the cgroup2 tree to name a new cgroup id"
     ),
+    # HTTP/gRPC parsing and redaction (agent/l7)
+    "l7_exchanges": _counter("l7_exchanges", "HTTP/gRPC exchanges parsed"),
+    "l7_parse_failures": _counter(
+        "l7_parse_failures", "Connections whose HTTP parsing stopped (protocol error, gap)"
+    ),
+    "l7_redacted_records": _counter(
+        "l7_redacted_records", "Data records with bytes masked by a redaction rule"
+    ),
+    "l7_redacted_exchanges": _counter(
+        "l7_redacted_exchanges", "Exchanges changed by a redaction rule"
+    ),
+    "l7_gaps": _counter("l7_gaps", "Holes in connections' byte streams (lost or truncated)"),
+    "l7_connections_evicted": _counter(
+        "l7_connections_evicted", "Connections dropped from L7 tracking past its bound"
+    ),
+    "l7_http1_connections": _counter("l7_http1_connections", "Connections parsed as HTTP/1"),
+    "l7_http2_connections": _counter("l7_http2_connections", "Connections parsed as HTTP/2"),
+    "l7_connections_tracked": _gauge(
+        "l7_connections_tracked", "Connections the L7 stage follows now"
+    ),
 }
 
 UP = f"{PREFIX}up"

@@ -7,11 +7,13 @@ Why this design:
   client's bytes go into a server-role Connection (which parses requests), the
   server's into a client-role Connection (which parses responses).  How a
   response is framed depends on its request (HEAD, CONNECT, Upgrade, 1xx), so
-  before each response the client-role machine is `send()`-ed a synthetic copy
-  of the request it answers (method, target, Host, Upgrade; no body framing)
-  and frames the response exactly as the real client did.  `start_next_cycle()`
-  (after a synthetic response, on the request side) carries the machines
-  through keep-alive and pipelining.  Where h11 would stop (HTTP/1.0 or
+  before each response the client-role machine is given a synthetic copy of
+  the request it answers (its method and Upgrade header -- all h11 frames a
+  response by; no body framing) and frames the response exactly as the real
+  client did.  These are cached per (method, Upgrade) and fed to h11's state
+  machine without serialising them (the bytes would be thrown away).
+  `start_next_cycle()` (after a synthetic response, on the request side)
+  carries the machines through keep-alive and pipelining.  Where h11 would stop (HTTP/1.0 or
   `Connection: close` peers that keep talking anyway, refused Upgrades), and
   whenever the leftovers are small -- a new Connection costs a tenth of a
   synthetic send() -- a fresh Connection takes the unparsed leftovers instead.
@@ -52,7 +54,22 @@ _REQUEST_PREFIX = re.compile(
 _RESPONSE_START = re.compile(rb"HTTP/1\.[01] [0-9]{3}")
 _EOM = h11.EndOfMessage()
 _FAKE_RESPONSE = h11.Response(status_code=200, headers=[(b"content-length", b"0")])
-_NO_REQUEST = (b"GET", b"/", b"unknown", b"")
+_NO_REQUEST = (b"GET", b"")
+# Synthetic requests by (method, upgrade): h11 frames a response by its request's method
+# and Upgrade header only, so one validated Request per pair serves every exchange.
+_SYNTHETIC: dict[tuple[bytes, bytes], h11.Request] = {}
+_MAX_SYNTHETIC = 256
+
+
+def _synthetic_request(method: bytes, upgrade: bytes) -> h11.Request:
+    req = _SYNTHETIC.get((method, upgrade))
+    if req is None:
+        headers = [(b"host", b"x"), (b"upgrade", upgrade)] if upgrade else [(b"host", b"x")]
+        req = h11.Request(method=method, target=b"/", headers=headers)
+        if len(_SYNTHETIC) >= _MAX_SYNTHETIC:
+            _SYNTHETIC.clear()
+        _SYNTHETIC[(method, upgrade)] = req
+    return req
 
 
 def looks_like_request_start(data: bytes) -> bool:
@@ -77,9 +94,9 @@ class _Ex:
 
     __slots__ = ("ex", "line", "req_done", "resp_done")
 
-    def __init__(self, ex: Exchange, line: tuple[bytes, bytes, bytes, bytes]) -> None:
+    def __init__(self, ex: Exchange, line: tuple[bytes, bytes]) -> None:
         self.ex = ex
-        self.line = line  # method, target, host, upgrade: to synthesise the request
+        self.line = line  # method, upgrade: to synthesise the request
         self.req_done = ex.request is None
         self.resp_done = False
 
@@ -229,9 +246,7 @@ class Http1Parser:
                                   headers=_headers(ev.headers))  # fmt: skip
                 msg.authority = msg.header("host") or ""
                 up = (msg.header("upgrade") or "").encode("latin-1")
-                host = msg.authority.encode("latin-1") or b"unknown"
-                x = _Ex(Exchange("http1", request=msg, stream_id=self._next_id),
-                        (ev.method, ev.target, host, up))  # fmt: skip
+                x = _Ex(Exchange("http1", request=msg, stream_id=self._next_id), (ev.method, up))
                 self._next_id += 1
                 self._begin(st, x, msg)
                 self._queue.append(x)
@@ -315,10 +330,9 @@ class Http1Parser:
             self._queue.append(x)
             notes.append("no request seen for this response" + (" (request gap)" if aw else ""))
         x.ex.notes.extend(n for n in notes if n not in x.ex.notes)  # x may be re-paired
-        method, target, host, upgrade = x.line
-        headers = [(b"host", host), (b"upgrade", upgrade)] if upgrade else [(b"host", host)]
-        conn.send(h11.Request(method=method, target=target, headers=headers))
-        conn.send(_EOM)
+        # What send() does minus serialising bytes nobody reads (our_state is IDLE here).
+        conn._process_event(h11.CLIENT, _synthetic_request(*x.line))
+        conn._process_event(h11.CLIENT, _EOM)
         st.cur, st.msg = x, None
 
     def _begin(self, st: _Stream, x: _Ex, msg: HttpMessage) -> None:

@@ -223,6 +223,11 @@ class Http2Parser:
             body_end = pos + _HEADER + length
             if body_end > end:
                 break
+            if view[pos + 3] == _DATA:  # the bulk of most streams: no hyperframe object
+                sid = int.from_bytes(view[pos + 5 : pos + _HEADER], "big") & 0x7FFFFFFF
+                self._data_frame(index, sid, view[pos + 4], view[pos + _HEADER : body_end], ts, out)
+                pos = body_end
+                continue
             try:
                 frame, _ = Frame.parse_frame_header(view[pos : pos + _HEADER])
                 frame.parse_body(view[pos + _HEADER : body_end])
@@ -273,6 +278,29 @@ class Http2Parser:
             for sid in [s for s in self._streams if s > last and s & 1 == parity]:
                 out.append(self._emit(self._streams[sid], [note]))
         # SETTINGS, PING, WINDOW_UPDATE, PRIORITY and unknown types change nothing we report.
+
+    def _data_frame(
+        self, index: int, sid: int, flags: int, body: memoryview, ts: int, out: list[Exchange]
+    ) -> None:
+        """A DATA frame, checked as hyperframe would (same errors), then as in _frame."""
+        bad = ""
+        if not sid:
+            bad = "Stream ID must be non-zero for DataFrame"
+        elif flags & 0x08:  # PADDED
+            if not body:
+                bad = "Invalid Padding data"
+            elif body[0] >= len(body):
+                bad = "Padding is too long."
+            else:
+                body = body[1 : len(body) - body[0]]
+        if bad:
+            raise _Fail(f"bad frame on the {('request', 'response')[index]} side: {bad}")
+        if self._sides[index].block is not None:
+            raise _Fail(f"protocol error: frame type {_DATA} inside a header block")
+        stream = self._streams.get(sid)
+        if stream is not None:
+            data = body if stream.grpc is None else body.tobytes()
+            self._data(index, stream, data, bool(flags & 0x01), ts, out)
 
     def _fragment(self, index: int, frame, ts: int, out: list[Exchange]) -> None:
         block = self._sides[index].block

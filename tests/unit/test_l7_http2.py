@@ -486,3 +486,30 @@ def test_mutated_streams_never_raise(flips: list[tuple[int, int]]) -> None:
         assert isinstance(parser.feed(side, bytes(data), ts), list)
     assert isinstance(parser.close(10**9), list)
     assert not (parser.failed or "").startswith("internal error"), parser.failed
+
+
+def test_malformed_data_frames_fail_as_hyperframe_says() -> None:
+    """DATA frames are parsed without hyperframe: same verdicts, same messages."""
+    from hyperframe.exceptions import HyperframeError
+    from hyperframe.frame import Frame
+
+    def header(length: int, flags: int, sid: int) -> bytes:
+        return length.to_bytes(3, "big") + bytes([0, flags]) + sid.to_bytes(4, "big")
+
+    cases = [
+        header(3, 0, 0) + b"abc",  # stream 0
+        header(0, 0x08, 1),  # PADDED, no pad length byte
+        header(3, 0x08, 1) + b"\x03ab",  # pad as long as the body
+        header(3, 0x08, 1) + b"\x02ab",  # pad fills the rest: valid, empty data
+        header(2, 0x09, 0x80000001) + b"\x00z",  # reserved bit set: stream 1
+    ]
+    for raw in cases:
+        try:
+            frame, length = Frame.parse_frame_header(memoryview(raw[:9]))
+            frame.parse_body(memoryview(raw[9 : 9 + length]))
+            expected = None
+        except HyperframeError as exc:
+            expected = f"bad frame on the request side: {exc}"
+        parser = Http2Parser()
+        parser.feed("request", PREFACE + raw, 1)
+        assert parser.failed == expected, raw
