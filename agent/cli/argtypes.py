@@ -85,8 +85,21 @@ def parse_time(text: str, now_ns: int | None = None) -> int:
 LOG_LEVELS = ("warning", "info", "debug")
 
 
-def add_log_level_argument(p: argparse.ArgumentParser) -> None:
-    """`--log-level`, for commands whose -v means "show more output" rather than logs."""
+def add_output_view_arguments(p: argparse.ArgumentParser) -> None:
+    """How much the text output shows (`run`, `tail`); their -v is about output, so
+    logging gets its own `--log-level`."""
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="text output: also show the raw data records of connections parsed as HTTP",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="text output: show exchange headers (-vv: and bodies)",
+    )
     p.add_argument(
         "--log-level", choices=LOG_LEVELS, default="warning", help="log messages (default warning)"
     )

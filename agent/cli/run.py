@@ -12,7 +12,7 @@ from pathlib import Path
 
 from agent.capture.session import CaptureOptions, CaptureSession
 from agent.cli import l7_options, proxy_options, tls_options
-from agent.cli.argtypes import add_log_level_argument, parse_size, positive_float
+from agent.cli.argtypes import add_output_view_arguments, parse_size, positive_float
 from agent.cli.config_file import add_config_argument
 from agent.cli.errors import fail
 from agent.fallback.config import ConfigError
@@ -117,19 +117,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="serve /healthz, /readyz and Prometheus /metrics here (e.g. 0.0.0.0:9090)",
     )
     l7_options.add_l7_arguments(p)
-    p.add_argument(
-        "--raw",
-        action="store_true",
-        help="text output: also show the raw data records of connections parsed as HTTP",
-    )
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="text output: show exchange headers (-vv: and bodies)",
-    )
-    add_log_level_argument(p)
+    add_output_view_arguments(p)
     add_config_argument(p)
     p.set_defaults(handler=run_command)
     return p

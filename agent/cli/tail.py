@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from agent.cli import tls_options
-from agent.cli.argtypes import add_log_level_argument, parse_time
+from agent.cli.argtypes import add_output_view_arguments, parse_time
 from agent.cli.errors import fail
 from agent.cli.filter_options import add_filter_arguments, filter_from_args
 
@@ -50,19 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_filter_arguments(p)
     tls_options.add_tls_arguments(p, server=False)
-    p.add_argument(
-        "--raw",
-        action="store_true",
-        help="text output: also show the raw data records of connections parsed as HTTP",
-    )
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="text output: show exchange headers (-vv: and bodies)",
-    )
-    add_log_level_argument(p)
+    add_output_view_arguments(p)
     p.set_defaults(handler=tail_command)
 
 
