@@ -20,7 +20,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.cli.argtypes import parse_time
 from agent.cli.errors import fail
 from agent.cli.filter_options import add_filter_arguments, filter_from_args
 from agent.records.filter import RecordFilter
@@ -43,13 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", type=Path, required=True, metavar="PATH", help="store to read")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--pcapng", metavar="FILE", help="write a pcapng file here ('-': stdout)")
-    p.add_argument(
-        "--since",
-        type=parse_time,
-        metavar="TIME",
-        help="records from TIME: 10m (ago), 2h, all, or 2026-11-23T14:03:07",
-    )
-    p.add_argument("--until", type=parse_time, metavar="TIME", help="records up to TIME")
     add_filter_arguments(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     p.set_defaults(handler=export_command)

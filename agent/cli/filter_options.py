@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
+from agent.cli.argtypes import parse_time
 from agent.records.filter import RecordFilter
 
 DIRECTIONS = ("egress", "ingress")
@@ -14,6 +15,13 @@ PROTOCOLS = ("http1", "http2", "grpc")
 
 
 def add_filter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--since",
+        type=parse_time,
+        metavar="TIME",
+        help="stored records from TIME: 10m (ago), 2h, all, or 2026-11-23T14:03:07",
+    )
+    p.add_argument("--until", type=parse_time, metavar="TIME", help="stored records up to TIME")
     f = p.add_argument_group("filters")
     f.add_argument("--node", action="append", default=[], help="records from this node")
     f.add_argument("--agent-id", action="append", default=[], help="records from this agent run")
@@ -73,8 +81,8 @@ def filter_from_args(args: argparse.Namespace) -> RecordFilter:
         remote_ports=frozenset(args.remote_port),
         local_ips=frozenset(args.local_ip),
         local_ports=frozenset(args.local_port),
-        since_ns=getattr(args, "since", None) or 0,
-        until_ns=getattr(args, "until", None) or 0,
+        since_ns=args.since or 0,
+        until_ns=args.until or 0,
         namespaces=frozenset(args.namespace),
         pods=frozenset(args.pod),
         container_ids=frozenset(args.container_id),

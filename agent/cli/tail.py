@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from agent.cli import tls_options
-from agent.cli.argtypes import add_output_view_arguments, parse_time
+from agent.cli.argtypes import add_output_view_arguments
 from agent.cli.errors import fail
 from agent.cli.filter_options import add_filter_arguments, filter_from_args
 
@@ -35,13 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--output", choices=("text", "jsonl"), default="text", help="record format (default: text)"
     )
     p.add_argument("--output-file", type=Path, help="write records here instead of stdout")
-    p.add_argument(
-        "--since",
-        type=parse_time,
-        metavar="TIME",
-        help="replay stored records from TIME: 10m (ago), 2h, all, or 2026-11-23T14:03:07",
-    )
-    p.add_argument("--until", type=parse_time, metavar="TIME", help="stored records up to TIME")
     p.add_argument(
         "--no-follow",
         dest="follow",

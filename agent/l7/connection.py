@@ -131,9 +131,8 @@ class ConnectionL7:
             for r in held:
                 out.extend(self._process(r))
         for state in self._dirs.values():
-            masker = state.masker
-            if isinstance(masker, Http2HeaderMasker):
-                data, hits = masker.flush()
+            if state.masker is not None:
+                data, hits = state.masker.flush()
                 state.decided += data
                 state.hits |= hits
         out.extend(self._release())
@@ -282,10 +281,8 @@ class ConnectionL7:
 
     def _gap(self, state: _DirectionState, side: Side | None, length: int, ts: int) -> list:
         self.counters.gaps += 1
-        if isinstance(state.masker, Http2HeaderMasker):
+        if state.masker is not None:
             state.masker.gap(length)
-        elif state.masker is not None:
-            state.masker.gap()
         if self.parser is not None and side is not None and self.parser.failed is None:
             return self.parser.gap(side, length, ts)
         return []
@@ -334,8 +331,10 @@ class ConnectionL7:
         return out
 
     def _exchange_records(self, exchanges: list[Exchange]) -> list[Record]:
-        out = []
+        # Exchanges only come from a parser, which exists once a data record came.
         last = self.last
+        assert last is not None or not exchanges
+        out = []
         for ex in exchanges:
             if self.options.rules.enabled:
                 redact_exchange(ex, self.options.rules)
@@ -351,19 +350,19 @@ class ConnectionL7:
             out.append(
                 Record(
                     type="exchange",
-                    ts_ns=ts or (last.ts_ns if last else 0),
-                    pid=last.pid if last else 0,
-                    tid=last.tid if last else 0,
-                    comm=last.comm if last else "",
-                    cgroup_id=last.cgroup_id if last else 0,
-                    container_id=last.container_id if last else "",
-                    pod=last.pod if last else None,
-                    source=last.source if last else "",
-                    conn_id=last.conn_id if last else "",
-                    fd=last.fd if last else -1,
-                    local=last.local if last else None,
-                    remote=last.remote if last else None,
-                    role=last.role if last else "unknown",
+                    ts_ns=ts or last.ts_ns,
+                    pid=last.pid,
+                    tid=last.tid,
+                    comm=last.comm,
+                    cgroup_id=last.cgroup_id,
+                    container_id=last.container_id,
+                    pod=last.pod,
+                    source=last.source,
+                    conn_id=last.conn_id,
+                    fd=last.fd,
+                    local=last.local,
+                    remote=last.remote,
+                    role=last.role,
                     protocol=ex.protocol,
                     exchange=ex,
                 )

@@ -8,6 +8,7 @@ Exchanges, and the record pipeline carries each one as a record of type
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,8 +54,6 @@ class HttpMessage:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        import base64
-
         return {
             "ts_ns": self.ts_ns,
             "end_ts_ns": self.end_ts_ns,
@@ -82,8 +81,6 @@ class GrpcMessage:
     data: bytes  # its first body_limit bytes (still compressed if compressed)
 
     def to_json(self) -> dict[str, Any]:
-        import base64
-
         return {
             "compressed": self.compressed,
             "length": self.length,

@@ -81,13 +81,18 @@ class Http1HeaderMasker:
         self._partial = b""  # _NAME: the line's bytes so far (lower-case)
         self._header = ""  # the sensitive header whose value is being masked
 
-    def gap(self) -> None:
-        """Bytes of the stream were lost: the line position is unknown."""
+    def gap(self, length: int = 0) -> None:
+        """Bytes of the stream were lost (how many does not matter here): the line
+        position is unknown.  Same signature as Http2HeaderMasker.gap."""
         if self._state in (_VALUE_WS, _VALUE, _AFTER_VALUE):
             self._state = _VALUE  # fail closed: mask on to the next LF
         else:
             self._state = _SKIP
         self._partial = b""
+
+    def flush(self) -> tuple[bytes, set[str]]:
+        """Nothing is ever held here (Http2HeaderMasker holds header blocks)."""
+        return b"", set()
 
     def feed(self, data: bytes) -> tuple[bytes, set[str]]:
         """`data` masked (same length), and the rule names that masked bytes of it."""
