@@ -453,6 +453,96 @@ def running_agent(
         kill_tree(proc)
 
 
+@dataclass(frozen=True)
+class AgentCommand:
+    """Which tlscap to run: this tree's, or another checkout's (to compare old and new code).
+
+    cwd: run `python -m agent` there (its `agent/` package wins over the installed one);
+    pythonpath: put that directory first on PYTHONPATH instead (the agent then runs in its
+    scratch directory, so that no `agent/` in the working directory shadows it).
+    """
+
+    cwd: Path | None = None
+    pythonpath: Path | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.cwd is None and self.pythonpath is None
+
+    def argv(self) -> list[str]:
+        return tlscap_command() if self.is_default else [sys.executable, "-m", "agent"]
+
+    def describe(self) -> str:
+        if self.pythonpath is not None:
+            return f"PYTHONPATH={self.pythonpath} python -m agent"
+        if self.cwd is not None:
+            return f"python -m agent (cwd {self.cwd})"
+        return " ".join(self.argv())
+
+
+@contextlib.contextmanager
+def running_agent_command(
+    workdir: Path,
+    run_args: list[str],
+    command: AgentCommand | None = None,
+    ready_timeout: float = 90.0,
+) -> Iterator[AgentRun]:
+    """`tlscap run --ready-file … RUN_ARGS` (any output) until the with-block ends.
+
+    Like running_agent, for callers that choose the output and the tlscap to run.
+    `AgentRun.output` is workdir/capture.jsonl: pass it in run_args if it is wanted.
+    """
+    command = command or AgentCommand()
+    output = workdir / "capture.jsonl"
+    ready = workdir / "ready"
+    log = workdir / "agent.log"
+    for p in (output, ready):
+        p.unlink(missing_ok=True)
+    cmd = [*command.argv(), "run", "--ready-file", str(ready), *run_args]
+    env = dict(os.environ)
+    cwd = REPO
+    if command.pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            x for x in (str(command.pythonpath), env.get("PYTHONPATH", "")) if x
+        )
+        cwd = workdir
+    elif command.cwd is not None:
+        cwd = command.cwd
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    run = AgentRun(proc, output, ready, log, time.monotonic())
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not (ready.exists() and ready.read_text().endswith("\n")):
+            if proc.poll() is not None:
+                raise BenchError(f"agent exited {proc.returncode} early: {run.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"agent not ready after {ready_timeout} s: {run.log_tail()}")
+            time.sleep(0.05)
+        run.ready_after_s = time.monotonic() - run.started
+        run.cpu_at_ready_s = run.cpu_seconds()
+        yield run
+    finally:
+        kill_tree(proc)
+
+
+def scrape_metrics(host: str, port: int, timeout: float = 5.0) -> dict[str, float]:
+    """An agent's Prometheus /metrics (--health-listen) as {name: value}, unlabelled
+    samples only (the agent's counters have no labels)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "{" in line:
+            continue
+        name, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[name] = float(value.split()[0])
+    return out
+
+
 def wait_for_records(path: Path, want: int, idle: float = 0.5, limit: float = 30.0) -> float:
     """Seconds until the agent's output holds `want` data records (or stopped growing).
 

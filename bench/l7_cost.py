@@ -1,8 +1,13 @@
 """What the L7 stage (HTTP parsing + redaction) adds to the record path: RecordWriter.write
 without a stage, with redaction only (--l7 off), and with parsing and redaction (the
-default), side by side in one run, on the data records of real-shaped conversations.
+default), side by side in one run, on the data records of real-shaped conversations;
+and the L7 stage alone (L7Stage.process, parsing + default redaction) in exchanges/s.
 
     .venv/bin/python bench/l7_cost.py [--exchanges 5000] [--body 1024] [--rounds 5] [--json]
+        [--workloads http1,http2,grpc,bulk]
+
+Before/after comparisons: PYTHONPATH=/path/to/other/checkout runs this script against
+that checkout's `agent` package (the path in use is printed).
 
 Workloads (each exchange is one request record and one response record, as curl and
 a server write them):
@@ -15,6 +20,7 @@ a server write them):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,10 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl  # also puts the repository on sys.path
+
+# benchlib put this checkout first; PYTHONPATH entries (another checkout) go back in
+# front of it (a stable sort: False before True).
+sys.path.sort(key=lambda p: p not in os.environ.get("PYTHONPATH", "\0").split(os.pathsep))
+
 import h2.config
 import h2.connection
 import h2.events
 
+import agent
 from agent.l7.connection import L7Options
 from agent.l7.stage import L7Stage
 from agent.records.record import Endpoint, Record
@@ -39,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--body", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--workloads", default="http1,http2,grpc,bulk")
     return p.parse_args(argv)
 
 
@@ -141,6 +154,19 @@ def time_writes(make_stage, chunks: list[tuple[str, bytes]]) -> float:
     return time.perf_counter() - t0
 
 
+def time_stage(chunks: list[tuple[str, bytes]]) -> float:
+    """Seconds for one pass of fresh records through the L7 stage alone (parsing and
+    default redaction), its end-of-run flush included."""
+    records = records_of(chunks)
+    stage = L7Stage(L7Options(parse=True, rules=DEFAULT_RULES))
+    process = stage.process
+    t0 = time.perf_counter()
+    for r in records:
+        process(r)
+    stage.flush()
+    return time.perf_counter() - t0
+
+
 MODES = {
     "none": lambda: None,
     "redact": lambda: L7Stage(L7Options(parse=False, rules=DEFAULT_RULES)),
@@ -149,18 +175,20 @@ MODES = {
 
 
 def run(args: argparse.Namespace) -> dict:
-    workloads = {
-        "http1": (http1_chunks(args.exchanges, args.body), args.exchanges),
-        "http2": (h2_chunks(args.exchanges, args.body, grpc=False), args.exchanges),
-        "grpc": (h2_chunks(args.exchanges, args.body, grpc=True), args.exchanges),
-        "bulk": (bulk_chunks(), 1),
+    makers = {
+        "http1": lambda: (http1_chunks(args.exchanges, args.body), args.exchanges),
+        "http2": lambda: (h2_chunks(args.exchanges, args.body, grpc=False), args.exchanges),
+        "grpc": lambda: (h2_chunks(args.exchanges, args.body, grpc=True), args.exchanges),
+        "bulk": lambda: (bulk_chunks(), 1),
     }
     out = {}
-    for name, (chunks, exchanges) in workloads.items():
-        times: dict[str, list[float]] = {m: [] for m in MODES}
+    for name in args.workloads.split(","):
+        chunks, exchanges = makers[name]()
+        times: dict[str, list[float]] = {m: [] for m in (*MODES, "stage")}
         for _ in range(args.rounds):
             for mode, make in MODES.items():  # side by side in each round
                 times[mode].append(time_writes(make, chunks))
+            times["stage"].append(time_stage(chunks))
         med = {m: bl.median(t) for m, t in times.items()}
         nbytes = sum(len(d) for _, d in chunks)
         out[name] = {
@@ -171,6 +199,9 @@ def run(args: argparse.Namespace) -> dict:
             **{f"{m}_mb_s": nbytes / med[m] / 1e6 for m in MODES},
             "redact_ratio": med["redact"] / med["none"],
             "parse_ratio": med["parse+redact"] / med["none"],
+            "stage_us_per_exchange": med["stage"] / exchanges * 1e6,
+            "stage_exchanges_per_s": exchanges / med["stage"],
+            "stage_exchanges_per_s_rounds": [exchanges / t for t in times["stage"]],
         }
     return out
 
@@ -181,14 +212,15 @@ def main() -> None:
     if args.json:
         import json
 
-        print(json.dumps(result, indent=2))
+        print(json.dumps({"agent": str(Path(agent.__file__).parent), **result}, indent=2))
         return
+    print(f"agent code: {Path(agent.__file__).parent}")
     print(f"{'workload':8} {'records':>8} {'MB':>6} {'none µs/ex':>11} {'redact µs/ex':>13} "
-          f"{'parse+redact µs/ex':>19} {'parse+redact MB/s':>18}")  # fmt: skip
+          f"{'parse+redact µs/ex':>19} {'parse+redact MB/s':>18} {'stage ex/s':>11}")  # fmt: skip
     for name, r in result.items():
         print(f"{name:8} {r['records']:>8} {r['mb']:>6.1f} {r['none_us_per_exchange']:>11.1f} "
               f"{r['redact_us_per_exchange']:>13.1f} {r['parse+redact_us_per_exchange']:>19.1f} "
-              f"{r['parse+redact_mb_s']:>18.0f}")  # fmt: skip
+              f"{r['parse+redact_mb_s']:>18.0f} {r['stage_exchanges_per_s']:>11.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Run the tlscap benchmarks (`make bench`): per-call overhead and capture throughput, for
 OpenSSL's SSL_write and Go's crypto/tls.(*Conn).Write, the collector path, HTTPS
-requests/s through proxy mode next to mitmproxy, and what capture costs OpenSSL, GnuTLS
-and NSS clients downloading a file.
+requests/s through proxy mode next to mitmproxy, what capture costs OpenSSL, GnuTLS
+and NSS clients downloading a file, and nginx under wrk load with both ends captured.
 
 Prints each benchmark's table and a short summary; --json prints everything as one
 JSON object instead, and --save writes it to bench/results/<benchmark>-<date>.json.
@@ -24,6 +24,7 @@ import benchlib as bl
 import collector_path
 import gotls_overhead
 import library_overhead
+import load_nginx
 import overhead
 import proxy_overhead
 import throughput
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     lib_args = ["--size-mb", "8" if args.quick else "32", "--rounds", "1" if args.quick else "3"]
     libs = run_one("OpenSSL / GnuTLS / NSS clients, download with and without capture",
                    library_overhead, lib_args)  # fmt: skip
+    ln_args = ["--rounds", "1" if args.quick else "3", "--seconds", "3" if args.quick else "5"]
+    ln = run_one("nginx under wrk, both ends captured (busy node)", load_nginx, [*ln_args, *quiet])
 
     s = ov["summary"]
     modes = s["modes"]
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "library_download_time_ratio": {
             lib: round(r["ratio_with_over_without"], 2) for lib, r in libs["libraries"].items()
         },
+        "load_nginx": load_summary(ln),
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
     everything = {
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "collector_path": cp,
         "proxy_overhead": px,
         "library_overhead": libs,
+        "load_nginx": ln,
     }
     if args.save:
         out = bl.BENCH_DIR / "results" / f"all-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -170,7 +175,24 @@ def main(argv: list[str] | None = None) -> int:
         )
     ratios = ", ".join(f"{lib} x{r}" for lib, r in summary["library_download_time_ratio"].items())
     print(f"download time with capture / without: {ratios}")
+    for mode, v in summary["load_nginx"].items():
+        extra = (
+            "" if mode == "none" else f", agent {v['agent_us_per_req']} us/req, lost {v['lost']}"
+        )
+        print(f"nginx under wrk, {mode}: {v['req_per_s']} req/s (x{v['ratio_to_none']}){extra}")
     return 0
+
+
+def load_summary(ln: dict) -> dict:
+    """Per load_nginx mode: req/s, ratio to no capture, agent CPU per request, loss."""
+    out = {}
+    for mode, v in ln["summary"].items():
+        row = {"req_per_s": round(v["wrk_req_per_s"]), "ratio_to_none": rounded(v["ratio_to_none"])}
+        if mode != "none":
+            row["agent_us_per_req"] = round(v["agent_us_per_req"], 1)
+            row["lost"] = v["lost_total"]
+        out[mode] = row
+    return out
 
 
 def proxy_summary(px: dict) -> dict:

@@ -16,11 +16,51 @@ struct ssl_key {
 };
 struct ssl_state {
     s32 fd;
-    u32 _pad;
+    u8 shed;     // started while the ring was above the high-water mark
+    u8 fd_weak;  // fd not (yet) known to be a socket: see emit_call
+    u8 _pad[2];
     u64 gen;     // the socket's gen when last seen
     u64 off[2];  // indexed by direction
 };
-BPF_TABLE("lru_hash", struct ssl_key, struct ssl_state, ssl_states, 65536);
+// An LRU because memory-BIO connections (and processes killed mid-stream) are
+// never seen to end.  An idle connection's entry evicted by churn would restart
+// its offsets, so it is sized for a busy node's live TLS connections, idle
+// keep-alive ones included (256k x ~100 B preallocated, ~26 MiB).
+BPF_TABLE("lru_hash", struct ssl_key, struct ssl_state, ssl_states, 262144);
+
+// Shed connections per process (tgid), with the comm it had when the first one
+// was shed.  A plain hash, not an LRU: when it is full a process is counted in
+// CNT_SHED_UNATTRIBUTED instead of silently evicting another's count.
+struct shed_proc {
+    u64 connections;
+    char comm[16];
+};
+BPF_HASH(shed_procs, u32, struct shed_proc, 10240);
+
+// A connection starts (its first call, or its SSL object reused for a new
+// socket): follow it, or shed it whole if user space is already behind.
+// Connections already followed keep emitting until the ring is truly full.
+static __always_inline u8 shed_new_connection(u32 tgid, const char *comm) {
+#if TLSCAP_SHED_BYTES > 0
+    if (ring_pending_bytes() <= TLSCAP_SHED_BYTES)
+        return 0;
+    count(CNT_SHED_CONNECTIONS, 1);
+    struct shed_proc *p = shed_procs.lookup(&tgid);
+    if (!p) {
+        struct shed_proc fresh = {};
+        __builtin_memcpy(fresh.comm, comm, sizeof(fresh.comm));
+        shed_procs.insert(&tgid, &fresh);  // fails when full, or lost a race: look again
+        p = shed_procs.lookup(&tgid);
+    }
+    if (p)
+        __sync_fetch_and_add(&p->connections, 1);
+    else
+        count(CNT_SHED_UNATTRIBUTED, 1);
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 // Send the call's payload in chunks; stop at the first chunk the ring refuses
 // (later ones would be refused too, and a gap-free prefix is easier to use).
@@ -60,21 +100,29 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
 
     struct ssl_key sk = {.ssl = a->ssl, .tgid = tgid};
     struct ssl_state *st = ssl_states.lookup(&sk);
+    int started = 0;
     if (!st) {
         struct ssl_state fresh = {.fd = -1};
-        ssl_states.update(&sk, &fresh);
+        if (ssl_states.update(&sk, &fresh) != 0)
+            count(CNT_MAP_FULL, 1);
         st = ssl_states.lookup(&sk);
         if (!st)
             return;
+        started = 1;
     }
     // A freed SSL* reused for a new connection shows up as a new fd (or a new
-    // socket on the same fd): its offsets start again.
-    if (a->fd >= 0 && a->fd != st->fd) {
-        if (st->fd >= 0) {
+    // socket on the same fd): its offsets start again.  A weak fd (read/write
+    // on an fd not known as a socket: maybe a keylog file written during the
+    // handshake) never displaces a known socket, and a weak binding is
+    // replaced by the next fd without restarting the offsets.
+    if (a->fd >= 0 && a->fd != st->fd && !(a->fd_weak && st->fd >= 0 && !st->fd_weak)) {
+        if (st->fd >= 0 && !st->fd_weak) {
             st->off[0] = 0;
             st->off[1] = 0;
+            started = 1;
         }
         st->fd = a->fd;
+        st->fd_weak = a->fd_weak;
     }
     s32 fd = st->fd;
 
@@ -92,8 +140,25 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
     __builtin_memset(&e->conn, 0, sizeof(e->conn));
     if (fd >= 0) {
         u64 key = socket_key(tgid, fd);
-        struct conn_info *c = sockets.lookup(&key);
+        struct conn_info *c = tls_sockets.lookup(&key);
+        if (!c) {
+            c = sockets.lookup(&key);
+            if (c) {
+                // Its first TLS call: move it out of reach of the host's
+                // connect/accept churn (tlscap.h, tls_sockets).  Full: it stays
+                // in the LRU, marked, as before.
+                c->flags |= CONN_TLS_SEEN;
+                struct conn_info moved = *c;
+                if (tls_sockets.update(&key, &moved) == 0) {
+                    sockets.delete(&key);
+                    c = tls_sockets.lookup(&key);
+                } else {
+                    count(CNT_MAP_FULL, 1);
+                }
+            }
+        }
         if (c) {
+            st->fd_weak = 0;  // the kernel knows it: a socket after all
             c->flags |= CONN_TLS_SEEN;
             __builtin_memcpy(&e->conn, c, sizeof(e->conn));
             // gen 0 -> known is the same socket becoming known (user space
@@ -101,22 +166,35 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
             if (st->gen && c->gen != st->gen) {
                 st->off[0] = 0;
                 st->off[1] = 0;
+                started = 1;
             }
             st->gen = c->gen;
         }
     }
+    if (started)
+        st->shed = shed_new_connection(tgid, e->comm);
     u32 dir = a->direction & 1;
     e->offset = st->off[dir];
+    // A shed connection's offsets keep counting all the same: they stay true
+    // for whatever reads them later.
     st->off[dir] += len;
     // Read before writing: an update per call costs ~90 ns on a hot path.
     if (!tls_tgids.lookup(&tgid)) {
         u8 one = 1;
-        tls_tgids.update(&tgid, &one);
+        if (tls_tgids.update(&tgid, &one) != 0)
+            count(CNT_MAP_FULL, 1);
     }
 
+    count(CNT_CALLS, 1);
+    if (st->shed) {
+        // No data at all for it, so the connections already followed keep the
+        // ring; its close is still reported (CONN_TLS_SEEN above).
+        count(CNT_SHED_CALLS, 1);
+        count(CNT_SHED_BYTES, len);
+        return;
+    }
     u32 captured = len < TLSCAP_MAX_CAPTURE ? (u32)len : TLSCAP_MAX_CAPTURE;
     e->captured_len = captured;
-    count(CNT_CALLS, 1);
     if (len > captured) {
         count(CNT_TRUNCATED, 1);
         count(CNT_TRUNCATED_BYTES, len - captured);
@@ -128,19 +206,43 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
 // buffer, ...): SSL_write(ssl, buf, n), gnutls_record_send2(session, buf, n,
 // ...), PR_Write(fd, buf, n).  `ex`: the byte count is stored through the 4th
 // argument (SSL_*_ex) instead of returned.
+// A nested call starts right after the outer one (microseconds: a wrapper
+// calling the function it wraps).  An entry older than this cannot be the
+// outer call of a new one; see tls_call_enter.
+#define NEST_WINDOW_NS (100ULL * 1000 * 1000)
+
 static __always_inline int tls_call_enter(struct pt_regs *ctx, u8 direction, u8 ex, u8 source) {
     u64 id = bpf_get_current_pid_tgid();
     if (!tgid_wanted(id >> 32))
         return 0;
     u32 tid = (u32)id;
     u64 ssl = PT_REGS_PARM1(ctx);
+    u64 sp = PT_REGS_SP(ctx);
+    u64 now = bpf_ktime_get_ns();
     struct active_call *outer = active_calls.lookup(&tid);
-    // LibreSSL's SSL_write_ex calls SSL_write: report the outer call only.  A
-    // different SSL* means the old entry is stale (its return never ran).
-    if (outer && outer->ssl == ssl) {
-        outer->depth++;
-        count(CNT_NESTED, 1);
-        return 0;
+    if (outer) {
+        // LibreSSL's SSL_write_ex calls SSL_write: report the outer call only.
+        // A call truly inside another runs on a deeper frame (a lower stack
+        // pointer: the stack grows down) and starts right after it.  An entry
+        // on a frame no deeper than ours is stale: its function has returned
+        // without its return probe running (attached mid-call, a thread that
+        // died or unwound out of the call, a reused tid).  So is one older
+        // than NEST_WINDOW_NS, which a stale entry on a shallow frame would
+        // otherwise pass for nested for every later call from deeper frames.
+        // Taking a true nest for a new call is harmless: the inner call
+        // carries the same bytes and its return reports them, once.  (Stack
+        // pointer rather than time alone: a program looping on SSL_write
+        // re-enters within microseconds, from the same frame.)
+        int nested = sp < outer->sp && now - outer->ts < NEST_WINDOW_NS;
+        if (nested && outer->ssl == ssl) {
+            outer->depth++;
+            count(CNT_NESTED, 1);
+            return 0;
+        }
+        // A deeper call on another object (the SSL BIO method calling
+        // SSL_write_ex) is reported itself, as before; anything else is stale.
+        if (!nested)
+            count(CNT_STALE_CALLS, 1);
     }
     struct active_call c = {};
     c.ssl = ssl;
@@ -151,7 +253,10 @@ static __always_inline int tls_call_enter(struct pt_regs *ctx, u8 direction, u8 
     c.direction = direction;
     c.ex = ex;
     c.source = source;
-    active_calls.update(&tid, &c);
+    c.sp = sp;
+    c.ts = now;
+    if (active_calls.update(&tid, &c) != 0)
+        count(CNT_MAP_FULL, 1);
     return 0;
 }
 

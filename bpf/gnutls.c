@@ -23,6 +23,7 @@ int probe_gnutls_set_int2(struct pt_regs *ctx) {
         return 0;
     struct ssl_key sk = {.ssl = PT_REGS_PARM1(ctx), .tgid = id >> 32};
     struct ssl_state fresh = {.fd = (s32)PT_REGS_PARM2(ctx)};
-    ssl_states.update(&sk, &fresh);
+    if (ssl_states.update(&sk, &fresh) != 0)
+        count(CNT_MAP_FULL, 1);
     return 0;
 }

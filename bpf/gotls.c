@@ -19,7 +19,15 @@ struct go_call_key {
     u32 tgid;
     u32 _pad;
 };
-BPF_HASH(go_calls, struct go_call_key, struct active_call, 16384);
+// One entry per goroutine inside Write or Read.  What grows with idle
+// connections is Read: net/http (and most Go servers) keep a goroutine blocked
+// in (*tls.Conn).Read on every idle keep-alive connection, so a server with
+// 50k idle connections holds 50k entries here while moving no data.  Sized
+// for a busy node (256k calls in flight; ~100 B each, not preallocated, so
+// memory follows use).  Not an LRU: evicting the oldest entry would silently
+// drop the next request on the longest-idle connection; a refused update is
+// counted in CNT_MAP_FULL instead.
+BPF_F_TABLE("hash", struct go_call_key, struct active_call, go_calls, 262144, BPF_F_NO_PREALLOC);
 
 // Processes with a Go call whose fd the struct walk could not find (the conn
 // is not a plain *net.TCPConn: a wrapper, a test double; or a PIE binary, see
@@ -89,12 +97,16 @@ static __always_inline int go_tls_enter(struct pt_regs *ctx, u8 direction) {
     c.source = SRC_GOTLS;
     // A growing stack re-runs the function from its first instruction (after
     // runtime.morestack) with the same arguments: the update just repeats.
-    go_calls.update(&key, &c);
+    if (go_calls.update(&key, &c) != 0) {
+        count(CNT_MAP_FULL, 1);
+        return 0;
+    }
     if (c.fd < 0) {
         count(CNT_GO_FD_FALLBACK, 1);
         if (!go_fallback_tgids.lookup(&tgid)) {
             u8 one = 1;
-            go_fallback_tgids.update(&tgid, &one);
+            if (go_fallback_tgids.update(&tgid, &one) != 0)
+                count(CNT_MAP_FULL, 1);
         }
     }
     return 0;
@@ -121,8 +133,9 @@ int probe_gotls_return(struct pt_regs *ctx) {
 
 // Called by sockets.c for a socket syscall made outside any OpenSSL call.  The
 // syscall's saved user registers hold the goroutine making it: R14 is g in Go
-// code, and the runtime's syscall stubs leave it alone.
-static __always_inline void go_learn_fd(u32 tgid, s32 fd) {
+// code, and the runtime's syscall stubs leave it alone.  As in learn_fd
+// (sockets.c), a read/write on an fd not known as a socket is only a guess.
+static __always_inline void go_learn_fd(u32 tgid, s32 fd, u8 socket_call) {
     if (!go_fallback_tgids.lookup(&tgid))
         return;
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
@@ -130,6 +143,14 @@ static __always_inline void go_learn_fd(u32 tgid, s32 fd) {
     if (bpf_probe_read_kernel(&key.g, sizeof(key.g), &regs->r14) != 0)
         return;
     struct active_call *a = go_calls.lookup(&key);
-    if (a && a->fd < 0)
-        a->fd = fd;  // the call's first socket syscall
+    if (!a || (a->fd >= 0 && !a->fd_weak))
+        return;
+    u8 weak = !socket_call && !find_socket(socket_key(tgid, fd));
+    if (weak)
+        count(CNT_UNKNOWN_FDS, 1);
+    // The call's first socket syscall; a known socket replaces a weak guess.
+    if (a->fd < 0 || !weak) {
+        a->fd = fd;
+        a->fd_weak = weak;
+    }
 }

@@ -18,7 +18,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     if (allowed_comms.lookup(&key)) {
         u8 one = 1;
-        allowed_tgids.update(&tgid, &one);
+        if (allowed_tgids.update(&tgid, &one) != 0)
+            count(CNT_MAP_FULL, 1);
     }
 #endif
     if (tgid_wanted(tgid))
@@ -32,9 +33,13 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     u32 parent = args->parent_pid;
     if (!allowed_tgids.lookup(&parent))
         return 0;
+    // child_pid is a thread id when the parent made a thread rather than a
+    // process (this tracepoint fires for both): sched_process_exit (sockets.c)
+    // removes every ending thread's id, so these do not pile up.
     u32 child = args->child_pid;
     u8 one = 1;
-    allowed_tgids.update(&child, &one);
+    if (allowed_tgids.update(&child, &one) != 0)
+        count(CNT_MAP_FULL, 1);
     return 0;
 }
 #endif

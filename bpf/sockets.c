@@ -103,7 +103,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (args->oldstate == TCP_SYN_SENT_) {
         u64 *key = sk_sockets.lookup(&sk);
         if (key) {
-            struct conn_info *c = sockets.lookup(key);
+            u64 k = *key;
+            struct conn_info *c = find_socket(k);
             if (c)
                 copy_local(c, &ends);
             sk_sockets.delete(&sk);
@@ -116,6 +117,31 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         passive_established.update(&pk, &ends);
     }
     return 0;
+}
+
+// A new socket is being recorded at `key`: a TLS socket still known there was
+// closed without a close() we saw (close_range, dup2 over it, close-on-exec):
+// report its end now, and drop it.
+static __always_inline void retire_tls_socket(u64 id, s32 fd, u64 key) {
+    struct conn_info *old = tls_sockets.lookup(&key);
+    if (!old)
+        return;
+    struct close_event e = {};
+    e.kind = EV_CLOSE;
+    e.tgid = id >> 32;
+    e.tid = (u32)id;
+    e.fd = fd;
+    e.ts_ns = bpf_ktime_get_ns();
+    e.gen = old->gen;
+    if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
+        count(CNT_LOST_EVENTS, 1);
+    tls_sockets.delete(&key);
+}
+
+static __always_inline void record_socket(u64 id, s32 fd, u64 key, struct conn_info *c) {
+    retire_tls_socket(id, fd, key);
+    if (sockets.update(&key, c) != 0)
+        count(CNT_MAP_FULL, 1);
 }
 
 static __always_inline int read_sockaddr(struct conn_info *c, u64 uaddr) {
@@ -150,7 +176,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
         return 0;
     u32 tid = (u32)id;
     struct pending_socket p = {.addr = (u64)args->uservaddr, .fd = (s32)args->fd};
-    pending_connects.update(&tid, &p);
+    if (pending_connects.update(&tid, &p) != 0)
+        count(CNT_MAP_FULL, 1);
     return 0;
 }
 
@@ -174,7 +201,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
                 copy_local(&c, ends);
                 active_established.delete(&sk);
             }
-            sockets.update(&key, &c);
+            record_socket(id, p->fd, key, &c);
             if (sk && !ends) {
                 sk_sockets.update(&sk, &key);  // ESTABLISHED will fill it in
                 // ...unless it ran on another CPU between our first look and
@@ -182,7 +209,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
                 // in active_established: look once more.
                 ends = active_established.lookup(&sk);
                 if (ends) {
-                    struct conn_info *known = sockets.lookup(&key);
+                    struct conn_info *known = find_socket(key);
                     if (known)
                         copy_local(known, ends);
                     active_established.delete(&sk);
@@ -201,7 +228,8 @@ static __always_inline int accept_enter(u64 upeer) {
         return 0;
     u32 tid = (u32)id;
     struct pending_socket p = {.addr = upeer, .fd = -1};
-    pending_accepts.update(&tid, &p);
+    if (pending_accepts.update(&tid, &p) != 0)
+        count(CNT_MAP_FULL, 1);
     return 0;
 }
 
@@ -216,7 +244,7 @@ static __always_inline int accept_exit(long ret) {
         if (ret >= 0 && tgid_wanted(id >> 32)) {
             struct conn_info c = {.gen = bpf_ktime_get_ns(), .role = ROLE_SERVER};
             u64 key = socket_key(id >> 32, (s32)ret);
-            sockets.update(&key, &c);
+            record_socket(id, (s32)ret, key, &c);
         }
         return 0;
     }
@@ -237,7 +265,7 @@ static __always_inline int accept_exit(long ret) {
                 }
             }
             u64 key = socket_key(id >> 32, (s32)ret);
-            sockets.update(&key, &c);
+            record_socket(id, (s32)ret, key, &c);
         }
     }
     pending_accepts.delete(&tid);
@@ -253,7 +281,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     u64 key = socket_key(tgid, (s32)args->fd);
-    struct conn_info *c = sockets.lookup(&key);
+    struct conn_info *c = find_socket(key);
     if (!c)
         return 0;
     if (c->flags & CONN_TLS_SEEN) {
@@ -267,41 +295,69 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
             count(CNT_LOST_EVENTS, 1);
     }
+    tls_sockets.delete(&key);
     sockets.delete(&key);
     return 0;
 }
 
 // A syscall on an fd made inside a TLS call names the SSL object's socket.
-static __always_inline int learn_fd(s32 fd) {
+// Not every one: a keylog callback (SSLKEYLOGFILE), a session cache or a log
+// line written during a handshake inside SSL_read/SSL_write is a write() on a
+// file, and taking it would bind the connection to the wrong fd (and restart
+// its offsets when the real socket shows up).  send/recv-family syscalls only
+// take sockets.  A read/write fd is trusted when the kernel knows it as a
+// socket (connect/accept, or user space registered it); otherwise it is a weak
+// guess (counted in CNT_UNKNOWN_FDS): kept only if the call meets no known
+// socket, and never allowed to displace a socket the connection already has
+// (calls.c, emit_call).  Not ignored outright: a socket this program never saw
+// created (passed over a unix socket, inherited as stdin, open before the
+// agent and not yet registered) is only found this way, and user space
+// registers it once its first record names it.
+static __always_inline int learn_fd(s32 fd, u8 socket_call) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct active_call *a = active_calls.lookup(&tid);
     if (a) {
-        if (a->fd < 0)
+        if (a->fd >= 0 && !a->fd_weak)
+            return 0;
+        u8 weak = !socket_call && !find_socket(socket_key(id >> 32, fd));
+        if (weak)
+            count(CNT_UNKNOWN_FDS, 1);
+        if (a->fd < 0 || !weak) {
             a->fd = fd;
+            a->fd_weak = weak;
+        }
         return 0;
     }
-    go_learn_fd(id >> 32, fd);
+    go_learn_fd(id >> 32, fd, socket_call);
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return learn_fd((s32)args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return learn_fd((s32)args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return learn_fd((s32)args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return learn_fd((s32)args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return learn_fd((s32)args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return learn_fd((s32)args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return learn_fd((s32)args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return learn_fd((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return learn_fd((s32)args->fd, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return learn_fd((s32)args->fd, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return learn_fd((s32)args->fd, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return learn_fd((s32)args->fd, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return learn_fd((s32)args->fd, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return learn_fd((s32)args->fd, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return learn_fd((s32)args->fd, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return learn_fd((s32)args->fd, 0); }
 
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (tgid != (u32)id)
-        return 0;  // a thread, not the process
+    u32 tid = (u32)id;
+    // A thread that ends inside a TLS call leaves its entry behind; its tid
+    // may come back for another thread.
+    active_calls.delete(&tid);
 #if TLSCAP_FILTER
-    allowed_tgids.delete(&tgid);
+    // sched_process_fork cannot tell a new thread from a new process, so
+    // allowed_tgids gains thread ids too: drop each as its thread ends.  (A
+    // thread id is never another live task's tgid, so this removes nothing
+    // that is still wanted.)
+    allowed_tgids.delete(&tid);
 #endif
+    if (tgid != tid)
+        return 0;  // a thread, not the process
     if (!tls_tgids.lookup(&tgid))
         return 0;
     tls_tgids.delete(&tgid);

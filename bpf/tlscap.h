@@ -10,6 +10,8 @@
 //   TLSCAP_MAX_CAPTURE per-call payload cap in bytes (larger calls are truncated)
 //   TLSCAP_RINGBUF_PAGES  ring buffer size in pages
 //   TLSCAP_WAKE_BYTES  wake the consumer once this much data is pending
+//   TLSCAP_SHED_BYTES  ring high-water mark: connections that start while more
+//                      than this is pending are shed (0: never shed)
 #ifndef TLSCAP_H
 #define TLSCAP_H
 
@@ -29,6 +31,9 @@
 #endif
 #ifndef TLSCAP_WAKE_BYTES
 #define TLSCAP_WAKE_BYTES (4 << 20)
+#endif
+#ifndef TLSCAP_SHED_BYTES
+#define TLSCAP_SHED_BYTES (TLSCAP_RINGBUF_PAGES * 2048)  // half the ring (4 KiB pages)
 #endif
 
 // One ring-buffer record carries at most CHUNK_SIZE payload bytes; a call that
@@ -63,7 +68,24 @@ enum counter {
     CNT_NESTED = 7,         // SSL calls made inside another traced SSL call
     CNT_GO_FD_FALLBACK = 8, // Go calls whose fd the *tls.Conn walk could not give
     CNT_NSS_PLAIN = 9,      // NSPR calls on descriptors without a TLS layer: not recorded
-    CNT_MAX = 10,
+    // Load shedding (calls.c): connections that started while the ring was
+    // above TLSCAP_SHED_BYTES emit no data at all, so the ones already
+    // followed stay whole instead of every stream getting holes.
+    CNT_SHED_CONNECTIONS = 10,
+    CNT_SHED_CALLS = 11,    // calls of shed connections (also in CNT_CALLS)
+    CNT_SHED_BYTES = 12,    // bytes those calls moved
+    CNT_SHED_UNATTRIBUTED = 13,  // shed connections shed_procs had no room for
+    // A tracking map refused an update (full, or no memory): the call, socket
+    // or process it was for is not followed, or not followed completely.
+    CNT_MAP_FULL = 14,
+    // A call entry replaced because its return was never seen (the return
+    // probe was not there yet, the thread died or unwound mid-call): only the
+    // stale entry's own call is lost, never the ones after it.
+    CNT_STALE_CALLS = 15,
+    // read()/write() family syscalls inside a TLS call on an fd not known to
+    // be a socket (a keylog or other file): not trusted as the call's socket.
+    CNT_UNKNOWN_FDS = 16,
+    CNT_MAX = 17,
 };
 
 #define AF_INET_ 2
@@ -124,7 +146,33 @@ struct proc_event {
     char comm[16];
 };
 
-BPF_RINGBUF_OUTPUT(events, TLSCAP_RINGBUF_PAGES);
+// BPF_RINGBUF_OUTPUT(events, TLSCAP_RINGBUF_PAGES) spelled out, plus one
+// member: Debian's bcc (0.26) has no events.ringbuf_query() (iovisor/bcc#4595
+// added it later) and no other way to name this map in a helper call.  bcc
+// rewrites `events.perf_read(f)` into bpf_perf_event_read(<this map>, f)
+// whatever the map type; the macro below turns that rewritten call into the
+// ring query (same arguments, same result).  Works on every bcc with ring
+// buffers; nothing else here calls bpf_perf_event_read.
+struct events_table_t {
+    int key;
+    u32 leaf;
+    int (*ringbuf_output)(void *, u64, u64);
+    void *(*ringbuf_reserve)(u64);
+    void (*ringbuf_discard)(void *, u64);
+    void (*ringbuf_submit)(void *, u64);
+    u64 (*perf_read)(int);  // ring_pending_bytes()
+    u32 max_entries;
+};
+__attribute__((section("maps/ringbuf")))
+struct events_table_t events = {.max_entries = TLSCAP_RINGBUF_PAGES * PAGE_SIZE};
+#define bpf_perf_event_read(map, flags) bpf_ringbuf_query(map, flags)
+
+// Bytes submitted and not yet consumed.  It reads the consumer's cache line:
+// ~+400 ns (bench/README.md), so ask once per connection, never per event.
+static __always_inline u64 ring_pending_bytes(void) {
+    return events.perf_read(BPF_RB_AVAIL_DATA);
+}
+
 BPF_PERCPU_ARRAY(counters, u64, CNT_MAX);
 // Bytes submitted since the last forced wake-up (approximate: shared, no lock).
 BPF_ARRAY(pending_bytes, u64, 1);
@@ -132,7 +180,21 @@ BPF_ARRAY(pending_bytes, u64, 1);
 BPF_PERCPU_ARRAY(scratch, struct data_event, 1);
 
 // (tgid << 32 | fd) -> socket; LRU so sockets we never see closed age out.
+// It need only hold a socket from its connect/accept to its first TLS call
+// (and the sockets user space finds at start-up until theirs: one evicted
+// before that is found again through /proc and registered, flow table).
+// Every connect/accept of every process on the host lands here, so the churn
+// of plain connections would evict a quiet TLS connection (and lose its close)
+// if it stayed here: a socket moves to tls_sockets on its first TLS call.
 BPF_TABLE("lru_hash", u64, struct conn_info, sockets, 65536);
+// Sockets that carried TLS data, same key: a plain hash, evicted by nothing but
+// their close (sockets.c), a new socket on the same fd (connect/accept: the
+// close we missed is reported then), or user space when their process exits
+// (BpfProgram.register_socket with forget).  Sized for a busy node's live TLS
+// connections (idle keep-alive ones included); not preallocated, so memory
+// follows the real count.  When it is full the socket stays in the LRU (the
+// old behaviour) and CNT_MAP_FULL says so.
+BPF_F_TABLE("hash", u64, struct conn_info, tls_sockets, 262144, BPF_F_NO_PREALLOC);
 // Processes whose TLS traffic we reported: their exit closes their connections.
 BPF_TABLE("lru_hash", u32, u8, tls_tgids, 16384);
 // --pid / --comm filters: the tgids we may trace, and the comms that admit a
@@ -155,9 +217,17 @@ struct active_call {
     u8 direction;
     u8 ex;
     u8 source;
-    u8 _pad[5];
+    u8 fd_weak;   // fd came from read/write on an fd not known as a socket
+    u8 _pad[4];
+    u64 sp;       // stack pointer at entry: tells a nested call from a stale entry
+    u64 ts;       // entry time (CLOCK_MONOTONIC)
 };
-BPF_HASH(active_calls, u32, struct active_call, 16384);
+// One entry per thread inside a C-library TLS call.  What grows with idle
+// connections is threads blocked in SSL_read (thread-per-connection servers),
+// bounded by the host's thread count, not by 16k: sized for 128k blocked
+// threads, not preallocated (memory follows use).  A refused update is counted
+// in CNT_MAP_FULL.
+BPF_F_TABLE("hash", u32, struct active_call, active_calls, 131072, BPF_F_NO_PREALLOC);
 
 static __always_inline void count(u32 idx, u64 n) {
     u64 *v = counters.lookup(&idx);
@@ -192,6 +262,15 @@ static __always_inline u64 wake_flag(u64 size) {
 
 static __always_inline u64 socket_key(u32 tgid, s32 fd) {
     return ((u64)tgid << 32) | (u32)fd;
+}
+
+// What we know of a socket: tls_sockets first (most lookups are TLS calls on
+// sockets already moved there), then the connect/accept LRU.
+static __always_inline struct conn_info *find_socket(u64 key) {
+    struct conn_info *c = tls_sockets.lookup(&key);
+    if (c)
+        return c;
+    return sockets.lookup(&key);
 }
 
 static __always_inline void emit_proc_event(u32 kind, u32 tgid) {

@@ -37,6 +37,10 @@ packages=(
     vagrant
     # tshark dissects the pcapng files tlscap writes (tests of agent/pcap)
     tshark
+    # HTTPS load on a busy node: tests/ebpf/test_load_nginx.py and bench/load_nginx.py
+    # run their own nginx (own config, loopback port) under wrk; the system service
+    # the package sets up is stopped below, since `--comm nginx` would capture it too
+    nginx wrk
 )
 
 # One dpkg-query for all of them; unknown packages print nothing on stdout.
@@ -56,6 +60,15 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+    if [[ " ${missing[*]} " == *" nginx "* ]]; then
+        # Debian starts and enables nginx on port 80 where init scripts may run.
+        if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+            systemctl disable --now nginx >/dev/null 2>&1 || true
+        else
+            invoke-rc.d nginx stop >/dev/null 2>&1 || true
+            update-rc.d nginx disable >/dev/null 2>&1 || true
+        fi
+    fi
 else
     say "system packages: all present"
 fi

@@ -1,9 +1,11 @@
 """A capture run: load probes, attach to targets, drain events into sinks.
 
-The loop is deliberately plain: drain the ring (a few ms), attach to any new
-targets that exec/mmap events pointed at, release stale partial calls, repeat.
-All decisions about bytes live in the sans-I/O pieces it wires together
-(decode -> CallAssembler -> FlowTable -> Records).
+The loop is deliberately plain: wait a few ms, drain the ring a batch at a
+time, release stale partial calls, repeat.  Attaching to the new targets that
+exec/mmap events point at (ELF and Go analysis, bcc attach calls: tens of ms)
+happens on a thread of its own, so the drain loop never waits for it.  All
+decisions about bytes live in the sans-I/O pieces it wires together
+(EventDecoder -> CallAssembler -> FlowTable -> Records).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.events.calls import CallAssembler, TlsCall
-from agent.events.decode import DataChunk, DecodeError, ProcessEvent, SocketClosed, decode_event
+from agent.capture.attacher import TargetAttacher
+from agent.capture.pipeline import EventPipeline
 from agent.flows.resolve import SocketResolver
-from agent.flows.table import FlowTable
+from agent.flows.table import FlowTable, KernelRegistration
 from agent.health.liveness import Liveness
+from agent.health.metrics import shed_summary
 from agent.k8s.attribution import Attribution
 from agent.l7.stage import L7Stage
 from agent.probes.bpf_program import BpfProgram, ProbeSettings
@@ -89,8 +92,6 @@ def pids_with_comm(comms: Iterable[str], proc_root: str = "/proc") -> list[int]:
 
 @dataclass
 class AgentStats:
-    events: int = 0
-    decode_errors: int = 0
     targets_attached: int = 0
     attach_failures: int = 0
     go_binaries_refused: int = 0  # Go programs we cannot probe safely (old ABI, not amd64)
@@ -114,13 +115,17 @@ class CaptureSession:
         self._program = program
         self._scanner = scanner or TargetScanner(exclude_pids={os.getpid()})
         self._wall = mono_to_wall_clock()
-        self._calls = CallAssembler()
         self._resolver = resolver or SocketResolver()
         self._flows = FlowTable(self._resolver, self._wall)
-        self._rescan: set[int] = set()
+        self._attacher = TargetAttacher(self._attach_pid)
+        self._pipeline = EventPipeline(
+            self._out,
+            self._flows,
+            on_exec=self._attacher.request,
+            register_socket=self._register_socket,
+        )
         self.stats = AgentStats()
         self.stop_event = threading.Event()
-        self.failure: Exception | None = None
         self.liveness = Liveness()
 
     # -- setup --------------------------------------------------------------
@@ -135,13 +140,14 @@ class CaptureSession:
             initial_pids = sorted(set(opts.pids) | set(pids_with_comm(opts.comms)))
             program.allow_comms(opts.comms)
             program.allow_tgids(initial_pids)
-        program.open_ring(self._on_event)
+        program.open_ring()
 
         libraries = self._scanner.system_libraries()
         libraries += self._scanner.scan_all(initial_pids)
         for lib in libraries:
             self._attach(lib)
         self._adopt_existing_connections(initial_pids)
+        self._attacher.start()
         log.info("attached to %d file(s)", self.stats.targets_attached)
         self.liveness.mark_ready()
         if opts.ready_file:
@@ -154,7 +160,7 @@ class CaptureSession:
                 continue
             for fd, info in self._resolver.open_sockets(pid).items():
                 self._flows.adopt_existing_socket(pid, fd, info)
-        self._push_kernel_registrations()
+        self._pipeline.push_kernel_registrations()
 
     def _attach(self, lib: TlsLibrary) -> None:
         assert self._program is not None
@@ -200,22 +206,22 @@ class CaptureSession:
             deadline = time.monotonic() + self.options.duration
         while not self.stop_event.is_set():
             self.liveness.beat()
-            self._program.drain(self.options.poll_ms)
-            self._attach_new_targets()
-            self._emit(self._calls.flush(older_than_mono_ns=time.monotonic_ns() - STALE_CALL_NS))
+            self._program.drain(self.options.poll_ms, self._pipeline.handle_batch)
+            self._pipeline.flush_calls(older_than_mono_ns=time.monotonic_ns() - STALE_CALL_NS)
             if deadline is not None and time.monotonic() >= deadline:
                 break
-        if self.failure is not None:
-            raise self.failure
 
     def close(self) -> None:
         """Drain what is left, write the stats record, detach everything."""
         program = self._program
         try:
+            self._attacher.stop()
             if program is not None:
-                program.drain(0)
-                self._emit(self._calls.flush())
-                self._write(Record(type="stats", ts_ns=time.time_ns(), stats=self.summary()))
+                program.drain(0, self._pipeline.handle_batch)
+                self._pipeline.flush_calls()
+                stats = self.summary()
+                self._out.write(Record(type="stats", ts_ns=time.time_ns(), stats=stats))
+                _log_summary(stats)
         except BrokenPipeError:
             pass  # the reader is gone: nobody is left to tell
         finally:
@@ -225,79 +231,45 @@ class CaptureSession:
 
     def summary(self) -> dict[str, int]:
         kernel = self._program.counters() if self._program else {}
+        shed = shed_summary(kernel, self._program.shed_processes() if self._program else {})
         out = {
-            "events": self.stats.events,
+            "events": self._pipeline.stats.events,
             "records": self._out.records,
             "bytes": self._out.data_bytes,
             # Everything the kernel could not hand us, in events: the
             # contract's one number for "did we lose anything".
             "lost": kernel.get("lost_events", 0) + kernel.get("read_errors", 0),
-            "decode_errors": self.stats.decode_errors,
-            "incomplete_calls": self._calls.incomplete_calls,
+            "decode_errors": self._pipeline.stats.decode_errors,
+            "incomplete_calls": self._pipeline.calls.incomplete_calls,
             "targets_attached": self.stats.targets_attached,
-            "attach_failures": self.stats.attach_failures,
+            "attach_failures": self.stats.attach_failures + self._attacher.failures,
             "go_binaries_refused": self.stats.go_binaries_refused,
         }
-        out.update({f"kernel_{k}": v for k, v in kernel.items()})
+        out.update({f"kernel_{k}": v for k, v in kernel.items() if k not in shed})
+        out.update(shed)
         out.update({f"flow_{k}": v for k, v in self._flows.stats.as_dict().items()})
         out.update(self._out.sink_stats())
         return out
 
-    # -- events -------------------------------------------------------------
+    def _register_socket(self, reg: KernelRegistration) -> None:
+        if self._program is not None:
+            self._program.register_socket(reg)
 
-    def _on_event(self, raw: bytes) -> None:
-        # Called from bcc through ctypes, which would print and swallow an
-        # exception: stop the run instead, and let run() raise it.
-        try:
-            self._handle_event(raw)
-        except Exception as exc:
-            if self.failure is None:
-                self.failure = exc
-            self.stop_event.set()
+    def _attach_pid(self, pid: int) -> None:
+        """On the attacher's thread: probe whatever new TLS code `pid` brought."""
+        for lib in self._scanner.scan_pid(pid):
+            self._attach(lib)
 
-    def _handle_event(self, raw: bytes) -> None:
-        self.stats.events += 1
-        try:
-            event = decode_event(raw)
-        except DecodeError as exc:
-            self.stats.decode_errors += 1
-            log.warning("dropping undecodable event: %s", exc)
-            return
-        if isinstance(event, DataChunk):
-            self._emit(self._calls.feed(event))
-        elif isinstance(event, SocketClosed):
-            self._emit_records(self._flows.on_close(event))
-        elif isinstance(event, ProcessEvent):
-            if event.kind == "exit":
-                self._emit_records(self._flows.on_exit(event.tgid, event.ts_mono_ns))
-                self._out.process_exited(event.tgid)
-            else:
-                self._rescan.add(event.tgid)
 
-    def _emit(self, calls: list[TlsCall]) -> None:
-        for call in calls:
-            self._emit_records(self._flows.on_call(call))
-
-    def _emit_records(self, records: list[Record]) -> None:
-        for record in records:
-            self._write(record)
-        self._push_kernel_registrations()
-
-    def _push_kernel_registrations(self) -> None:
-        """Carry out what the flow table asked of the kernel."""
-        registrations = self._flows.kernel_registrations
-        if registrations and self._program is not None:
-            for reg in registrations:
-                self._program.register_socket(reg)
-            registrations.clear()
-
-    def _write(self, record: Record) -> None:
-        self._out.write(record)
-
-    def _attach_new_targets(self) -> None:
-        if not self._rescan:
-            return
-        pids, self._rescan = self._rescan, set()
-        for pid in pids:
-            for lib in self._scanner.scan_pid(pid):
-                self._attach(lib)
+def _log_summary(stats: dict[str, int]) -> None:
+    """One line at exit on stderr, so loss is never silent, whatever the output
+    (with --output none the stats record goes nowhere)."""
+    loss = stats.get("lost", 0) or stats.get("shed_connections", 0)
+    log.log(
+        logging.WARNING if loss else logging.INFO,
+        "capture summary: %d events, %d records, lost %d events, shed %d connections",
+        stats.get("events", 0),
+        stats.get("records", 0),
+        stats.get("lost", 0),
+        stats.get("shed_connections", 0),
+    )

@@ -134,7 +134,7 @@ def open_sinks(args: argparse.Namespace) -> list:
         if args.output_file:
             sinks.append(JsonlSink.open(str(args.output_file)))
         else:
-            sinks.append(JsonlSink(sys.stdout))
+            sinks.append(JsonlSink.open("-"))
     elif output == "pcapng":
         from agent.sinks.pcapng import PcapngSink
 

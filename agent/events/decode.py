@@ -1,29 +1,32 @@
-"""Turn raw ring-buffer records into typed events.
+"""Turn raw ring-buffer records into typed events, a batch at a time.
 
-Pure: bytes in, dataclasses out, so it is tested without a kernel.  A record
-that does not match any layout raises DecodeError; the caller logs it, counts
+Pure: bytes in, objects out, so it is tested without a kernel.  A record that
+does not match any layout raises DecodeError (decode_event) or is returned as a
+DecodeError in its place (EventDecoder.decode_batch); the caller logs it, counts
 it and carries on.
+
+This is the first step of the hot path, so it is written for speed: one
+precompiled struct read per header, and what repeats from event to event - the
+socket's endpoints, the process name - is decoded once and looked up after.
 """
 
 from __future__ import annotations
 
-import ctypes as ct
-import ipaddress
+import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 from agent.events import layout
 from agent.records.record import Direction, Endpoint, Role
-
-_S = TypeVar("_S", bound=ct.Structure)
 
 
 class DecodeError(ValueError):
     """A ring-buffer record that is too short or of an unknown kind."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelSocket:
     """What the kernel knew of the socket at the time of the call."""
 
@@ -33,26 +36,38 @@ class KernelSocket:
     role: Role
 
 
-@dataclass(frozen=True)
-class DataChunk:
+@dataclass(slots=True)
+class TlsCall:
+    """One SSL_read/SSL_write (or equivalent) and the plaintext it moved.
+
+    The decoder makes one per chunk record; a call larger than one chunk is
+    folded into its first chunk's object by CallAssembler, so each TLS call is
+    one object from the ring to its Record.
+    """
+
     tgid: int
     tid: int
     fd: int
     ts_mono_ns: int
     ssl: int
-    len: int
+    len: int  # bytes the call moved
     offset: int
-    captured_len: int
-    chunk_off: int
+    captured_len: int  # bytes of it the kernel sent (the payload cap)
+    chunk_off: int  # where `data` starts within the call (0 once assembled)
     direction: Direction
     source: str
     comm: str
     socket: KernelSocket
     data: bytes
     cgroup_id: int = 0
+    complete: bool = True  # False: some chunks were lost in the kernel
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.data) < self.len
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SocketClosed:
     tgid: int
     tid: int
@@ -61,7 +76,7 @@ class SocketClosed:
     gen: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProcessEvent:
     kind: Literal["exec", "exec_map", "exit"]
     tgid: int
@@ -69,13 +84,25 @@ class ProcessEvent:
     comm: str
 
 
-Event = DataChunk | SocketClosed | ProcessEvent
+Event = TlsCall | SocketClosed | ProcessEvent
 
 _PROC_KINDS: dict[int, Literal["exec", "exec_map", "exit"]] = {
     layout.EV_EXEC: "exec",
     layout.EV_EXEC_MAP: "exec_map",
     layout.EV_EXIT: "exit",
 }
+
+# bpf/tlscap.h's structs as struct formats (layout.py's ctypes mirrors are the
+# reference; tests check that both agree).
+_KIND = struct.Struct("<I")
+_DATA_HEADER = struct.Struct("<4xIIiQQQQIIIBB2x16s48sQ")  # kind read already
+_CONN = struct.Struct("<Q16s16sHHHBB")
+_CLOSE = struct.Struct("<4xIIiQQ")
+_PROC = struct.Struct("<4xIQ16s")
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+assert _DATA_HEADER.size == layout.DATA_HEADER_SIZE
+assert _CONN.size == 48
 
 
 def _comm(raw: bytes) -> str:
@@ -85,74 +112,115 @@ def _comm(raw: bytes) -> str:
 def endpoint(family: int, addr: bytes, port: int) -> Endpoint | None:
     """An address as the kernel recorded it (sockaddr or TCP tracepoint bytes)."""
     if family == layout.AF_INET:
-        return Endpoint(str(ipaddress.IPv4Address(addr[:4])), port)
+        return Endpoint(socket.inet_ntop(socket.AF_INET, addr[:4]), port)
     if family == layout.AF_INET6:
-        ip6 = ipaddress.IPv6Address(addr[:16])
         # A v4 peer on a dual-stack socket: report it as the v4 address that
         # the other end sees itself as.
-        ip = str(ip6.ipv4_mapped) if ip6.ipv4_mapped else str(ip6)
-        return Endpoint(ip, port)
+        if addr[:12] == _V4_MAPPED:
+            return Endpoint(socket.inet_ntop(socket.AF_INET, addr[12:16]), port)
+        return Endpoint(socket.inet_ntop(socket.AF_INET6, addr[:16]), port)
     return None
 
 
-def _kernel_socket(conn: layout.ConnInfo) -> KernelSocket:
+def kernel_socket(conn: bytes) -> KernelSocket:
+    """The 48 bytes of a struct conn_info."""
+    gen, raddr, laddr, family, rport, lport, role, _flags = _CONN.unpack(conn)
     return KernelSocket(
-        gen=conn.gen,
-        remote=endpoint(conn.family, bytes(conn.raddr), conn.rport),
-        local=endpoint(conn.family, bytes(conn.laddr), conn.lport) if conn.lport else None,
-        role=layout.ROLES.get(conn.role, "unknown"),  # type: ignore[arg-type]
+        gen=gen,
+        remote=endpoint(family, raddr, rport),
+        local=endpoint(family, laddr, lport) if lport else None,
+        role=layout.ROLES.get(role, "unknown"),  # type: ignore[arg-type]
     )
 
 
-def decode_event(raw: bytes) -> Event:
-    if len(raw) < 4:
-        raise DecodeError(f"ring-buffer record of {len(raw)} bytes is too short")
-    (kind,) = struct.unpack_from("<I", raw)
-    if kind == layout.EV_DATA:
-        return _decode_data(raw)
-    if kind == layout.EV_CLOSE:
-        e = _struct(layout.CloseEvent, raw)
-        return SocketClosed(e.tgid, e.tid, e.fd, e.ts_ns, e.gen)
-    if kind in _PROC_KINDS:
-        p = _struct(layout.ProcEvent, raw)
-        return ProcessEvent(_PROC_KINDS[kind], p.tgid, p.ts_ns, _comm(p.comm))
-    raise DecodeError(f"unknown event kind {kind} ({len(raw)} bytes)")
+class EventDecoder:
+    """Decodes ring-buffer records, remembering the sockets and process names it
+    has decoded (each cache holds at most `cache_size` entries, then starts over:
+    a busy node has many connections, but each is seen for many events)."""
+
+    def __init__(self, cache_size: int = 65536) -> None:
+        self._cache_size = cache_size
+        self._sockets: dict[bytes, KernelSocket] = {}
+        self._comms: dict[bytes, str] = {}
+
+    def decode_batch(self, records: Iterable[bytes | memoryview]) -> list[Event | DecodeError]:
+        """One event (or the DecodeError that refused it) per record, in order.
+
+        Payloads are copied out, so the records may be released afterwards.
+        """
+        out: list[Event | DecodeError] = []
+        append = out.append
+        data_kind = layout.EV_DATA
+        for raw in records:
+            try:
+                if len(raw) >= 4 and _KIND.unpack_from(raw)[0] == data_kind:
+                    append(self._data(raw))
+                else:
+                    append(self._other(raw))
+            except DecodeError as exc:
+                append(exc)
+        return out
+
+    def decode(self, raw: bytes | memoryview) -> Event:
+        [event] = self.decode_batch([raw])
+        if isinstance(event, DecodeError):
+            raise event
+        return event
+
+    def _data(self, raw: bytes | memoryview) -> TlsCall:
+        if len(raw) < _DATA_HEADER.size:
+            raise DecodeError(f"data event needs {_DATA_HEADER.size} bytes, got {len(raw)}")
+        (
+            tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off, chunk_len,
+            direction, source, comm_raw, conn_raw, cgroup_id,
+        ) = _DATA_HEADER.unpack_from(raw)  # fmt: skip
+        end = _DATA_HEADER.size + chunk_len
+        if chunk_len > layout.CHUNK_SIZE or len(raw) < end:
+            raise DecodeError(
+                f"data chunk claims {chunk_len} payload bytes, record has "
+                f"{len(raw) - _DATA_HEADER.size}"
+            )
+        if chunk_off + chunk_len > captured_len or captured_len > call_len:
+            raise DecodeError(
+                f"inconsistent data chunk: off={chunk_off} len={chunk_len} "
+                f"captured={captured_len} call_len={call_len}"
+            )
+        sock = self._sockets.get(conn_raw)
+        if sock is None:
+            if len(self._sockets) >= self._cache_size:
+                self._sockets.clear()
+            sock = self._sockets[conn_raw] = kernel_socket(conn_raw)
+        comm = self._comms.get(comm_raw)
+        if comm is None:
+            if len(self._comms) >= self._cache_size:
+                self._comms.clear()
+            comm = self._comms[comm_raw] = _comm(comm_raw)
+        return TlsCall(
+            tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off,
+            "ingress" if direction == layout.DIR_INGRESS else "egress",
+            layout.SOURCES.get(source) or f"source{source}",
+            comm, sock, bytes(raw[_DATA_HEADER.size : end]), cgroup_id,
+        )  # fmt: skip
+
+    def _other(self, raw: bytes | memoryview) -> Event:
+        if len(raw) < 4:
+            raise DecodeError(f"ring-buffer record of {len(raw)} bytes is too short")
+        (kind,) = _KIND.unpack_from(raw)
+        if kind == layout.EV_CLOSE:
+            tgid, tid, fd, ts_ns, gen = _unpack(_CLOSE, raw, "CloseEvent")
+            return SocketClosed(tgid, tid, fd, ts_ns, gen)
+        if kind in _PROC_KINDS:
+            tgid, ts_ns, comm = _unpack(_PROC, raw, "ProcEvent")
+            return ProcessEvent(_PROC_KINDS[kind], tgid, ts_ns, _comm(comm))
+        raise DecodeError(f"unknown event kind {kind} ({len(raw)} bytes)")
 
 
-def _struct(cls: type[_S], raw: bytes) -> _S:
-    size = ct.sizeof(cls)
-    if len(raw) < size:
-        raise DecodeError(f"{cls.__name__} needs {size} bytes, got {len(raw)}")
-    return cls.from_buffer_copy(raw[:size])
+def _unpack(layout_struct: struct.Struct, raw: bytes | memoryview, name: str) -> tuple:
+    if len(raw) < layout_struct.size:
+        raise DecodeError(f"{name} needs {layout_struct.size} bytes, got {len(raw)}")
+    return layout_struct.unpack_from(raw)
 
 
-def _decode_data(raw: bytes) -> DataChunk:
-    h = _struct(layout.DataEventHeader, raw)
-    end = layout.DATA_HEADER_SIZE + h.chunk_len
-    if h.chunk_len > layout.CHUNK_SIZE or len(raw) < end:
-        raise DecodeError(
-            f"data chunk claims {h.chunk_len} payload bytes, record has "
-            f"{len(raw) - layout.DATA_HEADER_SIZE}"
-        )
-    if h.chunk_off + h.chunk_len > h.captured_len or h.captured_len > h.len:
-        raise DecodeError(
-            f"inconsistent data chunk: off={h.chunk_off} len={h.chunk_len} "
-            f"captured={h.captured_len} call_len={h.len}"
-        )
-    return DataChunk(
-        tgid=h.tgid,
-        tid=h.tid,
-        fd=h.fd,
-        ts_mono_ns=h.ts_ns,
-        ssl=h.ssl,
-        len=h.len,
-        offset=h.offset,
-        captured_len=h.captured_len,
-        chunk_off=h.chunk_off,
-        direction="ingress" if h.direction == layout.DIR_INGRESS else "egress",
-        source=layout.SOURCES.get(h.source, f"source{h.source}"),
-        comm=_comm(h.comm),
-        socket=_kernel_socket(h.conn),
-        data=bytes(raw[layout.DATA_HEADER_SIZE : end]),
-        cgroup_id=h.cgroup_id,
-    )
+def decode_event(raw: bytes | memoryview) -> Event:
+    """One record, without caches (tests, and anything not on the hot path)."""
+    return EventDecoder(cache_size=0).decode(raw)

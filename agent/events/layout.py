@@ -33,6 +33,13 @@ COUNTERS = (
     "nested_calls",
     "go_fd_fallbacks",
     "nss_plain_calls",
+    "shed_connections",
+    "shed_calls",
+    "shed_bytes",
+    "shed_connections_unattributed",
+    "map_full",
+    "stale_calls",
+    "unknown_fds",
 )
 
 

@@ -16,18 +16,26 @@ visible trace of calls lost in the kernel.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from agent.events.calls import TlsCall
-from agent.events.decode import SocketClosed
+from agent.events.decode import SocketClosed, TlsCall
 from agent.records.record import Direction, Endpoint, Record, Role
 
 # gen values user space chooses for sockets it registers carry this bit, so
 # they can never equal a kernel timestamp.
 USER_GEN_BIT = 1 << 63
+
+# Bounds on what the table keeps.  A connection whose close never reaches us
+# (the kernel lost it, or the process was outside our view) would otherwise stay
+# forever.  Live connections: the kernel's table of TLS sockets holds 256k
+# (bpf/tlscap.h tls_sockets), so a table this size drops only what the kernel
+# could not follow either; sockets found at start-up: every socket on the host.
+MAX_CONNECTIONS = 1 << 18
+MAX_ADOPTED = 1 << 18
 
 
 class SocketFacts(Protocol):
@@ -51,6 +59,9 @@ class KernelRegistration:
     local: Endpoint | None
     role: Role
     tls_seen: bool  # report its close (else only once TLS data is seen on it)
+    # The kernel may drop this socket: its process exited without closing it
+    # (the kernel's table of TLS sockets is only cleaned by close()).
+    forget: bool = False
 
 
 @dataclass
@@ -66,6 +77,7 @@ class Connection:
     role: Role
     cgroup_id: int = 0
     next_offset: dict[Direction, int] = field(default_factory=lambda: {"egress": 0, "ingress": 0})
+    last_used: int = 0  # ts of its latest call: the least recently used go first
 
 
 @dataclass
@@ -76,13 +88,31 @@ class FlowStats:
     gap_bytes: int = 0
     overlaps: int = 0  # offset went backwards: should never happen
     fds_learned_late: int = 0  # connections whose first calls came without an fd
+    # Past the table's bound: the least recently used connection is closed (a
+    # close record is written; later data on it opens it again, under a new id).
+    evicted_connections: int = 0
+    evicted_adoptions: int = 0  # sockets found at start-up forgotten before any TLS
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
 class FlowTable:
-    def __init__(self, resolver: SocketLookup, mono_to_wall: Callable[[int], int]) -> None:
+    def __init__(
+        self,
+        resolver: SocketLookup,
+        mono_to_wall: Callable[[int], int],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        max_adopted: int = MAX_ADOPTED,
+    ) -> None:
+        if max_connections < 1 or max_adopted < 0:
+            raise ValueError("max_connections must be >= 1 and max_adopted >= 0")
+        self._max_connections = max_connections
+        # Evict a sixteenth at a time: one sort per many new connections, not
+        # one per connection, once the table is at its bound.
+        self._evict_to = max_connections - max(1, max_connections // 16)
+        self._max_adopted = max_adopted
         self._resolver = resolver
         self._wall = mono_to_wall
         self._by_fd: dict[tuple[int, int], Connection] = {}
@@ -100,19 +130,18 @@ class FlowTable:
     # -- events -------------------------------------------------------------
 
     def on_call(self, call: TlsCall) -> list[Record]:
-        ev = call.first
         out: list[Record] = []
-        if ev.fd >= 0:
-            conn = self._by_fd.get((ev.tgid, ev.fd))
-            if conn is not None and not self._same_socket(conn, ev.socket.gen):
-                out.append(self._close_record(conn, ev.ts_mono_ns, ev.tid))
-                del self._by_fd[(ev.tgid, ev.fd)]
+        if call.fd >= 0:
+            conn = self._by_fd.get((call.tgid, call.fd))
+            if conn is not None and not self._same_socket(conn, call.socket.gen):
+                out.append(self._close_record(conn, call.ts_mono_ns, call.tid))
+                del self._by_fd[(call.tgid, call.fd)]
                 self.stats.inferred_closes += 1
                 conn = None
             if conn is None:
                 conn = self._open_socket_conn(call)
-                self._by_fd[(ev.tgid, ev.fd)] = conn
-                fdless = self._by_ssl.pop((ev.tgid, ev.ssl), None)
+                self._by_fd[(call.tgid, call.fd)] = conn
+                fdless = self._by_ssl.pop((call.tgid, call.ssl), None)
                 if fdless is not None:
                     # The same TLS object carried data before its socket was
                     # known: calls served from what the handshake had already
@@ -123,33 +152,36 @@ class FlowTable:
                     self.stats.fds_learned_late += 1
                     self.stats.connections -= 1  # counted when it opened fd-less
                 else:
-                    out.append(self._lifecycle_record("open", conn, ev.ts_mono_ns, ev.tid))
+                    out.append(self._lifecycle_record("open", conn, call.ts_mono_ns, call.tid))
+                self._keep_bound(out, conn, call.ts_mono_ns)
         else:
-            conn = self._by_ssl.get((ev.tgid, ev.ssl))
+            conn = self._by_ssl.get((call.tgid, call.ssl))
             if conn is None:
-                conn = self._new_conn(call, f"{ev.tgid}-ssl{ev.ssl:x}-{ev.ts_mono_ns:x}", 0)
-                self._by_ssl[(ev.tgid, ev.ssl)] = conn
-                out.append(self._lifecycle_record("open", conn, ev.ts_mono_ns, ev.tid))
-        conn.comm = ev.comm or conn.comm
-        conn.cgroup_id = ev.cgroup_id or conn.cgroup_id
+                conn = self._new_conn(call, f"{call.tgid}-ssl{call.ssl:x}-{call.ts_mono_ns:x}", 0)
+                self._by_ssl[(call.tgid, call.ssl)] = conn
+                out.append(self._lifecycle_record("open", conn, call.ts_mono_ns, call.tid))
+                self._keep_bound(out, conn, call.ts_mono_ns)
+        conn.last_used = call.ts_mono_ns
+        conn.comm = call.comm or conn.comm
+        conn.cgroup_id = call.cgroup_id or conn.cgroup_id
         self._check_offset(conn, call)
         out.append(
             Record(
                 type="data",
-                ts_ns=self._wall(ev.ts_mono_ns),
-                pid=ev.tgid,
-                tid=ev.tid,
-                comm=ev.comm,
-                cgroup_id=ev.cgroup_id,
-                source=ev.source,
+                ts_ns=self._wall(call.ts_mono_ns),
+                pid=call.tgid,
+                tid=call.tid,
+                comm=call.comm,
+                cgroup_id=call.cgroup_id,
+                source=call.source,
                 conn_id=conn.conn_id,
-                fd=ev.fd,
+                fd=call.fd,
                 local=conn.local,
                 remote=conn.remote,
                 role=conn.role,
-                direction=ev.direction,
-                offset=ev.offset,
-                len=ev.len,
+                direction=call.direction,
+                offset=call.offset,
+                len=call.len,
                 captured_len=len(call.data),
                 truncated=call.truncated,
                 data=call.data,
@@ -169,7 +201,15 @@ class FlowTable:
         out = []
         for table in (self._by_fd, self._by_ssl):
             for key in [k for k in table if k[0] == tgid]:
-                out.append(self._close_record(table.pop(key), ts_mono_ns, tgid))
+                conn = table.pop(key)
+                out.append(self._close_record(conn, ts_mono_ns, tgid))
+                if table is self._by_fd:
+                    # Its fds were closed by the kernel, not by close(): the
+                    # kernel's TLS socket table only lets go when told.
+                    self.kernel_registrations.append(
+                        KernelRegistration(tgid, conn.fd, conn.gen, None, None, "unknown",
+                                           False, forget=True)
+                    )  # fmt: skip
         return out
 
     def adopt_existing_socket(self, tgid: int, fd: int, facts: SocketFacts) -> None:
@@ -181,9 +221,30 @@ class FlowTable:
             facts.remote, facts.local, facts.role, False,
         )  # fmt: skip
         self._adopted[(tgid, fd)] = reg
+        if len(self._adopted) > self._max_adopted:
+            # The oldest first: sockets are adopted once, at start-up.
+            del self._adopted[next(iter(self._adopted))]
+            self.stats.evicted_adoptions += 1
         self.kernel_registrations.append(reg)
 
     # -- helpers ------------------------------------------------------------
+
+    def _keep_bound(self, out: list[Record], opened: Connection, ts_mono_ns: int) -> None:
+        """Past the bound, close the least recently used connections (not `opened`)."""
+        excess = len(self._by_fd) + len(self._by_ssl) - self._max_connections
+        if excess <= 0:
+            return
+        excess += self._max_connections - self._evict_to
+        candidates = (
+            (conn.last_used, table, key)
+            for table in (self._by_fd, self._by_ssl)
+            for key, conn in table.items()
+            if conn is not opened
+        )
+        for _used, table, key in heapq.nsmallest(excess, candidates, key=lambda c: c[0]):
+            conn = table.pop(key)
+            out.append(self._close_record(conn, ts_mono_ns, conn.tgid))
+            self.stats.evicted_connections += 1
 
     @staticmethod
     def _same_socket(conn: Connection, gen: int) -> bool:
@@ -194,17 +255,16 @@ class FlowTable:
         return gen == 0 or gen == conn.gen
 
     def _open_socket_conn(self, call: TlsCall) -> Connection:
-        ev = call.first
-        gen = ev.socket.gen
-        conn_id = f"{ev.tgid}-{ev.fd}-{ev.ts_mono_ns:x}"
-        adopted = self._adopted.pop((ev.tgid, ev.fd), None)
+        gen = call.socket.gen
+        conn_id = f"{call.tgid}-{call.fd}-{call.ts_mono_ns:x}"
+        adopted = self._adopted.pop((call.tgid, call.fd), None)
         if adopted is not None and gen in (0, adopted.gen):
             return self._open_adopted_conn(call, conn_id, adopted)
         conn = self._new_conn(call, conn_id, gen)
-        conn.local = ev.socket.local
+        conn.local = call.socket.local
         if conn.local is not None and conn.remote is not None and conn.role != "unknown":
             return conn  # the kernel saw it all: no need to look at /proc
-        facts = self._resolver.resolve(ev.tgid, ev.fd)
+        facts = self._resolver.resolve(call.tgid, call.fd)
         if facts is not None:
             conn.local = conn.local or facts.local
             conn.remote = conn.remote or facts.remote
@@ -216,7 +276,7 @@ class FlowTable:
                 conn.gen = USER_GEN_BIT | next(self._user_gens)
                 self.kernel_registrations.append(
                     KernelRegistration(
-                        ev.tgid, ev.fd, conn.gen, conn.remote, conn.local, conn.role, True
+                        call.tgid, call.fd, conn.gen, conn.remote, conn.local, conn.role, True
                     )
                 )
         return conn
@@ -224,42 +284,40 @@ class FlowTable:
     def _open_adopted_conn(
         self, call: TlsCall, conn_id: str, reg: KernelRegistration
     ) -> Connection:
-        ev = call.first
         conn = self._new_conn(call, conn_id, reg.gen)
-        conn.local = ev.socket.local or reg.local
-        conn.remote = ev.socket.remote or reg.remote
-        conn.role = reg.role if ev.socket.role == "unknown" else ev.socket.role
-        if ev.socket.gen == 0:
+        conn.local = call.socket.local or reg.local
+        conn.remote = call.socket.remote or reg.remote
+        conn.role = reg.role if call.socket.role == "unknown" else call.socket.role
+        if call.socket.gen == 0:
             # The kernel marks a socket TLS-carrying on its calls; this one's
             # first call beat the registration, so mark it ourselves.
             self.kernel_registrations.append(replace(reg, tls_seen=True))
         return conn
 
     def _new_conn(self, call: TlsCall, conn_id: str, gen: int) -> Connection:
-        ev = call.first
         self.stats.connections += 1
         return Connection(
             conn_id=conn_id,
-            tgid=ev.tgid,
-            fd=ev.fd,
+            tgid=call.tgid,
+            fd=call.fd,
             gen=gen,
-            comm=ev.comm,
-            cgroup_id=ev.cgroup_id,
-            source=ev.source,
+            comm=call.comm,
+            cgroup_id=call.cgroup_id,
+            source=call.source,
             local=None,
-            remote=ev.socket.remote,
-            role=ev.socket.role,
+            remote=call.socket.remote,
+            role=call.socket.role,
+            last_used=call.ts_mono_ns,
         )
 
     def _check_offset(self, conn: Connection, call: TlsCall) -> None:
-        ev = call.first
-        expected = conn.next_offset[ev.direction]
-        if ev.offset > expected:
+        expected = conn.next_offset[call.direction]
+        if call.offset > expected:
             self.stats.gaps += 1
-            self.stats.gap_bytes += ev.offset - expected
-        elif ev.offset < expected:
+            self.stats.gap_bytes += call.offset - expected
+        elif call.offset < expected:
             self.stats.overlaps += 1
-        conn.next_offset[ev.direction] = ev.offset + ev.len
+        conn.next_offset[call.direction] = call.offset + call.len
 
     def _lifecycle_record(self, kind: str, conn: Connection, ts_mono: int, tid: int) -> Record:
         return Record(

@@ -102,6 +102,29 @@ METRICS: dict[str, MetricSpec] = {
     "kernel_nss_plain_calls": _counter(
         "kernel_nss_plain_calls", "NSS (NSPR) calls on descriptors without TLS: not recorded"
     ),
+    "kernel_map_full": _counter(
+        "kernel_map_full",
+        "Kernel tracking-map updates refused (full): a call, socket or process not followed",
+    ),
+    "kernel_stale_calls": _counter(
+        "kernel_stale_calls", "TLS call entries replaced because their return was never seen"
+    ),
+    "kernel_unknown_fds": _counter(
+        "kernel_unknown_fds",
+        "read/write fds inside TLS calls not known as sockets (keylog, files): not trusted",
+    ),
+    # -- load shedding (bpf/calls.c; the kernel's shed_* counters, see shed_summary)
+    "shed_connections": _counter(
+        "shed_connections",
+        "Connections not captured at all: they started while the ring buffer was too full",
+    ),
+    "shed_calls": _counter("shed_calls", "TLS calls of shed connections, not captured"),
+    "shed_bytes": _counter("shed_bytes", "Bytes moved by shed connections, not captured"),
+    "shed_connections_unattributed": _counter(
+        "shed_connections_unattributed",
+        "Shed connections left out of the per-process counts (the kernel's table was full)",
+    ),
+    "shed_processes": _gauge("shed_processes", "Processes that had connections shed"),
     # -- flow table (agent/flows/table.py FlowStats) --------------------------
     "flow_connections": _counter("flow_connections", "Connections tracked by the flow table"),
     "flow_inferred_closes": _counter(
@@ -112,6 +135,14 @@ METRICS: dict[str, MetricSpec] = {
     "flow_overlaps": _counter("flow_overlaps", "Offsets that went backwards (should stay 0)"),
     "flow_fds_learned_late": _counter(
         "flow_fds_learned_late", "Connections whose first calls came without an fd"
+    ),
+    "flow_evicted_connections": _counter(
+        "flow_evicted_connections",
+        "Connections dropped from the flow table past its bound (a close record is written)",
+    ),
+    "flow_evicted_adoptions": _counter(
+        "flow_evicted_adoptions",
+        "Sockets found at start-up dropped from the flow table before carrying TLS",
     ),
     # -- exporter (agent/export/exporter.py Exporter.stats) -------------------
     "export_sent_records": _counter("export_sent_records", "Records sent to the collector"),
@@ -232,9 +263,39 @@ METRICS: dict[str, MetricSpec] = {
     ),
 }
 
+# Shed connections per process travel in the flat summary as one key per
+# process, `shed_connections_pid_<pid>_<comm>` (the stats record is a flat map
+# of ints), and come out of /metrics as one labelled family.
+SHED_PROCESS_KEY = "shed_connections_pid_"
+SHED_PROCESS_KEY_RE = re.compile(r"shed_connections_pid_(\d+)(?:_(.*))?", re.DOTALL)
+SHED_BY_PROCESS = _counter(
+    "shed_connections_by_process", "Shed connections per process (the processes with the most)"
+)
+SHED_TOP_PROCESSES = 20
+
 UP = f"{PREFIX}up"
 SNAPSHOT_ERRORS = f"{PREFIX}snapshot_errors_total"
 BUILD_INFO = f"{PREFIX}build"  # exposed as tlscap_build_info{version=...} 1
+
+
+def shed_summary(
+    kernel: Mapping[str, int],
+    processes: Mapping[int, tuple[str, int]],
+    top: int = SHED_TOP_PROCESSES,
+) -> dict[str, int]:
+    """The load-shedding keys of a capture summary.
+
+    `kernel` is the kernel's counters (its shed_* ones are reported under their
+    own names, not again as kernel_shed_*); `processes` is pid -> (comm,
+    connections shed).  Only the `top` processes with the most shed
+    connections get a key each; `shed_processes` says how many there were.
+    """
+    out = {k: v for k, v in kernel.items() if k.startswith("shed_")}
+    out["shed_processes"] = len(processes)
+    ranked = sorted(processes.items(), key=lambda item: (-item[1][1], item[0]))
+    for pid, (comm, connections) in ranked[:top]:
+        out[f"{SHED_PROCESS_KEY}{pid}_{comm}" if comm else f"{SHED_PROCESS_KEY}{pid}"] = connections
+    return out
 
 
 def agent_version() -> str:
@@ -268,6 +329,7 @@ class SummaryCollector(Collector):
         yield from self._fixed_families(up=None)
         for spec in METRICS.values():
             yield _family(spec)
+        yield _shed_by_process_family()
 
     def collect(self) -> Iterator[Metric]:
         values = self._take_snapshot()
@@ -283,7 +345,15 @@ class SummaryCollector(Collector):
             taken.update(_exposed_names(family))
             if key in values and _add(family, values[key]):
                 yield family
-        unknown = sorted((str(k), v) for k, v in values.items() if k not in METRICS)
+        by_process = _shed_by_process_family()
+        taken.update(_exposed_names(by_process))
+        if _add_shed_by_process(by_process, values):
+            yield by_process
+        unknown = sorted(
+            (str(k), v)
+            for k, v in values.items()
+            if k not in METRICS and not str(k).startswith(SHED_PROCESS_KEY)
+        )
         for key, value in unknown:
             name = metric_name(key)
             if not key or name in taken:
@@ -344,6 +414,21 @@ def _add(family: Metric, value: object) -> bool:
         return False
     family.add_metric([], float(value))  # type: ignore[attr-defined]
     return True
+
+
+def _shed_by_process_family() -> Metric:
+    return CounterMetricFamily(SHED_BY_PROCESS.name, SHED_BY_PROCESS.help, labels=["pid", "comm"])
+
+
+def _add_shed_by_process(family: Metric, values: Mapping[str, object]) -> bool:
+    added = False
+    for key, value in values.items():
+        match = SHED_PROCESS_KEY_RE.fullmatch(str(key))
+        if not match or not isinstance(value, int | float) or value < 0:
+            continue
+        family.add_metric([match[1], match[2] or ""], float(value))  # type: ignore[attr-defined]
+        added = True
+    return added
 
 
 def _exposed_names(family: Metric) -> set[str]:

@@ -32,6 +32,7 @@ from agent.l7.detect import (
     looks_like_settings_frame,
 )
 from agent.l7.exchange import Exchange, Side
+from agent.l7.header_blocks import HeaderBlockDecoder
 from agent.l7.http1 import Http1Parser
 from agent.l7.http2 import Http2Parser
 from agent.records.record import Record
@@ -75,8 +76,39 @@ class _DirectionState:
     first: bytearray = field(default_factory=bytearray)  # first bytes, for detection
     first_offset: int | None = None
     masker: Http1HeaderMasker | Http2HeaderMasker | None = None
-    decided: bytearray = field(default_factory=bytearray)  # masked, not yet in a record
+    # Masked bytes not yet in a record, in the pieces the masker returned them: mostly
+    # one record's worth each, which a record then takes as it is, without a copy.
+    decided: deque[bytes] = field(default_factory=deque)
+    decided_len: int = 0
     hits: set[str] = field(default_factory=set)  # rules behind `decided`
+
+    def add(self, data: bytes, hits: set[str]) -> None:
+        if data:
+            self.decided.append(data)
+            self.decided_len += len(data)
+        if hits:
+            self.hits |= hits
+
+    def take(self, n: int) -> bytes | None:
+        """The next `n` decided bytes, or None while fewer are decided."""
+        if self.decided_len < n:
+            return None
+        if n == 0:
+            return b""
+        self.decided_len -= n
+        pieces = self.decided
+        data = pieces.popleft()
+        if len(data) == n:
+            return data
+        parts = [data]
+        have = len(data)
+        while have < n:
+            parts.append(pieces.popleft())
+            have += len(parts[-1])
+        data = b"".join(parts)
+        if have > n:
+            pieces.appendleft(data[n:])
+        return data[:n]
 
 
 def side_of(role: str, direction: str) -> Side | None:
@@ -132,9 +164,7 @@ class ConnectionL7:
                 out.extend(self._process(r))
         for state in self._dirs.values():
             if state.masker is not None:
-                data, hits = state.masker.flush()
-                state.decided += data
-                state.hits |= hits
+                state.add(*state.masker.flush())
         out.extend(self._release())
         if self._queue:  # cannot happen after flush(); never keep a record back
             out.extend(self._force_release())
@@ -210,10 +240,17 @@ class ConnectionL7:
             self.protocol = "http2"
             self.counters.http2_connections += 1
             names = self.options.rules.header_names
+            # One HPACK decoding per direction, read by both the masker and the parser.
+            blocks = {d: HeaderBlockDecoder() for d in self._dirs}
             for direction, state in self._dirs.items():
-                state.masker = Http2HeaderMasker(names, preface=direction == request_dir)
+                state.masker = Http2HeaderMasker(
+                    names, preface=direction == request_dir, blocks=blocks[direction]
+                )
             if self.options.parse:
-                self.parser = Http2Parser(self.options.body_limit)
+                response_dir = "ingress" if request_dir == "egress" else "egress"
+                self.parser = Http2Parser(
+                    self.options.body_limit, blocks=(blocks[request_dir], blocks[response_dir])
+                )
             return
         if verdict is Verdict.HTTP1:
             self._start_http1()
@@ -251,9 +288,12 @@ class ConnectionL7:
         return "request" if r.direction == self.request_direction else "response"
 
     def _process(self, r: Record) -> list[Record]:
-        direction = r.direction or "egress"
-        state = self._dirs[direction]
-        side = self._side(r)
+        state = self._dirs[r.direction or "egress"]
+        request_direction = self.request_direction
+        side: Side | None = None
+        if request_direction is not None:
+            side = "request" if r.direction == request_direction else "response"
+        parser = self.parser if side is not None else None
         exchanges: list[Exchange] = []
         data = r.data
         if state.next_offset is not None and r.offset != state.next_offset:
@@ -264,19 +304,18 @@ class ConnectionL7:
                 # conn id could): parse only what is new.
                 data = data[min(len(data), state.next_offset - r.offset) :]
         state.next_offset = r.offset + r.len
-        if self.parser is not None and side is not None and self.parser.failed is None:
-            exchanges += self.parser.feed(side, data, r.ts_ns)
+        if parser is not None and parser.failed is None:
+            exchanges += parser.feed(side, data, r.ts_ns)
         if state.masker is not None:
-            masked, hits = state.masker.feed(r.data)
-            state.decided += masked
-            state.hits |= hits
+            state.add(*state.masker.feed(r.data))
         else:
-            state.decided += r.data
+            state.add(r.data, set())
         if r.len > r.captured_len:
             exchanges += self._gap(state, side, r.len - r.captured_len, r.ts_ns)
         self._queue.append(r)
         out = self._release()
-        out.extend(self._exchange_records(exchanges))
+        if exchanges:
+            out += self._exchange_records(exchanges)
         return out
 
     def _gap(self, state: _DirectionState, side: Side | None, length: int, ts: int) -> list:
@@ -289,23 +328,23 @@ class ConnectionL7:
 
     def _release(self) -> list[Record]:
         out = []
-        rules = self.options.rules
-        while self._queue:
-            r = self._queue[0]
+        regexes = self.options.rules.regexes
+        queue = self._queue
+        while queue:
+            r = queue[0]
             state = self._dirs[r.direction or "egress"]
-            n = r.captured_len
-            if len(state.decided) < n:
+            masked = state.take(r.captured_len)
+            if masked is None:
                 break
-            self._queue.popleft()
-            masked = bytes(state.decided[:n])
-            del state.decided[:n]
+            queue.popleft()
             redactions: set[str] = set()
-            if masked != r.data:
-                redactions |= state.hits
-            if not state.decided:
-                state.hits = set()
-            if rules.regexes:
-                masked, hits = mask_regexes(masked, rules.regexes)
+            if state.hits:
+                if masked != r.data:
+                    redactions |= state.hits
+                if not state.decided_len:
+                    state.hits = set()
+            if regexes:
+                masked, hits = mask_regexes(masked, regexes)
                 redactions |= hits
             if redactions:
                 self.counters.redacted_records += 1

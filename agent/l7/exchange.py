@@ -8,9 +8,10 @@ Exchanges, and the record pipeline carries each one as a record of type
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import pybase64
 
 Protocol = Literal["http1", "http2", "grpc"]
 # Which of a connection's two byte streams: the one carrying requests (written by
@@ -20,7 +21,8 @@ Side = Literal["request", "response"]
 Headers = list[tuple[str, str]]
 
 
-@dataclass
+# Slots: several of these are made (and read by redaction and to_json) per exchange.
+@dataclass(slots=True)
 class HttpMessage:
     """One HTTP request or response (HTTP/1.x or one HTTP/2 stream's side).
 
@@ -63,9 +65,9 @@ class HttpMessage:
             "status": self.status,
             "reason": self.reason,
             "version": self.version,
-            "headers": [[k, v] for k, v in self.headers],
-            "trailers": [[k, v] for k, v in self.trailers],
-            "body_b64": base64.b64encode(self.body).decode("ascii"),
+            "headers": list(map(list, self.headers)),
+            "trailers": list(map(list, self.trailers)),
+            "body_b64": pybase64.b64encode(self.body).decode("ascii"),
             "body_len": self.body_len,
             "body_truncated": self.body_truncated,
             "complete": self.complete,
@@ -84,7 +86,7 @@ class GrpcMessage:
         return {
             "compressed": self.compressed,
             "length": self.length,
-            "data_b64": base64.b64encode(self.data).decode("ascii"),
+            "data_b64": pybase64.b64encode(self.data).decode("ascii"),
         }
 
 
@@ -115,7 +117,7 @@ class GrpcCall:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     """A request paired with its response on one connection.
 

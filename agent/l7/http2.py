@@ -9,10 +9,12 @@ any size, and can never ask either peer for anything.  That shapes the design:
   joined once when the frame is complete, so a 16 MiB frame arriving in 4 KiB
   chunks is not re-copied per chunk; complete frames are parsed straight out of
   the caller's chunk through a memoryview.
-* HPACK is stateful per direction: one `hpack.Decoder` per side, and *every*
-  header block (HEADERS + CONTINUATION, PUSH_PROMISE) must be decoded in order,
-  even for streams we no longer track, or the dynamic table desyncs.  For the
-  same reason lost bytes (a gap) end the parse: the table cannot be recovered.
+* HPACK is stateful per direction: one decoder per side, and *every* header
+  block (HEADERS + CONTINUATION, PUSH_PROMISE) must be decoded in order, even
+  for streams we no longer track, or the dynamic table desyncs.  For the same
+  reason lost bytes (a gap) end the parse: the table cannot be recovered.  The
+  decoder is shared with the connection's redaction masker, which needs the same
+  fields (agent/l7/header_blocks.py): each block is decoded once.
   Table-size limits are the peers' business; ours are set high.
 * A stream becomes an `Exchange` when it closes: both sides sent END_STREAM,
   or either reset it, or a GOAWAY says it was never processed, or the
@@ -28,19 +30,18 @@ application/grpc* gets a `GrpcStream` fed the DATA payloads and HEADERS blocks.
 
 from __future__ import annotations
 
-from hpack import Decoder
 from hpack.exceptions import HPACKError
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import Frame
 
 from agent.l7.exchange import Exchange, Headers, HttpMessage, Side
 from agent.l7.grpc import GrpcStream, is_grpc_content_type
+from agent.l7.header_blocks import BlockReader, HeaderBlockDecoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 _HEADER = 9  # frame header bytes
 MAX_HEADER_BLOCK = 1 << 24  # raw HPACK bytes in one HEADERS+CONTINUATION block
-MAX_HEADER_LIST = 1 << 24  # decoded header list size (hpack's accounting)
 MAX_OPEN_STREAMS = 4096  # beyond this the oldest open stream is given up
 _SIDE_INDEX = {"request": 0, "response": 1}
 _PEER = ("client", "server")
@@ -92,11 +93,10 @@ class _Block:
 class _SideState:
     """One direction: its HPACK table, its partial frame, its open header block."""
 
-    __slots__ = ("block", "decoder", "have", "need", "parts", "pending_ts", "preface_left")
+    __slots__ = ("block", "blocks", "have", "need", "parts", "pending_ts", "preface_left")
 
-    def __init__(self, preface: bool) -> None:
-        self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST)
-        self.decoder.max_allowed_table_size = (1 << 32) - 1
+    def __init__(self, preface: bool, blocks: BlockReader) -> None:
+        self.blocks = blocks
         self.preface_left = len(PREFACE) if preface else 0
         self.parts: list[bytes] = []  # chunks of the incomplete frame at the stream's head
         self.have = 0  # their total length
@@ -126,11 +126,21 @@ def _first(headers: Headers, name: str) -> str:
 class Http2Parser:
     """Turns one HTTP/2 connection's two byte streams into Exchanges."""
 
-    def __init__(self, body_limit: int = 4096) -> None:
+    def __init__(
+        self,
+        body_limit: int = 4096,
+        blocks: tuple[HeaderBlockDecoder, HeaderBlockDecoder] | None = None,
+    ) -> None:
+        """`blocks`: the (request, response) sides' HPACK decoding, when shared with the
+        redaction maskers."""
         self.body_limit = max(0, body_limit)
         self.failed: str | None = None
         self._closed = False
-        self._sides = (_SideState(preface=True), _SideState(preface=False))
+        request, response = blocks or (HeaderBlockDecoder(), HeaderBlockDecoder())
+        self._sides = (
+            _SideState(preface=True, blocks=request.reader()),
+            _SideState(preface=False, blocks=response.reader()),
+        )
         self._streams: dict[int, _Stream] = {}  # open streams, oldest first
         self._max_id = [0, 0]  # highest stream id opened, by parity (even, odd)
         # Streams reported before their opening frame arrived (the response side ran ahead).
@@ -171,6 +181,7 @@ class Http2Parser:
         try:
             out = []
             mid = [name for name, st in zip(_SIDE_INDEX, self._sides, strict=True) if st.have]
+            self._stop_decoding()
             for stream in list(self._streams.values()):
                 notes = ["connection closed before the stream ended"]
                 notes += [f"connection closed in the middle of a {n} side frame" for n in mid]
@@ -316,7 +327,7 @@ class Http2Parser:
     def _headers(self, index: int, block: _Block, ts: int, out: list[Exchange]) -> None:
         raw = block.parts[0] if len(block.parts) == 1 else b"".join(block.parts)
         try:
-            decoded = self._sides[index].decoder.decode(raw, raw=True)
+            decoded = self._sides[index].blocks.decode(raw)
         except HPACKError as exc:
             side = ("request", "response")[index]
             raise _Fail(f"HPACK decoding failed on the {side} side: {exc}") from None
@@ -483,7 +494,7 @@ class Http2Parser:
         """Give up for good: record why, drop all state, return the open exchanges."""
         self.failed = reason
         streams, self._streams = list(self._streams.values()), {}
-        self._sides = (_SideState(preface=False), _SideState(preface=False))
+        self._stop_decoding()
         note = note or f"HTTP/2 parsing stopped: {reason}"
         out = []
         for stream in streams:
@@ -492,3 +503,9 @@ class Http2Parser:
             except Exception:  # pragma: no cover - emitting is plain bookkeeping
                 continue
         return out
+
+    def _stop_decoding(self) -> None:
+        """No more header blocks: the shared decoders keep none for us; buffers go."""
+        for st in self._sides:
+            st.blocks.close()
+            st.parts, st.have, st.block = [], 0, None

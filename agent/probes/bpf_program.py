@@ -8,17 +8,19 @@ allowed processes).  Everything it hands out is plain bytes or ints.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.events import layout
 from agent.flows.table import KernelRegistration
+from agent.probes.ring_reader import BatchHandler, RingReader
 
 if TYPE_CHECKING:
     from agent.probes.go_binary import GoTlsTarget
@@ -58,9 +60,28 @@ class ProbeSettings:
     ringbuf_bytes: int = 64 << 20
     # Wake the consumer when this much is pending (else it drains on its timer).
     wake_bytes: int = 8 << 20
+    # Shed whole connections that start while more than this fraction of the
+    # ring is pending (user space is behind); 0 or 1.0: never shed.
+    shed_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.shed_fraction <= 1.0:
+            raise ValueError(f"shed_fraction must be within [0, 1], not {self.shed_fraction}")
+
+    @property
+    def shed_bytes(self) -> int:
+        """The ring's high-water mark for shedding (TLSCAP_SHED_BYTES); 0: off."""
+        if self.shed_fraction <= 0.0 or self.shed_fraction >= 1.0:
+            return 0
+        return max(1, int(self.ring_pages * PAGE_SIZE * self.shed_fraction))
+
+    @property
+    def ring_pages(self) -> int:
+        """The ring's real size in pages: the kernel wants a power of two."""
+        return _power_of_two_at_least(max(self.ringbuf_bytes // PAGE_SIZE, 16))
 
     def cflags(self) -> list[str]:
-        pages = _power_of_two_at_least(max(self.ringbuf_bytes // PAGE_SIZE, 16))
+        pages = self.ring_pages
         wake = min(self.wake_bytes, pages * PAGE_SIZE // 4)
         return [
             f"-DTLSCAP_SELF_TGID={self.self_tgid}",
@@ -68,6 +89,7 @@ class ProbeSettings:
             f"-DTLSCAP_MAX_CAPTURE={self.max_capture}",
             f"-DTLSCAP_RINGBUF_PAGES={pages}",
             f"-DTLSCAP_WAKE_BYTES={wake}",
+            f"-DTLSCAP_SHED_BYTES={self.shed_bytes}",
         ]
 
 
@@ -97,7 +119,7 @@ class BpfProgram:
         src = source_dir or bpf_source_dir()
         self.settings = settings
         self._bpf = BPF(text=program_text(src), cflags=[f"-I{src}", *settings.cflags()])
-        self._ring_open = False
+        self._ring: RingReader | None = None
 
     @property
     def bcc(self) -> Any:
@@ -114,19 +136,22 @@ class BpfProgram:
         Raises whatever bcc raises (the caller logs and skips that target).
         """
         at = _uprobe_location(where)
-        if entry_fn is None:
-            if return_fn:
-                self._bpf.attach_uretprobe(name=path, fn_name=return_fn, **at)
-            return
-        self._bpf.attach_uprobe(name=path, fn_name=entry_fn, **at)
+        # The return probe first: a call that starts after the entry probe is
+        # in place must find its return probe there too, or the state its entry
+        # opens is never closed (and, before calls.c learnt to spot stale
+        # entries, every later call on that thread and object was taken for a
+        # nested one and dropped).  A call already running when the return
+        # probe arrives has no uretprobe and no entry: nothing is opened.
         if return_fn:
-            try:
-                self._bpf.attach_uretprobe(name=path, fn_name=return_fn, **at)
-            except Exception:
-                # Never leave an entry probe without its return: the call state
-                # it opens would only be closed by a stale-entry check.
-                self._bpf.detach_uprobe(name=path, **at)
-                raise
+            self._bpf.attach_uretprobe(name=path, fn_name=return_fn, **at)
+        if entry_fn is None:
+            return
+        try:
+            self._bpf.attach_uprobe(name=path, fn_name=entry_fn, **at)
+        except Exception:
+            if return_fn:
+                self._bpf.detach_uretprobe(name=path, **at)
+            raise
 
     def detach_uprobe(self, path: str, where: str | int) -> None:
         self._bpf.detach_uprobe(name=path, **_uprobe_location(where))
@@ -150,27 +175,31 @@ class BpfProgram:
 
     def close(self) -> None:
         """Detach every probe and free the maps (also done by bcc at exit)."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         self._bpf.cleanup()
 
     # -- ring buffer --------------------------------------------------------
 
-    def open_ring(self, on_event: Callable[[bytes], None]) -> None:
-        def callback(_ctx: Any, data: Any, size: int) -> int:
-            on_event(ct.string_at(data, size))
-            return 0
+    def open_ring(self) -> None:
+        """Map the ring for draining (agent/probes/ring_reader.py)."""
+        self._ring = RingReader(self._bpf["events"].map_fd, self.settings.ring_pages * PAGE_SIZE)
 
-        self._bpf["events"].open_ring_buffer(callback)
-        self._ring_open = True
-
-    def drain(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for a forced wake-up, then consume everything.
+    def drain(self, timeout_ms: int, handle: BatchHandler) -> int:
+        """Wait up to timeout_ms for a forced wake-up, then hand every record
+        written so far to `handle`, a batch at a time; returns how many.
 
         Events are submitted without waking us (a wake-up per event costs more
-        than the probe), so the consume after the wait is what normally reads
-        them.
+        than the probe), so the timeout is what normally ends the wait.
         """
-        self._bpf.ring_buffer_poll(timeout_ms)
-        self._bpf.ring_buffer_consume()
+        assert self._ring is not None, "open_ring() first"
+        if timeout_ms > 0:
+            self._ring.wait(timeout_ms)
+        return self._ring.drain(handle)
+
+    def ring_pending_bytes(self) -> int:
+        return self._ring.pending_bytes() if self._ring is not None else 0
 
     # -- state shared with the kernel ---------------------------------------
 
@@ -182,7 +211,21 @@ class BpfProgram:
         return out
 
     def register_socket(self, reg: KernelRegistration) -> None:
-        sockets = self._bpf["sockets"]
+        """Tell the kernel about a socket it did not see created, or (reg.forget)
+        that a TLS socket's process is gone.
+
+        A socket known to carry TLS goes to `tls_sockets`, which connect/accept
+        churn cannot evict (tlscap.h); the others to the `sockets` LRU, where
+        the kernel moves them on their first TLS call.
+        """
+        sockets, tls_sockets = self._bpf["sockets"], self._bpf["tls_sockets"]
+        key = sockets.Key((reg.tgid << 32) | (reg.fd & 0xFFFFFFFF))
+        if reg.forget:
+            # Its process exited without closing it: no close() will remove it.
+            for table in (tls_sockets, sockets):
+                with contextlib.suppress(KeyError):
+                    del table[key]
+            return
         info = sockets.Leaf()
         info.gen = reg.gen
         info.role = {"client": 1, "server": 2}.get(reg.role, 0)
@@ -202,7 +245,15 @@ class BpfProgram:
             ct.memmove(getattr(info, addr_field), addr.packed, len(addr.packed))
             setattr(info, port_field, ep.port)
         info.family = {4: layout.AF_INET, 6: layout.AF_INET6}.get(family, 0)
-        key = sockets.Key((reg.tgid << 32) | (reg.fd & 0xFFFFFFFF))
+        if reg.tls_seen:
+            try:
+                tls_sockets[key] = info
+            except Exception as exc:  # bcc raises bare Exception: the map is full
+                log.debug("tls_sockets full, %d/%d stays in the LRU: %s", reg.tgid, reg.fd, exc)
+            else:
+                with contextlib.suppress(KeyError):
+                    del sockets[key]
+                return
         sockets[key] = info
 
     def allow_tgids(self, tgids: Iterable[int]) -> None:
@@ -217,3 +268,19 @@ class BpfProgram:
             # A char-array field reads back as a bytes copy: assign, don't memmove.
             key.comm = comm.encode()[:15]
             table[key] = table.Leaf(1)
+
+    # -- load shedding (calls.c) ----------------------------------------------
+
+    def shed_processes(self) -> dict[int, tuple[str, int]]:
+        """pid -> (comm, connections shed) for each process the kernel shed
+        connections of; those it had no room for are in the
+        shed_connections_unattributed counter."""
+        out = {}
+        for key, value in self._bpf["shed_procs"].items():
+            comm = bytes(value.comm).split(b"\0", 1)[0].decode(errors="replace")
+            out[key.value] = (comm, value.connections)
+        return out
+
+    def shed_by_process(self) -> dict[int, int]:
+        """pid -> connections the kernel shed in that process."""
+        return {pid: n for pid, (_comm, n) in self.shed_processes().items()}

@@ -6,7 +6,9 @@ count out - so one entry/return pair per data function and one shared return pro
 symbols get which entry program, listed here.
 
 uprobes live on the file's inode, so one attach covers every process - in any
-container - that maps this file, now or later.
+container - that maps this file, now or later.  Each pair goes on return probe
+first (BpfProgram.attach_uprobe), so that no call is ever opened by an entry
+probe without a return probe to close it.
 """
 
 from __future__ import annotations

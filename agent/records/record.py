@@ -21,7 +21,7 @@ Direction = Literal["egress", "ingress"]
 Role = Literal["client", "server", "unknown"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     ip: str
     port: int
@@ -53,7 +53,7 @@ class PodRef:
         }
 
 
-@dataclass
+@dataclass(slots=True)  # one per TLS call on the hot path: slots make it ~3x cheaper
 class Record:
     type: RecordType
     ts_ns: int  # wall clock, ns since the Unix epoch

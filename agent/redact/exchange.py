@@ -44,35 +44,49 @@ def _mask_text(text: str, regexes: tuple[RegexRule, ...], hits: set[str]) -> str
 
 
 def _redact_headers(headers: Headers, rules: RedactionRules, hits: set[str]) -> Headers:
-    out: Headers = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname in rules.header_names:
-            if value != REDACTED:
-                hits.add(header_rule_name(lname))
-                value = REDACTED
+    """`headers` with sensitive values redacted and regex matches masked: a new list
+    when anything changed, else `headers` itself (most headers match no rule)."""
+    names = rules.header_names
+    regexes = rules.regexes
+    out: Headers | None = None
+    for i, (name, value) in enumerate(headers):
+        lname = name.lower()  # HTTP/2 peers may send upper case, against the RFC
+        if lname in names:
+            if value == REDACTED:
+                continue
+            hits.add(header_rule_name(lname))
+            new = REDACTED
+        elif regexes:
+            new = _mask_text(value, regexes, hits)
+            if new is value:
+                continue
         else:
-            value = _mask_text(value, rules.regexes, hits)
-        out.append((name, value))
-    return out
+            continue
+        if out is None:
+            out = list(headers)
+        out[i] = (name, new)
+    return headers if out is None else out
 
 
 def _redact_message(msg: HttpMessage, rules: RedactionRules, hits: set[str]) -> None:
     msg.headers = _redact_headers(msg.headers, rules, hits)
-    msg.trailers = _redact_headers(msg.trailers, rules, hits)
+    if msg.trailers:
+        msg.trailers = _redact_headers(msg.trailers, rules, hits)
     names = rules.header_names
     if msg.target and ":path" in names:
         msg.target = REDACTED
         hits.add(header_rule_name(":path"))
-    if msg.authority and names & {":authority", "host"}:
+    if msg.authority and (":authority" in names or "host" in names):
         msg.authority = REDACTED
         hits.add(header_rule_name(":authority" if ":authority" in names else "host"))
-    msg.target = _mask_text(msg.target, rules.regexes, hits)
-    msg.authority = _mask_text(msg.authority, rules.regexes, hits)
-    msg.reason = _mask_text(msg.reason, rules.regexes, hits)
-    if rules.regexes and msg.body:
-        msg.body, found = mask_regexes(msg.body, rules.regexes)
-        hits |= found
+    regexes = rules.regexes
+    if regexes:
+        msg.target = _mask_text(msg.target, regexes, hits)
+        msg.authority = _mask_text(msg.authority, regexes, hits)
+        msg.reason = _mask_text(msg.reason, regexes, hits)
+        if msg.body:
+            msg.body, found = mask_regexes(msg.body, regexes)
+            hits |= found
 
 
 def redact_exchange(ex: Exchange, rules: RedactionRules) -> None:
@@ -97,6 +111,7 @@ def redact_exchange(ex: Exchange, rules: RedactionRules) -> None:
             for m in (*grpc.request_messages, *grpc.response_messages):
                 m.data, found = mask_regexes(m.data, rules.regexes)
                 hits |= found
-    ex.notes = [_mask_text(note, rules.regexes, hits) for note in ex.notes]
+    if rules.regexes and ex.notes:
+        ex.notes = [_mask_text(note, rules.regexes, hits) for note in ex.notes]
     if hits:
         ex.redactions = sorted(set(ex.redactions) | hits)

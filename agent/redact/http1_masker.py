@@ -30,7 +30,9 @@ Masking rules, precisely:
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import NamedTuple
 
 from agent.redact.rules import header_rule_name
 
@@ -57,29 +59,59 @@ def _skip_ws(data: bytes, i: int) -> int:
     return i if m is None else m.end()
 
 
+_FOLD = (0x20, 0x09)  # SP, HT: a line starting with one continues the value above
+
+
+class _Matchers(NamedTuple):
+    prefixes: frozenset[bytes]  # every prefix of every name, for a line start split across chunks
+    longest: int  # the longest name's length
+    rule_of: dict[bytes, str]  # name (lower-case bytes) -> the rule it is reported as
+    at: re.Pattern[bytes] | None  # a sensitive header line at a position
+    next: re.Pattern[bytes] | None  # the next one after a LF
+    name_ws: re.Pattern[bytes] | None  # a chunk ending in "name[SP/HT]*"
+
+
+@functools.lru_cache(maxsize=16)
+def _matchers(names: frozenset[str]) -> _Matchers:
+    """What a masker of `names` matches with.  Built once per set of names: a masker
+    is made for each direction of every connection, and most connections are short."""
+    lower = frozenset(n.lower() for n in names)
+    encoded = sorted((n.encode("latin-1") for n in lower), key=len, reverse=True)
+    prefixes = frozenset(n[:k] for n in encoded for k in range(len(n) + 1))
+    rule_of = {n: header_rule_name(n.decode("latin-1")) for n in encoded}
+    if not encoded:
+        return _Matchers(prefixes, 0, rule_of, None, None, None)
+    alternatives = rb"(?i:(" + b"|".join(re.escape(n) for n in encoded) + rb"))[ \t]*"
+    # The value starts after the colon and the SP/HT that follow it.
+    header = alternatives + rb":[ \t]*"
+    # The look-ahead on the first byte fails most lines at once; the literal LF lets
+    # the regex engine skip from line to line (about twice as fast as "^" in MULTILINE).
+    first = {n[:1].lower() for n in encoded} | {n[:1].upper() for n in encoded}
+    lead = rb"(?=[" + b"".join(re.escape(c) for c in sorted(first)) + rb"])"
+    return _Matchers(
+        prefixes,
+        len(encoded[0]),
+        rule_of,
+        re.compile(lead + header),
+        re.compile(rb"\n" + lead + header),
+        re.compile(lead + alternatives + rb"\Z"),
+    )
+
+
 class Http1HeaderMasker:
     """One direction of one connection.  feed() returns each chunk masked (same
-    length) at once; state carries across chunks at every byte position."""
+    length) at once; state carries across chunks at every byte position.
+
+    Most chunks hold whole lines, so feed() finds complete "name: value" lines with
+    one regex search each and looks byte by byte only at a line cut by the chunk's
+    end (the _NAME and _NAME_WS states carry such a line into the next chunk)."""
 
     def __init__(self, names: frozenset[str]) -> None:
-        self._names = frozenset(n.lower() for n in names)
-        encoded = sorted((n.encode("latin-1") for n in self._names), key=len, reverse=True)
-        # Every prefix of every name, for a line start split across chunks.
-        self._prefixes = {n[:k] for n in encoded for k in range(len(n) + 1)}
-        self._encoded = frozenset(encoded)
-        self._at: re.Pattern[bytes] | None = None  # a sensitive header line at a position
-        self._next: re.Pattern[bytes] | None = None  # the next one after a LF
-        if encoded:
-            header = rb"(?i:(" + b"|".join(re.escape(n) for n in encoded) + rb"))[ \t]*:"
-            self._at = re.compile(header)
-            # The literal LF and the look-ahead on the first byte let the regex engine
-            # skip through a body quickly (about twice as fast as "^" in MULTILINE).
-            first = {n[:1].lower() for n in encoded} | {n[:1].upper() for n in encoded}
-            lead = b"".join(re.escape(c) for c in sorted(first))
-            self._next = re.compile(rb"\n(?=[" + lead + rb"])" + header)
+        (self._prefixes, self._longest, self._rule_of, self._at, self._next,
+         self._name_ws) = _matchers(frozenset(names))  # fmt: skip
         self._state = _SCAN
         self._partial = b""  # _NAME: the line's bytes so far (lower-case)
-        self._header = ""  # the sensitive header whose value is being masked
+        self._rule = ""  # the rule of the sensitive header whose value is being masked
 
     def gap(self, length: int = 0) -> None:
         """Bytes of the stream were lost (how many does not matter here): the line
@@ -101,22 +133,55 @@ class Http1HeaderMasker:
             return data, set()
         n = len(data)
         hits: set[str] = set()
-        out: bytearray | None = None
+        out: bytearray | None = None  # a copy, made at the first masked byte
         i = 0
         while i < n:
             state = self._state
             if state == _SCAN:
-                # i is a line start: test it, then every line after a LF.
-                m = self._at.match(data, i) or self._next.search(data, i)
-                if m is not None:
-                    self._header = m.group(1).decode("latin-1").lower()
+                # i is a line start: test it, then every line after a LF.  The last
+                # line (often most of the chunk: a body) is only tested at its start,
+                # not searched through for a LF that is not there.
+                m = self._at.match(data, i)
+                if m is None:
+                    last = data.rfind(b"\n", i)
+                    if last >= 0:
+                        m = self._next.search(data, i, last)
+                        i = last + 1  # where the last line starts, if nothing matched
+                        if m is None and i < n:
+                            m = self._at.match(data, i)
+                if m is None:
+                    # No complete match; the last line may still become one.
+                    self._line_end(data, i)
+                    break
+                self._rule = self._rule_of[m.group(1).lower()]
+                i = m.end()
+                self._state = _VALUE if i < n else _VALUE_WS
+            elif state == _VALUE:
+                nl = data.find(b"\n", i)
+                end = n if nl < 0 else nl
+                if end > i:
+                    value = data[i:end]
+                    masked = value.translate(_MASK_TABLE)
+                    if masked != value:
+                        hits.add(self._rule)
+                    if out is None:
+                        out = bytearray(data)
+                    out[i:end] = masked
+                if nl < 0:
+                    break
+                i = nl + 1
+                if i == n:
+                    self._state = _AFTER_VALUE
+                elif data[i] in _FOLD:
                     self._state = _VALUE_WS
-                    i = m.end()
-                    continue
-                # No complete match; the last line may still be one in the next chunk.
-                last = data.rfind(b"\n", i)
-                i = i if last < 0 else last + 1
-                self._state, self._partial = _NAME, b""
+                else:
+                    self._state = _SCAN
+            elif state == _VALUE_WS:
+                i = _skip_ws(data, i)
+                if i < n:
+                    self._state = _VALUE
+            elif state == _AFTER_VALUE:
+                self._state = _VALUE_WS if data[i] in _FOLD else _SCAN
             elif state == _NAME:
                 i = self._name(data, i)
             elif state == _NAME_WS:
@@ -127,38 +192,28 @@ class Http1HeaderMasker:
                     self._state, i = _VALUE_WS, j + 1
                 else:
                     self._state, i = _SKIP, j
-            elif state == _VALUE_WS:
-                i = _skip_ws(data, i)
-                if i < n:
-                    self._state = _VALUE
-            elif state == _VALUE:
-                nl = data.find(b"\n", i)
-                end = n if nl < 0 else nl
-                if end > i:
-                    if out is None:
-                        out = bytearray(data)
-                    masked = data[i:end].translate(_MASK_TABLE)
-                    if masked != data[i:end]:
-                        hits.add(header_rule_name(self._header))
-                    out[i:end] = masked
-                if nl < 0:
-                    i = n
-                else:
-                    self._state, i = _AFTER_VALUE, nl + 1
-            elif state == _AFTER_VALUE:
-                if data[i] in (0x20, 0x09):  # obs-fold: the value goes on
-                    self._state = _VALUE_WS
-                else:
-                    self._state = _SCAN
             else:  # _SKIP
                 nl = data.find(b"\n", i)
                 if nl < 0:
-                    i = n
-                else:
-                    self._state, i = _SCAN, nl + 1
+                    break
+                self._state, i = _SCAN, nl + 1
         if out is None:
             return data, hits
         return bytes(out), hits
+
+    def _line_end(self, data: bytes, i: int) -> None:
+        """The state after the chunk's last line, data[i:], which holds no LF and no
+        complete "name:" (the _SCAN search would have found one)."""
+        tail_len = len(data) - i
+        if tail_len == 0:
+            self._state = _SCAN
+        elif tail_len <= self._longest and data[i:].lower() in self._prefixes:
+            self._state, self._partial = _NAME, data[i:].lower()
+        elif (m := self._name_ws.match(data, i)) is not None:  # "name" and SP/HT so far
+            self._rule = self._rule_of[m.group(1).lower()]
+            self._state = _NAME_WS
+        else:
+            self._state = _SKIP
 
     def _name(self, data: bytes, i: int) -> int:
         """Go on with a line start that may become a sensitive name (at most a
@@ -167,12 +222,12 @@ class Http1HeaderMasker:
         n = len(data)
         while i < n:
             c = data[i]
-            if c == 0x3A and partial in self._encoded:  # "name:"
-                self._header = partial.decode("latin-1")
+            if c == 0x3A and partial in self._rule_of:  # "name:"
+                self._rule = self._rule_of[partial]
                 self._state = _VALUE_WS
                 return i + 1
-            if c in (0x20, 0x09) and partial in self._encoded:  # "name ... :"
-                self._header = partial.decode("latin-1")
+            if c in _FOLD and partial in self._rule_of:  # "name ... :"
+                self._rule = self._rule_of[partial]
                 self._state = _NAME_WS
                 return i
             longer = partial + bytes((c | 0x20 if 0x41 <= c <= 0x5A else c,))

@@ -10,10 +10,11 @@ headers, passes everything outside header blocks on at once (DATA is most of the
 volume) and holds each header block from its first frame to the frame with
 END_HEADERS.
 
-A complete block is walked HPACK instruction by instruction (RFC 7541 section 6).
-Each instruction is also fed, on its own, to one `hpack.Decoder` per masker,
-which keeps the dynamic table in step with the peer's and tells each field's
-name.  A literal whose name is sensitive has its value masked in place so that
+A complete block is walked HPACK instruction by instruction (RFC 7541 section 6)
+to find where each field's value is, and decoded once, whole, by the direction's
+shared decoder (agent/l7/header_blocks.py: the HTTP/2 parser reads the same
+decoded blocks), which keeps the dynamic table in step with the peer's and tells
+each field's name.  A literal whose name is sensitive has its value masked in place so that
 the stream stays valid HPACK, at the same length: the H (Huffman) bit of the
 string's length prefix is cleared (the length integer keeps its encoding) and
 the string's bytes become b"*".  A decoder of the masked stream (Wireshark, or
@@ -25,8 +26,8 @@ Fail closed, always with a rule name saying why:
   or more than `max_hold` bytes would be held) has its fragment bytes replaced
   with b"\\x00": "http2:incomplete-header-block"; CONTINUATION frames still to
   come of a block forced out that way are wiped as they pass;
-- an HPACK instruction that does not decode (and a malformed padded/priority
-  frame): the rest of that block is wiped, "http2:undecodable-header-block";
+- a block that does not decode (and a malformed padded/priority frame): the
+  whole block is wiped, "http2:undecodable-header-block";
 - after either, the dynamic table may no longer match the peer's: a literal
   whose name comes from the dynamic table has its value masked,
   "http2:unknown-header-name" (until a table size update to 0 empties it);
@@ -46,8 +47,7 @@ masker's own decoder sees the original bytes and is not affected.
 
 from __future__ import annotations
 
-import hpack
-
+from agent.l7.header_blocks import HeaderBlockDecoder
 from agent.redact.rules import header_rule_name
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -130,11 +130,19 @@ class Http2HeaderMasker:
     names at all it passes everything through untouched.
     """
 
-    def __init__(self, names: frozenset[str], preface: bool, max_hold: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        names: frozenset[str],
+        preface: bool,
+        max_hold: int = 1 << 20,
+        blocks: HeaderBlockDecoder | None = None,
+    ) -> None:
+        """`blocks`: the direction's HPACK decoding, when shared with a parser."""
         self._names = frozenset(n.lower() for n in names)
+        self._raw_names = frozenset(n.encode("latin-1") for n in self._names)
         self._max_hold = max_hold
-        self._decoder = hpack.Decoder(max_header_list_size=1 << 30)
-        self._decoder.max_allowed_table_size = 1 << 24
+        # Without names nothing is decoded: no reader, so nothing is kept for one.
+        self._blocks = (blocks or HeaderBlockDecoder()).reader() if self._names else None
         self._trusted = True  # the dynamic table is in step with the peer's
         self._mode = _PREFACE_MODE if preface else _HEADER_MODE
         self._preface_pos = 0
@@ -238,6 +246,7 @@ class Http2HeaderMasker:
         if self._in_block:
             self._release_incomplete(more_to_come=False)
         self._mode = _DESYNC_MODE
+        self._blocks.close()
         self._discard = False
 
     def _frame_start(self) -> None:
@@ -345,6 +354,7 @@ class Http2HeaderMasker:
         `more_to_come` the rest of it is wiped as it passes (max_hold, flush)."""
         self._wipe_held(RULE_INCOMPLETE)
         self._emit_held()
+        self._blocks.skip()
         if more_to_come:
             self._discard = True
             if self._mode == _PAYLOAD_MODE and self._role == _HOLD:
@@ -352,8 +362,9 @@ class Http2HeaderMasker:
 
     def _complete_block(self) -> None:
         if self._block_bad:
+            self._blocks.skip()
             self._wipe_held(RULE_UNDECODABLE)
-        elif self._frags:
+        else:
             held = self._held
             frag = bytearray()
             for off, length in self._frags:
@@ -368,33 +379,43 @@ class Http2HeaderMasker:
     def _walk(self, frag: bytearray) -> bool:
         """Mask the sensitive values of a whole header block fragment in place;
         whether anything changed."""
-        changed = False
-        decoder = self._decoder
-        i, n = 0, len(frag)
-        seen_field = False
-        while i < n:
-            try:
+        n = len(frag)
+        try:
+            fields = self._blocks.decode(bytes(frag))  # validated by hpack, too
+        except Exception:  # untrusted input: any failure wipes the block
+            return self._wipe_fragment(frag)
+        if self._trusted:  # most blocks name nothing sensitive: no need to find values
+            raw_names = self._raw_names
+            for raw_name, _ in fields:
+                if raw_name.lower() in raw_names:
+                    break
+            else:
+                return False
+        # Where each field's value is: one representation at a time (RFC 7541 6).
+        fields_at: list[tuple[int, tuple[int, int, int] | None]] = []  # name index, value
+        emptied = False  # a table size update to 0: the table is in step again
+        try:
+            i = 0
+            while i < n:
                 end, index, value, size_update = _instruction(frag, i)
-                if size_update and seen_field:
-                    raise _HpackError("table size update after a header field")
-                fields = decoder.decode(bytes(frag[i:end]), raw=True)
-                if len(fields) != (0 if size_update else 1):
-                    raise _HpackError("instruction boundary mismatch")
-            except Exception:  # untrusted input: any failure wipes the rest
-                frag[i:n] = bytes(n - i)
-                self._hits.add(RULE_UNDECODABLE)
-                self._trusted = False
-                return True
-            i = end
-            if size_update:
-                if decoder.header_table_size == 0:
-                    self._trusted = True  # an empty table is in step again
-                continue
-            seen_field = True
+                if size_update:
+                    emptied = emptied or _integer(frag, i, 5)[0] == 0
+                else:
+                    fields_at.append((index, value))
+                i = end
+            if len(fields_at) != len(fields):
+                raise _HpackError("instruction count mismatch")
+        except Exception:
+            return self._wipe_fragment(frag)
+        if emptied:
+            self._trusted = True
+        changed = False
+        names = self._names
+        for (index, value), (raw_name, _) in zip(fields_at, fields, strict=True):
             if value is None:
                 continue
-            name = bytes(fields[0][0]).decode("latin-1").lower()
-            if name in self._names:
+            name = raw_name.decode("latin-1").lower()
+            if name in names:
                 rule = header_rule_name(name)
             elif not self._trusted and index > _STATIC_TABLE_LEN:
                 rule = RULE_UNKNOWN_NAME
@@ -407,3 +428,11 @@ class Http2HeaderMasker:
                 self._hits.add(rule)
                 changed = True
         return changed
+
+    def _wipe_fragment(self, frag: bytearray) -> bool:
+        """A block that does not decode: all of it goes, and the table is not trusted."""
+        if frag:
+            frag[:] = bytes(len(frag))
+            self._hits.add(RULE_UNDECODABLE)
+        self._trusted = False
+        return True

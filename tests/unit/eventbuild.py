@@ -12,8 +12,8 @@ import ipaddress
 from typing import Any
 
 from agent.events import layout
-from agent.events.calls import CallAssembler, TlsCall
-from agent.events.decode import DataChunk, decode_event
+from agent.events.calls import CallAssembler
+from agent.events.decode import TlsCall, decode_event
 
 ROLE_UNKNOWN = 0
 ROLE_CLIENT = 1
@@ -136,12 +136,12 @@ def call_records(
 
 def call_chunks(
     captured: bytes, *, socket: dict[str, Any] | None = None, **fields: Any
-) -> list[DataChunk]:
+) -> list[TlsCall]:
     """call_records, decoded."""
     chunks = []
     for raw in call_records(captured, socket=socket, **fields):
         ev = decode_event(raw)
-        assert isinstance(ev, DataChunk)
+        assert isinstance(ev, TlsCall)
         chunks.append(ev)
     return chunks
 

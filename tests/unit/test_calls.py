@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from agent.events import layout
-from agent.events.calls import CallAssembler, TlsCall
-from agent.events.decode import DataChunk
+from agent.events.calls import CallAssembler
+from agent.events.decode import TlsCall
 from tests.unit.eventbuild import call_chunks, conn_v4
 
 CHUNK = layout.CHUNK_SIZE
@@ -16,7 +16,7 @@ def payload(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def feed_all(assembler: CallAssembler, chunks: list[DataChunk]) -> list[TlsCall]:
+def feed_all(assembler: CallAssembler, chunks: list[TlsCall]) -> list[TlsCall]:
     out: list[TlsCall] = []
     for chunk in chunks:
         out += assembler.feed(chunk)
@@ -34,7 +34,7 @@ def test_single_chunk_call_is_complete_at_once() -> None:
     [call] = a.feed(chunk)
     assert call.complete
     assert call.data == data
-    assert call.first is chunk
+    assert call is chunk
     assert call.len == len(data)
     assert not call.truncated
     assert (a.incomplete_calls, a.out_of_order_chunks) == (0, 0)
@@ -52,8 +52,8 @@ def test_multi_chunk_call_is_reassembled_exactly() -> None:
     [call] = a.feed(chunks[2])
     assert call.complete
     assert call.data == data
-    assert call.first.chunk_off == 0
-    assert call.first.captured_len == 40000
+    assert call.chunk_off == 0
+    assert call.captured_len == 40000
     assert call.len == 40000
     assert not call.truncated
     assert a.flush() == []
@@ -90,10 +90,10 @@ def test_interleaved_threads_are_reassembled_separately() -> None:
     out = [(i, call) for i, chunk in enumerate(order) for call in a.feed(chunk)]
     assert [i for i, _ in out] == [3, 4]
     (_, call_b), (_, call_a) = out
-    assert call_a.complete and call_a.data == data_a and call_a.first.tid == 1
-    assert call_a.first.direction == "egress"
-    assert call_b.complete and call_b.data == data_b and call_b.first.tid == 2
-    assert call_b.first.direction == "ingress"
+    assert call_a.complete and call_a.data == data_a and call_a.tid == 1
+    assert call_a.direction == "egress"
+    assert call_b.complete and call_b.data == data_b and call_b.tid == 2
+    assert call_b.direction == "ingress"
     assert (a.incomplete_calls, a.out_of_order_chunks) == (0, 0)
 
 
@@ -101,7 +101,7 @@ def test_many_threads_random_interleaving() -> None:
     rng = random.Random(42)
     a = CallAssembler()
     expected: dict[int, bytes] = {}
-    queues: list[list[DataChunk]] = []
+    queues: list[list[TlsCall]] = []
     for tid in range(1, 9):
         data = payload(rng.randrange(1, 5 * CHUNK), seed=tid)
         expected[tid] = data
@@ -111,7 +111,7 @@ def test_many_threads_random_interleaving() -> None:
         q = rng.choice([q for q in queues if q])
         for call in a.feed(q.pop(0)):
             assert call.complete
-            got[call.first.tid] = call.data
+            got[call.tid] = call.data
     assert got == expected
 
 
@@ -129,10 +129,10 @@ def test_lost_middle_chunk_released_by_next_call_of_same_thread() -> None:
     incomplete, complete = a.feed(nxt_chunk)
     assert not incomplete.complete
     assert incomplete.data == data[:CHUNK]
-    assert incomplete.first.captured_len == CHUNK
+    assert incomplete.captured_len == CHUNK
     assert incomplete.len == 40000
     assert incomplete.truncated
-    assert incomplete.first.ts_mono_ns == 100
+    assert incomplete.ts_mono_ns == 100
     assert complete.complete and complete.data == nxt
     assert a.incomplete_calls == 1
     assert a.out_of_order_chunks == 0
@@ -148,7 +148,7 @@ def test_lost_final_chunk_keeps_the_prefix() -> None:
     incomplete = released[0]
     assert not incomplete.complete
     assert incomplete.data == data[: 2 * CHUNK]
-    assert incomplete.first.captured_len == 2 * CHUNK
+    assert incomplete.captured_len == 2 * CHUNK
     assert a.incomplete_calls == 1
 
 
@@ -200,15 +200,15 @@ def test_flush_older_than_releases_only_older_calls() -> None:
     a.feed(call_chunks(d2, tid=2, ts_ns=5000)[0])
 
     [old] = a.flush(older_than_mono_ns=3000)
-    assert old.first.tid == 1
+    assert old.tid == 1
     assert not old.complete
     assert old.data == d1[:CHUNK]
-    assert old.first.captured_len == CHUNK
+    assert old.captured_len == CHUNK
     assert a.incomplete_calls == 1
 
     assert a.flush(older_than_mono_ns=5000) == []  # started at 5000: not before it
     [newer] = a.flush(older_than_mono_ns=5001)
-    assert newer.first.tid == 2
+    assert newer.tid == 2
     assert newer.data == d2[:CHUNK]
     assert a.incomplete_calls == 2
     assert a.flush() == []
@@ -219,7 +219,7 @@ def test_flush_all() -> None:
     a.feed(call_chunks(payload(20000), tid=1, ts_ns=1000)[0])
     a.feed(call_chunks(payload(20000), tid=2, ts_ns=9_999_999)[0])
     released = a.flush()
-    assert sorted(c.first.tid for c in released) == [1, 2]
+    assert sorted(c.tid for c in released) == [1, 2]
     assert not any(c.complete for c in released)
     assert a.incomplete_calls == 2
     assert a.flush() == []
@@ -255,7 +255,7 @@ def test_truncated_multi_chunk_call() -> None:
     [call] = feed_all(a, chunks)
     assert call.complete and call.truncated
     assert call.data == captured
-    assert call.first.captured_len == 20000
+    assert call.captured_len == 20000
     assert call.len == 1 << 21
 
 

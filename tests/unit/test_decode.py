@@ -9,11 +9,11 @@ import pytest
 
 from agent.events import layout
 from agent.events.decode import (
-    DataChunk,
     DecodeError,
     KernelSocket,
     ProcessEvent,
     SocketClosed,
+    TlsCall,
     decode_event,
     endpoint,
 )
@@ -31,9 +31,9 @@ from tests.unit.eventbuild import (
 HDR = layout.DATA_HEADER_SIZE
 
 
-def decode_data(raw: bytes) -> DataChunk:
+def decode_data(raw: bytes) -> TlsCall:
     ev = decode_event(raw)
-    assert isinstance(ev, DataChunk)
+    assert isinstance(ev, TlsCall)
     return ev
 
 
@@ -78,7 +78,7 @@ def test_data_chunk_ipv4_all_fields() -> None:
     )
     assert len(raw) == HDR + len(payload)
     ev = decode_data(raw)
-    assert ev == DataChunk(
+    assert ev == TlsCall(
         tgid=1234,
         tid=1240,
         fd=9,
@@ -353,7 +353,7 @@ def test_decode_error_is_a_value_error() -> None:
     assert issubclass(DecodeError, ValueError)
 
 
-# --- property: garbage in, DataChunk/event or DecodeError out -------------------------------
+# --- property: garbage in, TlsCall/event or DecodeError out -------------------------------
 
 
 def _random_header_record(rng: random.Random) -> bytes:
@@ -417,7 +417,7 @@ def test_random_records_decode_or_raise_decode_error() -> None:
         except DecodeError:
             outcomes["error"] += 1
             continue
-        if isinstance(ev, DataChunk):
+        if isinstance(ev, TlsCall):
             outcomes["data"] += 1
             assert len(ev.data) <= layout.CHUNK_SIZE
             assert ev.data == raw[HDR : HDR + len(ev.data)]

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from agent.events import layout
-from agent.events.calls import CallAssembler, TlsCall
-from agent.events.decode import SocketClosed, decode_event
+from agent.events.calls import CallAssembler
+from agent.events.decode import SocketClosed, TlsCall, decode_event
 from agent.flows.table import USER_GEN_BIT, FlowTable, KernelRegistration
 from agent.records.record import Endpoint, Record, Role
 from tests.unit.eventbuild import ROLE_CLIENT, call_chunks, close_record, conn, conn_v4, make_call
@@ -543,4 +545,89 @@ def test_stats_as_dict() -> None:
         "gap_bytes": 9,
         "overlaps": 0,
         "fds_learned_late": 0,
+        "evicted_connections": 0,
+        "evicted_adoptions": 0,
     }
+
+
+# --- bounds ----------------------------------------------------------------------------------
+
+
+def bounded(max_connections: int, max_adopted: int = 4) -> FlowTable:
+    return FlowTable(
+        FakeResolver(PROC_FACTS),
+        lambda ns: ns + WALL_SHIFT,
+        max_connections=max_connections,
+        max_adopted=max_adopted,
+    )
+
+
+def test_past_the_bound_the_least_recently_used_connection_is_closed() -> None:
+    t = bounded(4)
+    ids = {}
+    for fd in (10, 11, 12, 13):
+        ids[fd] = t.on_call(call(fd=fd, ts_ns=fd, socket=known(gen=fd)))[0].conn_id
+    # fd 10 is the oldest connection but the most recently used one.
+    t.on_call(call(b"again", fd=10, ts_ns=100, offset=5, socket=known(gen=10)))
+    out = t.on_call(call(fd=14, ts_ns=200, socket=known(gen=14)))
+    # 4 - 4 // 16 (at least 1): the table goes back to 3 connections.
+    assert types(out) == ["open", "close", "close", "data"]
+    assert {r.conn_id for r in out if r.type == "close"} == {ids[11], ids[12]}
+    assert all(r.ts_ns == 200 + WALL_SHIFT for r in out)
+    assert len(t) == 3
+    assert t.stats.evicted_connections == 2
+    # The survivors are the recently used and the new one.
+    assert t.on_call(call(fd=10, ts_ns=300, offset=10, socket=known(gen=10)))[0].type == "data"
+    assert t.on_call(call(fd=13, ts_ns=301, offset=5, socket=known(gen=13)))[0].type == "data"
+    assert (t.stats.gaps, t.stats.overlaps) == (0, 0)
+
+
+def test_an_evicted_connection_that_speaks_again_is_opened_again() -> None:
+    t = bounded(2)
+    first = t.on_call(call(fd=10, ts_ns=1, socket=known(gen=10)))[0].conn_id
+    t.on_call(call(fd=11, ts_ns=2, socket=known(gen=11)))
+    t.on_call(call(fd=12, ts_ns=3, socket=known(gen=12)))
+    assert t.stats.evicted_connections == 2  # back to 2 - max(1, 2 // 16) = 1, plus the new one
+    out = t.on_call(call(b"late", fd=10, ts_ns=4, offset=5, socket=known(gen=10)))
+    assert types(out)[0] == "open" and out[0].conn_id != first
+    # Its close (the kernel still knows the socket) closes the new one.
+    assert [r.conn_id for r in t.on_close(closed(fd=10, gen=10))] == [out[0].conn_id]
+
+
+def test_memory_bio_connections_count_toward_the_bound() -> None:
+    t = bounded(3)
+    for n in range(10):
+        t.on_call(call(fd=-1, ssl=0x1000 + n, ts_ns=n, socket=conn()))
+    assert len(t) <= 3
+    assert t.stats.evicted_connections == 10 - len(t)
+
+
+def test_adopted_sockets_are_bounded_oldest_first() -> None:
+    t = bounded(16, max_adopted=2)
+    facts = Facts(local=LOCAL, remote=REMOTE, role="client")
+    for fd in (30, 31, 32):
+        t.adopt_existing_socket(TGID, fd, facts)
+    assert t.stats.evicted_adoptions == 1
+    regs = {r.fd: r for r in t.kernel_registrations}
+    # 31 is still adopted: a gen-0 call in flight joins its registration.
+    out = t.on_call(call(fd=31, socket=conn()))
+    assert out[0].remote == REMOTE
+    assert [r.gen for r in t.kernel_registrations if r.fd == 31][-1] == regs[31].gen
+    # 30 was forgotten: its call is resolved like any unknown socket.
+    t.on_call(call(fd=30, socket=conn()))
+    assert [r.gen for r in t.kernel_registrations if r.fd == 30][-1] != regs[30].gen
+
+
+def test_exit_asks_the_kernel_to_forget_the_process_sockets() -> None:
+    t, _ = table()
+    t.on_call(call(fd=7, socket=known()))
+    t.on_call(call(fd=-1, ssl=0xAAA0, socket=conn()))
+    t.on_call(call(tgid=OTHER_TGID, fd=7, socket=known()))
+    t.kernel_registrations.clear()
+    t.on_exit(TGID, 50_000)
+    assert [(r.tgid, r.fd, r.forget) for r in t.kernel_registrations] == [(TGID, 7, True)]
+
+
+def test_bounds_must_be_sane() -> None:
+    with pytest.raises(ValueError):
+        bounded(0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -75,7 +77,10 @@ def test_every_key_the_agent_reports_today_is_declared() -> None:
     keys = (
         SESSION_KEYS
         + EXPORTER_KEYS
-        + [f"kernel_{name}" for name in layout.COUNTERS]
+        # The kernel's shed_* counters are reported under their own names.
+        + [f"kernel_{name}" for name in layout.COUNTERS if not name.startswith("shed_")]
+        + [name for name in layout.COUNTERS if name.startswith("shed_")]
+        + ["shed_processes"]
         + [f"flow_{name}" for name in FlowStats().as_dict()]
         + list(ProxyStats().as_dict())
     )
@@ -231,3 +236,20 @@ def test_openmetrics_exposition_is_valid() -> None:
     assert families["tlscap_build"].type == "info"
     assert families["tlscap_build"].samples[0].labels == {"version": "9"}
     assert families["tlscap_new_thing"].samples[0].value == 1
+
+
+def test_kernel_counter_names_follow_the_enum_in_tlscap_h() -> None:
+    # Every kernel counter reaches /metrics through layout.COUNTERS, by index:
+    # it must list enum counter's members in order, one for one.
+    header = (Path(__file__).resolve().parents[2] / "bpf" / "tlscap.h").read_text()
+    body = header.split("enum counter {", 1)[1].split("};", 1)[0]
+    members = re.findall(r"^\s*(CNT_\w+)\s*=\s*(\d+)", body, re.MULTILINE)
+    indexes = {name: int(value) for name, value in members}
+    assert indexes.pop("CNT_MAX") == len(layout.COUNTERS)
+    assert sorted(indexes.values()) == list(range(len(layout.COUNTERS)))
+    by_index = {value: name for name, value in indexes.items()}
+    assert by_index[14] == "CNT_MAP_FULL" and layout.COUNTERS[14] == "map_full"
+    assert by_index[15] == "CNT_STALE_CALLS" and layout.COUNTERS[15] == "stale_calls"
+    assert by_index[16] == "CNT_UNKNOWN_FDS" and layout.COUNTERS[16] == "unknown_fds"
+    for name in ("map_full", "stale_calls", "unknown_fds"):
+        assert METRICS[f"kernel_{name}"].kind == "counter"

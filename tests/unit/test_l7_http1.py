@@ -84,8 +84,26 @@ UNTIL_CLOSE: list[Step] = [
     ("response", b"second part", 30),
 ]
 
+# HEAD responses framed as if they had a body, pipelined behind other responses.
+HEADS: list[Step] = [
+    ("request", req("HEAD", "/h1") + req("GET", "/g") + req("HEAD", "/h2") + req("HEAD", "/h3"), 1),
+    ("response", resp("200 OK", "Transfer-Encoding: chunked\r\n")
+     + resp("200 OK", "Content-Length: 4\r\n", b"body")
+     + resp("200 OK", "Content-Length: 5000\r\n")
+     + resp("200 OK", "Server: no framing at all\r\n"), 2),
+]  # fmt: skip
+
+UPGRADE = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABk\r\n"
+# An Upgrade request with a body, refused: the body is the request's, what follows is HTTP/1.
+UPGRADE_BODY: list[Step] = [
+    ("request", req("POST", "/up", UPGRADE + "Content-Length: 5\r\n", b"hello")
+     + req("GET", "/next"), 1),
+    ("response", resp("200 OK", "Content-Length: 1\r\n", b"a")
+     + resp("200 OK", "Content-Length: 1\r\n", b"b"), 2),
+]  # fmt: skip
+
 CORPUS = {"keepalive": KEEPALIVE, "pipelined": PIPELINED, "continue": CONTINUE,
-          "until_close": UNTIL_CLOSE}  # fmt: skip
+          "until_close": UNTIL_CLOSE, "heads": HEADS, "upgrade_body": UPGRADE_BODY}  # fmt: skip
 
 
 def test_keepalive_three_requests() -> None:
@@ -148,7 +166,7 @@ def test_pipelining_pairs_fifo_and_honours_head() -> None:
 
 
 def test_deep_pipelining_in_single_chunks() -> None:
-    n = 300  # enough that h11's leftovers are large and the machines are cycled, not renewed
+    n = 300  # many messages in one chunk each way
     reqs = b"".join(req("GET", f"/{i}", CURL) for i in range(n))
     resps = b"".join(resp("200 OK", "Content-Length: 3\r\n", b"%03d" % i) for i in range(n))
     p, out = run([("request", reqs, 1), ("response", resps, 2)])
@@ -281,6 +299,113 @@ def test_refused_upgrade_resumes_the_request_stream() -> None:
     )
     assert p.failed is None
     assert [(e.request.target, e.response.body) for e in out] == [("/", b"a"), ("/next", b"b")]
+
+
+def test_head_responses_end_at_their_header_block_whatever_their_framing() -> None:
+    p, out = run(HEADS)
+    assert p.failed is None
+    assert [(e.request.target, e.response.body, e.response.complete) for e in out] == [
+        ("/h1", b"", True),
+        ("/g", b"body", True),
+        ("/h2", b"", True),
+        ("/h3", b"", True),
+    ]
+    assert out[2].response.header("content-length") == "5000"
+    assert all(not e.notes for e in out)
+
+
+def test_upgrade_request_body_is_read_before_the_verdict() -> None:
+    p, (up, nxt) = run(UPGRADE_BODY)
+    assert p.failed is None
+    assert up.request.body == b"hello" and up.request.complete and up.response.body == b"a"
+    assert nxt.request.target == "/next" and nxt.response.body == b"b"
+
+
+def test_upgrade_request_with_a_chunked_body_then_switched() -> None:
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    p = Http1Parser()
+    p.feed("request", req("POST", "/up", UPGRADE + "Transfer-Encoding: chunked\r\n", body), 1)
+    assert p.feed("request", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 2) == []  # held
+    (ex,) = p.feed("response", resp("101 Switching Protocols", UPGRADE) + b"\x00\x00", 3)
+    assert ex.request.body == b"hello" and ex.request.end_ts_ns == 1
+    assert ex.response.status == 101 and p.failed == "protocol switched to h2c"
+
+
+def test_refused_connect_resumes_pipelined_head_requests() -> None:
+    connect = b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n"
+    steps: list[Step] = [
+        ("request", connect + req("HEAD", "/h") + req("GET", "/g"), 1),
+        ("response", resp("407 Proxy Authentication Required", "Content-Length: 0\r\n")
+         + resp("200 OK", "Content-Length: 50\r\n")
+         + resp("200 OK", "Content-Length: 1\r\n", b"g"), 2),
+    ]  # fmt: skip
+    p, out = run(steps)
+    assert p.failed is None
+    assert [(e.request.method, e.response.status, e.response.body) for e in out] == [
+        ("CONNECT", 407, b""),
+        ("HEAD", 200, b""),
+        ("GET", 200, b"g"),
+    ]
+
+
+def test_upgrade_verdict_awaited_too_long_stalls() -> None:
+    p = Http1Parser()
+    p.feed("request", req("CONNECT", "a:1"), 1)
+    for i in range(70):
+        p.feed("request", b"x" * 16384, 2 + i)
+    assert p.failed == "request stream stalled behind an unanswered Upgrade"
+
+
+def test_101_without_an_upgrade_request_still_switches() -> None:
+    p = Http1Parser()
+    p.feed("request", req("GET", "/"), 1)
+    (ex,) = p.feed("response", resp("101 Switching Protocols") + b"\x81\x00", 2)
+    assert ex.response.status == 101 and p.failed == "protocol switched to another protocol"
+
+
+def test_early_hints_are_noted_and_the_final_response_paired() -> None:
+    p, (ex,) = run(
+        [
+            ("request", req("GET", "/page"), 1),
+            ("response", resp("103 Early Hints", "Link: </s.css>; rel=preload\r\n"), 2),
+            ("response", resp("200 OK", "Content-Length: 2\r\n", b"ok"), 3),
+        ]
+    )
+    assert p.failed is None and ex.notes == ["103 Early Hints"]
+    assert ex.response.status == 200 and ex.response.ts_ns == 3 and ex.response.body == b"ok"
+
+
+def test_transfer_coding_other_than_chunked_reads_until_close() -> None:
+    p, (ex,) = run(
+        [
+            ("request", req("GET", "/z"), 1),
+            ("response", resp("200 OK", "Transfer-Encoding: gzip\r\n", b"\x1f\x8b"), 2),
+        ]
+    )
+    assert p.failed is None and ex.response.body == b"\x1f\x8b" and ex.response.complete
+    assert "response body delimited by connection close" in ex.notes
+
+
+def test_header_values_are_trimmed_and_obs_fold_joined() -> None:
+    _, (ex,) = run([("request", req("GET", "/", "X-A:  padded \t\r\nX-B: one\r\n two\r\n"), 1)])
+    assert ex.request.header("x-a") == "padded" and ex.request.header("x-b") == "one two"
+
+
+def test_parse_error_notes_never_quote_the_bytes() -> None:
+    secret = "Bearer s3cr3t-t0ken"
+    p = Http1Parser()
+    p.feed("request", req("GET", "/x"), 1)
+    (ex,) = p.feed("response", f"HTTP/1.1 200 OK\r\nAuthorization {secret}\r\n\r\n".encode(), 2)
+    assert p.failed == "HTTP/1 parse error in response stream: Invalid header token"
+    assert all("s3cr3t" not in n for n in ex.notes)
+
+
+def test_header_block_larger_than_the_limit_is_a_parse_error() -> None:
+    p = Http1Parser()
+    p.feed("request", b"GET / HTTP/1.1\r\n", 1)
+    for i in range(80):
+        p.feed("request", b"X-Filler: " + b"a" * 16384 + b"\r\n", 2 + i)
+    assert p.failed is not None and "header block larger than" in p.failed
 
 
 def test_gap_in_response_body_then_resync_at_next_response() -> None:

@@ -270,3 +270,21 @@ def test_fuzz_every_record_leaves_once_with_its_length(parts, role) -> None:
     got = [(r.direction, r.offset, len(r.data)) for r in out if r.type == "data"]
     assert sorted(got) == sorted(sent)
     assert [r.type for r in out].count("close") == 1
+
+
+def test_decided_bytes_are_handed_out_across_and_within_pieces() -> None:
+    from agent.l7.connection import _DirectionState
+
+    state = _DirectionState()
+    state.add(b"abc", set())
+    assert state.take(4) is None  # not decided yet
+    state.add(b"", {"header:cookie"})
+    state.add(b"defgh", set())
+    assert state.hits == {"header:cookie"}
+    assert state.take(0) == b""
+    assert state.take(4) == b"abcd"  # joined across two pieces, the rest kept
+    assert state.take(2) == b"ef"
+    assert state.take(2) == b"gh"
+    assert state.decided_len == 0 and not state.decided
+    state.add(b"ijk", set())
+    assert state.take(3) == b"ijk"

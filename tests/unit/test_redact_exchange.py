@@ -137,3 +137,17 @@ def test_nothing_to_do_leaves_the_exchange_alone() -> None:
     ex = Exchange("http1")  # no request, no response
     redact_exchange(ex, DEFAULT_RULES)
     assert ex.redactions == []
+
+
+def test_header_lists_are_replaced_not_changed_and_kept_when_nothing_matched() -> None:
+    ex = http1_exchange()
+    request_headers = ex.request.headers
+    before = list(request_headers)
+    plain = [("content-type", "json"), ("x-note", "fine")]
+    ex.response.headers = plain
+    redact_exchange(ex, DEFAULT_RULES)
+    assert request_headers == before  # a new list carries the redacted values
+    assert ex.request.headers is not request_headers
+    assert ex.request.header("authorization") == REDACTED
+    assert ex.response.headers is plain  # nothing to redact: the same list
+    assert plain == [("content-type", "json"), ("x-note", "fine")]

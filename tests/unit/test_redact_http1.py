@@ -195,3 +195,30 @@ def test_random_bytes_keep_length_and_split_independence(data: bytes, seed: int)
     cuts = [rnd.randrange(len(data) + 1) for _ in range(rnd.randrange(6))]
     out, _ = masked_split(data, cuts)
     assert out == masked_whole(data)[0] == reference(data)
+
+
+def test_a_long_last_line_then_a_header_split_at_every_point() -> None:
+    """The chunk's last line is only tested at its start (not searched through): a
+    long body line, then lines cut anywhere, still match the reference."""
+    body = b"x" * 300 + b"Authorization is not a header here"
+    data = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n" + body + b"\nCookie \t: a=1\r\n \tfold\r\n"
+    )
+    for cut in range(len(data) + 1):
+        assert masked_split(data, [cut])[0] == reference(data)
+
+
+def test_chunk_ending_in_a_name_and_whitespace_after_a_long_line() -> None:
+    m = Http1HeaderMasker(DEFAULT_HEADERS)
+    first, _ = m.feed(b"y" * 100 + b"\nSet-Cookie \t ")
+    second, hits = m.feed(b": sid=1\r\nok")
+    assert first == b"y" * 100 + b"\nSet-Cookie \t "
+    assert second == b": *****\r\nok"
+    assert hits == {"header:set-cookie"}
+
+
+def test_maskers_of_one_set_of_names_keep_their_own_state() -> None:
+    a, b = Http1HeaderMasker(DEFAULT_HEADERS), Http1HeaderMasker(set(DEFAULT_HEADERS))
+    assert a.feed(b"Cookie: x")[0] == b"Cookie: *"
+    assert b.feed(b"more\r\n")[0] == b"more\r\n"  # b is at a line start, not in a value
+    assert a.feed(b"yz\r\n")[0] == b"**\r\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import sys
 import threading
 import time
@@ -54,12 +55,12 @@ def _stats() -> Record:
 
 
 def _lines(records: list[Record]) -> list[str]:
-    buf = io.StringIO()
+    buf = io.BytesIO()
     sink = JsonlSink(buf)
     for r in records:
         sink.write(r)
     sink.close()
-    text = buf.getvalue()
+    text = buf.getvalue().decode("ascii")
     assert text.endswith("\n")
     return text.splitlines()
 
@@ -153,13 +154,13 @@ def test_jsonl_open_bad_path_is_one_line_oserror(tmp_path: Path, where: str) -> 
 
 def test_jsonl_dash_is_stdout_and_left_open() -> None:
     sink = JsonlSink.open("-")
-    assert sink._out.stream is sys.stdout
+    assert sink._out.stream is sys.stdout.buffer
     sink.close()
     assert not sys.stdout.closed
 
 
 def test_sinks_satisfy_protocol() -> None:
-    assert isinstance(JsonlSink(io.StringIO()), Sink)
+    assert isinstance(JsonlSink(io.BytesIO()), Sink)
     assert isinstance(TerminalSink(io.StringIO()), Sink)
 
 
@@ -325,3 +326,35 @@ def test_terminal_write_ends_each_record_with_newline() -> None:
     sink.write(_rec())
     sink.close()
     assert buf.getvalue().count("\n") == 1 + 4
+
+
+# --- the data-line encoder agrees with Record.to_json -------------------------------------
+
+
+def test_jsonl_data_lines_equal_to_json_while_identity_changes() -> None:
+    """Data lines are spliced from per-connection fragments; whatever changes
+    between two records of one connection must still show in the line."""
+    from agent.records.record import PodRef
+    from agent.sinks.jsonl import JsonLineEncoder
+
+    rng = random.Random(7)
+    enc = JsonLineEncoder()
+    pod = PodRef("web-1", "shop", uid="u1", container="nginx", labels={"app": "web"})
+    variants = [
+        {},
+        {"comm": "curl2"},
+        {"pod": pod, "container_id": "ab" * 32, "cgroup_id": 77},
+        {"pod": PodRef("web-1", "shop", uid="u1", container="nginx", labels={"app": "x"})},
+        {"local": Endpoint("::1", 1), "remote": None, "role": "server"},
+        {"comm": "caf\u00e9" + b"\xff".decode("utf-8", "surrogateescape")},
+        {"redactions": ["header:authorization", "regex:t\u00f6ken"], "protocol": "http1"},
+        {"truncated": True, "len": 100_000, "direction": "ingress"},
+    ]
+    for i in range(300):
+        kw = dict(rng.choice(variants))
+        kw.update(seq=i, tid=rng.randrange(1, 1 << 31), data=rng.randbytes(rng.randrange(0, 64)))
+        rec = _rec(conn_id=f"c{rng.randrange(3)}", **kw)
+        rec.node, rec.agent_id = "node-a", "agent-1"
+        line = enc.encode(rec)
+        assert line.isascii() and line.endswith(b"\n") and line.count(b"\n") == 1
+        assert json.loads(line) == rec.to_json()

@@ -1,0 +1,93 @@
+"""The capture path's pure core: ring-buffer records in, Records out.
+
+    records -> EventDecoder -> CallAssembler -> FlowTable -> RecordWriter
+
+Sans-I/O: the session (agent/capture/session.py) feeds it batches from the
+ring and carries out what it asks of the outside world - attach to a process
+that exec'd, tell the kernel about a socket - through the two callables it is
+given.  bench/pipeline.py drives it with synthetic ring bytes to measure the
+hot path without a kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent.events.calls import CallAssembler
+from agent.events.decode import EventDecoder, ProcessEvent, SocketClosed, TlsCall
+from agent.flows.table import FlowTable, KernelRegistration
+from agent.records.record import Record
+from agent.records.writer import RecordWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineStats:
+    events: int = 0
+    decode_errors: int = 0
+
+
+class EventPipeline:
+    def __init__(
+        self,
+        writer: RecordWriter,
+        flows: FlowTable,
+        *,
+        on_exec: Callable[[int], None],
+        register_socket: Callable[[KernelRegistration], None],
+    ) -> None:
+        self.writer = writer
+        self.flows = flows
+        self.calls = CallAssembler()
+        self.stats = PipelineStats()
+        self._decoder = EventDecoder()
+        self._on_exec = on_exec
+        self._register_socket = register_socket
+
+    def handle_batch(self, records: Sequence[bytes | memoryview]) -> None:
+        """Decode and pass on one batch; the records may be reused afterwards."""
+        self.stats.events += len(records)
+        write = self.writer.write
+        on_call = self.flows.on_call
+        feed = self.calls.feed
+        for event in self._decoder.decode_batch(records):
+            kind = type(event)
+            if kind is TlsCall:
+                for call in feed(event):  # type: ignore[arg-type]
+                    for record in on_call(call):
+                        write(record)
+            elif kind is SocketClosed:
+                self._write_all(self.flows.on_close(event))  # type: ignore[arg-type]
+            elif kind is ProcessEvent:
+                self._on_process_event(event)  # type: ignore[arg-type]
+            else:
+                self.stats.decode_errors += 1
+                log.warning("dropping undecodable event: %s", event)
+        self.push_kernel_registrations()
+
+    def flush_calls(self, older_than_mono_ns: int | None = None) -> None:
+        """Release partial calls whose missing chunks will not come (all at exit)."""
+        for call in self.calls.flush(older_than_mono_ns):
+            self._write_all(self.flows.on_call(call))
+
+    def push_kernel_registrations(self) -> None:
+        """Carry out what the flow table asked of the kernel."""
+        registrations = self.flows.kernel_registrations
+        if registrations:
+            for reg in registrations:
+                self._register_socket(reg)
+            registrations.clear()
+
+    def _on_process_event(self, event: ProcessEvent) -> None:
+        if event.kind == "exit":
+            self._write_all(self.flows.on_exit(event.tgid, event.ts_mono_ns))
+            self.writer.process_exited(event.tgid)
+        else:
+            self._on_exec(event.tgid)
+
+    def _write_all(self, records: list[Record]) -> None:
+        for record in records:
+            self.writer.write(record)

@@ -1,0 +1,92 @@
+"""Read the kernel's BPF ring buffer directly through its memory mapping.
+
+The shell around agent/events/ring.py: it maps the ring the way libbpf does
+(the consumer page read-write, the producer page and the data area - mapped
+twice in a row by the kernel - read-only), waits on the map's fd, and hands
+whole batches of records to a Python function.  No ctypes callback per event:
+that callback alone cost more than decoding the event.
+
+Memory ordering: x86-64 keeps loads in order and never moves a store before an
+earlier load, so reading the producer position, then the records, then storing
+the consumer position needs no fences here (libbpf's acquire/release are plain
+moves on x86 too).  The agent's probes are x86-64 only (bpf/gotls.c reads the
+amd64 register ABI), and so is this reader.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import select
+import struct
+from collections.abc import Callable
+
+from agent.events.ring import take_records
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_POSITION = struct.Struct("<Q")
+
+# Records handed over per call of the handler, at most: the consumer position
+# advances after each batch, so the kernel gets room back while we work.
+BATCH_BYTES = 4 << 20
+
+BatchHandler = Callable[[list], None]
+
+
+class RingReader:
+    def __init__(self, map_fd: int, size: int) -> None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            raise RuntimeError("the ring reader relies on x86-64 memory ordering")
+        if size <= 0 or size & (size - 1) or size % PAGE_SIZE:
+            raise ValueError(f"ring size {size} is not a power-of-two number of pages")
+        self.size = size
+        self._consumer = mmap.mmap(
+            map_fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0
+        )
+        self._producer = mmap.mmap(
+            map_fd, PAGE_SIZE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE_SIZE
+        )
+        self._data = memoryview(self._producer)[PAGE_SIZE:]
+        self._poll = select.poll()
+        self._poll.register(map_fd, select.POLLIN)
+
+    def pending_bytes(self) -> int:
+        """Bytes the kernel has written that we have not consumed yet."""
+        (consumer,) = _POSITION.unpack_from(self._consumer)
+        (producer,) = _POSITION.unpack_from(self._producer)
+        return producer - consumer
+
+    def wait(self, timeout_ms: int) -> None:
+        """Sleep until the kernel wakes us (a burst past its wake-up mark) or the
+        timeout passes; events are submitted without wake-ups, so a timeout is
+        the normal way out."""
+        self._poll.poll(timeout_ms)
+
+    def drain(self, handle: BatchHandler) -> int:
+        """Hand every record written so far to `handle`, in batches; returns the
+        number of records.  A record's memory is reused by the kernel once
+        `handle` returns: it must copy what it keeps."""
+        total = 0
+        while True:
+            (consumer,) = _POSITION.unpack_from(self._consumer)
+            (producer,) = _POSITION.unpack_from(self._producer)
+            if consumer >= producer:
+                return total
+            taken_to, records = take_records(self._data, self.size, consumer, producer, BATCH_BYTES)
+            if taken_to == consumer:
+                return total  # the oldest record is still being written
+            try:
+                if records:
+                    handle(records)
+            finally:
+                for view in records:
+                    if isinstance(view, memoryview):
+                        view.release()
+                _POSITION.pack_into(self._consumer, 0, taken_to)
+            total += len(records)
+
+    def close(self) -> None:
+        self._data.release()
+        self._producer.close()
+        self._consumer.close()

@@ -1,0 +1,177 @@
+"""The capture pipeline alone: raw ring bytes in, records out, no kernel.
+
+    .venv/bin/python bench/pipeline.py [--events 100000] [--size 4096] [--rounds 5] [--json]
+
+Builds ring-buffer bytes exactly as the kernel lays them out (8-byte record
+headers, 8-byte alignment, data events made from agent/events/layout.py's ctypes
+mirrors), then times the agent's own path over them on one core:
+take_records -> EventPipeline (decode, calls, flows) -> RecordWriter -> sink.
+
+Workloads, each in every mode, round-robin so noise hits all alike:
+- raw:   --size byte payloads on 64 connections (what a busy TLS download looks like)
+- http1: keep-alive HTTP/1.1 request (~200 B) and response (--size bytes) pairs on 64
+         connections, each side as a server would see it; with L7 on, each pair is
+         one exchange
+
+Modes: `none` (records built, no sink), `jsonl` (JSON lines to a file, L7 off),
+`jsonl_l7` (JSON lines, L7 parsing and redaction on: the default `tlscap run`).
+Reported: events/s (ring records per second of CPU time) and, for http1,
+exchanges/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl  # also puts the repository on sys.path
+
+from agent.capture.pipeline import EventPipeline
+from agent.events import layout
+from agent.events.ring import take_records
+from agent.flows.table import FlowTable
+from agent.l7.connection import L7Options
+from agent.l7.stage import L7Stage
+from agent.records.writer import RecordWriter
+from agent.sinks.jsonl import JsonlSink
+from tests.unit.eventbuild import conn_v4, data_record
+
+CONNECTIONS = 64
+MODES = ("none", "jsonl", "jsonl_l7")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    return p.parse_args(argv)
+
+
+def ring_bytes(events: list[bytes]) -> tuple[bytes, int, int]:
+    """The events as one ring's data area (large enough to hold them all), its
+    size and the producer position after the last event."""
+    out = bytearray()
+    for raw in events:
+        out += len(raw).to_bytes(4, "little") + bytes(4) + raw
+        out += bytes(-len(out) % 8)
+    size = 1 << max(12, (len(out) - 1).bit_length())
+    return bytes(out) + bytes(size - len(out)), size, len(out)
+
+
+def _socket(i: int) -> dict:
+    return conn_v4(("127.0.0.1", 443), ("127.0.0.1", 40000 + i), gen=1000 + i, role=2)
+
+
+def raw_events(n: int, size: int) -> list[bytes]:
+    payload = os.urandom(size)
+    offsets = [0] * CONNECTIONS
+    out = []
+    for i in range(n):
+        c = i % CONNECTIONS
+        out.append(
+            data_record(payload, tgid=100, tid=100, fd=10 + c, ts_ns=1_000_000 + i,
+                        ssl=0x1000 + c, offset=offsets[c], socket=_socket(c), comm=b"nginx")
+        )  # fmt: skip
+        offsets[c] += size
+    return out
+
+
+def http1_events(n: int, size: int) -> list[bytes]:
+    """n events: n/2 request/response pairs, seen from the server."""
+    body = b"x" * size
+    response = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
+    response += b"Content-Length: %d\r\nConnection: keep-alive\r\n\r\n" % size + body
+    request = (
+        b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:8443\r\nUser-Agent: wrk\r\n"
+        b"Authorization: Bearer secret-token-abcdef\r\nAccept: */*\r\n\r\n"
+    )
+    offsets = [[0, 0] for _ in range(CONNECTIONS)]
+    out = []
+    for i in range(n // 2):
+        c = i % CONNECTIONS
+        for direction, data in ((layout.DIR_INGRESS, request), (layout.DIR_EGRESS, response)):
+            out.append(
+                data_record(data, tgid=100, tid=100, fd=10 + c, ts_ns=1_000_000 + 2 * i + direction,
+                            ssl=0x1000 + c, offset=offsets[c][direction], direction=direction,
+                            socket=_socket(c), comm=b"nginx")
+            )  # fmt: skip
+            offsets[c][direction] += len(data)
+    return out
+
+
+def run_once(ring: bytes, size: int, producer: int, mode: str, out_path: Path) -> dict:
+    sinks = []
+    if mode != "none":
+        sinks.append(JsonlSink.open(str(out_path)))
+    l7 = L7Stage(L7Options()) if mode == "jsonl_l7" else None
+    writer = RecordWriter(sinks, "bench-agent", "bench-node", None, l7)
+    flows = FlowTable(resolver=_NoProc(), mono_to_wall=lambda ns: ns)
+    pipeline = EventPipeline(writer, flows, on_exec=lambda pid: None, register_socket=print)
+    data = memoryview(ring)
+    start = time.process_time()
+    pos = 0
+    events = 0
+    while pos < producer:
+        pos_next, records = take_records(data, size, pos, producer, 4 << 20)
+        if pos_next == pos:
+            break
+        pipeline.handle_batch(records)
+        events += len(records)
+        pos = pos_next
+    writer.close()
+    cpu = time.process_time() - start
+    stats = l7.stats() if l7 else {}
+    return {"events": events, "cpu_s": cpu, "exchanges": stats.get("l7_exchanges", 0)}
+
+
+class _NoProc:
+    """The synthetic sockets are fully known to the 'kernel': /proc is never asked."""
+
+    def resolve(self, pid: int, fd: int) -> None:
+        raise AssertionError("the pipeline bench should never need /proc")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workloads = {
+        "raw": raw_events(args.events, args.size),
+        "http1": http1_events(args.events, min(args.size, 1500)),
+    }
+    rings = {name: ring_bytes(events) for name, events in workloads.items()}
+    samples: dict[tuple[str, str], list[dict]] = {}
+    with bl.scratch_dir() as tmp:
+        for rnd in range(args.rounds):
+            order = MODES[rnd % len(MODES) :] + MODES[: rnd % len(MODES)]
+            for workload, (ring, size, producer) in rings.items():
+                for mode in order:
+                    r = run_once(ring, size, producer, mode, tmp / f"{workload}-{mode}.jsonl")
+                    samples.setdefault((workload, mode), []).append(r)
+    rows = []
+    for (workload, mode), rs in samples.items():
+        ev_rate = bl.median([r["events"] / r["cpu_s"] for r in rs])
+        ex_rate = bl.median([r["exchanges"] / r["cpu_s"] for r in rs])
+        rows.append({"workload": workload, "mode": mode, "events_per_s": ev_rate,
+                     "us_per_event": 1e6 / ev_rate, "exchanges_per_s": ex_rate})  # fmt: skip
+    if args.json:
+        print(json.dumps({"rows": rows, "machine": bl.machine_info()}, indent=2))
+        return 0
+    print(f"pipeline, {args.events} events of {args.size} B, {args.rounds} rounds (median)")
+    print(f"{'workload':8} {'mode':9} {'events/s':>10} {'us/event':>9} {'exchanges/s':>12}")
+    for r in rows:
+        print(
+            f"{r['workload']:8} {r['mode']:9} {r['events_per_s']:10.0f} "
+            f"{r['us_per_event']:9.2f} {r['exchanges_per_s']:12.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

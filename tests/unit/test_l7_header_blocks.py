@@ -1,0 +1,131 @@
+"""One HPACK decode per header block, shared by two readers (agent.l7.header_blocks)."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import hpack
+import pytest
+from hpack.exceptions import HPACKError
+
+from agent.l7.header_blocks import HeaderBlockDecoder, HeaderBlockLost
+from agent.l7.http2 import Http2Parser
+from agent.redact.http2_masker import Http2HeaderMasker
+from agent.redact.rules import DEFAULT_HEADERS
+
+
+def blocks(n: int) -> list[bytes]:
+    enc = hpack.Encoder()
+    return [enc.encode([(":status", "200"), ("x-n", str(i)), ("x-same", "v")]) for i in range(n)]
+
+
+def counting(shared: HeaderBlockDecoder) -> list[int]:
+    """Counts the decodes of `shared`'s hpack decoder."""
+    calls: list[int] = []
+    decode = shared.decoder.decode
+
+    def counted(data: bytes, **kwargs: bool) -> list:
+        calls.append(1)
+        return decode(data, **kwargs)
+
+    shared.decoder.decode = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_each_block_is_decoded_once_for_both_readers() -> None:
+    shared = HeaderBlockDecoder()
+    calls = counting(shared)
+    a, b = shared.reader(), shared.reader()
+    bs = blocks(3)
+    first = [a.decode(raw) for raw in bs[:2]]
+    assert shared.kept == 2
+    assert [b.decode(raw) for raw in bs[:2]] == first
+    assert shared.kept == 0
+    assert (
+        b.decode(bs[2])
+        == a.decode(bs[2])
+        == [(b":status", b"200"), (b"x-n", b"2"), (b"x-same", b"v")]
+    )
+    assert len(calls) == 3
+
+
+def test_skipped_and_closed_readers_keep_nothing() -> None:
+    shared = HeaderBlockDecoder()
+    a, b = shared.reader(), shared.reader()
+    bs = blocks(3)
+    b.skip()  # b gives block 0 up before a decodes it
+    a.decode(bs[0])
+    assert shared.kept == 0
+    a.decode(bs[1])
+    assert shared.kept == 1
+    b.close()
+    assert shared.kept == 0
+    a.decode(bs[2])
+    assert shared.kept == 0
+
+
+def test_a_block_nobody_decoded_breaks_the_chain() -> None:
+    shared = HeaderBlockDecoder()
+    a = shared.reader()
+    bs = blocks(2)
+    a.skip()
+    with pytest.raises(HeaderBlockLost):
+        a.decode(bs[1])
+
+
+def test_readers_disagreeing_on_the_bytes_get_an_error() -> None:
+    shared = HeaderBlockDecoder()
+    a, b = shared.reader(), shared.reader()
+    bs = blocks(2)
+    a.decode(bs[0])
+    with pytest.raises(HeaderBlockLost):
+        b.decode(bs[1])
+
+
+def test_decode_errors_reach_both_readers() -> None:
+    shared = HeaderBlockDecoder()
+    a, b = shared.reader(), shared.reader()
+    for r in (a, b):
+        with pytest.raises(HPACKError):
+            r.decode(b"\xff\xff\xff\xff\xff\x7f")
+
+
+def test_masker_and_parser_share_one_decode_per_block() -> None:
+    """As agent/l7/connection.py wires them: the parser first, then the masker."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    requests, responses = bytearray(), bytearray()
+    for i in range(3):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(
+            sid,
+            [(":method", "GET"), (":scheme", "https"), (":path", f"/{i}"),
+             (":authority", "a"), ("authorization", "Bearer secret")],
+            end_stream=True,
+        )  # fmt: skip
+        sent = client.data_to_send()
+        requests += sent
+        server.receive_data(sent)
+        server.send_headers(sid, [(":status", "200"), ("set-cookie", "s=1")], end_stream=True)
+        responses += server.data_to_send()
+    shared = (HeaderBlockDecoder(), HeaderBlockDecoder())
+    calls = [counting(s) for s in shared]
+    parser = Http2Parser(blocks=shared)
+    maskers = [
+        Http2HeaderMasker(DEFAULT_HEADERS, preface=True, blocks=shared[0]),
+        Http2HeaderMasker(DEFAULT_HEADERS, preface=False, blocks=shared[1]),
+    ]
+    out = parser.feed("request", bytes(requests), 1) + parser.feed("response", bytes(responses), 2)
+    masked = [maskers[0].feed(bytes(requests)), maskers[1].feed(bytes(responses))]
+    assert parser.failed is None and len(out) == 3
+    assert [len(c) for c in calls] == [3, 3]  # one decode per header block
+    assert all(s.kept == 0 for s in shared)
+    assert b"secret" not in masked[0][0] and masked[0][1] == {"header:authorization"}
+    assert masked[1][1] == {"header:set-cookie"}
+    alone = Http2Parser()
+    alone_out = alone.feed("request", bytes(requests), 1) + alone.feed(
+        "response", bytes(responses), 2
+    )
+    assert [e.to_json() for e in alone_out] == [e.to_json() for e in out]
