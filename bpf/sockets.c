@@ -54,6 +54,20 @@ BPF_TABLE("lru_hash", u64, struct endpoint_pair, active_established, 16384);  //
 BPF_TABLE("lru_hash", u64, u64, sk_sockets, 16384);  // sk -> sockets key, awaiting ESTABLISHED
 BPF_TABLE("lru_hash", struct peer_key, struct endpoint_pair, passive_established, 16384);
 
+// An accept() already blocked when the agent attached returns a socket whose
+// peer address buffer we never saw.  Its endpoints are in the TCP state
+// tracepoint all the same, keyed by the kernel socket; the first send/recv on
+// the new fd names that socket (sock:sock_{send,recv}_length, Linux 6.3+), and
+// the fd is known from the syscall's entry.  Without those tracepoints user
+// space reads the endpoints from /proc at the first TLS call (racy for a
+// connection that is already gone by then).
+#if TLSCAP_SOCK_LENGTH_TP
+BPF_TABLE("lru_hash", u64, struct endpoint_pair, passive_by_sk, 16384);  // sk -> ends
+BPF_HASH(unresolved_accepts, u64, u8, 4096);  // sockets key -> 1
+BPF_ARRAY(unresolved_count, s64, 1);          // != 0: the probes below have work
+BPF_HASH(syscall_socket, u32, u64, 4096);     // tid -> sockets key, inside a syscall
+#endif
+
 #define TCP_ESTABLISHED_ 1
 #define TCP_SYN_SENT_ 2
 #define TCP_SYN_RECV_ 3
@@ -115,6 +129,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         struct peer_key pk = {};
         set_peer_key(&pk, ends.family, ends.raddr, ends.rport);
         passive_established.update(&pk, &ends);
+#if TLSCAP_SOCK_LENGTH_TP
+        passive_by_sk.update(&sk, &ends);
+#endif
     }
     return 0;
 }
@@ -222,6 +239,74 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
     return 0;
 }
 
+#if TLSCAP_SOCK_LENGTH_TP
+static __always_inline s64 *unresolved(void) {
+    u32 zero = 0;
+    return unresolved_count.lookup(&zero);
+}
+
+static __always_inline void await_endpoints(u64 key) {
+    u8 one = 1;
+    s64 *n = unresolved();
+    if (n && unresolved_accepts.insert(&key, &one) == 0)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void stop_awaiting(u64 key) {
+    s64 *n = unresolved();
+    if (n && *n > 0 && unresolved_accepts.delete(&key) == 0)
+        __sync_fetch_and_add(n, -1);
+}
+
+// A syscall on an fd: remember which socket it is, if it still awaits its
+// endpoints (one array read otherwise: these run for every read and write).
+static __always_inline void note_syscall_fd(u64 id, s32 fd) {
+    s64 *n = unresolved();
+    if (!n || *n <= 0)
+        return;
+    u32 tid = (u32)id;
+    u64 key = socket_key(id >> 32, fd);
+    if (!unresolved_accepts.lookup(&key)) {
+        // A syscall that failed before reaching the socket layer must not
+        // leave its socket to the next one.
+        syscall_socket.delete(&tid);
+        return;
+    }
+    syscall_socket.update(&tid, &key);
+}
+
+static __always_inline int resolve_accepted(u64 sk) {
+    s64 *n = unresolved();
+    if (!n || *n <= 0)
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 *pending = syscall_socket.lookup(&tid);
+    if (!pending)
+        return 0;
+    u64 key = *pending;
+    syscall_socket.delete(&tid);
+    struct endpoint_pair *ends = passive_by_sk.lookup(&sk);
+    struct conn_info *c = find_socket(key);
+    if (ends && c && !c->family) {
+        c->family = ends->family;
+        __builtin_memcpy(c->raddr, ends->raddr, 16);
+        c->rport = ends->rport;
+        copy_local(c, ends);
+    }
+    // Found or not (its handshake predates us too: user space reads /proc),
+    // this socket is settled.
+    stop_awaiting(key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length) { return resolve_accepted((u64)args->sk); }
+TRACEPOINT_PROBE(sock, sock_send_length) { return resolve_accepted((u64)args->sk); }
+#else
+static __always_inline void await_endpoints(u64 key) {}
+static __always_inline void stop_awaiting(u64 key) {}
+static __always_inline void note_syscall_fd(u64 id, s32 fd) {}
+#endif
+
 static __always_inline int accept_enter(u64 upeer) {
     u64 id = bpf_get_current_pid_tgid();
     if (!tgid_wanted(id >> 32))
@@ -245,6 +330,7 @@ static __always_inline int accept_exit(long ret) {
             struct conn_info c = {.gen = bpf_ktime_get_ns(), .role = ROLE_SERVER};
             u64 key = socket_key(id >> 32, (s32)ret);
             record_socket(id, (s32)ret, key, &c);
+            await_endpoints(key);
         }
         return 0;
     }
@@ -297,6 +383,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     }
     tls_sockets.delete(&key);
     sockets.delete(&key);
+    stop_awaiting(key);
     return 0;
 }
 
@@ -315,6 +402,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
 // registers it once its first record names it.
 static __always_inline int learn_fd(s32 fd, u8 socket_call) {
     u64 id = bpf_get_current_pid_tgid();
+    note_syscall_fd(id, fd);
     u32 tid = (u32)id;
     struct active_call *a = active_calls.lookup(&tid);
     if (a) {

@@ -12,6 +12,7 @@
 //   TLSCAP_WAKE_BYTES  wake the consumer once this much data is pending
 //   TLSCAP_SHED_BYTES  ring high-water mark: connections that start while more
 //                      than this is pending are shed (0: never shed)
+//   TLSCAP_SOCK_LENGTH_TP  1 when the kernel has sock:sock_{send,recv}_length (6.3+)
 #ifndef TLSCAP_H
 #define TLSCAP_H
 
@@ -31,6 +32,9 @@
 #endif
 #ifndef TLSCAP_WAKE_BYTES
 #define TLSCAP_WAKE_BYTES (4 << 20)
+#endif
+#ifndef TLSCAP_SOCK_LENGTH_TP
+#define TLSCAP_SOCK_LENGTH_TP 0
 #endif
 #ifndef TLSCAP_SHED_BYTES
 #define TLSCAP_SHED_BYTES (TLSCAP_RINGBUF_PAGES * 2048)  // half the ring (4 KiB pages)

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,12 @@ class ProbeSettings:
     # Shed whole connections that start while more than this fraction of the
     # ring is pending (user space is behind); 0 or 1.0: never shed.
     shed_fraction: float = 0.5
+    # sock:sock_{send,recv}_length exist (Linux 6.3+): sockets accepted by an
+    # accept() that was already blocked when we attached get their endpoints
+    # in the kernel (bpf/sockets.c).
+    sock_length_tracepoints: bool = field(
+        default_factory=lambda: _has_tracepoint("sock", "sock_recv_length")
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shed_fraction <= 1.0:
@@ -90,7 +96,15 @@ class ProbeSettings:
             f"-DTLSCAP_RINGBUF_PAGES={pages}",
             f"-DTLSCAP_WAKE_BYTES={wake}",
             f"-DTLSCAP_SHED_BYTES={self.shed_bytes}",
+            f"-DTLSCAP_SOCK_LENGTH_TP={1 if self.sock_length_tracepoints else 0}",
         ]
+
+
+def _has_tracepoint(category: str, name: str) -> bool:
+    return any(
+        Path(root, "events", category, name).is_dir()
+        for root in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+    )
 
 
 def _power_of_two_at_least(n: int) -> int:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent.export.exporter import GrpcExporter
 
 from agent.certs.authority import CertificateAuthority, write_private, write_public
 from agent.cli import tls_options
+from agent.export.exporter import GrpcExporter
 from agent.schema import pb, pb_grpc
 from agent.schema.convert import to_pb
 from tests.grpc.conftest import make_records, wait_for
