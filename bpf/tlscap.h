@@ -13,6 +13,8 @@
 //   TLSCAP_SHED_BYTES  ring high-water mark: connections that start while more
 //                      than this is pending are shed (0: never shed)
 //   TLSCAP_SOCK_LENGTH_TP  1 when the kernel has sock:sock_{send,recv}_length (6.3+)
+//   TLSCAP_HOLD        1 with --hold-new-libraries: stop a process that maps a TLS
+//                      library until user space has probed it (process.c)
 #ifndef TLSCAP_H
 #define TLSCAP_H
 
@@ -32,6 +34,9 @@
 #endif
 #ifndef TLSCAP_WAKE_BYTES
 #define TLSCAP_WAKE_BYTES (4 << 20)
+#endif
+#ifndef TLSCAP_HOLD
+#define TLSCAP_HOLD 0
 #endif
 #ifndef TLSCAP_SOCK_LENGTH_TP
 #define TLSCAP_SOCK_LENGTH_TP 0
@@ -53,6 +58,7 @@ enum event_kind {
     EV_EXEC = 3,       // a process called execve: new targets may appear
     EV_EXEC_MAP = 4,   // a process mapped a file executable (dlopen): likewise
     EV_EXIT = 5,       // a process that carried TLS data exited
+    EV_HOLD = 6,       // a process was stopped at its mapping of a TLS library (process.c)
 };
 
 enum direction { DIR_EGRESS = 0, DIR_INGRESS = 1 };

@@ -38,6 +38,7 @@ class EventPipeline:
         *,
         on_exec: Callable[[int], None],
         register_socket: Callable[[KernelRegistration], None],
+        on_hold: Callable[[int], None] | None = None,
     ) -> None:
         self.writer = writer
         self.flows = flows
@@ -45,6 +46,7 @@ class EventPipeline:
         self.stats = PipelineStats()
         self._decoder = EventDecoder()
         self._on_exec = on_exec
+        self._on_hold = on_hold or on_exec
         self._register_socket = register_socket
 
     def handle_batch(self, records: Sequence[bytes | memoryview]) -> None:
@@ -85,6 +87,8 @@ class EventPipeline:
         if event.kind == "exit":
             self._write_all(self.flows.on_exit(event.tgid, event.ts_mono_ns))
             self.writer.process_exited(event.tgid)
+        elif event.kind == "hold":
+            self._on_hold(event.tgid)  # the kernel stopped it: probe it, then resume it
         else:
             self._on_exec(event.tgid)
 

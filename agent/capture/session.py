@@ -49,6 +49,7 @@ class CaptureOptions:
     comms: list[str] = field(default_factory=list)
     max_capture: int = 1 << 20
     ringbuf_bytes: int = 64 << 20
+    hold_new_libraries: bool = False  # bpf/process.c, agent/capture/attacher.py
     duration: float | None = None
     ready_file: Path | None = None
     poll_ms: int = 5
@@ -68,6 +69,7 @@ class CaptureOptions:
             filtered=self.filtered,
             max_capture=self.max_capture,
             ringbuf_bytes=self.ringbuf_bytes,
+            hold_new_libraries=self.hold_new_libraries,
         )
 
 
@@ -122,6 +124,7 @@ class CaptureSession:
             self._out,
             self._flows,
             on_exec=self._attacher.request,
+            on_hold=self._attacher.hold,
             register_socket=self._register_socket,
         )
         self.stats = AgentStats()
@@ -243,6 +246,8 @@ class CaptureSession:
             "incomplete_calls": self._pipeline.calls.incomplete_calls,
             "targets_attached": self.stats.targets_attached,
             "attach_failures": self.stats.attach_failures + self._attacher.failures,
+            "held_processes": self._attacher.holds,
+            "hold_timeouts": self._attacher.hold_timeouts,
             "go_binaries_refused": self.stats.go_binaries_refused,
         }
         out.update({f"kernel_{k}": v for k, v in kernel.items() if k not in shed})

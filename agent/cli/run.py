@@ -63,6 +63,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--ringbuf-mb", type=int, default=64, help="kernel ring buffer size in MiB (default 64)"
     )
+    p.add_argument(
+        "--hold-new-libraries",
+        action="store_true",
+        help="stop a process that maps a TLS library (SIGSTOP, at most 2 s) until its "
+        "probes are on, so even short-lived programs with a library copy the agent has "
+        "not seen are captured from their first call; not for interactive shells, whose "
+        "job control sees the stop",
+    )
     export = p.add_argument_group("export to a collector / local store")
     export.add_argument(
         "--collector", metavar="HOST:PORT", help="stream records to this tlscap collector"
@@ -206,6 +214,7 @@ def run_command(args: argparse.Namespace) -> int:
         comms=args.comm,
         max_capture=args.max_capture,
         ringbuf_bytes=args.ringbuf_mb << 20,
+        hold_new_libraries=args.hold_new_libraries,
         duration=args.duration,
         ready_file=args.ready_file,
         node=args.node,

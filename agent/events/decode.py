@@ -78,7 +78,7 @@ class SocketClosed:
 
 @dataclass(frozen=True, slots=True)
 class ProcessEvent:
-    kind: Literal["exec", "exec_map", "exit"]
+    kind: Literal["exec", "exec_map", "exit", "hold"]
     tgid: int
     ts_mono_ns: int
     comm: str
@@ -86,10 +86,11 @@ class ProcessEvent:
 
 Event = TlsCall | SocketClosed | ProcessEvent
 
-_PROC_KINDS: dict[int, Literal["exec", "exec_map", "exit"]] = {
+_PROC_KINDS: dict[int, Literal["exec", "exec_map", "exit", "hold"]] = {
     layout.EV_EXEC: "exec",
     layout.EV_EXEC_MAP: "exec_map",
     layout.EV_EXIT: "exit",
+    layout.EV_HOLD: "hold",
 }
 
 # bpf/tlscap.h's structs as struct formats (layout.py's ctypes mirrors are the

@@ -75,6 +75,12 @@ METRICS: dict[str, MetricSpec] = {
     "go_binaries_refused": _counter(
         "go_binaries_refused", "Go programs not probed (unsupported ABI or architecture)"
     ),
+    "held_processes": _counter(
+        "held_processes", "Processes stopped at a TLS library mapping until probed"
+    ),
+    "hold_timeouts": _counter(
+        "hold_timeouts", "Held processes resumed because the hold's bound ran out"
+    ),
     # -- kernel counters (bpf/tlscap.h `enum counter`) ------------------------
     "kernel_calls": _counter("kernel_calls", "TLS calls that moved data, seen in the kernel"),
     "kernel_chunks": _counter("kernel_chunks", "Chunk events submitted to the ring buffer"),

@@ -66,6 +66,8 @@ class ProbeSettings:
     # sock:sock_{send,recv}_length exist (Linux 6.3+): sockets accepted by an
     # accept() that was already blocked when we attached get their endpoints
     # in the kernel (bpf/sockets.c).
+    # --hold-new-libraries: stop processes that map a TLS library until probed.
+    hold_new_libraries: bool = False
     sock_length_tracepoints: bool = field(
         default_factory=lambda: _has_tracepoint("sock", "sock_recv_length")
     )
@@ -97,6 +99,7 @@ class ProbeSettings:
             f"-DTLSCAP_WAKE_BYTES={wake}",
             f"-DTLSCAP_SHED_BYTES={self.shed_bytes}",
             f"-DTLSCAP_SOCK_LENGTH_TP={1 if self.sock_length_tracepoints else 0}",
+            f"-DTLSCAP_HOLD={1 if self.hold_new_libraries else 0}",
         ]
 
 

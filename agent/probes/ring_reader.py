@@ -59,18 +59,23 @@ class RingReader:
 
     def wait(self, timeout_ms: int) -> None:
         """Sleep until the kernel wakes us (a burst past its wake-up mark) or the
-        timeout passes; events are submitted without wake-ups, so a timeout is
-        the normal way out."""
+        timeout passes.  The map's poll reports readable at once when records
+        are waiting, so only an empty ring sleeps: events are submitted without
+        wake-ups, and a quiet ring is drained every `timeout_ms`."""
         self._poll.poll(timeout_ms)
 
     def drain(self, handle: BatchHandler) -> int:
-        """Hand every record written so far to `handle`, in batches; returns the
-        number of records.  A record's memory is reused by the kernel once
-        `handle` returns: it must copy what it keeps."""
+        """Hand every record written before the call to `handle`, in batches;
+        returns the number of records.  A record's memory is reused by the kernel
+        once `handle` returns: it must copy what it keeps.
+
+        Records written meanwhile wait for the next call: a producer faster than
+        us must not keep the caller from its other duties (stop requests, the
+        liveness beat, stale calls)."""
         total = 0
+        (producer,) = _POSITION.unpack_from(self._producer)
         while True:
             (consumer,) = _POSITION.unpack_from(self._consumer)
-            (producer,) = _POSITION.unpack_from(self._producer)
             if consumer >= producer:
                 return total
             taken_to, records = take_records(self._data, self.size, consumer, producer, BATCH_BYTES)

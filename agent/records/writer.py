@@ -40,7 +40,10 @@ class RecordWriter:
     ) -> None:
         self.sinks = list(sinks)
         # HTTP parsing and redaction (agent/l7): between the policy and the sinks, so
-        # nothing unredacted reaches any sink.  None (or an inactive stage): off.
+        # nothing unredacted reaches any sink.  None (or an inactive stage): off; so
+        # is redaction alone when no sink is there to protect (--output none).
+        if l7 is not None and not self.sinks and not l7.options.parse:
+            l7 = None
         self.l7 = l7 if l7 is not None and l7.active else None
         self.agent_id = agent_id
         self.node = node

@@ -96,7 +96,9 @@ def test_server_already_blocked_in_accept_when_the_agent_started(agent, s_server
     client_conns = cap.conns(comm="curl")
     server_conns = cap.conns(comm="openssl")
     assert len(client_conns) == len(server_conns) == 2
-    for path, client_conn, server_conn in zip(("/late", "/later"), client_conns, server_conns):
+    for path, client_conn, server_conn in zip(
+        ("/late", "/later"), client_conns, server_conns, strict=True
+    ):
         assert cap.stream(server_conn, "ingress") == curl_request("127.0.0.1", port, path)
         assert cap.stream(server_conn, "egress") == cap.stream(client_conn, "ingress")
         client_port = cap.data(conn_id=client_conn)[0]["local"]["port"]
@@ -249,3 +251,36 @@ def test_clean_exit_leaves_no_probes(agent, tmp_path):
     uprobe_events = Path("/sys/kernel/tracing/uprobe_events")
     if uprobe_events.exists():
         assert "libssl" not in uprobe_events.read_text()
+
+
+def test_short_lived_curls_with_unseen_library_copies_are_held_and_captured(
+    agent, s_server, tmp_path
+):
+    """Every fresh curl loads its own, never-seen libssl copy from a private mount
+    namespace (as a new container image would) and is gone within milliseconds:
+    with --hold-new-libraries each is stopped at its mapping of the library until
+    the probes are on, so all five are captured from their first call."""
+    port = s_server("127.0.0.1")
+    a = agent("--comm", "curl", "--hold-new-libraries")
+    runs = 5
+    for i in range(runs):
+        private = tmp_path / f"lib{i}"
+        private.mkdir()
+        shutil.copy("/lib/x86_64-linux-gnu/libssl.so.3", private / "libssl.so.3")
+        url = f"https://127.0.0.1:{port}/run{i}"
+        script = (
+            f"mount --bind {private} {private} && "
+            f"LD_LIBRARY_PATH={private} exec {' '.join(CURL)} -o /dev/null {url}"
+        )
+        subprocess.run(["unshare", "-m", "sh", "-c", script], check=True, timeout=30)
+    cap = a.stop()
+    for i in range(runs):
+        private = tmp_path / f"lib{i}" / "libssl.so.3"
+        assert str(private) in cap.stderr, f"run {i}: its copy was never probed\n{cap.stderr}"
+    conns = cap.conns(comm="curl")
+    assert len(conns) == runs, cap.stderr
+    for i, conn in enumerate(conns):
+        assert cap.stream(conn, "egress") == curl_request("127.0.0.1", port, f"/run{i}")
+        assert cap.stream(conn, "ingress").startswith(b"HTTP/1.0 200 ok")
+    stats = cap.stats
+    assert stats["held_processes"] >= runs and stats["hold_timeouts"] == 0, stats

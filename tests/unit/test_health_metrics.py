@@ -46,6 +46,8 @@ SESSION_KEYS = [
     "targets_attached",
     "attach_failures",
     "go_binaries_refused",
+    "held_processes",
+    "hold_timeouts",
     "proxy_leaves_issued",
     "proxy_passthrough_remembered",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -116,3 +117,81 @@ def test_attacher_works_off_the_callers_thread_and_survives_errors() -> None:
     assert [pid for pid, _ in seen][:1] == [1] and sorted(p for p, _ in seen) == [1, 2, 3]
     assert all(name == "tlscap-attach" for _, name in seen)
     assert attacher.failures == 1
+
+
+def test_redaction_alone_is_skipped_when_no_sink_would_see_the_bytes() -> None:
+    """--l7 off --output none: nothing leaves the agent, so masking is pure cost;
+    with a sink, or with parsing on (its counters are on /metrics), the stage runs."""
+    from agent.l7.connection import L7Options
+    from agent.l7.stage import L7Stage
+
+    redact_only = L7Options(parse=False)
+    assert RecordWriter([], "a", "n", None, L7Stage(redact_only)).l7 is None
+    assert RecordWriter([ListSink()], "a", "n", None, L7Stage(redact_only)).l7 is not None
+    assert RecordWriter([], "a", "n", None, L7Stage(L7Options())).l7 is not None
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, want: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _state(pid) != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _state(pid) == want
+
+
+def test_held_process_is_attached_first_then_resumed() -> None:
+    import signal
+    import subprocess
+
+    order: list[int] = []
+    gate = threading.Event()
+
+    def attach(pid: int) -> None:
+        gate.wait(5)
+        order.append(pid)
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        os.kill(sleeper.pid, signal.SIGSTOP)  # what bpf/process.c does
+        _wait_state(sleeper.pid, "T")
+        attacher = TargetAttacher(attach, hold_max=10)
+        attacher.start()
+        attacher.request(111)  # picked up first, blocks on the gate
+        time.sleep(0.05)
+        attacher.request(222)
+        attacher.hold(sleeper.pid)  # jumps the queue ahead of 222
+        gate.set()
+        _wait_state(sleeper.pid, "S")
+        attacher.stop()
+        assert order[:2] == [111, sleeper.pid] and 222 in order
+        assert (attacher.holds, attacher.hold_timeouts) == (1, 0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_hold_never_outlasts_its_bound() -> None:
+    import signal
+    import subprocess
+
+    stuck = threading.Event()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        _wait_state(sleeper.pid, "T")
+        attacher = TargetAttacher(lambda pid: stuck.wait(5), hold_max=0.2)
+        attacher.start()
+        attacher.request(1)  # the attacher is busy for seconds with another process
+        time.sleep(0.05)
+        attacher.hold(sleeper.pid)
+        _wait_state(sleeper.pid, "S", timeout=2)
+        assert attacher.hold_timeouts == 1
+        stuck.set()
+        attacher.stop()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
