@@ -167,9 +167,16 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _general_names(
-    common_name: str, dns_names: Iterable[str], ip_addresses: Iterable[IPLike]
+    common_name: str,
+    dns_names: Iterable[str],
+    ip_addresses: Iterable[IPLike],
+    uris: Iterable[str] = (),
 ) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
+    for uri in uris:
+        if not uri or any(c.isspace() for c in uri) or "://" not in uri:
+            raise ValueError(f"not a URI: {uri!r}")
+        names.append(x509.UniformResourceIdentifier(uri))
     for dns in dns_names:
         if not dns or any(c.isspace() for c in dns):
             raise ValueError(f"not a DNS name: {dns!r}")
@@ -304,13 +311,16 @@ class CertificateAuthority:
         *,
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[IPLike] = (),
+        uris: Iterable[str] = (),
         server: bool = True,
         client: bool = False,
         valid_for: timedelta = DEFAULT_LEAF_VALIDITY,
     ) -> IssuedCert:
         """Mint a fresh key pair and a leaf certificate for it, signed by this CA.
 
-        With no dns_names/ip_addresses the common name becomes the only SAN. The validity
+        With no dns_names/ip_addresses/uris the common name becomes the only SAN. `uris` are URI
+        SANs: a client certificate's role identity, `tlscap://agent/<node>` or
+        `tlscap://consumer/<name>` (agent/certs/identity.py). The validity
         is clipped to the CA's own, so a leaf never outlives the certificate that vouches
         for it.
         """
@@ -318,7 +328,7 @@ class CertificateAuthority:
             raise ValueError("a certificate must be for server or client use (or both)")
         if valid_for <= timedelta(0):
             raise ValueError("valid_for must be positive")
-        sans = _general_names(common_name, dns_names, ip_addresses)
+        sans = _general_names(common_name, dns_names, ip_addresses, uris)
         usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
         if client:
             usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)

@@ -6,8 +6,12 @@ import argparse
 import ipaddress
 import re
 import shlex
+import socket
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+
+from cryptography import x509
 
 from agent.certs.authority import (
     CA_CERT_FILE,
@@ -20,16 +24,31 @@ from agent.certs.authority import (
     write_private,
     write_public,
 )
+from agent.certs.identity import ANY_NODE, IdentityError, check_name, identity_uri
 from agent.cli.argtypes import positive_int
 from agent.cli.errors import fail
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
-DEFAULT_CLIENTS = ("agent", "consumer")
+DEFAULT_CONSUMER = "consumer"
+# The default agent certificate is for this machine, under the node name `tlscap run`
+# puts on its records by default (the host name), in agent.crt.
+DEFAULT_AGENT_FILE = "agent"
 SERVER_NAME = "collector"
 # Client names become file names next to ca.* and collector.*, so keep them plain.
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-# Which command each default client certificate is for, to print ready-to-use flags.
-_CLIENT_COMMANDS = {"agent": "run", "consumer": "tail"}
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    """One client certificate to write: file stem, role, identity name."""
+
+    file: str  # <file>.crt / <file>.key
+    role: str  # "agent" or "consumer"
+    name: str  # node name or consumer name
+
+    @property
+    def uri(self) -> str:
+        return identity_uri(self.role, self.name)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,12 +68,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"default: {', '.join(DEFAULT_HOSTS)})",
     )
     p.add_argument(
+        "--agent-node",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="agent certificate agent-NODE.crt/.key with identity tlscap://agent/NODE: it "
+        "may only send records whose node is NODE (repeatable; one per node). '*' makes "
+        "agent-any-node.crt (tlscap://agent/*): may send records of any node, for "
+        "deployments that cannot give each node its own certificate",
+    )
+    p.add_argument(
+        "--consumer",
         "--client",
+        dest="consumer",
         action="append",
         default=[],
         metavar="NAME",
-        help=f"client certificate NAME.crt/NAME.key to create (repeatable; "
-        f"default: {' and '.join(DEFAULT_CLIENTS)})",
+        help="consumer certificate NAME.crt/.key with identity tlscap://consumer/NAME, for "
+        "`tlscap tail` (repeatable). With neither --agent-node nor --consumer: agent.crt "
+        f"for this host (node {socket.gethostname()!r}) and {DEFAULT_CONSUMER}.crt",
     )
     p.add_argument(
         "--days",
@@ -92,6 +124,14 @@ def _load_ca(directory: Path) -> tuple[CertificateAuthority, bool]:
     return CertificateAuthority.load_or_create(directory), not existed
 
 
+def _uris(cert: x509.Certificate) -> list[str]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return sans.get_values_for_type(x509.UniformResourceIdentifier)
+
+
 def _write_leaf(
     ca: CertificateAuthority,
     directory: Path,
@@ -110,6 +150,8 @@ def _write_leaf(
         note = ""
         if not is_issued_by(existing, ca.certificate):
             note = f" (WARNING: not signed by {directory / CA_CERT_FILE}; --force reissues)"
+        elif (want := list(issue_args.get("uris", ()))) and not set(want) <= set(_uris(existing)):
+            note = f" (WARNING: lacks the identity {want[0]}; --force reissues)"
         print(f"kept    {crt}, {key}: exists, --force replaces it{note}")
         return
     issued = ca.issue(name if name != SERVER_NAME else "tlscap collector", **issue_args)
@@ -118,19 +160,45 @@ def _write_leaf(
     print(f"wrote   {crt}, {key}: {describe}, until {issued.not_after:%Y-%m-%d}")
 
 
+def client_certs(agent_nodes: list[str], consumers: list[str]) -> list[ClientCert]:
+    """What to write for --agent-node/--consumer; ValueError with a one-line message."""
+    if not agent_nodes and not consumers:
+        return [
+            ClientCert(DEFAULT_AGENT_FILE, "agent", socket.gethostname()),
+            ClientCert(DEFAULT_CONSUMER, "consumer", DEFAULT_CONSUMER),
+        ]
+    out = []
+    for node in agent_nodes:
+        if node == ANY_NODE:
+            out.append(ClientCert("agent-any-node", "agent", ANY_NODE))
+            continue
+        try:
+            check_name(node, "--agent-node")
+        except IdentityError as exc:
+            raise ValueError(str(exc)) from None
+        if not _CLIENT_NAME.fullmatch(f"agent-{node}"):
+            raise ValueError(f"--agent-node {node!r}: at most 56 characters")
+        out.append(ClientCert(f"agent-{node}", "agent", node))
+    for name in consumers:
+        if not _CLIENT_NAME.fullmatch(name) or name in ("ca", SERVER_NAME):
+            raise ValueError(
+                f"--client {name!r}: use letters, digits, '.', '_', '-' (not ca/collector)"
+            )
+        out.append(ClientCert(name, "consumer", name))
+    files = [c.file for c in out]
+    if len(set(files)) != len(files):
+        raise ValueError("--agent-node and --client/--consumer names must be different")
+    return out
+
+
 def certs_command(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     hosts = args.host or list(DEFAULT_HOSTS)
-    clients = args.client or list(DEFAULT_CLIENTS)
     try:
         dns_names, ips = split_hosts(hosts)
+        clients = client_certs(args.agent_node, args.consumer)
     except ValueError as exc:
         return fail(str(exc))
-    for name in clients:
-        if not _CLIENT_NAME.fullmatch(name) or name in ("ca", SERVER_NAME):
-            return fail(f"--client {name!r}: use letters, digits, '.', '_', '-' (not ca/collector)")
-    if len(set(clients)) != len(clients):
-        return fail("--client names must be different")
     valid_for = timedelta(days=args.days)
 
     try:
@@ -150,13 +218,14 @@ def certs_command(args: argparse.Namespace) -> int:
             client=False,
             valid_for=valid_for,
         )
-        for name in clients:
+        for client in clients:
             _write_leaf(
                 ca,
                 directory,
-                name,
+                client.file,
                 force=args.force,
-                describe=f"client certificate {name!r}",
+                describe=f"{client.role} certificate {client.uri}",
+                uris=[client.uri],
                 server=False,
                 client=True,
                 valid_for=valid_for,
@@ -170,7 +239,7 @@ def certs_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_usage(directory: Path, host: str, clients: list[str]) -> None:
+def print_usage(directory: Path, host: str, clients: list[ClientCert]) -> None:
     def q(name: str) -> str:
         return shlex.quote(str(directory / name))
 
@@ -183,15 +252,21 @@ def print_usage(directory: Path, host: str, clients: list[str]) -> None:
         f"  tlscap collector --tls-cert {q('collector.crt')} --tls-key {q('collector.key')} "
         f"--tls-ca {ca}"
     )
-    for name in clients:
-        command = _CLIENT_COMMANDS.get(name)
-        flags = f"--tls-cert {q(name + '.crt')} --tls-key {q(name + '.key')} --tls-ca {ca}"
-        if command:
-            print(f"{'Agent' if command == 'run' else 'Consumer'} ({name}):")
-            print(f"  tlscap {command} --collector {address} {flags}")
+    for client in clients:
+        flags = f"--tls-cert {q(client.file + '.crt')} --tls-key {q(client.file + '.key')}"
+        flags += f" --tls-ca {ca}"
+        if client.role == "agent":
+            if client.name == ANY_NODE:
+                print("Agent on any node (may send records of every node, never read):")
+            else:
+                print(f"Agent on node {client.name} (may only send records of that node):")
+            node = (
+                "" if client.name in (socket.gethostname(), ANY_NODE) else f" --node {client.name}"
+            )
+            print(f"  tlscap run --collector {address}{node} {flags}")
         else:
-            print(f"Client {name}:")
-            print(f"  {flags}")
+            print(f"Consumer {client.name} (may only read):")
+            print(f"  tlscap tail --collector {address} {flags}")
     print(
         "Reaching the collector by a name or address not listed above? Reissue with --host, "
         "or add --tls-server-name NAME on the client."

@@ -70,6 +70,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=Path,
         help="once serving, write the bound HOST:PORT here (useful with port 0)",
     )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="TOML file restricting consumers (tlscap://consumer/<name>) to namespaces; "
+        "see docs/kubernetes.md. Without it every consumer reads everything",
+    )
+    p.add_argument(
+        "--allow-anonymous-subscribe",
+        action="store_true",
+        help="let callers without a client certificate Subscribe (read all captured "
+        "plaintext); without mutual TLS, Subscribe is refused unless this is given",
+    )
     tls_options.add_tls_arguments(p, server=True)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     add_config_argument(p)
@@ -81,12 +94,17 @@ def collector_command(args: argparse.Namespace) -> int:
     # Agents connect and disconnect all day: say so at the default level.
     if not args.verbose:
         logging.getLogger("agent").setLevel(logging.INFO)
+    from agent.collector.policy import PolicyError, load_policy
     from agent.collector.server import CollectorConfig, CollectorServer
     from agent.collector.store import StoreError
 
     try:
         settings = tls_options.tls_settings_from_args(args, server=True)
     except tls_options.TlsConfigError as exc:
+        return fail(str(exc))
+    try:
+        policy = load_policy(args.policy) if args.policy is not None else None
+    except PolicyError as exc:
         return fail(str(exc))
     config = CollectorConfig(
         listen=args.listen,
@@ -96,6 +114,8 @@ def collector_command(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message,
         max_streams=args.max_streams,
         subscriber_queue=args.subscriber_queue,
+        policy=policy,
+        allow_anonymous_subscribe=args.allow_anonymous_subscribe,
     )
     try:
         server = CollectorServer(config, tls_options.server_credentials(settings))
@@ -112,6 +132,15 @@ def collector_command(args: argparse.Namespace) -> int:
     server.start()
     mode = "insecure" if settings.insecure else ("mTLS" if settings.mutual else "TLS")
     log.info("serving %s (%s)", server.address, mode)
+    if not settings.mutual:
+        log.warning(
+            "no client CA (--tls-ca): callers are not identified, so anyone reaching %s may "
+            "Ingest records claiming any node%s",
+            server.address,
+            "; and Subscribe (--allow-anonymous-subscribe)"
+            if args.allow_anonymous_subscribe
+            else "; Subscribe is refused",
+        )
     if args.ready_file:
         args.ready_file.write_text(server.address + "\n")
     stop.wait()

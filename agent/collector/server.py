@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agent.collector.fanout import Hub
+from agent.collector.policy import Policy
 from agent.collector.service import CollectorService
 from agent.collector.store import RecordStore
 from agent.schema import pb, pb_grpc
@@ -38,6 +39,10 @@ class CollectorConfig:
     max_streams: int = 128
     subscriber_queue: int = 10_000
     prune_interval: float = 30.0
+    # Which namespaces each consumer identity may read (None: everything).
+    policy: Policy | None = None
+    # Subscribe without a client certificate (no mutual TLS): refused unless this is set.
+    allow_anonymous_subscribe: bool = False
 
 
 class CollectorServer:
@@ -51,7 +56,13 @@ class CollectorServer:
             max_records=config.max_records,
         )
         self.hub = Hub()
-        self.service = CollectorService(self.store, self.hub, config.subscriber_queue)
+        self.service = CollectorService(
+            self.store,
+            self.hub,
+            config.subscriber_queue,
+            policy=config.policy,
+            allow_anonymous_subscribe=config.allow_anonymous_subscribe,
+        )
         self.health = health.HealthServicer()
         limit = config.max_message_bytes
         self._server = grpc.server(
@@ -114,10 +125,19 @@ class CollectorServer:
         self.store.close()
 
     def stats(self) -> dict[str, int]:
-        return {**self.store.stats(), **self.service.counters}
+        return {**self.store.stats(), **self.service.counters, **self.service.refusals.snapshot()}
 
     def _prune_loop(self) -> None:
+        refused: dict[str, int] = {}
         while not self._stop_pruning.wait(self.config.prune_interval):
+            # The collector has no metrics endpoint: refusal counts go to the log when
+            # they change (and into stats(), logged at exit).
+            now = self.service.refusals.snapshot()
+            if now != refused and any(now.values()):
+                log.warning(
+                    "refused calls so far: %s", " ".join(f"{k}={v}" for k, v in now.items())
+                )
+            refused = now
             try:
                 pruned = self.store.prune()
             except Exception:  # a failed prune must not stop the collector

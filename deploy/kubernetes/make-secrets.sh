@@ -8,11 +8,13 @@
 #                          (names: tlscap-collector.<ns>.svc[.cluster.local], plus
 #                          localhost/127.0.0.1 for `kubectl port-forward`);
 #                          ca.crt: the CA agents and consumers must be signed by
-#   tlscap-agent-tls       tls.crt, tls.key: the agents' client certificate;
+#   tlscap-agent-tls       tls.crt, tls.key: the agents' client certificate, identity
+#                          tlscap://agent/* (may send records of any node, may not
+#                          read anything; one Secret for every node of a DaemonSet);
 #                          ca.crt: the CA that signed the collector's certificate
 #
 # PKI_DIR (default ./pki) keeps the CA key (0600) and a consumer certificate for
-# `tlscap tail`; keep it out of version control. Re-running reuses what exists there
+# `tlscap tail` (consumer.crt, identity tlscap://consumer/consumer: may read, never send); keep it out of version control. Re-running reuses what exists there
 # (`tlscap certs` keeps existing certificates; FORCE=1 reissues the leaf certificates).
 #
 # Environment: NAMESPACE (default tlscap), CLUSTER_DOMAIN (default cluster.local),
@@ -52,7 +54,7 @@ force=()
     --host "$service.$namespace.svc.$cluster_domain" \
     --host "$service.$namespace" \
     --host localhost --host 127.0.0.1 \
-    --client agent --client consumer >&2
+    --agent-node '*' --consumer consumer >&2
 
 secret() { # name cert key
     "$kubectl" create secret generic "$1" --namespace "$namespace" \
@@ -63,4 +65,4 @@ secret() { # name cert key
 
 secret tlscap-collector-tls collector.crt collector.key
 echo ---
-secret tlscap-agent-tls agent.crt agent.key
+secret tlscap-agent-tls agent-any-node.crt agent-any-node.key

@@ -75,6 +75,9 @@ def collector(tmp_path: Path) -> Iterator[Callable[..., object]]:
     def start(credentials: grpc.ServerCredentials | None = None, **config) -> CollectorServer:
         config.setdefault("listen", "127.0.0.1:0")
         config.setdefault("store_path", tmp_path / f"collector{len(started)}.db")
+        # Plaintext test collectors serve anonymous subscribers (tests/grpc/test_roles.py
+        # checks that a real collector refuses them by default).
+        config.setdefault("allow_anonymous_subscribe", credentials is None)
         server = CollectorServer(CollectorConfig(**config), credentials)
         server.start()
         started.append(server)
@@ -103,8 +106,8 @@ class CollectorProcess:
         ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "collector", "--insecure",
-             "--listen", f"127.0.0.1:{self.port}", "--store", str(self.store),
-             "--ready-file", str(ready)],
+             "--allow-anonymous-subscribe", "--listen", f"127.0.0.1:{self.port}",
+             "--store", str(self.store), "--ready-file", str(ready)],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),  # noqa: SIM115
         )  # fmt: skip
         wait_for(lambda: ready.exists() or self.proc.poll() is not None, timeout, "collector")

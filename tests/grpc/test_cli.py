@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,9 @@ def test_certs_collector_and_tail_with_mutual_tls(tmp_path):
             spool_dir=tmp_path / "spool",
             spool_max_bytes=16 << 20,
         )
-        sent = make_records(50)
+        # The default agent.crt is tlscap://agent/<this host>: records of this node only.
+        node = socket.gethostname()
+        sent = make_records(50, node=node)
         for r in sent:
             exp.write(r)
         exp.close(timeout=20)
@@ -71,7 +74,7 @@ def test_certs_collector_and_tail_with_mutual_tls(tmp_path):
         want = [r for r in sent if r.direction == "egress"]
         assert [g["seq"] for g in got] == [r.seq for r in want]
         assert [base64.b64decode(g["data_b64"]) for g in got] == [r.data for r in want]
-        assert got[0]["node"] == "n1" and got[0]["agent_id"] == "agent-a"
+        assert got[0]["node"] == node and got[0]["agent_id"] == "agent-a"
 
         # No client certificate: the collector refuses the consumer, and says why.
         out = tlscap("tail", "--collector", address, *tls, "--since", "all", "--no-follow")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -238,6 +239,56 @@ def test_cli_certs_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixtu
     ]
     agent = x509.load_pem_x509_certificate((out / "agent.crt").read_bytes())
     assert list(ext(agent, x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def uri_sans(path: Path) -> list[str]:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return ext(cert, x509.SubjectAlternativeName).get_values_for_type(
+        x509.UniformResourceIdentifier
+    )
+
+
+def test_cli_certs_client_identities(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Defaults: agent.crt for this host's node name, consumer.crt for "consumer".
+    out = tmp_path / "default"
+    assert main(["certs", "--dir", str(out)]) == 0
+    assert uri_sans(out / "agent.crt") == [f"tlscap://agent/{socket.gethostname()}"]
+    assert uri_sans(out / "consumer.crt") == ["tlscap://consumer/consumer"]
+    assert uri_sans(out / "collector.crt") == []
+    # One agent certificate per node, each naming its node; consumers by name.
+    out = tmp_path / "nodes"
+    args = ["certs", "--dir", str(out), "--agent-node", "n1", "--agent-node", "n2.example"]
+    assert main([*args, "--consumer", "alice", "--client", "bob"]) == 0
+    printed = capsys.readouterr().out
+    assert uri_sans(out / "agent-n1.crt") == ["tlscap://agent/n1"]
+    assert uri_sans(out / "agent-n2.example.crt") == ["tlscap://agent/n2.example"]
+    assert uri_sans(out / "alice.crt") == ["tlscap://consumer/alice"]
+    assert uri_sans(out / "bob.crt") == ["tlscap://consumer/bob"]
+    assert not (out / "agent.crt").exists() and not (out / "consumer.crt").exists()
+    assert "--node n1 --tls-cert" in printed and "tlscap tail" in printed
+    n1 = x509.load_pem_x509_certificate((out / "agent-n1.crt").read_bytes())
+    assert ext(n1, x509.SubjectAlternativeName).get_values_for_type(x509.DNSName) == []
+    assert list(ext(n1, x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_cli_certs_identity_errors_and_old_certificates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["certs", "--dir", str(tmp_path), "--agent-node", "a/b"]) == 2
+    assert "--agent-node 'a/b'" in capsys.readouterr().err
+    assert (
+        main(["certs", "--dir", str(tmp_path), "--agent-node", "x", "--consumer", "agent-x"]) == 2
+    )
+    assert "must be different" in capsys.readouterr().err
+    # A certificate from before identities existed is kept, with a warning.
+    ca = CertificateAuthority.load_or_create(tmp_path)
+    old = ca.issue("bob", server=False, client=True)
+    write_private(tmp_path / "bob.key", old.key_pem)
+    write_public(tmp_path / "bob.crt", old.cert_pem)
+    assert main(["certs", "--dir", str(tmp_path), "--client", "bob"]) == 0
+    assert "lacks the identity tlscap://consumer/bob" in capsys.readouterr().out
+    assert main(["certs", "--dir", str(tmp_path), "--client", "bob", "--force"]) == 0
+    assert uri_sans(tmp_path / "bob.crt") == ["tlscap://consumer/bob"]
 
 
 def test_cli_certs_keeps_existing_without_force(
