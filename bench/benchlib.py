@@ -404,6 +404,31 @@ class AgentRun:
 
 
 @contextlib.contextmanager
+def _launched_agent(
+    cmd: list[str], workdir: Path, cwd: Path, env: dict[str, str], ready_timeout: float
+) -> Iterator[AgentRun]:
+    """Start `cmd` (a `tlscap run` with --ready-file workdir/ready), wait for its
+    ready file, and kill it when the with-block ends."""
+    output, ready, log = workdir / "capture.jsonl", workdir / "ready", workdir / "agent.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    run = AgentRun(proc, output, ready, log, time.monotonic())
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not (ready.exists() and ready.read_text().endswith("\n")):
+            if proc.poll() is not None:
+                raise BenchError(f"agent exited {proc.returncode} early: {run.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"agent not ready after {ready_timeout} s: {run.log_tail()}")
+            time.sleep(0.05)
+        run.ready_after_s = time.monotonic() - run.started
+        run.cpu_at_ready_s = run.cpu_seconds()
+        yield run
+    finally:
+        kill_tree(proc)
+
+
+@contextlib.contextmanager
 def running_agent(
     workdir: Path,
     pids: list[int] | None = None,
@@ -417,7 +442,6 @@ def running_agent(
     """
     output = workdir / "capture.jsonl"
     ready = workdir / "ready"
-    log = workdir / "agent.log"
     for p in (output, ready):
         p.unlink(missing_ok=True)
     cmd = [
@@ -435,22 +459,8 @@ def running_agent(
     env = dict(os.environ)
     if bpf_dir is not None:
         env["TLSCAP_BPF_DIR"] = str(bpf_dir)
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    run = AgentRun(proc, output, ready, log, time.monotonic())
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not (ready.exists() and ready.read_text().endswith("\n")):
-            if proc.poll() is not None:
-                raise BenchError(f"agent exited {proc.returncode} early: {run.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"agent not ready after {ready_timeout} s: {run.log_tail()}")
-            time.sleep(0.05)
-        run.ready_after_s = time.monotonic() - run.started
-        run.cpu_at_ready_s = run.cpu_seconds()
+    with _launched_agent(cmd, workdir, REPO, env, ready_timeout) as run:
         yield run
-    finally:
-        kill_tree(proc)
 
 
 @dataclass(frozen=True)
@@ -495,7 +505,6 @@ def running_agent_command(
     command = command or AgentCommand()
     output = workdir / "capture.jsonl"
     ready = workdir / "ready"
-    log = workdir / "agent.log"
     for p in (output, ready):
         p.unlink(missing_ok=True)
     cmd = [*command.argv(), "run", "--ready-file", str(ready), *run_args]
@@ -508,22 +517,8 @@ def running_agent_command(
         cwd = workdir
     elif command.cwd is not None:
         cwd = command.cwd
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-    run = AgentRun(proc, output, ready, log, time.monotonic())
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not (ready.exists() and ready.read_text().endswith("\n")):
-            if proc.poll() is not None:
-                raise BenchError(f"agent exited {proc.returncode} early: {run.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"agent not ready after {ready_timeout} s: {run.log_tail()}")
-            time.sleep(0.05)
-        run.ready_after_s = time.monotonic() - run.started
-        run.cpu_at_ready_s = run.cpu_seconds()
+    with _launched_agent(cmd, workdir, cwd, env, ready_timeout) as run:
         yield run
-    finally:
-        kill_tree(proc)
 
 
 def scrape_metrics(host: str, port: int, timeout: float = 5.0) -> dict[str, float]:
