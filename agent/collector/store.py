@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -156,7 +157,10 @@ class RecordStore:
         self._duplicates_total = 0
         self._pruned_total = 0
         try:
+            make_private(self.path)
             writer = self._connect()
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot open the record store: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the record store: {exc}") from exc
         try:
@@ -345,6 +349,42 @@ class RecordStore:
         # crash; a power cut may lose the last commits, never corrupt the file.
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
+
+
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def make_private(path: Path) -> None:
+    """Create the store file 0600 whatever the umask (it holds captured plaintext),
+    and tighten it and the companions an earlier run left to 0600.
+
+    SQLite creates its -wal, -shm and -journal files itself, with the database
+    file's permission bits (its unix VFS copies them and fchmods past the umask),
+    so a 0600 database gets 0600 companions.  Changing the umask around the open
+    instead would race every other thread of the agent creating files.  A file
+    this process does not own (a reader's view of someone else's store) is left
+    as it is."""
+    name = str(path)
+    if name == ":memory:" or name.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except PermissionError:
+        if os.path.exists(path):  # not ours to write: SQLite opens it read-only
+            return
+        raise
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            _tighten(lambda: os.fchmod(fd, 0o600))
+    finally:
+        os.close(fd)
+    for suffix in _COMPANIONS:
+        _tighten(lambda suffix=suffix: os.chmod(name + suffix, 0o600))
+
+
+def _tighten(chmod: Callable[[], None]) -> None:
+    with suppress(FileNotFoundError, PermissionError):
+        chmod()
 
 
 def filter_to_sql(flt: RecordFilter) -> tuple[str, list]:

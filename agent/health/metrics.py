@@ -264,6 +264,18 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "l7_http1_connections": _counter("l7_http1_connections", "Connections parsed as HTTP/1"),
     "l7_http2_connections": _counter("l7_http2_connections", "Connections parsed as HTTP/2"),
+    "l7_midstream_http2_connections": _counter(
+        "l7_midstream_http2_connections",
+        "HTTP/2 connections first seen mid-stream: framing followed, header blocks masked",
+    ),
+    "l7_header_blocks_masked_unknown": _counter(
+        "l7_header_blocks_masked_unknown",
+        "HTTP/2 header blocks masked whole because the HPACK state was unknown",
+    ),
+    "l7_midstream_unknown_connections": _counter(
+        "l7_midstream_unknown_connections",
+        "Connections of unknown protocol first seen past their start: first line masked",
+    ),
     "l7_connections_tracked": _gauge(
         "l7_connections_tracked", "Connections the L7 stage follows now"
     ),

@@ -35,6 +35,7 @@ from agent.l7.exchange import Exchange, Side
 from agent.l7.header_blocks import HeaderBlockDecoder
 from agent.l7.http1 import Http1Parser
 from agent.l7.http2 import Http2Parser
+from agent.l7.http2_frames import starts_frame_run
 from agent.records.record import Record
 from agent.redact.exchange import redact_exchange
 from agent.redact.http1_masker import Http1HeaderMasker
@@ -65,6 +66,15 @@ class L7Counters:
     connections_evicted: int = 0  # dropped from tracking past max_connections
     http1_connections: int = 0
     http2_connections: int = 0
+    # HTTP/2 whose start was not seen (the agent started later, or its state was
+    # evicted): framing picked up from a run of plausible frames, nothing parsed.
+    midstream_http2_connections: int = 0
+    # HEADERS/PUSH_PROMISE blocks masked whole: the HPACK state was unknown
+    # (mid-stream, or framing picked up again after a gap or a bad frame).
+    header_blocks_masked_unknown: int = 0
+    # Connections first seen past their start (offset > 0, e.g. after an eviction)
+    # whose protocol was unknown: each direction masked up to its first line end.
+    midstream_unknown_connections: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f"l7_{k}": v for k, v in dataclasses.asdict(self).items()}
@@ -121,7 +131,11 @@ def side_of(role: str, direction: str) -> Side | None:
 
 
 class ConnectionL7:
-    def __init__(self, options: L7Options, counters: L7Counters) -> None:
+    def __init__(
+        self, options: L7Options, counters: L7Counters, previous_protocol: str = ""
+    ) -> None:
+        """`previous_protocol`: what the connection was known to speak when the
+        stage last let it go (evicted): its framing is picked up fail-closed."""
         self.options = options
         self.counters = counters
         self.protocol = ""  # "", "http1", "http2" once decided
@@ -134,6 +148,10 @@ class ConnectionL7:
         self._undetected: list[Record] = []  # held while detection needs more bytes
         self._midstream_tries = 0
         self._parse_failed_counted = False
+        self._unknown_blocks = 0  # header blocks the HTTP/2 maskers wiped unread, counted
+        if previous_protocol == "http2":
+            self.decided = True
+            self._start_midstream_http2()
 
     # -- input -------------------------------------------------------------
 
@@ -149,8 +167,11 @@ class ConnectionL7:
             for r in held:
                 out.extend(self._process(r))
             return out
-        if self.protocol == "" and self._midstream_tries < MIDSTREAM_TRIES:
-            self._try_midstream_http1(record)
+        if self.protocol == "":
+            if self.options.rules.enabled and starts_frame_run(record.data):
+                self._start_midstream_http2()
+            elif self._midstream_tries < MIDSTREAM_TRIES:
+                self._try_midstream_http1(record)
         return self._process(record)
 
     def on_close(self, record: Record | None) -> list[Record]:
@@ -165,6 +186,7 @@ class ConnectionL7:
         for state in self._dirs.values():
             if state.masker is not None:
                 state.add(*state.masker.flush())
+        self._count_unknown_blocks()
         out.extend(self._release())
         if self._queue:  # cannot happen after flush(); never keep a record back
             out.extend(self._force_release())
@@ -208,6 +230,12 @@ class ConnectionL7:
                 break
         if request_dir is None and not final and self._server_spoke_http2_first(candidates):
             return False
+        if request_dir is None and self.options.rules.enabled:
+            # HTTP/2 frames that are not the connection's start: followed fail-closed.
+            for r in self._undetected:
+                if starts_frame_run(r.data):
+                    self._decided_midstream_http2(role)
+                    return True
         if request_dir is None:
             # A status line first: the other direction carries the requests.
             for direction in ("egress", "ingress"):
@@ -231,6 +259,35 @@ class ConnectionL7:
             return False
         return any(looks_like_settings_frame(bytes(state.first)) for state in self._dirs.values())
 
+    def _decided_midstream_http2(self, role: str) -> None:
+        self.decided = True
+        if role in ("client", "server"):
+            self.request_direction = "egress" if role == "client" else "ingress"
+        self._start_midstream_http2()
+
+    def _start_midstream_http2(self) -> None:
+        """HTTP/2 framing without its start: no parsing (the HPACK state is unknown),
+        both directions masked by frames picked up at a record boundary."""
+        self.protocol = "http2"
+        self.counters.midstream_http2_connections += 1
+        rules = self.options.rules
+        for state in self._dirs.values():
+            # The previous masker (HTTP/1, line-based) holds nothing back.
+            state.masker = Http2HeaderMasker(
+                rules.header_names, preface=False, query_params=rules.query_params, midstream=True
+            )
+
+    def _count_unknown_blocks(self) -> None:
+        if self.protocol != "http2":
+            return
+        total = 0
+        for state in self._dirs.values():
+            if isinstance(state.masker, Http2HeaderMasker):
+                total += state.masker.unknown_blocks
+        if total > self._unknown_blocks:
+            self.counters.header_blocks_masked_unknown += total - self._unknown_blocks
+            self._unknown_blocks = total
+
     def _decide(self, verdict: Verdict, request_dir: str | None, role: str) -> None:
         self.decided = True
         if request_dir is None and role in ("client", "server"):
@@ -244,7 +301,10 @@ class ConnectionL7:
             blocks = {d: HeaderBlockDecoder() for d in self._dirs}
             for direction, state in self._dirs.items():
                 state.masker = Http2HeaderMasker(
-                    names, preface=direction == request_dir, blocks=blocks[direction]
+                    names,
+                    preface=direction == request_dir,
+                    blocks=blocks[direction],
+                    query_params=self.options.rules.query_params,
                 )
             if self.options.parse:
                 response_dir = "ingress" if request_dir == "egress" else "egress"
@@ -256,9 +316,18 @@ class ConnectionL7:
             self._start_http1()
         # Not HTTP/2: the HTTP/1 masker is framing-independent and cheap, so it runs on
         # every such connection -- a header line it finds is masked whatever the protocol.
+        rules = self.options.rules
+        midline = verdict is not Verdict.HTTP1 and any(
+            (state.first_offset or 0) > 0 for state in self._dirs.values()
+        )
+        if midline:
+            self.counters.midstream_unknown_connections += 1
         for state in self._dirs.values():
-            if state.masker is None and self.options.rules.header_names:
-                state.masker = Http1HeaderMasker(self.options.rules.header_names)
+            if state.masker is None and (rules.header_names or rules.query_params):
+                state.masker = Http1HeaderMasker(rules.header_names, rules.query_params)
+                if midline and (state.first_offset or 0) > 0:
+                    # Past the start: the first line may be the rest of a header value.
+                    state.masker.start_midline()
 
     def _start_http1(self) -> None:
         self.protocol = "http1"
@@ -308,8 +377,10 @@ class ConnectionL7:
             exchanges += parser.feed(side, data, r.ts_ns)
         if state.masker is not None:
             state.add(*state.masker.feed(r.data))
+            if self.protocol == "http2":
+                self._count_unknown_blocks()
         else:
-            state.add(r.data, set())
+            state.add(bytes(r.data), set())  # a copy only if not bytes already
         if r.len > r.captured_len:
             exchanges += self._gap(state, side, r.len - r.captured_len, r.ts_ns)
         self._queue.append(r)

@@ -4,8 +4,11 @@ We see no TLS handshake (the probes sit above it), so ALPN is not ours to read;
 the first plaintext bytes say as much: an HTTP/2 client opens with the fixed
 connection preface, an HTTP/1 client with a request line.  A connection whose
 first bytes we did not see (capture began mid-connection) can still be found to
-be HTTP/1 at a later request or status line; HTTP/2 cannot be picked up midway,
-because its header compression state began before we looked.
+be HTTP/1 at a later request or status line, and HTTP/2 at a record that is a
+run of plausible frames (agent/l7/http2_frames.py).  Such HTTP/2 is not parsed
+(its header compression state began before we looked, so no header block can be
+decoded) but its framing is followed, for redaction: every header block is
+masked whole.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class Verdict(Enum):
     HTTP2 = "http2"
     UNKNOWN = "unknown"  # not HTTP as far as we can tell: stays raw records
     NEED_MORE = "need-more"  # a prefix of the HTTP/2 preface: wait for more bytes
+    HTTP2_MIDSTREAM = "http2-midstream"  # HTTP/2 frames, but not from the connection's start
 
 
 def classify_request_start(first: bytes, at_stream_start: bool) -> Verdict:

@@ -157,7 +157,7 @@ class GrpcStream:
         self.response = GrpcMessageReader(body_limit, max_messages)
         self._notes: list[str] = []
         if not service:
-            self._notes.append(f"grpc: :path {path!r} is not /service/method")
+            self._notes.append(f"grpc: :path ({len(path)} characters) is not /service/method")
 
     def request_data(self, data: bytes) -> None:
         self.request.feed(data)
@@ -178,7 +178,7 @@ class GrpcStream:
             if text.isdigit():
                 self.call.status = int(text)
             else:
-                self._notes.append(f"grpc: grpc-status {status!r} is not a number")
+                self._notes.append(f"grpc: grpc-status ({len(status)} characters) is not a number")
         if message is not None:
             self.call.message = decode_grpc_message(message)
 

@@ -24,9 +24,13 @@ import hpack
 from hpack.exceptions import HPACKError
 
 # Limits on what the peers may make us hold: a decoded header list (hpack's
-# accounting) and the dynamic table size a table size update may ask for.
+# accounting) and the dynamic table size a table size update may ask for.  The
+# table is the peer's SETTINGS_HEADER_TABLE_SIZE: 4096 by default, 64 KiB is
+# already generous (nginx, Go, h2, gRPC keep 4 KiB; Envoy allows 64 KiB), so a
+# larger update fails the block (the parser stops, the masker wipes it) instead
+# of letting one connection make us hold 16 MiB per direction.
 MAX_HEADER_LIST = 1 << 24
-MAX_TABLE_SIZE = 1 << 24
+MAX_TABLE_SIZE = 1 << 16
 
 RawHeaders = list[tuple[bytes, bytes]]
 

@@ -22,7 +22,9 @@ any size, and can never ask either peer for anything.  That shapes the design:
   request whose last bytes are delivered a little after the response -- the
   two sides are captured separately -- from being cut short.
 * Nothing raises out of feed/gap/close: any malformed input sets `failed` and
-  hands back the open exchanges with a note saying why.
+  hands back the open exchanges with a note saying why.  Notes and `failed`
+  never quote captured bytes (hpack's and hyperframe's error texts can): an
+  error's type and our own fixed texts only.
 
 gRPC (agent/l7/grpc.py) rides on top: a stream whose request content-type is
 application/grpc* gets a `GrpcStream` fed the DATA payloads and HEADERS blocks.
@@ -161,7 +163,8 @@ class Http2Parser:
         except _Fail as exc:
             return out + self._fail(str(exc))
         except Exception as exc:  # a bug here must not take the capture down
-            return out + self._fail(f"internal error: {type(exc).__name__}: {exc}")
+            # The type only: an exception's text can quote captured bytes.
+            return out + self._fail(f"internal error: {type(exc).__name__}")
         return out
 
     def gap(self, side: Side, length: int, ts_ns: int) -> list[Exchange]:
@@ -188,7 +191,7 @@ class Http2Parser:
                 out.append(self._emit(stream, notes))
             return out
         except Exception as exc:
-            self.failed = f"internal error: {type(exc).__name__}: {exc}"
+            self.failed = f"internal error: {type(exc).__name__}"
             return []
 
     # -- bytes -> frames ---------------------------------------------------------------
@@ -243,9 +246,8 @@ class Http2Parser:
                 frame, _ = Frame.parse_frame_header(view[pos : pos + _HEADER])
                 frame.parse_body(view[pos + _HEADER : body_end])
             except HyperframeError as exc:
-                raise _Fail(
-                    f"bad frame on the {('request', 'response')[index]} side: {exc}"
-                ) from None
+                side = ("request", "response")[index]
+                raise _Fail(f"bad frame on the {side} side: {type(exc).__name__}") from None
             self._frame(index, frame, first_ts if pos == 0 else ts, ts, out)
             pos = body_end
         return pos
@@ -330,7 +332,8 @@ class Http2Parser:
             decoded = self._sides[index].blocks.decode(raw)
         except HPACKError as exc:
             side = ("request", "response")[index]
-            raise _Fail(f"HPACK decoding failed on the {side} side: {exc}") from None
+            # hpack's texts can quote header bytes: the error's type only.
+            raise _Fail(f"HPACK decoding failed on the {side} side: {type(exc).__name__}") from None
         headers = [(n.decode("utf-8", "replace"), v.decode("utf-8", "replace")) for n, v in decoded]
         if block.promised:
             self._push(block, headers, ts, out)
@@ -405,7 +408,8 @@ class Http2Parser:
             exchange.notes.append(f"informational response {status} skipped")
             return
         if not status:
-            exchange.notes.append(f"response :status {text!r} is not a status code")
+            # Its length only: the value is captured bytes.
+            exchange.notes.append(f"response :status ({len(text)} characters) is not a status code")
         stream.final_response = True
         exchange.response = HttpMessage(ts_ns=ts, status=status, version="2", headers=headers)
         if stream.grpc is not None:

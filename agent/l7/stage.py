@@ -19,6 +19,10 @@ class L7Stage:
         self.options = options
         self.counters = L7Counters()
         self._conns: OrderedDict[str, ConnectionL7] = OrderedDict()
+        # Protocols of connections evicted while open, so that their later records
+        # are followed fail-closed (an HTTP/2 stream's framing is picked up again, its
+        # header blocks masked) rather than taken for a new, unknown connection.
+        self._evicted: OrderedDict[str, str] = OrderedDict()
 
     @property
     def active(self) -> bool:
@@ -33,6 +37,7 @@ class L7Stage:
                 out.extend(self.evict_overflow())
             return out
         if record.type == "close" and record.conn_id:
+            self._evicted.pop(record.conn_id, None)
             conn = self._conns.pop(record.conn_id, None)
             if conn is not None:
                 return conn.on_close(record)
@@ -54,7 +59,9 @@ class L7Stage:
     def _conn(self, conn_id: str) -> ConnectionL7:
         conn = self._conns.get(conn_id)
         if conn is None:
-            conn = self._conns[conn_id] = ConnectionL7(self.options, self.counters)
+            previous = self._evicted.pop(conn_id, "")
+            conn = ConnectionL7(self.options, self.counters, previous_protocol=previous)
+            self._conns[conn_id] = conn
         else:
             self._conns.move_to_end(conn_id)
         return conn
@@ -64,7 +71,11 @@ class L7Stage:
         (as at a close) and forgotten; counted."""
         out: list[Record] = []
         while len(self._conns) > self.options.max_connections:
-            _, conn = self._conns.popitem(last=False)
+            conn_id, conn = self._conns.popitem(last=False)
             self.counters.connections_evicted += 1
             out.extend(conn.on_close(None))
+            if conn.protocol:
+                self._evicted[conn_id] = conn.protocol
+                while len(self._evicted) > self.options.max_connections:
+                    self._evicted.popitem(last=False)
         return out

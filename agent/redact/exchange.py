@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from agent.l7.exchange import Exchange, Headers, HttpMessage
 from agent.redact.payload import mask_regexes
-from agent.redact.rules import RedactionRules, RegexRule, header_rule_name
+from agent.redact.rules import RedactionRules, RegexRule, header_rule_name, mask_query_values
 
 REDACTED = "[REDACTED]"
 
@@ -73,6 +73,14 @@ def _redact_message(msg: HttpMessage, rules: RedactionRules, hits: set[str]) -> 
     if msg.trailers:
         msg.trailers = _redact_headers(msg.trailers, rules, hits)
     names = rules.header_names
+    if msg.target and rules.query_params:  # credential query values, same length
+        raw = msg.target.encode("latin-1", errors="replace")
+        masked, found = mask_query_values(raw, rules.query_params)
+        if found:
+            hits |= found
+            msg.target = "".join(
+                "*" if a != b else c for a, b, c in zip(raw, masked, msg.target, strict=True)
+            )
     if msg.target and ":path" in names:
         msg.target = REDACTED
         hits.add(header_rule_name(":path"))

@@ -26,6 +26,11 @@ Masking rules, precisely:
   masked until the next LF (fail closed).  A sensitive header whose *name* was
   lost in a gap cannot be recognised: that is the one thing a stream masker
   cannot do.
+
+Query parameters (rules.DEFAULT_QUERY_PARAMS: access_token, X-Amz-Signature, ...)
+are masked the same way, on every line (request lines, Referer/Location values,
+form bodies): "[?&;]name=" followed by the value up to the next separator, also
+when the name and the value fall in two records (_QueryMasker).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import functools
 import re
 from typing import NamedTuple
 
-from agent.redact.rules import header_rule_name
+from agent.redact.rules import header_rule_name, query_pattern, query_rule_name
 
 # States.
 _SCAN = 0  # at a line start, nothing pending: search the chunk
@@ -58,6 +63,8 @@ def _skip_ws(data: bytes, i: int) -> int:
     m = _WS.match(data, i)
     return i if m is None else m.end()
 
+
+RULE_MIDSTREAM_LINE = "http1:midstream-line"
 
 _FOLD = (0x20, 0x09)  # SP, HT: a line starting with one continues the value above
 
@@ -98,6 +105,59 @@ def _matchers(names: frozenset[str]) -> _Matchers:
     )
 
 
+_QUERY_VALUE_END = re.compile(rb"[&#;\s\"'<>]")
+
+
+class _QueryMasker:
+    """Values of sensitive query parameters in a stream of chunks, masked in place.
+
+    A "[?&;]name=" split across chunks is found through the tail of the previous
+    chunk (the name is no secret: only bytes of the current chunk are changed);
+    a value cut by a chunk's end goes on being masked in the next one."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._pattern = query_pattern(names)
+        self._keep = 2 + max((len(n) for n in names), default=0)  # separator, name, "="
+        self._tail = b""
+        self._rule = ""  # the parameter whose value the last chunk ended in
+
+    def feed(self, data: bytes, out: bytearray | None, hits: set[str]) -> bytearray | None:
+        """Mask `data` into `out` (a copy made on the first change); returns it."""
+        if self._pattern is None:
+            return out
+        n = len(data)
+        i = 0
+        if self._rule:
+            m = _QUERY_VALUE_END.search(data)
+            i = n if m is None else m.start()
+            if i:
+                out = bytearray(data) if out is None else out
+                out[0:i] = b"*" * i
+                hits.add(self._rule)
+            if m is not None:
+                self._rule = ""
+        tail = self._tail
+        base = len(tail)
+        buf = tail + data if tail else data
+        for m in self._pattern.finditer(buf, base + i if i else 0):
+            if m.end(1) < base:  # its "=" was in the previous chunk: done there
+                continue
+            start, end = max(m.start(2), base) - base, m.end(2) - base
+            if end > start:
+                out = bytearray(data) if out is None else out
+                out[start:end] = b"*" * (end - start)
+            if end == n:  # the value may go on in the next chunk
+                self._rule = query_rule_name(m.group(1).decode("latin-1"))
+            if end > start:
+                hits.add(query_rule_name(m.group(1).decode("latin-1")))
+        self._tail = buf[-self._keep :]
+        return out
+
+    def gap(self) -> None:
+        self._tail = b""
+        # A value being masked when bytes were lost goes on to its end (fail closed).
+
+
 class Http1HeaderMasker:
     """One direction of one connection.  feed() returns each chunk masked (same
     length) at once; state carries across chunks at every byte position.
@@ -106,7 +166,8 @@ class Http1HeaderMasker:
     one regex search each and looks byte by byte only at a line cut by the chunk's
     end (the _NAME and _NAME_WS states carry such a line into the next chunk)."""
 
-    def __init__(self, names: frozenset[str]) -> None:
+    def __init__(self, names: frozenset[str], query_params: frozenset[str] = frozenset()) -> None:
+        self._query = _QueryMasker(query_params) if query_params else None
         (self._prefixes, self._longest, self._rule_of, self._at, self._next,
          self._name_ws) = _matchers(frozenset(names))  # fmt: skip
         self._state = _SCAN
@@ -121,6 +182,14 @@ class Http1HeaderMasker:
         else:
             self._state = _SKIP
         self._partial = b""
+        if self._query is not None:
+            self._query.gap()
+
+    def start_midline(self) -> None:
+        """The stream is picked up past its start, maybe inside a header value: mask
+        up to the first line end (fail closed), reported as "http1:midstream-line"."""
+        self._state = _VALUE
+        self._rule = RULE_MIDSTREAM_LINE
 
     def flush(self) -> tuple[bytes, set[str]]:
         """Nothing is ever held here (Http2HeaderMasker holds header blocks)."""
@@ -129,11 +198,13 @@ class Http1HeaderMasker:
     def feed(self, data: bytes) -> tuple[bytes, set[str]]:
         """`data` masked (same length), and the rule names that masked bytes of it."""
         data = bytes(data)
-        if self._at is None or self._next is None:
-            return data, set()
-        n = len(data)
         hits: set[str] = set()
         out: bytearray | None = None  # a copy, made at the first masked byte
+        if self._query is not None:
+            out = self._query.feed(data, out, hits)
+        if self._at is None or self._next is None:
+            return (data if out is None else bytes(out)), hits
+        n = len(data)
         i = 0
         while i < n:
             state = self._state

@@ -33,9 +33,25 @@ Fail closed, always with a rule name saying why:
   "http2:unknown-header-name" (until a table size update to 0 empties it);
 - after gap(), frame sync is lost, unless the lost bytes lay entirely within
   the payload of the current non-header frame (a DATA frame, typically), whose
-  length says exactly where the next frame starts.  Without sync every later
-  byte is replaced with b"\\x00": "http2:desync".  Likewise when a client
-  stream does not begin with the connection preface.
+  length says exactly where the next frame starts.  Without sync every byte is
+  replaced with b"\\x00": "http2:desync".  Likewise when a client stream does
+  not begin with the connection preface, and at a frame header that cannot be
+  right (agent/l7/http2_frames.py: a type's fixed length or stream id rule
+  broken) -- a frame header is held until all 9 bytes are checked;
+- a frame of a type RFC 9113 does not define has its payload zeroed
+  ("http2:unknown-frame-type"): nothing is passed that could not be framed;
+- without sync, each new record (feed() call) is tried as a run of plausible
+  frames; if it is one, framing is picked up there, but the HPACK state is
+  unknown (the blocks before were never decoded), so from then on the whole
+  header block fragment of every HEADERS, PUSH_PROMISE and CONTINUATION frame is
+  zeroed, lengths and framing kept: "http2:hpack-state-unknown", counted in
+  `unknown_blocks`.  A masker made with `midstream` (a connection first seen in
+  the middle) starts that way.
+
+Credential query parameters in ":path" (rules.DEFAULT_QUERY_PARAMS) are masked
+too: in a plain string, only the values' bytes become b"*"; a Huffman-coded
+":path" cannot be changed piecewise at the same length, so all of it is masked
+like a sensitive header value.
 
 Frame headers, pad-length, priority and promised-stream fields and padding
 (zeros, by RFC 9113) are never changed: the masked stream frames exactly like
@@ -48,7 +64,8 @@ masker's own decoder sees the original bytes and is not affected.
 from __future__ import annotations
 
 from agent.l7.header_blocks import HeaderBlockDecoder
-from agent.redact.rules import header_rule_name
+from agent.l7.http2_frames import KNOWN_TYPES, frame_header_problem, starts_frame_run
+from agent.redact.rules import header_rule_name, mask_query_values, query_pattern
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -56,6 +73,8 @@ RULE_INCOMPLETE = "http2:incomplete-header-block"
 RULE_UNDECODABLE = "http2:undecodable-header-block"
 RULE_UNKNOWN_NAME = "http2:unknown-header-name"
 RULE_DESYNC = "http2:desync"
+RULE_UNKNOWN_FRAME = "http2:unknown-frame-type"
+RULE_HPACK_UNKNOWN = "http2:hpack-state-unknown"
 
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
 _END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20
@@ -136,15 +155,28 @@ class Http2HeaderMasker:
         preface: bool,
         max_hold: int = 1 << 20,
         blocks: HeaderBlockDecoder | None = None,
+        query_params: frozenset[str] = frozenset(),
+        midstream: bool = False,
     ) -> None:
-        """`blocks`: the direction's HPACK decoding, when shared with a parser."""
+        """`blocks`: the direction's HPACK decoding, when shared with a parser;
+        `query_params`: credential parameters masked in ":path"; `midstream`: the
+        stream's start was not seen (framing is picked up, header blocks wiped)."""
         self._names = frozenset(n.lower() for n in names)
         self._raw_names = frozenset(n.encode("latin-1") for n in self._names)
+        self._query = query_pattern(frozenset(q.lower() for q in query_params))
+        self._query_names = frozenset(q.lower() for q in query_params)
+        self._active = bool(self._names or self._query_names)
         self._max_hold = max_hold
-        # Without names nothing is decoded: no reader, so nothing is kept for one.
-        self._blocks = (blocks or HeaderBlockDecoder()).reader() if self._names else None
+        # Without rules nothing is decoded: no reader, so nothing is kept for one.
+        self._blocks = (blocks or HeaderBlockDecoder()).reader() if self._active else None
         self._trusted = True  # the dynamic table is in step with the peer's
-        self._mode = _PREFACE_MODE if preface else _HEADER_MODE
+        self._hpack_unknown = midstream  # header blocks cannot be decoded: wipe them
+        self.unknown_blocks = 0  # header blocks wiped because the HPACK state is unknown
+        if midstream:
+            self._mode = _DESYNC_MODE
+            self._blocks.close()
+        else:
+            self._mode = _PREFACE_MODE if preface else _HEADER_MODE
         self._preface_pos = 0
         self._hdr = bytearray()  # the frame header being read
         # The current frame.
@@ -167,13 +199,15 @@ class Http2HeaderMasker:
     @property
     def held(self) -> int:
         """Bytes fed and not yet returned."""
-        return len(self._held) + sum(len(part) for part in self._out)
+        return len(self._held) + len(self._hdr) + sum(len(part) for part in self._out)
 
     def feed(self, data: bytes) -> tuple[bytes, set[str]]:
         """The bytes decided now (masked), and the rules that changed any of them."""
-        if not self._names:
+        if not self._active:
             self._out.append(data)
             return self._drain()
+        if self._mode == _DESYNC_MODE and starts_frame_run(data):
+            self._resync()
         n = len(data)
         view = memoryview(data)
         pos = 0
@@ -187,12 +221,7 @@ class Http2HeaderMasker:
                     self._frame_end()
             elif mode == _HEADER_MODE:
                 k = min(9 - len(self._hdr), n - pos)
-                chunk = data[pos : pos + k]
-                self._hdr += chunk
-                if self._in_block:
-                    self._hold(chunk)
-                else:
-                    self._out.append(chunk)
+                self._hdr += data[pos : pos + k]  # let out once checked
                 pos += k
                 if len(self._hdr) == 9:
                     self._frame_start()
@@ -220,11 +249,15 @@ class Http2HeaderMasker:
         """Everything still held; an incomplete header block leaves wiped."""
         if self._in_block:
             self._release_incomplete(more_to_come=True)
+        if self._hdr:  # a frame header never completed: unchecked bytes
+            self._out.append(bytes(len(self._hdr)))
+            self._hits.add(RULE_DESYNC)
+            self._hdr = bytearray()
         return self._drain()
 
     def gap(self, length: int) -> None:
         """`length` bytes of the stream were lost (length <= 0: unknown)."""
-        if not self._names or self._mode == _DESYNC_MODE:
+        if not self._active or self._mode == _DESYNC_MODE:
             return
         in_frame = self._mode == _PAYLOAD_MODE and 0 < length <= self._flen - self._fpos
         if in_frame and self._role == _PASS:  # within a DATA (or other non-header) frame
@@ -245,15 +278,31 @@ class Http2HeaderMasker:
     def _desync(self) -> None:
         if self._in_block:
             self._release_incomplete(more_to_come=False)
+        if self._hdr:
+            self._out.append(bytes(len(self._hdr)))
+            self._hits.add(RULE_DESYNC)
+            self._hdr = bytearray()
         self._mode = _DESYNC_MODE
         self._blocks.close()
         self._discard = False
+
+    def _resync(self) -> None:
+        """A record starts with a run of plausible frames: framing goes on from
+        here, header blocks wiped (the HPACK state before is unknown)."""
+        self._mode = _HEADER_MODE
+        self._hdr = bytearray()
+        self._hpack_unknown = True
+        self._trusted = False
+        self._in_block = self._discard = False
 
     def _frame_start(self) -> None:
         h = self._hdr
         flen = int.from_bytes(h[0:3], "big")
         ftype, flags = h[3], h[4]
         stream = int.from_bytes(h[5:9], "big") & 0x7FFFFFFF
+        if frame_header_problem(ftype, flags, flen, stream):
+            self._desync()  # the held header leaves zeroed
+            return
         self._hdr = bytearray()
         self._ftype, self._flags, self._flen, self._fpos = ftype, flags, flen, 0
         continues = ftype == _CONTINUATION and stream == self._block_stream
@@ -261,8 +310,23 @@ class Http2HeaderMasker:
             self._release_incomplete(more_to_come=False)
         if self._discard and not continues:
             self._discard = False
+        if self._in_block:
+            self._hold(bytes(h))
+        else:
+            self._out.append(bytes(h))
         self._mode = _PAYLOAD_MODE
-        if ftype == _CONTINUATION:
+        if ftype >= KNOWN_TYPES:  # not understood: nothing of it is passed
+            self._role, self._wipe_rule = _WIPE, RULE_UNKNOWN_FRAME
+            self._need_pad = False
+            self._frag_lo, self._frag_hi = 0, flen
+            if flen == 0:
+                self._frame_end()
+            return
+        if self._hpack_unknown and ftype in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+            self._role, self._wipe_rule = _WIPE, RULE_HPACK_UNKNOWN
+            if ftype != _CONTINUATION:
+                self.unknown_blocks += 1
+        elif ftype == _CONTINUATION:
             if self._in_block:
                 self._role = _HOLD
             else:
@@ -286,7 +350,7 @@ class Http2HeaderMasker:
         self._need_pad = ftype != _CONTINUATION and bool(flags & _PADDED)
         if lo > flen:
             self._block_bad = True
-            lo = flen
+            lo = 0 if self._role == _WIPE else flen
         self._frag_lo, self._frag_hi = lo, flen
         if flen == 0:
             self._frame_end()
@@ -384,10 +448,13 @@ class Http2HeaderMasker:
             fields = self._blocks.decode(bytes(frag))  # validated by hpack, too
         except Exception:  # untrusted input: any failure wipes the block
             return self._wipe_fragment(frag)
+        query = self._query
         if self._trusted:  # most blocks name nothing sensitive: no need to find values
             raw_names = self._raw_names
-            for raw_name, _ in fields:
+            for raw_name, raw_value in fields:
                 if raw_name.lower() in raw_names:
+                    break
+                if query is not None and raw_name == b":path" and query.search(raw_value):
                     break
             else:
                 return False
@@ -411,10 +478,13 @@ class Http2HeaderMasker:
             self._trusted = True
         changed = False
         names = self._names
-        for (index, value), (raw_name, _) in zip(fields_at, fields, strict=True):
+        for (index, value), (raw_name, raw_value) in zip(fields_at, fields, strict=True):
             if value is None:
                 continue
             name = raw_name.decode("latin-1").lower()
+            if name == ":path" and query is not None and name not in names:
+                changed = self._mask_path(frag, value, raw_value) or changed
+                continue
             if name in names:
                 rule = header_rule_name(name)
             elif not self._trusted and index > _STATIC_TABLE_LEN:
@@ -428,6 +498,22 @@ class Http2HeaderMasker:
                 self._hits.add(rule)
                 changed = True
         return changed
+
+    def _mask_path(self, frag: bytearray, value: tuple[int, int, int], decoded: bytes) -> bool:
+        """Mask credential query values of a ":path" literal in place, keeping HPACK
+        valid at the same length: only the values of a plain string, all of a
+        Huffman-coded one (its bytes do not map to characters)."""
+        masked, hits = mask_query_values(decoded, self._query_names)
+        if not hits:
+            return False
+        h_pos, start, stop = value
+        if frag[h_pos] & 0x80:  # Huffman-coded
+            frag[h_pos] &= 0x7F
+            frag[start:stop] = b"*" * (stop - start)
+        else:
+            frag[start:stop] = masked
+        self._hits |= hits
+        return True
 
     def _wipe_fragment(self, frag: bytearray) -> bool:
         """A block that does not decode: all of it goes, and the table is not trusted."""

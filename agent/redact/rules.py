@@ -13,12 +13,59 @@ Rule names are what redacted records and exchanges report ("header:cookie",
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
-# Header values masked by default; each can be switched off by name.
+# Header values masked by default; each can be switched off by name.  Beyond the
+# standard ones: headers that carry a bearer credential or session-bound token in
+# widely deployed software -- AWS (STS session token), HashiCorp Vault, GitLab
+# (private and CI job tokens), Google APIs, OpenStack/Keystone and many APIs
+# (x-auth-token), OAuth2 proxies (x-forwarded-access-token), and the CSRF tokens
+# web frameworks bind to a session.
 DEFAULT_HEADERS: frozenset[str] = frozenset(
-    {"authorization", "cookie", "set-cookie", "proxy-authorization", "x-api-key"}
+    {
+        "authorization",
+        "cookie",
+        "set-cookie",
+        "proxy-authorization",
+        "x-api-key",
+        "x-auth-token",
+        "x-access-token",
+        "x-amz-security-token",
+        "x-vault-token",
+        "x-goog-api-key",
+        "private-token",
+        "job-token",
+        "x-csrf-token",
+        "x-xsrf-token",
+        "x-forwarded-access-token",
+    }
+)
+
+# Query parameters (of request targets, and of any "?"/"&"-separated text in an
+# HTTP/1 stream) whose values are masked by default: OAuth 2.0 tokens in URLs
+# (RFC 6750 section 2.3, OpenID Connect), API keys, AWS SigV4 and Google V4
+# presigned URLs, Azure SAS signatures ("sig"), passwords in form-style queries.
+DEFAULT_QUERY_PARAMS: frozenset[str] = frozenset(
+    {
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "token",
+        "api_key",
+        "apikey",
+        "client_secret",
+        "password",
+        "passwd",
+        "sig",
+        "signature",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+    }
 )
 
 # An HTTP header name (RFC 9110 token characters), or an HTTP/2 pseudo-header.
@@ -48,20 +95,66 @@ class RegexRule:
 class RedactionRules:
     header_names: frozenset[str] = frozenset()  # lower-case
     regexes: tuple[RegexRule, ...] = ()
+    query_params: frozenset[str] = frozenset()  # lower-case
 
     @property
     def enabled(self) -> bool:
         """Anything to do at all."""
-        return bool(self.header_names or self.regexes)
+        return bool(self.header_names or self.regexes or self.query_params)
 
 
-DEFAULT_RULES = RedactionRules(header_names=DEFAULT_HEADERS)
+DEFAULT_RULES = RedactionRules(header_names=DEFAULT_HEADERS, query_params=DEFAULT_QUERY_PARAMS)
 NO_RULES = RedactionRules()
 
 
 def header_rule_name(name: str) -> str:
     """What masking a value of header `name` is reported as."""
     return f"header:{name.lower()}"
+
+
+def query_rule_name(name: str) -> str:
+    """What masking a value of query parameter `name` is reported as."""
+    return f"query:{name.lower()}"
+
+
+# A query value ends at the next separator, fragment, whitespace or quote.
+_QUERY_VALUE_END = rb"&#;\s\"'<>"
+
+
+@functools.lru_cache(maxsize=16)
+def query_pattern(names: frozenset[str]) -> re.Pattern[bytes] | None:
+    """`[?&;]NAME=VALUE` for any of `names` (case-insensitive): group 1 the name,
+    group 2 the value (possibly empty, possibly cut by the end of the text)."""
+    if not names:
+        return None
+    alternatives = b"|".join(
+        re.escape(n.encode("latin-1")) for n in sorted(names, key=len, reverse=True)
+    )
+    # A look-ahead on the names' first letters turns most separators away before
+    # the case-insensitive alternation is tried (~20% less on binary bodies).
+    first = {c for n in names for c in (n[:1].lower(), n[:1].upper())}
+    lead = rb"(?=[" + b"".join(re.escape(c.encode("latin-1")) for c in sorted(first)) + rb"])"
+    return re.compile(
+        rb"[?&;]" + lead + rb"((?i:" + alternatives + rb"))=([^" + _QUERY_VALUE_END + rb"]*)"
+    )
+
+
+def mask_query_values(data: bytes, names: frozenset[str]) -> tuple[bytes, set[str]]:
+    """`data` with the values of the query parameters `names` replaced by as many
+    b"*" (same length), and the rules ("query:NAME") that matched."""
+    pattern = query_pattern(names)
+    if pattern is None:
+        return data, set()
+    out: bytearray | None = None
+    hits: set[str] = set()
+    for m in pattern.finditer(data):
+        start, end = m.span(2)
+        if end > start:
+            if out is None:
+                out = bytearray(data)
+            out[start:end] = b"*" * (end - start)
+            hits.add(query_rule_name(m.group(1).decode("latin-1")))
+    return (data if out is None else bytes(out)), hits
 
 
 def _header_name(raw: str, what: str) -> str:
@@ -125,4 +218,6 @@ def build_rules(
         regexes.append(rule)
     if disabled:
         return NO_RULES
-    return RedactionRules(header_names=frozenset(names), regexes=tuple(regexes))
+    return RedactionRules(
+        header_names=frozenset(names), regexes=tuple(regexes), query_params=DEFAULT_QUERY_PARAMS
+    )

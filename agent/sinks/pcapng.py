@@ -9,6 +9,8 @@ or tshark can open it while the capture still runs, and always at close.
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from typing import BinaryIO
 
@@ -20,20 +22,31 @@ from agent.sinks.base import OutputError, PeriodicFlusher
 _BUFFER = 256 * 1024
 
 
+def open_private(path: str, buffering: int = -1) -> BinaryIO:
+    """`path` opened for writing (truncated), mode 0600 whatever the umask; an
+    existing regular file with looser permissions is tightened to 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+        return open(fd, "wb", buffering=buffering)  # the caller closes it
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class PcapngSink:
     """Writes Records as packets to the pcapng file at `path` ("-": stdout, e.g. a pipe
-    into `wireshark -k -i -`).  Truncates an existing file."""
+    into `wireshark -k -i -`).  Truncates an existing file.  The file holds captured
+    plaintext: it is created 0600 whatever the umask, and an existing regular file
+    is tightened to 0600 (a device or FIFO is left as it is)."""
 
     def __init__(
         self, path: str, flush_interval: float = 0.1, max_segment: int = MAX_SEGMENT
     ) -> None:
         self.path = path
         self._owns_stream = path != "-"
-        stream: BinaryIO = (
-            open(path, "wb", buffering=_BUFFER)  # noqa: SIM115 - closed in close()
-            if self._owns_stream
-            else sys.stdout.buffer
-        )
+        stream: BinaryIO = open_private(path, _BUFFER) if self._owns_stream else sys.stdout.buffer
         self._stream = stream
         self._builder = PacketBuilder(max_segment)
         # PeriodicFlusher only calls write() and flush(): bytes go through it unchanged.

@@ -96,10 +96,10 @@ def test_stream_status_sources() -> None:
     call.response_headers([("grpc-status", "5"), ("grpc-message", "not%20found")])
     notes = call.finish(True)
     assert (call.call.status, call.call.message) == (5, "not found")
-    assert notes == ["grpc: grpc-status 'oops' is not a number"]
+    assert notes == ["grpc: grpc-status (4 characters) is not a number"]
     bare = GrpcStream("weird")
     assert bare.finish(True) == [
-        "grpc: :path 'weird' is not /service/method",
+        "grpc: :path (5 characters) is not /service/method",
         "grpc: response ended without grpc-status",
     ]
 

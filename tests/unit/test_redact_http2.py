@@ -370,9 +370,12 @@ def test_random_splits_of_valid_streams_agree(seed: int, server: bool) -> None:
 @FUZZ
 @given(data=st.binary(max_size=600), preface=st.booleans(), seed=st.integers(0, 2**32))
 def test_random_bytes_never_raise(data: bytes, preface: bool, seed: int) -> None:
-    whole, _ = mask(data, preface)
+    whole, hits = mask(data, preface)
     assert len(whole) == len(data)
-    assert mask(data, preface, _cuts(random.Random(seed), len(data)))[0] == whole
+    cut, cut_hits = mask(data, preface, _cuts(random.Random(seed), len(data)))
+    assert len(cut) == len(data)
+    if "http2:desync" not in hits | cut_hits:  # framing is picked up at record starts
+        assert cut == whole
 
 
 @FUZZ
@@ -387,10 +390,12 @@ def test_mutated_streams_never_raise(seed: int, server: bool, max_hold: int) -> 
         else:
             del stream[i : i + rnd.randrange(1, 40)]
     data = bytes(stream)
-    whole, _ = mask(data, not server, max_hold=max_hold)
+    whole, hits = mask(data, not server, max_hold=max_hold)
     assert len(whole) == len(data)
-    cut = mask(data, not server, _cuts(rnd, len(data)), max_hold=max_hold)[0]
-    assert cut == whole
+    cut, cut_hits = mask(data, not server, _cuts(rnd, len(data)), max_hold=max_hold)
+    assert len(cut) == len(data)
+    if "http2:desync" not in hits | cut_hits:  # framing is picked up at record starts
+        assert cut == whole
     m = Http2HeaderMasker(DEFAULT_HEADERS, not server)
     out, _ = m.feed(data[: len(data) // 2])
     m.gap(rnd.randrange(0, 50))

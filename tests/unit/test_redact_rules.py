@@ -9,28 +9,45 @@ import pytest
 from agent.redact.payload import mask_regexes
 from agent.redact.rules import (
     DEFAULT_HEADERS,
+    DEFAULT_QUERY_PARAMS,
     DEFAULT_RULES,
     RedactionConfigError,
     RedactionRules,
     RegexRule,
     build_rules,
+    mask_query_values,
 )
 
 
 def test_defaults() -> None:
     expected = {"authorization", "cookie", "set-cookie", "proxy-authorization", "x-api-key"}
-    assert expected == DEFAULT_HEADERS
+    assert expected < DEFAULT_HEADERS
+    credential_headers = {"x-auth-token", "x-amz-security-token", "x-vault-token"}
+    assert (
+        credential_headers | {"private-token", "x-csrf-token", "x-goog-api-key"} < DEFAULT_HEADERS
+    )
+    assert {"access_token", "token", "x-amz-signature", "sig", "password"} < DEFAULT_QUERY_PARAMS
     rules = build_rules([], [], [])
     assert rules == DEFAULT_RULES and rules.enabled and rules.regexes == ()
+    assert rules.query_params == DEFAULT_QUERY_PARAMS
+
+
+def test_query_values_masked_at_the_same_length() -> None:
+    target = b"/s3/o?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc123&keep=1&Token=t#frag"
+    masked, hits = mask_query_values(target, DEFAULT_QUERY_PARAMS)
+    assert masked == b"/s3/o?X-Amz-Credential=********&X-Amz-Signature=******&keep=1&Token=*#frag"
+    assert hits == {"query:x-amz-credential", "query:x-amz-signature", "query:token"}
+    # Only whole parameter names after a separator: not "mytoken=", not a path.
+    assert mask_query_values(b"/token=x?mytoken=y&a=b", DEFAULT_QUERY_PARAMS) == (
+        b"/token=x?mytoken=y&a=b",
+        set(),
+    )
 
 
 def test_extra_and_disabled_headers_are_lowercased() -> None:
-    rules = build_rules(["X-Auth-Token", " x-session "], ["Cookie", "SET-COOKIE"], [])
-    assert rules.header_names == {
-        "authorization",
-        "proxy-authorization",
-        "x-api-key",
-        "x-auth-token",
+    rules = build_rules(["X-My-Token", " x-session "], ["Cookie", "SET-COOKIE"], [])
+    assert rules.header_names == (DEFAULT_HEADERS - {"cookie", "set-cookie"}) | {
+        "x-my-token",
         "x-session",
     }
     # Disabling a name that is not a rule is harmless.
@@ -39,7 +56,8 @@ def test_extra_and_disabled_headers_are_lowercased() -> None:
 
 def test_all_headers_off_and_no_regex_is_not_enabled() -> None:
     rules = build_rules([], sorted(DEFAULT_HEADERS), [])
-    assert rules.header_names == frozenset() and not rules.enabled
+    assert rules.header_names == frozenset() and rules.enabled  # the query rules remain
+    assert not RedactionRules(header_names=frozenset()).enabled
     assert RedactionRules(regexes=(RegexRule("a", re.compile(b"a")),)).enabled
 
 

@@ -1,0 +1,93 @@
+"""Is this an HTTP/2 frame header, and does a chunk of bytes start a run of frames?
+
+Used where the HTTP/2 framing of a stream is not known: a connection first seen
+mid-stream (the agent started after it, or its L7 state was evicted), and after a
+gap or a malformed frame header.  Detection (agent/l7/detect.py) and the
+redaction masker (agent/redact/http2_masker.py) pick the framing up again only at
+the start of a captured record that is a run of plausible frames: 9-byte headers
+of known types with the flags those types define, the reserved bit clear, stream
+ids where the type needs one (and none where it must not), the fixed or minimum
+lengths RFC 9113 gives (PRIORITY 5, RST_STREAM 4, PING 8, SETTINGS a multiple of
+6, GOAWAY at least 8 ...) and a length within the default SETTINGS_MAX_FRAME_SIZE
+(16384), the whole record framed exactly, or at least two frames before a cut.
+
+Libraries write whole frames per TLS write (nginx, h2, Go, gRPC) and a TLS read
+returns at most one TLS record, so most records start at a frame boundary; bytes
+of a record that does not are not recognised, and stay masked.
+
+In sync, `frame_header_problem` checks each header less strictly (RFC 9113 says
+unknown flags and the reserved bit are ignored on receipt, and larger frames are
+allowed once a peer's SETTINGS raised the limit): what a peer may send is allowed,
+a header that cannot be right is a desync.
+"""
+
+from __future__ import annotations
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0, 1, 2, 3, 4
+PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 5, 6, 7, 8, 9
+KNOWN_TYPES = 10  # 0..9 are RFC 9113's
+
+DEFAULT_MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE's initial value
+HEADER = 9
+
+# type: (flags the type defines, stream id: True needs one / False none / None any,
+#        exact length or None, minimum length)
+_RULES: dict[int, tuple[int, bool | None, int | None, int]] = {
+    DATA: (0x09, True, None, 0),
+    HEADERS: (0x2D, True, None, 0),
+    PRIORITY: (0x00, True, 5, 5),
+    RST_STREAM: (0x00, True, 4, 4),
+    SETTINGS: (0x01, False, None, 0),
+    PUSH_PROMISE: (0x0C, True, None, 4),
+    PING: (0x01, False, 8, 8),
+    GOAWAY: (0x00, False, None, 8),
+    WINDOW_UPDATE: (0x00, None, 4, 4),
+    CONTINUATION: (0x04, True, None, 0),
+}
+
+
+def frame_header_problem(ftype: int, flags: int, length: int, stream: int) -> bool:
+    """Whether a frame header of a known type cannot be right (in sync; unknown
+    types are the caller's business: their payload is not understood)."""
+    rule = _RULES.get(ftype)
+    if rule is None:
+        return False
+    _, needs_stream, exact, minimum = rule
+    if (needs_stream is True and stream == 0) or (needs_stream is False and stream != 0):
+        return True
+    if (exact is not None and length != exact) or length < minimum:
+        return True
+    return ftype == SETTINGS and bool(length % 6 or (flags & 0x01 and length))
+
+
+def plausible_frame_header(header: bytes | bytearray | memoryview) -> bool:
+    """A strict check of one 9-byte frame header, for picking framing up."""
+    length = (header[0] << 16) | (header[1] << 8) | header[2]
+    ftype, flags = header[3], header[4]
+    raw_stream = int.from_bytes(header[5:9], "big")
+    rule = _RULES.get(ftype)
+    if rule is None or raw_stream & 0x80000000 or length > DEFAULT_MAX_FRAME:
+        return False
+    if flags & ~rule[0] & 0xFF:
+        return False
+    return not frame_header_problem(ftype, flags, length, raw_stream)
+
+
+def starts_frame_run(data: bytes | bytearray | memoryview) -> bool:
+    """Whether `data` (one captured record, or the first bytes of a direction) is a
+    run of plausible frames from its first byte: all of it framed exactly by at
+    least one frame, or at least two whole frames before a frame the record cuts."""
+    n = len(data)
+    pos = whole = 0
+    while n - pos >= HEADER:
+        header = data[pos : pos + HEADER]
+        if not plausible_frame_header(header):
+            return False
+        end = pos + HEADER + ((header[0] << 16) | (header[1] << 8) | header[2])
+        if end > n:
+            return whole >= 2
+        pos = end
+        whole += 1
+    if pos == n:
+        return whole >= 1
+    return whole >= 2
