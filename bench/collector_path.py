@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> dict:
         ready = Path(tmp) / "addr"
         collector = subprocess.Popen(
             [sys.executable, "-m", "agent", "collector", "--listen", "127.0.0.1:0",
-             "--store", f"{tmp}/bench.db", "--insecure", "--ready-file", str(ready),
+             "--store", f"{tmp}/bench.db", "--insecure", "--allow-anonymous-subscribe",
+             "--ready-file", str(ready),
              "--subscriber-queue", "1000000"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

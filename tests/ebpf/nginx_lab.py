@@ -52,7 +52,7 @@ http {{
     keepalive_requests 10000000;
     default_type text/plain;
     server {{
-        listen {host}:{port} ssl;
+        listen {host}:{port} ssl{http2};
         ssl_certificate {dir}/cert.pem;
         ssl_certificate_key {dir}/key.pem;
         location / {{
@@ -236,9 +236,14 @@ class Nginx:
 
 
 def start_nginx(
-    workdir: Path, body_size: int = BODY_SIZE, host: str = "127.0.0.1", timeout: float = 15.0
+    workdir: Path,
+    body_size: int = BODY_SIZE,
+    host: str = "127.0.0.1",
+    timeout: float = 15.0,
+    http2: bool = False,
 ) -> Nginx:
-    """nginx with the lab config in `workdir` (created), accepting on a free port."""
+    """nginx with the lab config in `workdir` (created), accepting on a free port
+    (offering HTTP/2 by ALPN when `http2`)."""
     require_tools()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
@@ -248,7 +253,7 @@ def start_nginx(
     conf = workdir / "nginx.conf"
     conf.write_text(
         NGINX_CONF.format(dir=workdir, host=host, port=port, body=body.decode(),
-                          log_format=LOG_FORMAT)
+                          log_format=LOG_FORMAT, http2=" http2" if http2 else "")
     )  # fmt: skip
     stderr = open(workdir / "nginx.stderr", "w")  # noqa: SIM115 - the child holds it
     with stderr:

@@ -22,7 +22,7 @@ def test_subscriber_receives_exactly_what_the_agent_captured(agent, s_server, tm
     logs = open(tmp_path / "tlscap.log", "w")  # noqa: SIM115
     collector = start_tlscap(
         "collector", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "store.db"),
-        "--insecure", "--ready-file", str(ready), log=logs,
+        "--insecure", "--allow-anonymous-subscribe", "--ready-file", str(ready), log=logs,
     )  # fmt: skip
     tail = None
     try:

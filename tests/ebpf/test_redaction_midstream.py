@@ -1,0 +1,78 @@
+"""An HTTP/2 connection opened before the agent started: its header blocks are
+picked up mid-stream (the HPACK state is unknown), and the credentials sent on it
+after the agent is ready must not leave the agent, plain or Huffman-coded.
+
+nginx (HTTP/2 by ALPN, tests/ebpf/nginx_lab.py) and an h2 client that connects and
+makes one request first; then the agent starts; then the client sends requests with
+new `authorization` values on the same connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import hpack.huffman
+import hpack.huffman_constants
+import pytest
+
+from tests.ebpf import nginx_lab
+from tests.ebpf.conftest import PROGRAMS
+
+SECRET = "s3cr3t-midstream-token-"
+REQUESTS = 4
+
+
+def huffman(text: str) -> bytes:
+    encoder = hpack.huffman.HuffmanEncoder(
+        hpack.huffman_constants.REQUEST_CODES, hpack.huffman_constants.REQUEST_CODES_LENGTH
+    )
+    return encoder.encode(text.encode())
+
+
+def test_http2_credentials_on_a_connection_older_than_the_agent_never_leak(agent, tmp_path):
+    missing = nginx_lab.missing_tools()
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: run `make setup` (it installs them)")
+    lab = nginx_lab.start_nginx(tmp_path / "nginx", http2=True)
+    client = subprocess.Popen(
+        [sys.executable, str(PROGRAMS / "h2_client.py"), lab.host, str(lab.port),
+         "--secret-prefix", SECRET, "--requests", str(REQUESTS)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = client.stdout.readline()
+        assert line.startswith("CONNECTED"), line
+        a = agent(
+            "--pid",
+            str(client.pid),
+            "--pid",
+            str(lab.proc.pid),
+            *(arg for w in lab.workers for arg in ("--pid", str(w))),
+        )
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        result = json.loads(client.stdout.readline())
+        client.wait(timeout=30)
+        cap = a.stop()
+    finally:
+        client.kill()
+        lab.stop()
+    assert result["statuses"] == [200] * REQUESTS
+
+    raw = a.output.read_bytes()
+    payloads = b"".join(base64.b64decode(r["data_b64"]) for r in cap.of_type("data"))
+    assert payloads, "the connection's data was not captured at all"
+    for i in range(REQUESTS):
+        value = f"Bearer {SECRET}{i}"
+        for needle in (value.encode(), huffman(value), f"{SECRET}{i}".encode()):
+            assert needle not in raw, f"{needle!r} in the JSON lines"
+            assert needle not in payloads, f"{needle!r} in a captured payload"
+    # Lengths are kept: every byte the client and nginx moved is accounted for.
+    for r in cap.of_type("data"):
+        assert r["captured_len"] == r["len"] == len(base64.b64decode(r["data_b64"]))
+    stats = cap.stats
+    assert stats["l7_midstream_http2_connections"] >= 1, stats
+    assert stats["l7_header_blocks_masked_unknown"] >= REQUESTS, stats
