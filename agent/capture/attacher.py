@@ -25,10 +25,19 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+RESCAN = -1  # not a pid: the work item "look at every process"
+
 
 class TargetAttacher:
-    def __init__(self, attach_pid: Callable[[int], None], hold_max: float = 2.0) -> None:
+    def __init__(
+        self,
+        attach_pid: Callable[[int], None],
+        hold_max: float = 2.0,
+        rescan_all: Callable[[], None] | None = None,
+    ) -> None:
         self._attach_pid = attach_pid
+        self._rescan_all = rescan_all
+        self._rescan_wanted = False
         self._wanted: dict[int, None] = {}  # insertion-ordered set of pids
         self._held: dict[int, float] = {}  # pid -> when its hold must end (monotonic)
         self._working: set[int] = set()  # pids being attached right now
@@ -52,6 +61,12 @@ class TargetAttacher:
     def request(self, pid: int) -> None:
         with self._cond:
             self._wanted[pid] = None
+            self._cond.notify_all()
+
+    def rescan(self) -> None:
+        """Look at every process once more (the periodic safety net), when idle."""
+        with self._cond:
+            self._rescan_wanted = True
             self._cond.notify_all()
 
     def hold(self, pid: int) -> None:
@@ -79,17 +94,26 @@ class TargetAttacher:
             return not self._wanted and not self._held
 
     def _next(self) -> tuple[int, bool] | None:
+        """(pid, held), or (RESCAN, False) for a rescan of every process."""
         with self._cond:
-            while not self._wanted and not self._pending_holds() and not self._stopping:
+            while (
+                not self._wanted
+                and not self._pending_holds()
+                and not self._rescan_wanted
+                and not self._stopping
+            ):
                 self._cond.wait()
             if self._stopping:
                 return None
             holds = self._pending_holds()
             if holds:
                 return holds[0], True
-            pid = next(iter(self._wanted))
-            del self._wanted[pid]
-            return pid, False
+            if self._wanted:
+                pid = next(iter(self._wanted))
+                del self._wanted[pid]
+                return pid, False
+            self._rescan_wanted = False
+            return RESCAN, False
 
     def _pending_holds(self) -> list[int]:
         return [pid for pid in self._held if pid not in self._working]
@@ -100,7 +124,11 @@ class TargetAttacher:
             with self._cond:
                 self._working.add(pid)
             try:
-                self._attach_pid(pid)
+                if pid == RESCAN:
+                    if self._rescan_all is not None:
+                        self._rescan_all()
+                else:
+                    self._attach_pid(pid)
             except Exception:
                 # A process that exits mid-attach, an unreadable binary: never
                 # fatal to the agent.

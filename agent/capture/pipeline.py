@@ -75,6 +75,15 @@ class EventPipeline:
         for call in self.calls.flush(older_than_mono_ns):
             self._write_all(self.flows.on_call(call))
 
+    def sweep_ended(self, alive: Callable[[int], bool], ts_mono_ns: int) -> None:
+        """Close what processes that ended unseen left open (FlowTable.sweep_ended)."""
+        ended = self.flows.sweep_ended(alive, ts_mono_ns)
+        for record in ended:
+            self.writer.write(record)
+            if record.type == "close":
+                self.writer.process_exited(record.pid)
+        self.push_kernel_registrations()
+
     def push_kernel_registrations(self) -> None:
         """Carry out what the flow table asked of the kernel."""
         registrations = self.flows.kernel_registrations

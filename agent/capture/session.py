@@ -31,7 +31,7 @@ from agent.probes.bpf_program import BpfProgram, ProbeSettings
 from agent.probes.go_binary import GoBinaryError, GoBinaryUnsupported, analyze_go_tls
 from agent.probes.gotls import attach_gotls
 from agent.probes.library_probes import attach_library
-from agent.probes.targets import TargetScanner, TlsLibrary, list_pids
+from agent.probes.targets import TargetScanner, TlsLibrary, list_pids, pid_alive
 from agent.records.record import Record
 from agent.records.writer import RecordWriter, new_agent_id
 from agent.sinks.base import Sink
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 # A partial call whose remaining chunks have not come after this long never
 # will (the kernel stopped sending it when the ring was full).
 STALE_CALL_NS = 500_000_000
+# How often the session looks for what lost events hid: processes that ended
+# (their exit event dropped) and TLS libraries that appeared (their exec or mmap
+# event dropped).  Events are the fast path; this is the safety net.
+SWEEP_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -97,6 +101,7 @@ class AgentStats:
     targets_attached: int = 0
     attach_failures: int = 0
     go_binaries_refused: int = 0  # Go programs we cannot probe safely (old ABI, not amd64)
+    rescan_attached: int = 0  # files found by the periodic rescan, not by an event
 
 
 class CaptureSession:
@@ -119,7 +124,7 @@ class CaptureSession:
         self._wall = mono_to_wall_clock()
         self._resolver = resolver or SocketResolver()
         self._flows = FlowTable(self._resolver, self._wall)
-        self._attacher = TargetAttacher(self._attach_pid)
+        self._attacher = TargetAttacher(self._attach_pid, rescan_all=self._attach_all_new)
         self._pipeline = EventPipeline(
             self._out,
             self._flows,
@@ -207,11 +212,17 @@ class CaptureSession:
         deadline = None
         if self.options.duration is not None:
             deadline = time.monotonic() + self.options.duration
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         while not self.stop_event.is_set():
             self.liveness.beat()
             self._program.drain(self.options.poll_ms, self._pipeline.handle_batch)
             self._pipeline.flush_calls(older_than_mono_ns=time.monotonic_ns() - STALE_CALL_NS)
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_INTERVAL_S
+                self._pipeline.sweep_ended(pid_alive, time.monotonic_ns())
+                self._attacher.rescan()
+            if deadline is not None and now >= deadline:
                 break
 
     def close(self) -> None:
@@ -249,6 +260,7 @@ class CaptureSession:
             "held_processes": self._attacher.holds,
             "hold_timeouts": self._attacher.hold_timeouts,
             "go_binaries_refused": self.stats.go_binaries_refused,
+            "rescan_attached": self.stats.rescan_attached,
         }
         out.update({f"kernel_{k}": v for k, v in kernel.items() if k not in shed})
         out.update(shed)
@@ -259,6 +271,17 @@ class CaptureSession:
     def _register_socket(self, reg: KernelRegistration) -> None:
         if self._program is not None:
             self._program.register_socket(reg)
+
+    def _attach_all_new(self) -> None:
+        """On the attacher's thread: TLS code that appeared without an event we saw."""
+        pids = sorted(self._allowed_pids()) if self.options.filtered else None
+        for lib in self._scanner.scan_all(pids):
+            self.stats.rescan_attached += 1
+            self._attach(lib)
+
+    def _allowed_pids(self) -> set[int]:
+        wanted = set(self.options.pids) | set(pids_with_comm(self.options.comms))
+        return wanted
 
     def _attach_pid(self, pid: int) -> None:
         """On the attacher's thread: probe whatever new TLS code `pid` brought."""

@@ -92,6 +92,8 @@ class FlowStats:
     # close record is written; later data on it opens it again, under a new id).
     evicted_connections: int = 0
     evicted_adoptions: int = 0  # sockets found at start-up forgotten before any TLS
+    # Processes found ended by the periodic sweep: their exit event was lost.
+    exits_recovered: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -195,6 +197,20 @@ class FlowTable:
             return []
         del self._by_fd[(ev.tgid, ev.fd)]
         return [self._close_record(conn, ev.ts_mono_ns, ev.tid)]
+
+    def tgids(self) -> set[int]:
+        """Processes with connections in the table."""
+        return {k[0] for k in self._by_fd} | {k[0] for k in self._by_ssl}
+
+    def sweep_ended(self, alive: Callable[[int], bool], ts_mono_ns: int) -> list[Record]:
+        """Close the connections of processes that ended without an exit event we
+        saw (it was dropped while the ring was full): counted, never silent."""
+        out: list[Record] = []
+        for tgid in self.tgids():
+            if not alive(tgid):
+                self.stats.exits_recovered += 1
+                out.extend(self.on_exit(tgid, ts_mono_ns))
+        return out
 
     def on_exit(self, tgid: int, ts_mono_ns: int) -> list[Record]:
         """A process ended: every connection it still had is closed."""

@@ -75,6 +75,12 @@ METRICS: dict[str, MetricSpec] = {
     "go_binaries_refused": _counter(
         "go_binaries_refused", "Go programs not probed (unsupported ABI or architecture)"
     ),
+    "rescan_attached": _counter(
+        "rescan_attached", "Files probed by the periodic rescan (their exec/mmap event was lost)"
+    ),
+    "flow_exits_recovered": _counter(
+        "flow_exits_recovered", "Ended processes found by the periodic sweep (exit event lost)"
+    ),
     "held_processes": _counter(
         "held_processes", "Processes stopped at a TLS library mapping until probed"
     ),

@@ -547,6 +547,7 @@ def test_stats_as_dict() -> None:
         "fds_learned_late": 0,
         "evicted_connections": 0,
         "evicted_adoptions": 0,
+        "exits_recovered": 0,
     }
 
 
@@ -631,3 +632,16 @@ def test_exit_asks_the_kernel_to_forget_the_process_sockets() -> None:
 def test_bounds_must_be_sane() -> None:
     with pytest.raises(ValueError):
         bounded(0)
+
+
+def test_sweep_closes_connections_of_processes_that_ended_unseen() -> None:
+    """An exit event dropped while the ring was full: the periodic sweep finds the
+    process gone, writes its connections' close records, and counts it."""
+    t, _ = table()
+    t.on_call(call(tgid=100, fd=5, socket=known(gen=1)))
+    t.on_call(call(tgid=200, fd=6, socket=known(gen=2)))
+    closed = t.sweep_ended(lambda tgid: tgid != 100, ts_mono_ns=99)
+    assert [(r.type, r.pid) for r in closed] == [("close", 100)]
+    assert t.stats.exits_recovered == 1
+    assert t.tgids() == {200}
+    assert t.sweep_ended(lambda tgid: True, ts_mono_ns=100) == []

@@ -48,6 +48,7 @@ SESSION_KEYS = [
     "go_binaries_refused",
     "held_processes",
     "hold_timeouts",
+    "rescan_attached",
     "proxy_leaves_issued",
     "proxy_passthrough_remembered",
 ]

@@ -195,3 +195,18 @@ def test_a_hold_never_outlasts_its_bound() -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_rescan_runs_on_the_attacher_thread_after_queued_pids() -> None:
+    done = threading.Event()
+    seen: list[object] = []
+    attacher = TargetAttacher(
+        lambda pid: seen.append(pid), rescan_all=lambda: (seen.append("all"), done.set())
+    )
+    attacher.start()
+    attacher.request(5)
+    attacher.rescan()
+    attacher.rescan()  # one pending rescan at a time
+    assert done.wait(5)
+    attacher.stop()
+    assert seen == [5, "all"]
