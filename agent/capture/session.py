@@ -54,6 +54,7 @@ class CaptureOptions:
     max_capture: int = 1 << 20
     ringbuf_bytes: int = 64 << 20
     hold_new_libraries: bool = False  # bpf/process.c, agent/capture/attacher.py
+    shed_fraction: float = 0.5  # ring fill above which new connections are shed
     duration: float | None = None
     ready_file: Path | None = None
     poll_ms: int = 5
@@ -74,6 +75,7 @@ class CaptureOptions:
             max_capture=self.max_capture,
             ringbuf_bytes=self.ringbuf_bytes,
             hold_new_libraries=self.hold_new_libraries,
+            shed_fraction=self.shed_fraction,
         )
 
 

@@ -64,6 +64,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--ringbuf-mb", type=int, default=64, help="kernel ring buffer size in MiB (default 64)"
     )
     p.add_argument(
+        "--shed-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="shed new connections (whole, counted) while more than this fraction of the "
+        "ring is waiting to be read; 0 or 1 never sheds (default 0.5)",
+    )
+    p.add_argument(
         "--hold-new-libraries",
         action="store_true",
         help="stop a process that maps a TLS library (SIGSTOP, at most 2 s) until its "
@@ -188,6 +196,8 @@ def run_command(args: argparse.Namespace) -> int:
             return fail(f"no such process: --pid {pid}")
     if args.ringbuf_mb <= 0:
         return fail("--ringbuf-mb must be positive")
+    if not 0.0 <= args.shed_fraction <= 1.0:
+        return fail("--shed-fraction must be between 0 and 1")
     proxy_config = None
     if args.mode != "ebpf":
         try:
@@ -215,6 +225,7 @@ def run_command(args: argparse.Namespace) -> int:
         max_capture=args.max_capture,
         ringbuf_bytes=args.ringbuf_mb << 20,
         hold_new_libraries=args.hold_new_libraries,
+        shed_fraction=args.shed_fraction,
         duration=args.duration,
         ready_file=args.ready_file,
         node=args.node,

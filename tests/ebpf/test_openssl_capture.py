@@ -239,6 +239,9 @@ def test_bad_arguments_fail_in_one_line(tmp_path):
     r = run("--output", "jsonl", "--output-file", str(tmp_path / "no/such/dir/out.jsonl"))
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "no/such/dir" in r.stderr
+    r = run("--shed-fraction", "1.5")
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and "--shed-fraction" in r.stderr
 
 
 def test_clean_exit_leaves_no_probes(agent, tmp_path):
