@@ -15,9 +15,10 @@ from agent.l7.connection import L7Options
 from agent.l7.http2 import Http2Parser
 from agent.l7.http2_frames import starts_frame_run
 from agent.l7.stage import L7Stage
-from agent.records.record import Endpoint, Record
+from agent.records.record import Record
 from agent.redact.http2_masker import Http2HeaderMasker
 from agent.redact.rules import DEFAULT_HEADERS, DEFAULT_QUERY_PARAMS, DEFAULT_RULES
+from tests.unit.l7build import Conn, run
 
 SECRET = b"Bearer s3cr3t-midstream-token-0123456789"
 HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
@@ -60,44 +61,6 @@ def _request(conn: h2.connection.H2Connection, secret: bytes, path: str = "/api"
     conn.send_headers(sid, headers)
     conn.send_data(sid, b"body-bytes", end_stream=True)
     return conn.data_to_send()
-
-
-class Conn:
-    def __init__(self, conn_id: str = "c1", role: str = "client") -> None:
-        self.conn_id, self.role = conn_id, role
-        self.offsets = {"egress": 0, "ingress": 0}
-        self.ts = 1_000_000_000
-
-    def data(self, direction: str, payload: bytes, *, skip: int = 0) -> Record:
-        self.offsets[direction] += skip
-        self.ts += 1_000_000
-        r = Record(
-            type="data",
-            ts_ns=self.ts,
-            pid=10,
-            comm="app",
-            source="openssl",
-            conn_id=self.conn_id,
-            fd=3,
-            local=Endpoint("127.0.0.1", 50000),
-            remote=Endpoint("127.0.0.1", 443),
-            role=self.role,  # type: ignore[arg-type]
-            direction=direction,  # type: ignore[arg-type]
-            offset=self.offsets[direction],
-            len=len(payload),
-            captured_len=len(payload),
-            data=payload,
-        )
-        self.offsets[direction] += len(payload)
-        return r
-
-
-def _run(stage: L7Stage, records: list[Record]) -> list[Record]:
-    out: list[Record] = []
-    for r in records:
-        out.extend(stage.process(r))
-    out.extend(stage.flush())
-    return out
 
 
 def _egress(out: list[Record], conn_id: str = "c1") -> bytes:
@@ -201,7 +164,7 @@ def test_connection_first_seen_midstream_is_masked_and_counted() -> None:
     c = Conn()
     records = [c.data("egress", _request(client, SECRET)) for _ in range(3)]
     stage = L7Stage(L7Options())
-    out = _run(stage, records)
+    out = run(stage, records)
     data = [r for r in out if r.type == "data"]
     egress = _egress(out)
     assert len(egress) == sum(r.captured_len for r in records)
@@ -227,7 +190,7 @@ def test_evicted_http2_connection_is_picked_up_fail_closed() -> None:
     records.append(c.data("egress", second[20:]))
     records.append(c.data("egress", _request(client, SECRET)))
     stage = L7Stage(L7Options(max_connections=1))
-    out = _run(stage, records)
+    out = run(stage, records)
     egress = _egress(out)
     assert_no_secret(egress)
     assert b"body-bytes" in egress  # the last record was framed: its DATA is kept
@@ -242,7 +205,7 @@ def test_evicted_http1_connection_masks_the_line_it_resumes_in() -> None:
     records.append(Conn("c2").data("egress", b"GET / HTTP/1.1\r\n\r\n"))  # evicts c1
     records.append(c.data("egress", b"cdef-rest-of-secret\r\nX-Other: shown\r\n\r\n"))
     stage = L7Stage(L7Options(max_connections=1))
-    out = _run(stage, records)
+    out = run(stage, records)
     egress = _egress(out)
     assert b"rest-of-secret" not in egress and b"X-Other: shown" in egress
     assert stage.stats()["l7_midstream_unknown_connections"] == 1
@@ -256,7 +219,7 @@ def test_gap_in_http2_then_framing_picked_up_with_blocks_wiped() -> None:
     _request(client, b"Bearer lost")  # lost in the gap
     records.append(c.data("egress", _request(client, SECRET), skip=100))
     stage = L7Stage(L7Options())
-    out = _run(stage, records)
+    out = run(stage, records)
     last = [r for r in out if r.type == "data"][-1]
     assert_no_secret(last.data)
     assert b"body-bytes" in last.data
@@ -267,7 +230,7 @@ def test_http1_request_line_and_exchange_target_query_masked() -> None:
     c = Conn()
     req = b"GET /cb?code=1&access_token=tok-SECRET-99&sig=zz HTTP/1.1\r\nHost: x\r\n\r\n"
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-    out = _run(L7Stage(L7Options()), [c.data("egress", req), c.data("ingress", resp)])
+    out = run(L7Stage(L7Options()), [c.data("egress", req), c.data("ingress", resp)])
     egress = _egress(out)
     assert b"tok-SECRET-99" not in egress and len(egress) == len(req)
     assert egress.startswith(b"GET /cb?code=1&access_token=*************&sig=** HTTP/1.1")
