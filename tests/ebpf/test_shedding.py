@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from tests.ebpf.conftest import REPO, TLSCAP, Capture, wait_for
+from tests.ebpf.programs.ssl_pair import recv_exactly
 
 F_SETPIPE_SZ = 1031
 PIPE_BYTES = 4096
@@ -53,16 +54,6 @@ HEADER = struct.Struct("!II")  # payload length, reply length
 # -- the traffic program ------------------------------------------------------
 
 
-def _recv_exactly(conn: ssl.SSLSocket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = conn.recv(min(1 << 20, size - len(buf)))
-        if not chunk:
-            raise EOFError(f"peer closed after {len(buf)} of {size} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
 def _traffic_main() -> None:
     cert, key = sys.argv[2], sys.argv[3]
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -76,10 +67,10 @@ def _traffic_main() -> None:
         with server_ctx.wrap_socket(raw, server_side=True) as conn:
             while True:
                 try:
-                    size, reply = HEADER.unpack(_recv_exactly(conn, HEADER.size))
+                    size, reply = HEADER.unpack(recv_exactly(conn, HEADER.size))
                 except (EOFError, OSError):
                     return
-                _recv_exactly(conn, size)
+                recv_exactly(conn, size)
                 if reply:
                     conn.sendall(os.urandom(reply))
 
@@ -105,7 +96,7 @@ def _traffic_main() -> None:
         conns[conn_id].sendall(message)
         sent[conn_id] += message
         if reply:
-            received[conn_id] += _recv_exactly(conns[conn_id], reply)
+            received[conn_id] += recv_exactly(conns[conn_id], reply)
 
     def say(obj: object) -> None:
         print(json.dumps(obj), flush=True)
