@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.events import layout
 from agent.flows.table import KernelRegistration
+from agent.probes.preflight import has_tracepoint
 from agent.probes.ring_reader import BatchHandler, RingReader
 
 if TYPE_CHECKING:
@@ -63,13 +64,13 @@ class ProbeSettings:
     # Shed whole connections that start while more than this fraction of the
     # ring is pending (user space is behind); 0 or 1.0: never shed.
     shed_fraction: float = 0.5
+    # --hold-new-libraries: stop processes that map a TLS library until probed.
+    hold_new_libraries: bool = False
     # sock:sock_{send,recv}_length exist (Linux 6.3+): sockets accepted by an
     # accept() that was already blocked when we attached get their endpoints
     # in the kernel (bpf/sockets.c).
-    # --hold-new-libraries: stop processes that map a TLS library until probed.
-    hold_new_libraries: bool = False
     sock_length_tracepoints: bool = field(
-        default_factory=lambda: _has_tracepoint("sock", "sock_recv_length")
+        default_factory=lambda: has_tracepoint("sock", "sock_recv_length")
     )
 
     def __post_init__(self) -> None:
@@ -101,13 +102,6 @@ class ProbeSettings:
             f"-DTLSCAP_SOCK_LENGTH_TP={1 if self.sock_length_tracepoints else 0}",
             f"-DTLSCAP_HOLD={1 if self.hold_new_libraries else 0}",
         ]
-
-
-def _has_tracepoint(category: str, name: str) -> bool:
-    return any(
-        Path(root, "events", category, name).is_dir()
-        for root in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-    )
 
 
 def _power_of_two_at_least(n: int) -> int:

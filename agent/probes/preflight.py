@@ -124,6 +124,16 @@ def _tracefs_in_use(tracefs: Path, debugfs_tracing: Path) -> Path:
     return debugfs_tracing if debugfs_tracing.exists() else tracefs
 
 
+def has_tracepoint(
+    category: str,
+    name: str,
+    tracefs: Path = TRACEFS,
+    debugfs_tracing: Path = DEBUGFS_TRACING,
+) -> bool:
+    """Whether this kernel has the tracepoint (feature probing for the -D flags)."""
+    return (_tracefs_in_use(tracefs, debugfs_tracing) / "events" / category / name).is_dir()
+
+
 def check_tracefs(
     tracefs: Path = TRACEFS,
     debugfs_tracing: Path = DEBUGFS_TRACING,

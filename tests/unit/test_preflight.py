@@ -19,6 +19,7 @@ from agent.probes.preflight import (
     check_tracefs,
     check_uprobes,
     collect_problems,
+    has_tracepoint,
 )
 
 
@@ -165,3 +166,13 @@ def test_real_bpf_syscall_works_as_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("bpf() needs root")
     assert preflight.check_bpf_syscall() is None
+
+
+def test_has_tracepoint_looks_where_bcc_looks(tmp_path: Path) -> None:
+    tracefs, debugfs = tmp_path / "tracing", tmp_path / "debug-tracing"
+    (tracefs / "events" / "sock" / "sock_recv_length").mkdir(parents=True)
+    assert has_tracepoint("sock", "sock_recv_length", tracefs, debugfs)
+    assert not has_tracepoint("sock", "no_such_event", tracefs, debugfs)
+    # debugfs's tracing directory wins when it exists, as in bcc.
+    (debugfs / "events").mkdir(parents=True)
+    assert not has_tracepoint("sock", "sock_recv_length", tracefs, debugfs)
