@@ -88,11 +88,6 @@ class TargetAttacher:
             for pid in list(self._held):
                 self._resume_locked(pid)
 
-    def idle(self) -> bool:
-        """Nothing waiting (for tests and the ready check)."""
-        with self._cond:
-            return not self._wanted and not self._held
-
     def _next(self) -> tuple[int, bool] | None:
         """(pid, held), or (RESCAN, False) for a rescan of every process."""
         with self._cond:

@@ -209,9 +209,6 @@ class BpfProgram:
             self._ring.wait(timeout_ms)
         return self._ring.drain(handle)
 
-    def ring_pending_bytes(self) -> int:
-        return self._ring.pending_bytes() if self._ring is not None else 0
-
     # -- state shared with the kernel ---------------------------------------
 
     def counters(self) -> dict[str, int]:
@@ -291,7 +288,3 @@ class BpfProgram:
             comm = bytes(value.comm).split(b"\0", 1)[0].decode(errors="replace")
             out[key.value] = (comm, value.connections)
         return out
-
-    def shed_by_process(self) -> dict[int, int]:
-        """pid -> connections the kernel shed in that process."""
-        return {pid: n for pid, (_comm, n) in self.shed_processes().items()}

@@ -51,12 +51,6 @@ class RingReader:
         self._poll = select.poll()
         self._poll.register(map_fd, select.POLLIN)
 
-    def pending_bytes(self) -> int:
-        """Bytes the kernel has written that we have not consumed yet."""
-        (consumer,) = _POSITION.unpack_from(self._consumer)
-        (producer,) = _POSITION.unpack_from(self._producer)
-        return producer - consumer
-
     def wait(self, timeout_ms: int) -> None:
         """Sleep until the kernel wakes us (a burst past its wake-up mark) or the
         timeout passes.  The map's poll reports readable at once when records
