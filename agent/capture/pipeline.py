@@ -78,10 +78,9 @@ class EventPipeline:
     def sweep_ended(self, alive: Callable[[int], bool], ts_mono_ns: int) -> None:
         """Close what processes that ended unseen left open (FlowTable.sweep_ended)."""
         ended = self.flows.sweep_ended(alive, ts_mono_ns)
-        for record in ended:
-            self.writer.write(record)
-            if record.type == "close":
-                self.writer.process_exited(record.pid)
+        self._write_all(ended)
+        for pid in {record.pid for record in ended}:
+            self.writer.process_exited(pid)
         self.push_kernel_registrations()
 
     def push_kernel_registrations(self) -> None:

@@ -145,9 +145,8 @@ class CaptureSession:
         if self._program is None:
             self._program = BpfProgram(opts.probe_settings())
         program = self._program
-        initial_pids: list[int] | None = None
-        if opts.filtered:
-            initial_pids = sorted(set(opts.pids) | set(pids_with_comm(opts.comms)))
+        initial_pids = self._filtered_pids()
+        if initial_pids is not None:
             program.allow_comms(opts.comms)
             program.allow_tgids(initial_pids)
         program.open_ring()
@@ -276,14 +275,15 @@ class CaptureSession:
 
     def _attach_all_new(self) -> None:
         """On the attacher's thread: TLS code that appeared without an event we saw."""
-        pids = sorted(self._allowed_pids()) if self.options.filtered else None
-        for lib in self._scanner.scan_all(pids):
+        for lib in self._scanner.scan_all(self._filtered_pids()):
             self.stats.rescan_attached += 1
             self._attach(lib)
 
-    def _allowed_pids(self) -> set[int]:
-        wanted = set(self.options.pids) | set(pids_with_comm(self.options.comms))
-        return wanted
+    def _filtered_pids(self) -> list[int] | None:
+        """The processes --pid/--comm name right now; None: no filter, every one."""
+        if not self.options.filtered:
+            return None
+        return sorted(set(self.options.pids) | set(pids_with_comm(self.options.comms)))
 
     def _attach_pid(self, pid: int) -> None:
         """On the attacher's thread: probe whatever new TLS code `pid` brought."""
