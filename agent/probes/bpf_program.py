@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from agent.events import layout
 from agent.flows.table import KernelRegistration
 from agent.probes.preflight import has_tracepoint
-from agent.probes.ring_reader import BatchHandler, RingReader
+from agent.probes.ring_reader import PAGE_SIZE, BatchHandler, RingReader
 
 if TYPE_CHECKING:
     from agent.probes.go_binary import GoTlsTarget
@@ -43,7 +43,6 @@ BPF_SOURCES = (
     "sockets.c",
     "process.c",
 )
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def bpf_source_dir() -> Path:
