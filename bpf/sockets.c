@@ -136,6 +136,19 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     return 0;
 }
 
+// The end of a TLS-carrying socket, for user space to close its connection.
+static __always_inline void emit_close(u64 id, s32 fd, u64 gen) {
+    struct close_event e = {};
+    e.kind = EV_CLOSE;
+    e.tgid = id >> 32;
+    e.tid = (u32)id;
+    e.fd = fd;
+    e.ts_ns = bpf_ktime_get_ns();
+    e.gen = gen;
+    if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
+        count(CNT_LOST_EVENTS, 1);
+}
+
 // A new socket is being recorded at `key`: a TLS socket still known there was
 // closed without a close() we saw (close_range, dup2 over it, close-on-exec):
 // report its end now, and drop it.
@@ -143,15 +156,7 @@ static __always_inline void retire_tls_socket(u64 id, s32 fd, u64 key) {
     struct conn_info *old = tls_sockets.lookup(&key);
     if (!old)
         return;
-    struct close_event e = {};
-    e.kind = EV_CLOSE;
-    e.tgid = id >> 32;
-    e.tid = (u32)id;
-    e.fd = fd;
-    e.ts_ns = bpf_ktime_get_ns();
-    e.gen = old->gen;
-    if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
-        count(CNT_LOST_EVENTS, 1);
+    emit_close(id, fd, old->gen);
     tls_sockets.delete(&key);
 }
 
@@ -370,17 +375,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     struct conn_info *c = find_socket(key);
     if (!c)
         return 0;
-    if (c->flags & CONN_TLS_SEEN) {
-        struct close_event e = {};
-        e.kind = EV_CLOSE;
-        e.tgid = tgid;
-        e.tid = (u32)id;
-        e.fd = (s32)args->fd;
-        e.ts_ns = bpf_ktime_get_ns();
-        e.gen = c->gen;
-        if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
-            count(CNT_LOST_EVENTS, 1);
-    }
+    if (c->flags & CONN_TLS_SEEN)
+        emit_close(id, (s32)args->fd, c->gen);
     tls_sockets.delete(&key);
     sockets.delete(&key);
     stop_awaiting(key);
