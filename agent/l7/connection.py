@@ -35,7 +35,7 @@ from agent.l7.exchange import Exchange, Side
 from agent.l7.header_blocks import HeaderBlockDecoder
 from agent.l7.http1 import Http1Parser
 from agent.l7.http2 import Http2Parser
-from agent.l7.http2_frames import starts_frame_run
+from agent.l7.http2_frames import find_frame_run, starts_frame_run
 from agent.records.record import Record
 from agent.redact.exchange import redact_exchange
 from agent.redact.http1_masker import Http1HeaderMasker
@@ -168,9 +168,10 @@ class ConnectionL7:
                 out.extend(self._process(r))
             return out
         if self.protocol == "":
-            if self.options.rules.enabled and starts_frame_run(record.data):
+            searching = self._midstream_tries < MIDSTREAM_TRIES
+            if self.options.rules.enabled and self._frames_in(record.data, searching):
                 self._start_midstream_http2()
-            elif self._midstream_tries < MIDSTREAM_TRIES:
+            elif searching:
                 self._try_midstream_http1(record)
         return self._process(record)
 
@@ -233,7 +234,7 @@ class ConnectionL7:
         if request_dir is None and self.options.rules.enabled:
             # HTTP/2 frames that are not the connection's start: followed fail-closed.
             for r in self._undetected:
-                if starts_frame_run(r.data):
+                if self._frames_in(r.data, search=True):
                     self._decided_midstream_http2(role)
                     return True
         if request_dir is None:
@@ -251,6 +252,13 @@ class ConnectionL7:
                     break
         self._decide(verdict, request_dir, role)
         return True
+
+    @staticmethod
+    def _frames_in(data: bytes, search: bool) -> bool:
+        """Whether `data` holds a run of HTTP/2 frames: anywhere in it while the
+        connection's first records are searched (a record may start inside a large
+        frame), later only from its first byte (a cheap test on every record)."""
+        return find_frame_run(data) is not None if search else starts_frame_run(data)
 
     def _server_spoke_http2_first(self, request_dirs: list[str]) -> bool:
         """An HTTP/2 server may send its SETTINGS before the client's preface is read:

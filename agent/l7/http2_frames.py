@@ -11,9 +11,12 @@ lengths RFC 9113 gives (PRIORITY 5, RST_STREAM 4, PING 8, SETTINGS a multiple of
 6, GOAWAY at least 8 ...) and a length within the default SETTINGS_MAX_FRAME_SIZE
 (16384), the whole record framed exactly, or at least two frames before a cut.
 
-Libraries write whole frames per TLS write (nginx, h2, Go, gRPC) and a TLS read
-returns at most one TLS record, so most records start at a frame boundary; bytes
-of a record that does not are not recognised, and stay masked.
+Most libraries write whole frames per TLS write (nginx, h2, gRPC) and a TLS read
+returns at most one TLS record, so most records start at a frame boundary.  Some
+do not: Go's HTTP/2 writes through a 4 KiB buffer, and a large DATA frame spans
+several records.  `find_frame_run` looks for the run inside such a record, where
+a frame header can start (its length's high byte is 0); the bytes before it are
+the tail of a frame of unknown type and stay masked.
 
 In sync, `frame_header_problem` checks each header less strictly (RFC 9113 says
 unknown flags and the reserved bit are ignored on receipt, and larger frames are
@@ -73,10 +76,11 @@ def plausible_frame_header(header: bytes | bytearray | memoryview) -> bool:
     return not frame_header_problem(ftype, flags, length, raw_stream)
 
 
-def starts_frame_run(data: bytes | bytearray | memoryview) -> bool:
+def starts_frame_run(data: bytes | bytearray | memoryview, min_frames: int = 1) -> bool:
     """Whether `data` (one captured record, or the first bytes of a direction) is a
     run of plausible frames from its first byte: all of it framed exactly by at
-    least one frame, or at least two whole frames before a frame the record cuts."""
+    least `min_frames` frames, or at least two (and `min_frames`) whole frames
+    before a frame the record cuts."""
     n = len(data)
     pos = whole = 0
     while n - pos >= HEADER:
@@ -85,9 +89,35 @@ def starts_frame_run(data: bytes | bytearray | memoryview) -> bool:
             return False
         end = pos + HEADER + ((header[0] << 16) | (header[1] << 8) | header[2])
         if end > n:
-            return whole >= 2
+            return whole >= max(2, min_frames)
         pos = end
         whole += 1
     if pos == n:
-        return whole >= 1
-    return whole >= 2
+        return whole >= min_frames
+    return whole >= max(2, min_frames)
+
+
+# Where a frame header can start: a length of at most 16384 (high byte 0, next at
+# most 0x40) and a type RFC 9113 defines.
+_CANDIDATE_LIMIT = 4096  # positions tried per record: bounds the cost on binary data
+
+
+def find_frame_run(data: bytes | bytearray | memoryview) -> int | None:
+    """The first offset at which `data` is a run of plausible frames (0 when it
+    starts one, by the rules of `starts_frame_run`), or None.  Inside a record the
+    evidence asked for is two whole frames: a false find in some other binary
+    protocol would mask its bytes from then on.  Positions are tried only where a
+    header can start, and at most _CANDIDATE_LIMIT of them."""
+    if starts_frame_run(data):
+        return 0
+    raw = bytes(data)
+    n = len(raw)
+    pos = raw.find(0, 1)
+    tried = 0
+    while 0 <= pos <= n - HEADER and tried < _CANDIDATE_LIMIT:
+        if raw[pos + 1] <= 0x40 and raw[pos + 3] < KNOWN_TYPES:
+            tried += 1
+            if starts_frame_run(memoryview(raw)[pos:], min_frames=2):
+                return pos
+        pos = raw.find(0, pos + 1)
+    return None

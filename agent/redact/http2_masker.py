@@ -40,8 +40,9 @@ Fail closed, always with a rule name saying why:
   broken) -- a frame header is held until all 9 bytes are checked;
 - a frame of a type RFC 9113 does not define has its payload zeroed
   ("http2:unknown-frame-type"): nothing is passed that could not be framed;
-- without sync, each new record (feed() call) is tried as a run of plausible
-  frames; if it is one, framing is picked up there, but the HPACK state is
+- without sync, each new record (feed() call) is searched for a run of plausible
+  frames (agent/l7/http2_frames.py); where one starts, framing is picked up (the
+  bytes before it, a frame's tail, are zeroed), but the HPACK state is
   unknown (the blocks before were never decoded), so from then on the whole
   header block fragment of every HEADERS, PUSH_PROMISE and CONTINUATION frame is
   zeroed, lengths and framing kept: "http2:hpack-state-unknown", counted in
@@ -64,7 +65,7 @@ masker's own decoder sees the original bytes and is not affected.
 from __future__ import annotations
 
 from agent.l7.header_blocks import HeaderBlockDecoder
-from agent.l7.http2_frames import KNOWN_TYPES, frame_header_problem, starts_frame_run
+from agent.l7.http2_frames import KNOWN_TYPES, find_frame_run, frame_header_problem
 from agent.redact.rules import header_rule_name, mask_query_values, query_pattern
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -206,8 +207,14 @@ class Http2HeaderMasker:
         if not self._active:
             self._out.append(data)
             return self._drain()
-        if self._mode == _DESYNC_MODE and starts_frame_run(data):
-            self._resync()
+        if self._mode == _DESYNC_MODE:
+            at = find_frame_run(data)
+            if at is not None:
+                if at:  # the tail of a frame whose header was not seen: masked
+                    self._out.append(bytes(at))
+                    self._hits.add(RULE_DESYNC)
+                    data = data[at:]
+                self._resync()
         n = len(data)
         view = memoryview(data)
         pos = 0

@@ -200,6 +200,29 @@ def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+def start_http_server(tls_cert: tuple[Path, Path]) -> tuple[subprocess.Popen, int]:
+    """programs/http_server.py (HTTP/1.1, HTTP/2, gRPC echo; Python ssl) and its port."""
+    cert, key = tls_cert
+    proc = subprocess.Popen(
+        [sys.executable, str(PROGRAMS / "http_server.py"), str(cert), str(key)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("ready "), f"http_server did not start: {line!r} {proc.stderr.read()}"
+    return proc, int(line.split()[1])
+
+
+@pytest.fixture
+def http_server(tls_cert: tuple[Path, Path]) -> Iterator[int]:
+    """The port of a programs/http_server.py, killed at teardown."""
+    proc, port = start_http_server(tls_cert)
+    yield port
+    proc.kill()
+    proc.wait()
+
+
 @pytest.fixture
 def s_server(tls_cert: tuple[Path, Path]) -> Iterator:
     """s_server(host) -> port of an `openssl s_server -www` on that address."""

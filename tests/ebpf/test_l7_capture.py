@@ -13,33 +13,15 @@ import base64
 import json
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.ebpf.conftest import PROGRAMS, REPO, TLSCAP, run_program, wait_for
+from tests.ebpf.conftest import REPO, TLSCAP, run_program, wait_for
 
 SECRET = "Bearer tok-4f9c2e7a1b"  # never to be seen outside the agent
 COOKIE = "s3cr3t-cookie"  # the server's Set-Cookie value
-
-
-@pytest.fixture
-def http_server(tls_cert: tuple[Path, Path]) -> Iterator[int]:
-    cert, key = tls_cert
-    proc = subprocess.Popen(
-        [sys.executable, str(PROGRAMS / "http_server.py"), str(cert), str(key)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("ready "), f"http_server did not start: {line!r} {proc.stderr.read()}"
-    yield int(line.split()[1])
-    proc.kill()
-    proc.wait()
 
 
 def curl(*args: str) -> str:

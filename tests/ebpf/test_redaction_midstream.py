@@ -2,9 +2,12 @@
 picked up mid-stream (the HPACK state is unknown), and the credentials sent on it
 after the agent is ready must not leave the agent, plain or Huffman-coded.
 
-nginx (HTTP/2 by ALPN, tests/ebpf/nginx_lab.py) and an h2 client that connects and
-makes one request first; then the agent starts; then the client sends requests with
-new `authorization` values on the same connection.
+- nginx (HTTP/2 by ALPN, tests/ebpf/nginx_lab.py) and an h2 client that connects and
+  makes one request first; then the agent starts; then the client sends requests
+  with new `authorization` values on the same connection.
+- The same for gRPC: a grpcio channel to programs/http_server.py, warm before the
+  agent, then calls with credentials in their metadata and messages larger than a
+  TLS record, so the server's reads start inside DATA frames.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import hpack.huffman_constants
 import pytest
 
 from tests.ebpf import nginx_lab
-from tests.ebpf.conftest import PROGRAMS
+from tests.ebpf.conftest import PROGRAMS, start_http_server
 
 SECRET = "s3cr3t-midstream-token-"
 REQUESTS = 4
@@ -30,6 +33,19 @@ def huffman(text: str) -> bytes:
         hpack.huffman_constants.REQUEST_CODES, hpack.huffman_constants.REQUEST_CODES_LENGTH
     )
     return encoder.encode(text.encode())
+
+
+def assert_never_captured(cap, raw: bytes, secrets: list[str]) -> None:
+    """None of `secrets` in the JSON lines or any payload, plain or Huffman-coded."""
+    payloads = b"".join(base64.b64decode(r["data_b64"]) for r in cap.of_type("data"))
+    assert payloads, "the connection's data was not captured at all"
+    for secret in secrets:
+        for needle in (secret.encode(), huffman(secret)):
+            assert needle not in raw, f"{needle!r} in the JSON lines"
+            assert needle not in payloads, f"{needle!r} in a captured payload"
+    # Lengths are kept: every byte moved is accounted for.
+    for r in cap.of_type("data"):
+        assert r["captured_len"] == r["len"] == len(base64.b64decode(r["data_b64"]))
 
 
 def test_http2_credentials_on_a_connection_older_than_the_agent_never_leak(agent, tmp_path):
@@ -62,17 +78,48 @@ def test_http2_credentials_on_a_connection_older_than_the_agent_never_leak(agent
         lab.stop()
     assert result["statuses"] == [200] * REQUESTS
 
-    raw = a.output.read_bytes()
-    payloads = b"".join(base64.b64decode(r["data_b64"]) for r in cap.of_type("data"))
-    assert payloads, "the connection's data was not captured at all"
+    secrets = []
     for i in range(REQUESTS):
-        value = f"Bearer {SECRET}{i}"
-        for needle in (value.encode(), huffman(value), f"{SECRET}{i}".encode()):
-            assert needle not in raw, f"{needle!r} in the JSON lines"
-            assert needle not in payloads, f"{needle!r} in a captured payload"
-    # Lengths are kept: every byte the client and nginx moved is accounted for.
-    for r in cap.of_type("data"):
-        assert r["captured_len"] == r["len"] == len(base64.b64decode(r["data_b64"]))
+        secrets += [f"Bearer {SECRET}{i}", f"{SECRET}{i}"]
+    assert_never_captured(cap, a.output.read_bytes(), secrets)
     stats = cap.stats
     assert stats["l7_midstream_http2_connections"] >= 1, stats
     assert stats["l7_header_blocks_masked_unknown"] >= REQUESTS, stats
+
+
+def test_grpc_metadata_on_a_channel_older_than_the_agent_never_leaks(agent, tls_cert):
+    server, port = start_http_server(tls_cert)
+    calls = 3
+    client = subprocess.Popen(
+        [sys.executable, str(PROGRAMS / "grpc_channel.py"), str(tls_cert[0]), str(port),
+         "--secret-prefix", SECRET, "--calls", str(calls)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = client.stdout.readline()
+        assert line.startswith("CONNECTED"), line
+        a = agent("--pid", str(server.pid))
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        result = json.loads(client.stdout.readline())
+        client.wait(timeout=30)
+        cap = a.stop()
+    finally:
+        client.kill()
+        server.kill()
+        server.wait()
+    assert result["echoed"] == [True] * calls
+    secrets = []
+    for i in range(calls):
+        secrets += [f"Bearer {SECRET}{i}", f"{SECRET}{i}", f"{SECRET}key{i}"]
+    assert_never_captured(cap, a.output.read_bytes(), secrets)
+    # The messages themselves are not secrets: the echoed bodies are all there.
+    ingress = b"".join(
+        base64.b64decode(r["data_b64"]) for r in cap.of_type("data") if r["direction"] == "ingress"
+    )
+    for sent in result["sent_b64"]:
+        message = base64.b64decode(sent)
+        assert message[:16_000] in ingress or message[-16_000:] in ingress
+    stats = cap.stats
+    assert stats["l7_midstream_http2_connections"] == 1, stats
+    assert stats["l7_header_blocks_masked_unknown"] >= calls, stats

@@ -13,7 +13,7 @@ from hyperframe.frame import DataFrame, HeadersFrame, WindowUpdateFrame
 
 from agent.l7.connection import L7Options
 from agent.l7.http2 import Http2Parser
-from agent.l7.http2_frames import starts_frame_run
+from agent.l7.http2_frames import find_frame_run, starts_frame_run
 from agent.l7.stage import L7Stage
 from agent.records.record import Record
 from agent.redact.http2_masker import Http2HeaderMasker
@@ -84,6 +84,26 @@ def test_frame_runs_are_recognised_and_text_is_not() -> None:
     assert not starts_frame_run(unknown_type)
     bad_window = bytes.fromhex("000005080000000000") + bytes(5)  # WINDOW_UPDATE of 5 bytes
     assert not starts_frame_run(bad_window)
+
+
+def _frame_tail(size: int = 5000, keep: int = 2000) -> bytes:
+    """The last `keep` bytes of a large DATA frame: what a record starts with when a
+    writer (Go's 4 KiB buffer) cut the frame across TLS writes."""
+    return DataFrame(1, data=b"z" * size).serialize()[-keep:]
+
+
+def test_frame_run_is_found_inside_a_record_that_starts_in_a_frame() -> None:
+    client = _client()
+    frames = _request(client, SECRET)  # HEADERS + DATA: two whole frames
+    tail = _frame_tail()
+    assert not starts_frame_run(tail + frames)
+    assert find_frame_run(tail + frames) == len(tail)
+    assert find_frame_run(frames) == 0
+    # Inside a record one frame is not evidence enough (other binary protocols).
+    one = DataFrame(1, data=b"after").serialize()
+    assert find_frame_run(tail + one) is None
+    assert find_frame_run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") is None
+    assert find_frame_run(bytes(10_000)) is None  # zeros: candidates everywhere, no run
 
 
 # -- the masker -------------------------------------------------------------------
@@ -174,6 +194,26 @@ def test_connection_first_seen_midstream_is_masked_and_counted() -> None:
     assert stats["l7_midstream_http2_connections"] == 1
     assert stats["l7_header_blocks_masked_unknown"] == 3
     assert stats["l7_redacted_records"] == 3
+
+
+def test_connection_first_seen_inside_a_large_frame_leaks_nothing() -> None:
+    client = _client()
+    _request(client, b"Bearer before-the-agent")
+    c = Conn()
+    # Every record starts with the tail of a large DATA frame the writer cut.
+    records = [
+        c.data("egress", _frame_tail() + _request(client, SECRET), skip=7000 if i == 0 else 0)
+        for i in range(3)
+    ]
+    stage = L7Stage(L7Options())
+    out = run(stage, records)
+    egress = _egress(out)
+    assert len(egress) == sum(r.captured_len for r in records)
+    assert_no_secret(egress)
+    first = [r for r in out if r.type == "data"][0]
+    assert first.data[:2000] == bytes(2000)  # a frame's tail, type unknown: zeroed
+    assert b"body-bytes" in first.data  # framed from the HEADERS on: DATA kept
+    assert stage.stats()["l7_midstream_http2_connections"] == 1
 
 
 def test_evicted_http2_connection_is_picked_up_fail_closed() -> None:
