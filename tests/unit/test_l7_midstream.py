@@ -210,7 +210,7 @@ def test_connection_first_seen_inside_a_large_frame_leaks_nothing() -> None:
     egress = _egress(out)
     assert len(egress) == sum(r.captured_len for r in records)
     assert_no_secret(egress)
-    first = [r for r in out if r.type == "data"][0]
+    first = next(r for r in out if r.type == "data")
     assert first.data[:2000] == bytes(2000)  # a frame's tail, type unknown: zeroed
     assert b"body-bytes" in first.data  # framed from the HEADERS on: DATA kept
     assert stage.stats()["l7_midstream_http2_connections"] == 1
