@@ -18,7 +18,8 @@ struct ssl_state {
     s32 fd;
     u8 shed;     // started while the ring was above the high-water mark
     u8 fd_weak;  // fd not (yet) known to be a socket: see emit_call
-    u8 _pad[2];
+    u8 membio;   // its socket was found by membio_bind: its close ends this state
+    u8 _pad[1];
     u64 gen;     // the socket's gen when last seen
     u64 off[2];  // indexed by direction
 };
@@ -92,6 +93,177 @@ static __always_inline void emit_payload(struct data_event *e, u64 buf, u32 capt
     }
 }
 
+// Memory-BIO connections (asyncio's SSLObject, Node's TLSWrap, anything over
+// BIO_s_mem): the library never touches the socket, so no syscall inside its
+// calls names it.  The thread that drives the object moves the ciphertext
+// right around the call instead: it writes the records an SSL_write made to
+// the socket just after the call returns (asyncio: transport.write ->
+// sock.send; Node: EncOut -> uv_try_write), and it read()/recv()s the records
+// an SSL_read decrypts just before the call.  So a call that leaves its object
+// without a socket is bound to the socket its thread writes next (egress) or
+// read last (ingress) - if that comes within MEMBIO_WINDOW_NS, the socket is
+// known to the kernel (connect/accept, or registered by user space), no other
+// TLS object owns it, and a write is big enough to hold the call's records.
+// A socket, once bound, belongs to its object until it is closed (or its fd
+// is reused): then the object's state is dropped, so an SSL* reused for a new
+// connection starts again from offset 0 and is bound afresh.
+#define MEMBIO_WINDOW_NS (50ULL * 1000 * 1000)
+#define TLS_RECORD_HEADER 5
+
+struct membio_write {
+    u64 ssl;
+    u64 ts;
+    u64 len;
+};
+struct membio_read {
+    u64 ts;
+    s32 fd;
+    u32 _pad;
+};
+// Per thread (tid): the last egress call left without a socket, and the last
+// known socket read outside a TLS call.  LRUs: an evicted entry only costs
+// one chance to bind (the next call gets another).
+BPF_TABLE("lru_hash", u32, struct membio_write, membio_writes, 16384);
+BPF_TABLE("lru_hash", u32, struct membio_read, membio_reads, 16384);
+// Processes that made calls with no socket: only their reads are remembered
+// (membio_reads), so the read()s of every other process cost one lookup.
+BPF_TABLE("lru_hash", u32, u8, membio_tgids, 16384);
+// sockets key -> the SSL* bound to it.  An evicted entry lets a second object
+// claim the socket and leaves the first one's close unseen (its state then
+// ages out of ssl_states).
+BPF_TABLE("lru_hash", u64, u64, bound_sockets, 65536);
+
+// A socket that starts carrying TLS moves out of reach of the host's
+// connect/accept churn (tlscap.h, tls_sockets).  Full: it stays in the LRU,
+// marked, as before.
+static __always_inline struct conn_info *claim_tls_socket(u64 key, struct conn_info *c) {
+    c->flags |= CONN_TLS_SEEN;
+    if (tls_sockets.lookup(&key))
+        return c;
+    struct conn_info moved = *c;
+    if (tls_sockets.update(&key, &moved) != 0) {
+        count(CNT_MAP_FULL, 1);
+        return c;
+    }
+    sockets.delete(&key);
+    struct conn_info *now = tls_sockets.lookup(&key);
+    return now ? now : c;
+}
+
+static __always_inline void mark_membio_tgid(u32 tgid) {
+    if (membio_tgids.lookup(&tgid))
+        return;
+    u8 one = 1;
+    membio_tgids.update(&tgid, &one);  // an LRU: never full
+}
+
+// Make `fd` (its conn_info at `c`, sockets key `key`) the socket of `st`, the
+// state of `ssl`.  0 when refused.
+static __always_inline int membio_claim(u64 ssl, u64 key, s32 fd, struct conn_info *c,
+                                        struct ssl_state *st) {
+    u64 *owner = bound_sockets.lookup(&key);
+    if (owner && *owner != ssl) {
+        count(CNT_MEMBIO_REFUSED, 1);
+        return 0;
+    }
+    if (!owner && bound_sockets.update(&key, &ssl) != 0) {
+        count(CNT_MAP_FULL, 1);
+        return 0;
+    }
+    st->fd = fd;
+    st->fd_weak = 0;
+    st->membio = 1;
+    // The same socket becoming known: no offset restart for it (emit_call).
+    st->gen = c->gen;
+    count(CNT_MEMBIO_BINDS, 1);
+    return 1;
+}
+
+// The socket at `key` is gone (closed, or its fd reused): the object bound to
+// it, if any, is a finished connection.
+static __always_inline void membio_unbind(u32 tgid, u64 key) {
+    u64 *owner = bound_sockets.lookup(&key);
+    if (!owner)
+        return;
+    struct ssl_key sk = {.ssl = *owner, .tgid = tgid};
+    struct ssl_state *st = ssl_states.lookup(&sk);
+    if (st && st->membio && st->fd == (s32)(u32)key)
+        ssl_states.delete(&sk);
+    bound_sockets.delete(&key);
+}
+
+// emit_call, ingress, no socket yet: the socket this thread read last.
+static __always_inline void membio_bind_read(u32 tgid, u32 tid, u64 ssl, struct ssl_state *st) {
+    struct membio_read *r = membio_reads.lookup(&tid);
+    if (!r)
+        return;
+    if (bpf_ktime_get_ns() - r->ts > MEMBIO_WINDOW_NS) {
+        count(CNT_MEMBIO_STALE, 1);
+        return;
+    }
+    s32 fd = r->fd;
+    u64 key = socket_key(tgid, fd);
+    struct conn_info *c = find_socket(key);
+    if (c)
+        membio_claim(ssl, key, fd, c, st);
+}
+
+// A write-family syscall outside any TLS call (sockets.c): the ciphertext of
+// the thread's last socket-less SSL_write, if it is on a known socket.
+// `bytes`: what the syscall asks to send, 0 when not known.
+static __always_inline void membio_sent(u64 id, s32 fd, u64 bytes) {
+    u32 tid = (u32)id;
+    struct membio_write *w = membio_writes.lookup(&tid);
+    if (!w)
+        return;
+    u32 tgid = id >> 32;
+    u64 key = socket_key(tgid, fd);
+    struct conn_info *c = find_socket(key);
+    if (!c)
+        return;  // a file, a pipe, a socket we do not know: keep waiting
+    struct membio_write pending = *w;
+    if (bpf_ktime_get_ns() - pending.ts > MEMBIO_WINDOW_NS) {
+        membio_writes.delete(&tid);
+        count(CNT_MEMBIO_STALE, 1);
+        return;
+    }
+    if (bytes && bytes < pending.len + TLS_RECORD_HEADER) {
+        count(CNT_MEMBIO_REFUSED, 1);  // not these records: maybe the next write
+        return;
+    }
+    membio_writes.delete(&tid);
+    struct ssl_key sk = {.ssl = pending.ssl, .tgid = tgid};
+    struct ssl_state *st = ssl_states.lookup(&sk);
+    if (!st || (st->fd >= 0 && !st->fd_weak))
+        return;  // evicted, or bound meanwhile
+    if (!membio_claim(pending.ssl, key, fd, c, st))
+        return;
+    c = claim_tls_socket(key, c);
+    struct bind_event e = {};
+    e.kind = EV_BIND;
+    e.tgid = tgid;
+    e.tid = tid;
+    e.fd = fd;
+    e.ts_ns = bpf_ktime_get_ns();
+    e.ssl = pending.ssl;
+    __builtin_memcpy(&e.conn, c, sizeof(e.conn));
+    if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
+        count(CNT_LOST_EVENTS, 1);
+}
+
+// A read-family syscall outside any TLS call (sockets.c), in a process that
+// has memory-BIO objects: remember a known socket as this thread's last read.
+static __always_inline void membio_received(u64 id, s32 fd) {
+    u32 tgid = id >> 32;
+    if (!membio_tgids.lookup(&tgid))
+        return;
+    if (!find_socket(socket_key(tgid, fd)))
+        return;
+    u32 tid = (u32)id;
+    struct membio_read r = {.ts = bpf_ktime_get_ns(), .fd = fd};
+    membio_reads.update(&tid, &r);
+}
+
 static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, u64 len) {
     u32 zero = 0;
     struct data_event *e = scratch.lookup(&zero);
@@ -123,7 +295,11 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
         }
         st->fd = a->fd;
         st->fd_weak = a->fd_weak;
+        st->membio = 0;
     }
+    u8 unbound = st->fd < 0 || st->fd_weak;
+    if (unbound && a->direction == DIR_INGRESS)
+        membio_bind_read(tgid, tid, a->ssl, st);
     s32 fd = st->fd;
 
     e->kind = EV_DATA;
@@ -143,19 +319,8 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
         struct conn_info *c = tls_sockets.lookup(&key);
         if (!c) {
             c = sockets.lookup(&key);
-            if (c) {
-                // Its first TLS call: move it out of reach of the host's
-                // connect/accept churn (tlscap.h, tls_sockets).  Full: it stays
-                // in the LRU, marked, as before.
-                c->flags |= CONN_TLS_SEEN;
-                struct conn_info moved = *c;
-                if (tls_sockets.update(&key, &moved) == 0) {
-                    sockets.delete(&key);
-                    c = tls_sockets.lookup(&key);
-                } else {
-                    count(CNT_MAP_FULL, 1);
-                }
-            }
+            if (c)
+                c = claim_tls_socket(key, c);  // its first TLS call
         }
         if (c) {
             st->fd_weak = 0;  // the kernel knows it: a socket after all
@@ -169,6 +334,15 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
                 started = 1;
             }
             st->gen = c->gen;
+        }
+    }
+    e->flags = fd >= 0 && st->fd_weak ? DATA_FD_WEAK : 0;
+    if (st->fd < 0 || st->fd_weak) {
+        // Still no socket: its thread's next socket write may name it.
+        mark_membio_tgid(tgid);
+        if (a->direction == DIR_EGRESS) {
+            struct membio_write w = {.ssl = a->ssl, .ts = bpf_ktime_get_ns(), .len = len};
+            membio_writes.update(&tid, &w);  // an LRU: never full
         }
     }
     if (started)
@@ -286,5 +460,9 @@ int probe_tls_return(struct pt_regs *ctx) {
     }
     if (len > 0)
         emit_call(&call, id >> 32, tid, len);
+    else if (call.fd < 0 || call.fd_weak)
+        // A handshake step or an SSL_read with nothing yet (Node, asyncio):
+        // start remembering this process's socket reads before its first data.
+        mark_membio_tgid(id >> 32);
     return 0;
 }

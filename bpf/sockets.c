@@ -162,6 +162,7 @@ static __always_inline void retire_tls_socket(u64 id, s32 fd, u64 key) {
 
 static __always_inline void record_socket(u64 id, s32 fd, u64 key, struct conn_info *c) {
     retire_tls_socket(id, fd, key);
+    membio_unbind(id >> 32, key);
     if (sockets.update(&key, c) != 0)
         count(CNT_MAP_FULL, 1);
 }
@@ -357,6 +358,10 @@ static __always_inline int accept_exit(long ret) {
             }
             u64 key = socket_key(id >> 32, (s32)ret);
             record_socket(id, (s32)ret, key, &c);
+            // No peer address asked for (libuv: Node): like an accept we did
+            // not see begin, its first send/recv names its endpoints.
+            if (!c.family)
+                await_endpoints(key);
         }
     }
     pending_accepts.delete(&tid);
@@ -377,6 +382,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         return 0;
     if (c->flags & CONN_TLS_SEEN)
         emit_close(id, (s32)args->fd, c->gen);
+    membio_unbind(tgid, key);
     tls_sockets.delete(&key);
     sockets.delete(&key);
     stop_awaiting(key);
@@ -396,7 +402,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
 // created (passed over a unix socket, inherited as stdin, open before the
 // agent and not yet registered) is only found this way, and user space
 // registers it once its first record names it.
-static __always_inline int learn_fd(s32 fd, u8 socket_call) {
+// Outside any TLS call, the same syscalls may carry a memory-BIO object's
+// ciphertext (calls.c, membio_sent / membio_received).
+#define MEMBIO_NONE 0
+#define MEMBIO_SEND 1
+#define MEMBIO_RECV 2
+
+static __always_inline int learn_fd(s32 fd, u8 socket_call, u8 membio, u64 bytes) {
     u64 id = bpf_get_current_pid_tgid();
     note_syscall_fd(id, fd);
     u32 tid = (u32)id;
@@ -414,17 +426,75 @@ static __always_inline int learn_fd(s32 fd, u8 socket_call) {
         return 0;
     }
     go_learn_fd(id >> 32, fd, socket_call);
+    if (membio == MEMBIO_SEND)
+        membio_sent(id, fd, bytes);
+    else if (membio == MEMBIO_RECV)
+        membio_received(id, fd);
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return learn_fd((s32)args->fd, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return learn_fd((s32)args->fd, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return learn_fd((s32)args->fd, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return learn_fd((s32)args->fd, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return learn_fd((s32)args->fd, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return learn_fd((s32)args->fd, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return learn_fd((s32)args->fd, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return learn_fd((s32)args->fd, 0); }
+// Bytes an iovec array asks to move; 0 (unknown) past MAX_IOV entries or when
+// unreadable.  Only read when a memory-BIO write waits for its socket.
+#define MAX_IOV 8
+struct tlscap_iovec {
+    u64 base;
+    u64 len;
+};
+static __always_inline u64 iov_bytes(u64 iov, u64 n) {
+    if (n == 0 || n > MAX_IOV)
+        return 0;
+    u64 total = 0;
+    for (u32 i = 0; i < MAX_IOV; i++) {
+        if (i >= n)
+            break;
+        struct tlscap_iovec v = {};
+        if (bpf_probe_read_user(&v, sizeof(v), (void *)(iov + i * sizeof(v))) != 0)
+            return 0;
+        total += v.len;
+    }
+    return total;
+}
+
+static __always_inline int vectored_send(s32 fd, u8 socket_call, u64 iov, u64 n) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 bytes = membio_writes.lookup(&tid) ? iov_bytes(iov, n) : 0;
+    return learn_fd(fd, socket_call, MEMBIO_SEND, bytes);
+}
+
+// struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (x86-64, arm64).
+struct tlscap_msghdr {
+    u64 name;
+    u32 namelen;
+    u32 _pad;
+    u64 iov;
+    u64 iovlen;
+};
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) {
+    return learn_fd((s32)args->fd, 0, MEMBIO_SEND, args->count);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return learn_fd((s32)args->fd, 0, MEMBIO_RECV, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) {
+    return learn_fd((s32)args->fd, 1, MEMBIO_SEND, args->len);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) {
+    return learn_fd((s32)args->fd, 1, MEMBIO_RECV, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct tlscap_msghdr m = {};
+    if (membio_writes.lookup(&tid) &&
+        bpf_probe_read_user(&m, sizeof(m), (void *)args->msg) == 0)
+        return vectored_send((s32)args->fd, 1, m.iov, m.iovlen);
+    return learn_fd((s32)args->fd, 1, MEMBIO_SEND, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) {
+    return learn_fd((s32)args->fd, 1, MEMBIO_RECV, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) {
+    return vectored_send((s32)args->fd, 0, (u64)args->vec, args->vlen);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return learn_fd((s32)args->fd, 0, MEMBIO_RECV, 0); }
 
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();

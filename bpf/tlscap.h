@@ -59,6 +59,7 @@ enum event_kind {
     EV_EXEC_MAP = 4,   // a process mapped a file executable (dlopen): likewise
     EV_EXIT = 5,       // a process that carried TLS data exited
     EV_HOLD = 6,       // a process was stopped at its mapping of a TLS library (process.c)
+    EV_BIND = 7,       // a memory-BIO TLS object was bound to its socket (calls.c)
 };
 
 enum direction { DIR_EGRESS = 0, DIR_INGRESS = 1 };
@@ -95,7 +96,15 @@ enum counter {
     // read()/write() family syscalls inside a TLS call on an fd not known to
     // be a socket (a keylog or other file): not trusted as the call's socket.
     CNT_UNKNOWN_FDS = 16,
-    CNT_MAX = 17,
+    // Memory-BIO TLS objects (asyncio's SSLObject, Node's TLSWrap) bound to the
+    // socket their thread moved ciphertext on right around the call (calls.c).
+    CNT_MEMBIO_BINDS = 17,
+    // Candidate binds refused: the socket already belongs to another TLS
+    // object, or a write too small to carry the call's records.
+    CNT_MEMBIO_REFUSED = 18,
+    // A memory-BIO call's socket syscall came too late to be trusted: no bind.
+    CNT_MEMBIO_STALE = 19,
+    CNT_MAX = 20,
 };
 
 #define AF_INET_ 2
@@ -131,12 +140,17 @@ struct data_event {
     u32 chunk_len;
     u8 direction;
     u8 source;
-    u8 _pad[2];
+    u8 flags;            // DATA_FD_WEAK
+    u8 _pad[1];
     char comm[16];
     struct conn_info conn;
     u64 cgroup_id;       // the caller's cgroup (container identity)
     u8 data[CHUNK_SIZE];
 };
+// fd came from a read/write on an fd not known as a socket (a keylog or
+// timezone file read inside the call, or a socket nobody registered yet):
+// user space asks /proc before trusting it.
+#define DATA_FD_WEAK 1
 #define DATA_HEADER_SIZE (sizeof(struct data_event) - CHUNK_SIZE)
 
 struct close_event {
@@ -146,6 +160,19 @@ struct close_event {
     s32 fd;
     u64 ts_ns;
     u64 gen;
+};
+
+// A memory-BIO TLS object found its socket after some of its data went out
+// without one (calls.c, membio_bind): from here on its data events carry fd
+// and conn; user space joins the earlier ones to it.
+struct bind_event {
+    u32 kind;
+    u32 tgid;
+    u32 tid;
+    s32 fd;
+    u64 ts_ns;
+    u64 ssl;
+    struct conn_info conn;
 };
 
 // EV_EXEC, EV_EXEC_MAP, EV_EXIT

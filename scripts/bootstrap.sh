@@ -41,6 +41,9 @@ packages=(
     # run their own nginx (own config, loopback port) under wrk; the system service
     # the package sets up is stopped below, since `--comm nginx` would capture it too
     nginx wrk
+    # Node.js: TLS over memory BIOs (OpenSSL linked into the node binary, libuv
+    # moving the ciphertext) - tests/ebpf/test_membio.py drives its https client/server
+    nodejs
 )
 
 # One dpkg-query for all of them; unknown packages print nothing on stdout.

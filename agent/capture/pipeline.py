@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.events.calls import CallAssembler
-from agent.events.decode import EventDecoder, ProcessEvent, SocketClosed, TlsCall
+from agent.events.decode import EventDecoder, ProcessEvent, SocketBound, SocketClosed, TlsCall
 from agent.flows.table import FlowTable, KernelRegistration
 from agent.records.record import Record
 from agent.records.writer import RecordWriter
@@ -63,6 +63,8 @@ class EventPipeline:
                         write(record)
             elif kind is SocketClosed:
                 self._write_all(self.flows.on_close(event))  # type: ignore[arg-type]
+            elif kind is SocketBound:
+                self._write_all(self.flows.on_bind(event))  # type: ignore[arg-type]
             elif kind is ProcessEvent:
                 self._on_process_event(event)  # type: ignore[arg-type]
             else:
@@ -71,9 +73,11 @@ class EventPipeline:
         self.push_kernel_registrations()
 
     def flush_calls(self, older_than_mono_ns: int | None = None) -> None:
-        """Release partial calls whose missing chunks will not come (all at exit)."""
+        """Release partial calls whose missing chunks will not come, and records
+        that waited as long for their socket (all at exit)."""
         for call in self.calls.flush(older_than_mono_ns):
             self._write_all(self.flows.on_call(call))
+        self._write_all(self.flows.release_held(older_than_mono_ns))
 
     def sweep_ended(self, alive: Callable[[int], bool], ts_mono_ns: int) -> None:
         """Close what processes that ended unseen left open (FlowTable.sweep_ended)."""

@@ -61,6 +61,9 @@ class TlsCall:
     data: bytes
     cgroup_id: int = 0
     complete: bool = True  # False: some chunks were lost in the kernel
+    # fd came from a read/write on an fd the kernel did not know as a socket
+    # (a file read inside the call, or a socket nobody registered yet).
+    fd_weak: bool = False
 
     @property
     def truncated(self) -> bool:
@@ -77,6 +80,19 @@ class SocketClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class SocketBound:
+    """The kernel bound a memory-BIO TLS object (`ssl`) to its socket: its
+    earlier data went out without a socket, its later data carries this one."""
+
+    tgid: int
+    tid: int
+    fd: int
+    ts_mono_ns: int
+    ssl: int
+    socket: KernelSocket
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessEvent:
     kind: Literal["exec", "exec_map", "exit", "hold"]
     tgid: int
@@ -84,7 +100,7 @@ class ProcessEvent:
     comm: str
 
 
-Event = TlsCall | SocketClosed | ProcessEvent
+Event = TlsCall | SocketClosed | SocketBound | ProcessEvent
 
 _PROC_KINDS: dict[int, Literal["exec", "exec_map", "exit", "hold"]] = {
     layout.EV_EXEC: "exec",
@@ -96,14 +112,16 @@ _PROC_KINDS: dict[int, Literal["exec", "exec_map", "exit", "hold"]] = {
 # bpf/tlscap.h's structs as struct formats (layout.py's ctypes mirrors are the
 # reference; tests check that both agree).
 _KIND = struct.Struct("<I")
-_DATA_HEADER = struct.Struct("<4xIIiQQQQIIIBB2x16s48sQ")  # kind read already
+_DATA_HEADER = struct.Struct("<4xIIiQQQQIIIBBBx16s48sQ")  # kind read already
 _CONN = struct.Struct("<Q16s16sHHHBB")
 _CLOSE = struct.Struct("<4xIIiQQ")
 _PROC = struct.Struct("<4xIQ16s")
+_BIND = struct.Struct("<4xIIiQQ48s")
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 assert _DATA_HEADER.size == layout.DATA_HEADER_SIZE
 assert _CONN.size == 48
+assert _BIND.size == layout.BIND_EVENT_SIZE
 
 
 def _comm(raw: bytes) -> str:
@@ -173,7 +191,7 @@ class EventDecoder:
             raise DecodeError(f"data event needs {_DATA_HEADER.size} bytes, got {len(raw)}")
         (
             tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off, chunk_len,
-            direction, source, comm_raw, conn_raw, cgroup_id,
+            direction, source, flags, comm_raw, conn_raw, cgroup_id,
         ) = _DATA_HEADER.unpack_from(raw)  # fmt: skip
         end = _DATA_HEADER.size + chunk_len
         if chunk_len > layout.CHUNK_SIZE or len(raw) < end:
@@ -200,7 +218,8 @@ class EventDecoder:
             tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off,
             "ingress" if direction == layout.DIR_INGRESS else "egress",
             layout.SOURCES.get(source) or f"source{source}",
-            comm, sock, bytes(raw[_DATA_HEADER.size : end]), cgroup_id,
+            comm, sock, bytes(raw[_DATA_HEADER.size : end]), cgroup_id, True,
+            bool(flags & layout.DATA_FD_WEAK),
         )  # fmt: skip
 
     def _other(self, raw: bytes | memoryview) -> Event:
@@ -210,6 +229,9 @@ class EventDecoder:
         if kind == layout.EV_CLOSE:
             tgid, tid, fd, ts_ns, gen = _unpack(_CLOSE, raw, "CloseEvent")
             return SocketClosed(tgid, tid, fd, ts_ns, gen)
+        if kind == layout.EV_BIND:
+            tgid, tid, fd, ts_ns, ssl, conn_raw = _unpack(_BIND, raw, "BindEvent")
+            return SocketBound(tgid, tid, fd, ts_ns, ssl, kernel_socket(conn_raw))
         if kind in _PROC_KINDS:
             tgid, ts_ns, comm = _unpack(_PROC, raw, "ProcEvent")
             return ProcessEvent(_PROC_KINDS[kind], tgid, ts_ns, _comm(comm))

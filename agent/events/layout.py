@@ -12,12 +12,16 @@ EV_EXEC = 3
 EV_EXEC_MAP = 4
 EV_EXIT = 5
 EV_HOLD = 6
+EV_BIND = 7
 
 DIR_EGRESS = 0
 DIR_INGRESS = 1
 
 SOURCES = {1: "openssl", 2: "gotls", 3: "gnutls", 4: "nss"}
 ROLES = {0: "unknown", 1: "client", 2: "server"}
+
+# data_event.flags: the fd is a guess (a read/write on an fd not known as a socket).
+DATA_FD_WEAK = 1
 
 AF_INET = 2
 AF_INET6 = 10
@@ -41,6 +45,9 @@ COUNTERS = (
     "map_full",
     "stale_calls",
     "unknown_fds",
+    "membio_binds",
+    "membio_refused",
+    "membio_stale",
 )
 
 
@@ -72,7 +79,8 @@ class DataEventHeader(ct.Structure):
         ("chunk_len", ct.c_uint32),
         ("direction", ct.c_uint8),
         ("source", ct.c_uint8),
-        ("_pad", ct.c_uint8 * 2),
+        ("flags", ct.c_uint8),  # DATA_FD_WEAK
+        ("_pad", ct.c_uint8 * 1),
         ("comm", ct.c_char * 16),
         ("conn", ConnInfo),
         ("cgroup_id", ct.c_uint64),
@@ -90,6 +98,20 @@ class CloseEvent(ct.Structure):
     ]
 
 
+class BindEvent(ct.Structure):
+    """A memory-BIO TLS object bound to its socket (bpf/calls.c, membio_sent)."""
+
+    _fields_ = [
+        ("kind", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("fd", ct.c_int32),
+        ("ts_ns", ct.c_uint64),
+        ("ssl", ct.c_uint64),
+        ("conn", ConnInfo),
+    ]
+
+
 class ProcEvent(ct.Structure):
     _fields_ = [
         ("kind", ct.c_uint32),
@@ -101,3 +123,5 @@ class ProcEvent(ct.Structure):
 
 DATA_HEADER_SIZE = ct.sizeof(DataEventHeader)
 assert DATA_HEADER_SIZE == 136, DATA_HEADER_SIZE
+BIND_EVENT_SIZE = ct.sizeof(BindEvent)
+assert BIND_EVENT_SIZE == 80, BIND_EVENT_SIZE

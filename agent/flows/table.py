@@ -9,7 +9,9 @@ out.
 
 Identity: a connection is (tgid, fd) plus the kernel's `gen` for the socket,
 which tells apart two sockets that reused one fd.  Data with no fd (memory
-BIOs) is its own connection per SSL object.  Offsets come from the kernel,
+BIOs) is its own connection per SSL object until the kernel binds the object
+to its socket (bpf/calls.c, membio_bind): its records are held meanwhile, a
+bounded while, so that they too go out with the socket's endpoints.  Offsets come from the kernel,
 which counts them per SSL object; here they are only checked for gaps, the
 visible trace of calls lost in the kernel.
 """
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from agent.events.decode import SocketClosed, TlsCall
+from agent.events.decode import KernelSocket, SocketBound, SocketClosed, TlsCall
 from agent.records.record import Direction, Endpoint, Record, Role
 
 # gen values user space chooses for sockets it registers carry this bit, so
@@ -36,6 +38,13 @@ USER_GEN_BIT = 1 << 63
 # could not follow either; sockets found at start-up: every socket on the host.
 MAX_CONNECTIONS = 1 << 18
 MAX_ADOPTED = 1 << 18
+# Records of TLS objects that have no socket yet (memory BIOs: the kernel binds
+# them at their thread's next socket write or read) wait for it, at most this
+# many per connection and in all; the shell releases them after a while
+# (release_held).  Past any bound they go out without endpoints, counted.
+MAX_HELD_PER_CONN = 256
+MAX_HELD_RECORDS = 8192
+MAX_HELD_BYTES = 32 << 20
 
 
 class SocketFacts(Protocol):
@@ -78,6 +87,12 @@ class Connection:
     cgroup_id: int = 0
     next_offset: dict[Direction, int] = field(default_factory=lambda: {"egress": 0, "ingress": 0})
     last_used: int = 0  # ts of its latest call: the least recently used go first
+    ssl: int = 0  # the TLS object, for connections that started without a socket
+    # Records waiting for the socket (None: not holding).  A connection holds
+    # from its first call until its socket is known or its hold is released.
+    held: list[Record] | None = None
+    held_since: int = 0  # ts of the first held call
+    held_bytes: int = 0
 
 
 @dataclass
@@ -94,6 +109,14 @@ class FlowStats:
     evicted_adoptions: int = 0  # sockets found at start-up forgotten before any TLS
     # Processes found ended by the periodic sweep: their exit event was lost.
     exits_recovered: int = 0
+    # Memory-BIO objects (no fd, or only a guessed fd that is no socket):
+    bound_connections: int = 0  # joined to their socket after their first calls
+    held_records: int = 0  # records held back until then
+    # Connections whose held records had to go out without a socket (the hold
+    # timed out or a bound was reached), and the records that went out so.
+    unbound_connections: int = 0
+    unbound_records: int = 0
+    ssl_reused: int = 0  # a socket-less object's offsets restarted: a new connection
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -125,6 +148,10 @@ class FlowTable:
         self._adopted: dict[tuple[int, int], KernelRegistration] = {}
         self.kernel_registrations: list[KernelRegistration] = []
         self.stats = FlowStats()
+        # Connections holding records, oldest hold first (keys of _by_ssl).
+        self._holding: dict[tuple[int, int], Connection] = {}
+        self._held_records = 0
+        self._held_bytes = 0
 
     def __len__(self) -> int:
         return len(self._by_fd) + len(self._by_ssl)
@@ -133,62 +160,139 @@ class FlowTable:
 
     def on_call(self, call: TlsCall) -> list[Record]:
         out: list[Record] = []
-        if call.fd >= 0:
+        facts = None
+        fdless = call.fd < 0
+        if not fdless and call.fd_weak and call.socket.gen == 0:
+            # A guessed fd (a file read inside the call?): a connection on it
+            # only if /proc says it is a socket; otherwise the object has no
+            # socket yet, like a memory BIO's.
+            key = (call.tgid, call.ssl)
+            if key in self._by_ssl and (call.tgid, call.fd) not in self._by_fd:
+                fdless = True
+            elif (call.tgid, call.fd) not in self._by_fd:
+                facts = self._resolver.resolve(call.tgid, call.fd)
+                fdless = facts is None
+        if not fdless:
             conn = self._by_fd.get((call.tgid, call.fd))
             if conn is not None and not self._same_socket(conn, call.socket.gen):
-                out.append(self._close_record(conn, call.ts_mono_ns, call.tid))
+                out.extend(self._close(conn, call.ts_mono_ns, call.tid))
                 del self._by_fd[(call.tgid, call.fd)]
                 self.stats.inferred_closes += 1
                 conn = None
             if conn is None:
-                conn = self._open_socket_conn(call)
+                conn = self._open_socket_conn(
+                    call.tgid, call.fd, call.socket, call.ts_mono_ns, call.comm, call.source,
+                    call.cgroup_id, facts,
+                )  # fmt: skip
                 self._by_fd[(call.tgid, call.fd)] = conn
-                fdless = self._by_ssl.pop((call.tgid, call.ssl), None)
-                if fdless is not None:
+                unbound = self._by_ssl.pop((call.tgid, call.ssl), None)
+                if unbound is not None:
                     # The same TLS object carried data before its socket was
                     # known: calls served from what the handshake had already
-                    # buffered make no syscall to learn it from.  The kernel
-                    # kept counting its offsets, so it stays one connection.
-                    conn.conn_id = fdless.conn_id
-                    conn.next_offset = fdless.next_offset
+                    # buffered make no syscall to learn it from, and a memory
+                    # BIO's socket is found by what its thread does around the
+                    # calls.  The kernel kept counting its offsets, so it
+                    # stays one connection.
+                    out.extend(self._join_socket(unbound, conn))
                     self.stats.fds_learned_late += 1
-                    self.stats.connections -= 1  # counted when it opened fd-less
                 else:
                     out.append(self._lifecycle_record("open", conn, call.ts_mono_ns, call.tid))
                 self._keep_bound(out, conn, call.ts_mono_ns)
         else:
-            conn = self._by_ssl.get((call.tgid, call.ssl))
+            key = (call.tgid, call.ssl)
+            conn = self._by_ssl.get(key)
+            if conn is not None and call.offset == 0 and conn.next_offset[call.direction] > 0:
+                # The kernel started this object's offsets again: its socket
+                # was closed and the SSL* now serves a new connection.
+                self.stats.ssl_reused += 1
+                out.extend(self._close(conn, call.ts_mono_ns, call.tid))
+                del self._by_ssl[key]
+                conn = None
             if conn is None:
-                conn = self._new_conn(call, f"{call.tgid}-ssl{call.ssl:x}-{call.ts_mono_ns:x}", 0)
-                self._by_ssl[(call.tgid, call.ssl)] = conn
-                out.append(self._lifecycle_record("open", conn, call.ts_mono_ns, call.tid))
+                conn = self._new_conn(
+                    call.tgid, -1, 0, call.socket, call.ts_mono_ns, call.comm, call.source,
+                    call.cgroup_id, f"{call.tgid}-ssl{call.ssl:x}-{call.ts_mono_ns:x}",
+                )  # fmt: skip
+                conn.ssl = call.ssl
+                conn.held = []
+                conn.held_since = call.ts_mono_ns
+                self._by_ssl[key] = conn
+                self._holding[key] = conn
+                self._emit(
+                    out, conn, self._lifecycle_record("open", conn, call.ts_mono_ns, call.tid)
+                )
                 self._keep_bound(out, conn, call.ts_mono_ns)
         conn.last_used = call.ts_mono_ns
         conn.comm = call.comm or conn.comm
         conn.cgroup_id = call.cgroup_id or conn.cgroup_id
         self._check_offset(conn, call)
-        out.append(
-            Record(
-                type="data",
-                ts_ns=self._wall(call.ts_mono_ns),
-                pid=call.tgid,
-                tid=call.tid,
-                comm=call.comm,
-                cgroup_id=call.cgroup_id,
-                source=call.source,
-                conn_id=conn.conn_id,
-                fd=call.fd,
-                local=conn.local,
-                remote=conn.remote,
-                role=conn.role,
-                direction=call.direction,
-                offset=call.offset,
-                len=call.len,
-                captured_len=len(call.data),
-                truncated=call.truncated,
-                data=call.data,
-            )
+        record = Record(
+            type="data",
+            ts_ns=self._wall(call.ts_mono_ns),
+            pid=call.tgid,
+            tid=call.tid,
+            comm=call.comm,
+            cgroup_id=call.cgroup_id,
+            source=call.source,
+            conn_id=conn.conn_id,
+            fd=conn.fd if fdless else call.fd,
+            local=conn.local,
+            remote=conn.remote,
+            role=conn.role,
+            direction=call.direction,
+            offset=call.offset,
+            len=call.len,
+            captured_len=len(call.data),
+            truncated=call.truncated,
+            data=call.data,
         )
+        if conn.held is None:
+            if fdless:
+                self.stats.unbound_records += 1
+            out.append(record)
+            return out
+        conn.held.append(record)
+        conn.held_bytes += len(call.data)
+        self._held_records += 1
+        self._held_bytes += len(call.data)
+        self.stats.held_records += 1
+        if len(conn.held) > MAX_HELD_PER_CONN:
+            out.extend(self._release(conn))
+        while self._holding and (
+            self._held_records > MAX_HELD_RECORDS or self._held_bytes > MAX_HELD_BYTES
+        ):
+            out.extend(self._release(next(iter(self._holding.values()))))
+        return out
+
+    def on_bind(self, ev: SocketBound) -> list[Record]:
+        """The kernel found the socket of a TLS object that had none: its
+        connection (and whatever it held) carries the socket from now on."""
+        unbound = self._by_ssl.pop((ev.tgid, ev.ssl), None)
+        if unbound is None:
+            return []  # no data yet (or already joined): its calls carry the fd
+        out: list[Record] = []
+        old = self._by_fd.pop((ev.tgid, ev.fd), None)
+        if old is not None:
+            # Only one object owns a socket: this one was replaced unseen.
+            out.extend(self._close(old, ev.ts_mono_ns, ev.tid))
+            self.stats.inferred_closes += 1
+        conn = self._open_socket_conn(
+            ev.tgid, ev.fd, ev.socket, ev.ts_mono_ns, unbound.comm, unbound.source,
+            unbound.cgroup_id, None,
+        )  # fmt: skip
+        self._by_fd[(ev.tgid, ev.fd)] = conn
+        out.extend(self._join_socket(unbound, conn))
+        return out
+
+    def release_held(self, older_than_mono_ns: int | None = None) -> list[Record]:
+        """Give up waiting for the sockets of connections that have held their
+        records since before `older_than_mono_ns` (None: all of them): their
+        records go out without endpoints, counted."""
+        out: list[Record] = []
+        for conn in list(self._holding.values()):
+            if older_than_mono_ns is not None and conn.held_since >= older_than_mono_ns:
+                break  # oldest first: the rest are younger
+            out.extend(self._release(conn))
         return out
 
     def on_close(self, ev: SocketClosed) -> list[Record]:
@@ -196,7 +300,7 @@ class FlowTable:
         if conn is None or not self._same_socket(conn, ev.gen):
             return []
         del self._by_fd[(ev.tgid, ev.fd)]
-        return [self._close_record(conn, ev.ts_mono_ns, ev.tid)]
+        return self._close(conn, ev.ts_mono_ns, ev.tid)
 
     def tgids(self) -> set[int]:
         """Processes with connections in the table."""
@@ -218,7 +322,7 @@ class FlowTable:
         for table in (self._by_fd, self._by_ssl):
             for key in [k for k in table if k[0] == tgid]:
                 conn = table.pop(key)
-                out.append(self._close_record(conn, ts_mono_ns, tgid))
+                out.extend(self._close(conn, ts_mono_ns, tgid))
                 if table is self._by_fd:
                     # Its fds were closed by the kernel, not by close(): the
                     # kernel's TLS socket table only lets go when told.
@@ -259,7 +363,7 @@ class FlowTable:
         )
         for _used, table, key in heapq.nsmallest(excess, candidates, key=lambda c: c[0]):
             conn = table.pop(key)
-            out.append(self._close_record(conn, ts_mono_ns, conn.tgid))
+            out.extend(self._close(conn, ts_mono_ns, conn.tgid))
             self.stats.evicted_connections += 1
 
     @staticmethod
@@ -270,17 +374,28 @@ class FlowTable:
         # later sees created on its fd is a new one.
         return gen == 0 or gen == conn.gen
 
-    def _open_socket_conn(self, call: TlsCall) -> Connection:
-        gen = call.socket.gen
-        conn_id = f"{call.tgid}-{call.fd}-{call.ts_mono_ns:x}"
-        adopted = self._adopted.pop((call.tgid, call.fd), None)
+    def _open_socket_conn(
+        self,
+        tgid: int,
+        fd: int,
+        sock: KernelSocket,
+        ts_mono_ns: int,
+        comm: str,
+        source: str,
+        cgroup_id: int,
+        facts: SocketFacts | None,
+    ) -> Connection:
+        gen = sock.gen
+        conn_id = f"{tgid}-{fd}-{ts_mono_ns:x}"
+        adopted = self._adopted.pop((tgid, fd), None)
+        conn = self._new_conn(tgid, fd, gen, sock, ts_mono_ns, comm, source, cgroup_id, conn_id)
         if adopted is not None and gen in (0, adopted.gen):
-            return self._open_adopted_conn(call, conn_id, adopted)
-        conn = self._new_conn(call, conn_id, gen)
-        conn.local = call.socket.local
+            return self._open_adopted_conn(conn, sock, adopted)
+        conn.local = sock.local
         if conn.local is not None and conn.remote is not None and conn.role != "unknown":
             return conn  # the kernel saw it all: no need to look at /proc
-        facts = self._resolver.resolve(call.tgid, call.fd)
+        if facts is None:
+            facts = self._resolver.resolve(tgid, fd)
         if facts is not None:
             conn.local = conn.local or facts.local
             conn.remote = conn.remote or facts.remote
@@ -291,40 +406,94 @@ class FlowTable:
                 # have the kernel track it so its close is reported.
                 conn.gen = USER_GEN_BIT | next(self._user_gens)
                 self.kernel_registrations.append(
-                    KernelRegistration(
-                        call.tgid, call.fd, conn.gen, conn.remote, conn.local, conn.role, True
-                    )
+                    KernelRegistration(tgid, fd, conn.gen, conn.remote, conn.local, conn.role, True)
                 )
         return conn
 
     def _open_adopted_conn(
-        self, call: TlsCall, conn_id: str, reg: KernelRegistration
+        self, conn: Connection, sock: KernelSocket, reg: KernelRegistration
     ) -> Connection:
-        conn = self._new_conn(call, conn_id, reg.gen)
-        conn.local = call.socket.local or reg.local
-        conn.remote = call.socket.remote or reg.remote
-        conn.role = reg.role if call.socket.role == "unknown" else call.socket.role
-        if call.socket.gen == 0:
+        conn.gen = reg.gen
+        conn.local = sock.local or reg.local
+        conn.remote = sock.remote or reg.remote
+        conn.role = reg.role if sock.role == "unknown" else sock.role
+        if sock.gen == 0:
             # The kernel marks a socket TLS-carrying on its calls; this one's
             # first call beat the registration, so mark it ourselves.
             self.kernel_registrations.append(replace(reg, tls_seen=True))
         return conn
 
-    def _new_conn(self, call: TlsCall, conn_id: str, gen: int) -> Connection:
+    def _new_conn(
+        self,
+        tgid: int,
+        fd: int,
+        gen: int,
+        sock: KernelSocket,
+        ts_mono_ns: int,
+        comm: str,
+        source: str,
+        cgroup_id: int,
+        conn_id: str,
+    ) -> Connection:
         self.stats.connections += 1
         return Connection(
             conn_id=conn_id,
-            tgid=call.tgid,
-            fd=call.fd,
+            tgid=tgid,
+            fd=fd,
             gen=gen,
-            comm=call.comm,
-            cgroup_id=call.cgroup_id,
-            source=call.source,
+            comm=comm,
+            cgroup_id=cgroup_id,
+            source=source,
             local=None,
-            remote=call.socket.remote,
-            role=call.socket.role,
-            last_used=call.ts_mono_ns,
+            remote=sock.remote,
+            role=sock.role,
+            last_used=ts_mono_ns,
         )
+
+    def _join_socket(self, unbound: Connection, conn: Connection) -> list[Record]:
+        """`conn` (just opened on a socket) continues `unbound`, the same TLS
+        object's connection so far: same id and offsets; its held records go
+        out now, with the socket."""
+        conn.conn_id = unbound.conn_id
+        conn.next_offset = unbound.next_offset
+        conn.last_used = max(conn.last_used, unbound.last_used)
+        self.stats.connections -= 1  # counted when it opened without a socket
+        held = self._stop_holding(unbound)
+        if held is None:
+            return []
+        self.stats.bound_connections += 1
+        for record in held:
+            record.fd = conn.fd
+            record.local = conn.local
+            record.remote = conn.remote
+            record.role = conn.role
+        return held
+
+    def _stop_holding(self, conn: Connection) -> list[Record] | None:
+        held = conn.held
+        if held is None:
+            return None
+        self._holding.pop((conn.tgid, conn.ssl), None)
+        self._held_records -= len(held)
+        self._held_bytes -= conn.held_bytes
+        conn.held = None
+        conn.held_bytes = 0
+        return held
+
+    def _release(self, conn: Connection) -> list[Record]:
+        """Stop waiting for `conn`'s socket: what it held goes out as it is."""
+        held = self._stop_holding(conn)
+        if held is None:
+            return []
+        self.stats.unbound_connections += 1
+        self.stats.unbound_records += sum(1 for r in held if r.type == "data")
+        return held
+
+    def _emit(self, out: list[Record], conn: Connection, record: Record) -> None:
+        if conn.held is None:
+            out.append(record)
+        else:
+            conn.held.append(record)
 
     def _check_offset(self, conn: Connection, call: TlsCall) -> None:
         expected = conn.next_offset[call.direction]
@@ -351,5 +520,8 @@ class FlowTable:
             role=conn.role,
         )
 
-    def _close_record(self, conn: Connection, ts_mono: int, tid: int) -> Record:
-        return self._lifecycle_record("close", conn, ts_mono, tid)
+    def _close(self, conn: Connection, ts_mono: int, tid: int) -> list[Record]:
+        """What `conn` still held, then its close."""
+        out = self._release(conn)
+        out.append(self._lifecycle_record("close", conn, ts_mono, tid))
+        return out

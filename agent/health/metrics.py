@@ -90,6 +90,11 @@ METRICS: dict[str, MetricSpec] = {
     # -- kernel counters (bpf/tlscap.h `enum counter`) ------------------------
     "kernel_calls": _counter("kernel_calls", "TLS calls that moved data, seen in the kernel"),
     "kernel_chunks": _counter("kernel_chunks", "Chunk events submitted to the ring buffer"),
+    "ring_peak_pending_bytes": _gauge(
+        "ring_peak_pending_bytes",
+        "Most bytes ever waiting in the ring buffer at a drain (events are lost at ring_bytes)",
+    ),
+    "ring_bytes": _gauge("ring_bytes", "Size of the kernel ring buffer"),
     "kernel_lost_events": _counter(
         "kernel_lost_events", "Events dropped in the kernel: ring buffer full"
     ),
@@ -125,6 +130,16 @@ METRICS: dict[str, MetricSpec] = {
         "kernel_unknown_fds",
         "read/write fds inside TLS calls not known as sockets (keylog, files): not trusted",
     ),
+    "kernel_membio_binds": _counter(
+        "kernel_membio_binds", "Memory-BIO TLS objects bound to the socket their thread used"
+    ),
+    "kernel_membio_refused": _counter(
+        "kernel_membio_refused",
+        "Memory-BIO binds refused: socket owned by another TLS object, or a write too small",
+    ),
+    "kernel_membio_stale": _counter(
+        "kernel_membio_stale", "Memory-BIO binds not made: the socket syscall came too late"
+    ),
     # -- load shedding (bpf/calls.c; the kernel's shed_* counters, see shed_summary)
     "shed_connections": _counter(
         "shed_connections",
@@ -156,6 +171,22 @@ METRICS: dict[str, MetricSpec] = {
         "flow_evicted_adoptions",
         "Sockets found at start-up dropped from the flow table before carrying TLS",
     ),
+    "flow_bound_connections": _counter(
+        "flow_bound_connections", "Memory-BIO connections whose held records got their socket"
+    ),
+    "flow_held_records": _counter(
+        "flow_held_records", "Records held until their memory-BIO connection's socket was known"
+    ),
+    "flow_unbound_connections": _counter(
+        "flow_unbound_connections",
+        "Memory-BIO connections whose held records went out without a socket (hold expired)",
+    ),
+    "flow_unbound_records": _counter(
+        "flow_unbound_records", "Data records written without a socket (memory BIO, unbound)"
+    ),
+    "flow_ssl_reused": _counter(
+        "flow_ssl_reused", "Socket-less TLS objects whose offsets restarted: a new connection"
+    ),
     # -- exporter (agent/export/exporter.py Exporter.stats) -------------------
     "export_sent_records": _counter("export_sent_records", "Records sent to the collector"),
     "export_acked_records": _counter("export_acked_records", "Records the collector acknowledged"),
@@ -186,6 +217,9 @@ METRICS: dict[str, MetricSpec] = {
         "export_lost_records", "Records lost on the way to the collector, all causes"
     ),
     "export_reconnects": _counter("export_reconnects", "Reconnections to the collector"),
+    "export_refused": _counter(
+        "export_refused_streams", "Streams the collector refused (token, certificate or node)"
+    ),
     "export_connected": _gauge(
         "collector_connected", "1 while the collector connection is up and acknowledging"
     ),

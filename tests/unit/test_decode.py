@@ -290,7 +290,7 @@ def test_too_short_for_a_kind(raw: bytes) -> None:
         decode_event(raw)
 
 
-@pytest.mark.parametrize("kind", [0, 7, 100, 0xFFFF_FFFF])
+@pytest.mark.parametrize("kind", [0, 8, 100, 0xFFFF_FFFF])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(DecodeError, match="unknown event kind"):
         decode_event(kind.to_bytes(4, "little") + bytes(200))

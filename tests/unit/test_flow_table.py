@@ -9,10 +9,23 @@ import pytest
 
 from agent.events import layout
 from agent.events.calls import CallAssembler
-from agent.events.decode import SocketClosed, TlsCall, decode_event
-from agent.flows.table import USER_GEN_BIT, FlowTable, KernelRegistration
+from agent.events.decode import SocketBound, SocketClosed, TlsCall, decode_event
+from agent.flows.table import (
+    MAX_HELD_PER_CONN,
+    USER_GEN_BIT,
+    FlowTable,
+    KernelRegistration,
+)
 from agent.records.record import Endpoint, Record, Role
-from tests.unit.eventbuild import ROLE_CLIENT, call_chunks, close_record, conn, conn_v4, make_call
+from tests.unit.eventbuild import (
+    ROLE_CLIENT,
+    _fill_conn,
+    call_chunks,
+    close_record,
+    conn,
+    conn_v4,
+    make_call,
+)
 
 TGID = 4242
 OTHER_TGID = 777
@@ -64,6 +77,24 @@ def closed(**fields: Any) -> SocketClosed:
     fields.setdefault("tgid", TGID)
     ev = decode_event(close_record(**fields))
     assert isinstance(ev, SocketClosed)
+    return ev
+
+
+def bound(
+    ssl: int, fd: int = 9, ts_ns: int = 50, socket: dict[str, Any] | None = None, **fields: Any
+) -> SocketBound:
+    """A bind event as the kernel lays it out (bpf/calls.c, membio_sent)."""
+    e = layout.BindEvent(
+        kind=layout.EV_BIND,
+        tgid=fields.get("tgid", TGID),
+        tid=fields.get("tid", 4243),
+        fd=fd,
+        ts_ns=ts_ns,
+        ssl=ssl,
+    )
+    _fill_conn(e.conn, socket if socket is not None else known())
+    ev = decode_event(bytes(e))
+    assert isinstance(ev, SocketBound)
     return ev
 
 
@@ -396,21 +427,24 @@ def test_on_exit_closes_all_conns_of_that_process_only() -> None:
     mine = {
         t.on_call(call(fd=7, socket=known()))[0].conn_id,
         t.on_call(call(fd=8, socket=known(gen=KERNEL_GEN + 1)))[0].conn_id,
-        t.on_call(call(fd=-1, ssl=0xAAA0, socket=conn()))[0].conn_id,
     }
-    theirs = {
-        t.on_call(call(tgid=OTHER_TGID, fd=7, socket=known()))[0].conn_id,
-        t.on_call(call(tgid=OTHER_TGID, fd=-1, ssl=0xAAA0, socket=conn()))[0].conn_id,
-    }
-    assert len(mine | theirs) == 5
+    theirs = {t.on_call(call(tgid=OTHER_TGID, fd=7, socket=known()))[0].conn_id}
+    # Memory-BIO connections hold their records until their socket is known.
+    assert t.on_call(call(fd=-1, ssl=0xAAA0, socket=conn())) == []
+    assert t.on_call(call(tgid=OTHER_TGID, fd=-1, ssl=0xAAA0, socket=conn())) == []
     out = t.on_exit(TGID, 50_000)
-    assert types(out) == ["close"] * 3
-    assert {r.conn_id for r in out} == mine
-    assert all(r.pid == TGID and r.ts_ns == 50_000 + WALL_SHIFT for r in out)
+    # What the memory-BIO one held goes out (without a socket) before its close.
+    assert types(out) == ["close", "close", "open", "data", "close"]
+    closes = [r for r in out if r.type == "close"]
+    assert {r.conn_id for r in closes[:2]} == mine
+    assert all(r.pid == TGID and r.ts_ns == 50_000 + WALL_SHIFT for r in closes)
+    assert out[-1].conn_id == out[-2].conn_id and out[-1].fd == -1
+    assert t.stats.unbound_connections == 1
     assert len(t) == 2
     assert t.on_exit(TGID, 60_000) == []
     out = t.on_exit(OTHER_TGID, 70_000)
-    assert {r.conn_id for r in out} == theirs
+    assert types(out) == ["close", "open", "data", "close"]
+    assert out[0].conn_id in theirs
     assert len(t) == 0
 
 
@@ -419,16 +453,23 @@ def test_on_exit_closes_all_conns_of_that_process_only() -> None:
 
 def test_memory_bio_conns_keyed_by_ssl_pointer() -> None:
     t, resolver = table()
-    a1 = t.on_call(call(b"a", fd=-1, ssl=0x1000, ts_ns=1, socket=conn()))
-    b1 = t.on_call(call(b"b", fd=-1, ssl=0x2000, ts_ns=2, socket=conn()))
-    a2 = t.on_call(call(b"c", fd=-1, ssl=0x1000, ts_ns=3, offset=1, socket=conn()))
-    assert types(a1) == ["open", "data"] and types(b1) == ["open", "data"]
-    assert types(a2) == ["data"]
-    assert a1[0].conn_id == a2[0].conn_id != b1[0].conn_id
-    assert a1[1].fd == -1
+    assert t.on_call(call(b"a", fd=-1, ssl=0x1000, ts_ns=1, socket=conn())) == []
+    assert t.on_call(call(b"b", fd=-1, ssl=0x2000, ts_ns=2, socket=conn())) == []
+    assert t.on_call(call(b"c", fd=-1, ssl=0x1000, ts_ns=3, offset=1, socket=conn())) == []
+    out = t.release_held()
+    assert types(out) == ["open", "data", "data", "open", "data"]
+    a1, a2, b1 = out[1], out[2], out[4]
+    assert a1.conn_id == a2.conn_id != b1.conn_id
+    assert (a1.data, a2.data, b1.data) == (b"a", b"c", b"b")
+    assert a1.fd == -1 and a1.remote is None and a1.role == "unknown"
     assert resolver.calls == []
     assert t.kernel_registrations == []
     assert t.stats.connections == 2
+    # Released: later calls go out at once.
+    assert types(t.on_call(call(b"d", fd=-1, ssl=0x1000, ts_ns=4, offset=2, socket=conn()))) == [
+        "data"
+    ]
+    assert (t.stats.unbound_connections, t.stats.unbound_records) == (2, 4)
     # There is no socket to close.
     assert t.on_close(closed(fd=-1, gen=0)) == []
     assert len(t) == 2
@@ -437,7 +478,8 @@ def test_memory_bio_conns_keyed_by_ssl_pointer() -> None:
 def test_memory_bio_does_not_collide_with_fd_conn() -> None:
     t, _ = table()
     fd_id = t.on_call(call(fd=7, ssl=0x1000, socket=known()))[0].conn_id
-    bio_id = t.on_call(call(fd=-1, ssl=0x1000, socket=conn()))[0].conn_id
+    t.on_call(call(fd=-1, ssl=0x1000, tgid=OTHER_TGID, socket=conn()))
+    bio_id = t.release_held()[0].conn_id
     assert fd_id != bio_id
     assert len(t) == 2
 
@@ -447,17 +489,171 @@ def test_fd_learned_after_the_first_calls_keeps_one_connection() -> None:
     syscall, so it comes without an fd; the next call of the same TLS object
     names the socket, and the kernel's offsets simply continue."""
     t, _ = table()
-    first = t.on_call(call(b"a" * 10, fd=-1, ssl=0x1000, ts_ns=1, socket=conn()))
-    later = t.on_call(call(b"b" * 5, fd=7, ssl=0x1000, ts_ns=2, offset=10, socket=known()))
-    assert types(first) == ["open", "data"] and types(later) == ["data"]
-    assert later[0].conn_id == first[0].conn_id
-    assert later[0].fd == 7 and later[0].remote == REMOTE and later[0].local == LOCAL
+    assert t.on_call(call(b"a" * 10, fd=-1, ssl=0x1000, ts_ns=1, socket=conn())) == []
+    out = t.on_call(call(b"b" * 5, fd=7, ssl=0x1000, ts_ns=2, offset=10, socket=known()))
+    # What waited for the socket goes out with it, ahead of the call that named it.
+    assert types(out) == ["open", "data", "data"]
+    assert len({r.conn_id for r in out}) == 1
+    for r in out:
+        assert r.fd == 7 and r.remote == REMOTE and r.local == LOCAL and r.role == "client"
+    assert [r.data for r in out[1:]] == [b"a" * 10, b"b" * 5]
+    assert t.stats.bound_connections == 1 and t.stats.unbound_records == 0
     assert (t.stats.gaps, t.stats.overlaps, t.stats.fds_learned_late) == (0, 0, 1)
     assert t.stats.connections == 1
     assert len(t) == 1  # no longer tracked by SSL pointer
     # It is now a socket connection: its close is reported under the same id.
     (close,) = t.on_close(closed(fd=7, gen=KERNEL_GEN))
-    assert close.conn_id == first[0].conn_id
+    assert close.conn_id == out[0].conn_id
+
+
+# --- memory BIOs: binding to the socket (bpf/calls.c, membio_bind) ---------------------------
+
+
+def test_bind_releases_held_records_with_the_socket() -> None:
+    """asyncio/Node: SSL_write goes to a memory BIO; the kernel binds the object when
+    its thread sends the ciphertext, after the call's record was already sent."""
+    t, resolver = table()
+    assert t.on_call(call(b"GET /", fd=-1, ssl=0x1000, ts_ns=1, socket=conn())) == []
+    assert t.stats.held_records == 1
+    out = t.on_bind(bound(0x1000, fd=9, ts_ns=2))
+    assert types(out) == ["open", "data"]
+    assert len({r.conn_id for r in out}) == 1
+    for r in out:
+        assert (r.fd, r.local, r.remote, r.role) == (9, LOCAL, REMOTE, "client")
+    assert out[1].data == b"GET /" and out[1].ts_ns == 1 + WALL_SHIFT
+    assert resolver.calls == []  # the kernel knew the whole socket
+    # Later calls come with the fd and continue the same connection.
+    (later,) = t.on_call(call(b"ok", fd=9, ssl=0x1000, ts_ns=3, direction=layout.DIR_INGRESS,
+                              socket=known()))  # fmt: skip
+    assert later.conn_id == out[0].conn_id and later.remote == REMOTE
+    (close,) = t.on_close(closed(fd=9, gen=KERNEL_GEN))
+    assert close.conn_id == out[0].conn_id
+    assert (t.stats.connections, t.stats.bound_connections, t.stats.unbound_records) == (1, 1, 0)
+    assert len(t) == 0
+
+
+def test_bind_of_an_object_with_no_data_yet_does_nothing() -> None:
+    t, _ = table()
+    assert t.on_bind(bound(0x1000)) == []
+    assert len(t) == 0
+
+
+def test_bind_to_a_socket_the_kernel_knows_only_partly_asks_proc() -> None:
+    t, resolver = table()
+    t.on_call(call(fd=-1, ssl=0x1000, socket=conn()))
+    out = t.on_bind(bound(0x1000, fd=9, socket=conn_v4((REMOTE.ip, REMOTE.port))))
+    assert resolver.calls == [(TGID, 9)]
+    assert all(r.local == PROC_FACTS.local and r.remote == REMOTE for r in out)
+
+
+def test_bind_to_an_adopted_socket_uses_its_registration() -> None:
+    """A connection opened before the agent: its socket was registered at start-up."""
+    t, resolver = table()
+    t.adopt_existing_socket(TGID, 9, PROC_FACTS)
+    [reg] = t.kernel_registrations
+    t.on_call(call(fd=-1, ssl=0x1000, socket=conn()))
+    registered = conn_v4(("1.1.1.1", 443), ("192.168.1.5", 40404), gen=reg.gen)
+    out = t.on_bind(bound(0x1000, fd=9, socket=registered))
+    assert all(r.local == PROC_FACTS.local and r.remote == PROC_FACTS.remote for r in out)
+    assert out[0].role == "client"
+    assert resolver.calls == []
+
+
+def test_hold_times_out_then_a_late_bind_still_joins() -> None:
+    t, _ = table()
+    t.on_call(call(b"a", fd=-1, ssl=0x1000, ts_ns=10, socket=conn()))
+    t.on_call(call(b"b", fd=-1, ssl=0x2000, ts_ns=30, socket=conn()))
+    assert t.release_held(older_than_mono_ns=10) == []  # not older yet
+    out = t.release_held(older_than_mono_ns=20)
+    assert types(out) == ["open", "data"] and out[1].data == b"a" and out[1].remote is None
+    assert (t.stats.unbound_connections, t.stats.unbound_records) == (1, 1)
+    # No longer held: the next call goes out at once, counted unbound.
+    assert types(t.on_call(call(b"c", fd=-1, ssl=0x1000, ts_ns=40, offset=1, socket=conn()))) == [
+        "data"
+    ]
+    assert t.stats.unbound_records == 2
+    # The bind comes late: nothing held to release, later calls carry the socket
+    # under the same connection id.
+    assert t.on_bind(bound(0x1000, fd=9)) == []
+    (d,) = t.on_call(call(b"d", fd=9, ssl=0x1000, ts_ns=50, offset=2, socket=known()))
+    assert d.conn_id == out[0].conn_id and d.remote == REMOTE
+    # The other one still holds until its own time.
+    assert types(t.release_held()) == ["open", "data"]
+
+
+def test_a_connection_holds_a_bounded_number_of_records() -> None:
+    t, _ = table()
+    out: list[Record] = []
+    for n in range(MAX_HELD_PER_CONN + 1):
+        out += t.on_call(call(b"x", fd=-1, ssl=0x1000, ts_ns=n + 1, offset=n, socket=conn()))
+    assert types(out) == ["open"] + ["data"] * (MAX_HELD_PER_CONN + 1)
+    assert t.stats.unbound_connections == 1
+
+
+def test_all_connections_together_hold_a_bounded_amount(monkeypatch) -> None:
+    import agent.flows.table as flows
+
+    monkeypatch.setattr(flows, "MAX_HELD_RECORDS", 3)
+    t, _ = table()
+    out: list[Record] = []
+    for n in range(4):
+        out += t.on_call(call(b"x", fd=-1, ssl=0x1000 + n, ts_ns=n + 1, socket=conn()))
+    # The oldest hold went out to make room.
+    assert types(out) == ["open", "data"] and out[0].conn_id.startswith(f"{TGID}-ssl1000-")
+
+
+def test_guessed_fd_that_is_no_socket_waits_for_the_bind() -> None:
+    """Node: a timezone file read inside the handshake gave the call a guessed fd."""
+    t, resolver = table(facts=None)
+    assert t.on_call(call(b"req", fd=20, flags=layout.DATA_FD_WEAK, ssl=0x1000, ts_ns=1,
+                          socket=conn())) == []  # fmt: skip
+    assert resolver.calls == [(TGID, 20)]
+    # Asked once: further calls of the object go to its socket-less connection.
+    t.on_call(call(b"more", fd=20, flags=layout.DATA_FD_WEAK, ssl=0x1000, ts_ns=2, offset=3,
+                   socket=conn()))  # fmt: skip
+    assert resolver.calls == [(TGID, 20)]
+    out = t.on_bind(bound(0x1000, fd=19))
+    assert types(out) == ["open", "data", "data"]
+    assert all(r.fd == 19 and r.remote == REMOTE for r in out)
+
+
+def test_guessed_fd_that_is_a_socket_is_its_connection() -> None:
+    """A socket nobody registered (open before the agent, passed over a unix socket)."""
+    t, resolver = table()
+    out = t.on_call(call(fd=7, flags=layout.DATA_FD_WEAK, ssl=0x1000, socket=conn()))
+    assert types(out) == ["open", "data"]
+    assert out[1].fd == 7 and out[1].remote == PROC_FACTS.remote
+    assert resolver.calls == [(TGID, 7)]  # once: the facts were passed on
+    assert len(t.kernel_registrations) == 1
+
+
+def test_reused_ssl_object_whose_offsets_restart_is_a_new_connection() -> None:
+    """The kernel drops a bound object's state when its socket closes, so an SSL*
+    reused for a new connection starts at offset 0 again."""
+    t, _ = table()
+    t.on_call(call(b"a" * 10, fd=-1, ssl=0x1000, ts_ns=1, socket=conn()))
+    first = t.on_bind(bound(0x1000, fd=9, ts_ns=2))
+    closed_out = t.on_close(closed(fd=9, gen=KERNEL_GEN))
+    assert types(closed_out) == ["close"]
+    assert t.on_call(call(b"b" * 4, fd=-1, ssl=0x1000, ts_ns=3, socket=conn())) == []
+    second = t.on_bind(bound(0x1000, fd=11, ts_ns=4, socket=known(gen=KERNEL_GEN + 5)))
+    assert second[0].conn_id != first[0].conn_id and second[1].offset == 0
+    # Never bound: an offset restart is the only trace of the new connection.
+    t.on_call(call(b"c" * 4, fd=-1, ssl=0x2000, ts_ns=5, socket=conn()))
+    t.release_held()
+    out = t.on_call(call(b"d" * 4, fd=-1, ssl=0x2000, ts_ns=6, socket=conn()))
+    out += t.release_held()  # the new connection holds its records afresh
+    assert types(out) == ["close", "open", "data"] and out[0].conn_id != out[1].conn_id
+    assert (t.stats.ssl_reused, t.stats.overlaps) == (1, 0)
+
+
+def test_bind_to_an_fd_whose_old_connection_was_not_seen_closing() -> None:
+    t, _ = table()
+    old = t.on_call(call(fd=9, ssl=0x9999, socket=known(gen=1)))[0].conn_id
+    t.on_call(call(fd=-1, ssl=0x1000, socket=conn()))
+    out = t.on_bind(bound(0x1000, fd=9, socket=known(gen=2)))
+    assert types(out) == ["close", "open", "data"] and out[0].conn_id == old
+    assert t.stats.inferred_closes == 1
 
 
 # --- offsets ---------------------------------------------------------------------------------
@@ -548,6 +744,11 @@ def test_stats_as_dict() -> None:
         "evicted_connections": 0,
         "evicted_adoptions": 0,
         "exits_recovered": 0,
+        "bound_connections": 0,
+        "held_records": 0,
+        "unbound_connections": 0,
+        "unbound_records": 0,
+        "ssl_reused": 0,
     }
 
 
