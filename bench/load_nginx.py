@@ -46,6 +46,10 @@ METRIC_KEYS = {
     # agent has it: absent (None) in older versions.
     "shed_connections": "tlscap_shed_connections_total",
     "shed_calls": "tlscap_shed_calls_total",
+    # How full the ring ever was at a drain: near ring_bytes, the agent itself fell
+    # behind; far from it while `lost` > 0, the kernel refused records for another reason.
+    "ring_peak_pending_bytes": "tlscap_ring_peak_pending_bytes",
+    "ring_bytes": "tlscap_ring_bytes",
 }
 STATS_KEYS = (*METRIC_KEYS, "incomplete_calls", "flow_gaps", "l7_exchanges", "l7_gaps")
 
@@ -297,6 +301,12 @@ def fmt(x: float | None, spec: str = ".0f") -> str:
     return "-" if x is None or x != x else format(x, spec)
 
 
+def ring_peak(stats: dict) -> str:
+    """The ring's peak fill at a drain, in percent of its size."""
+    peak, size = stats.get("ring_peak_pending_bytes"), stats.get("ring_bytes")
+    return "-" if peak is None or not size else f"{100 * peak / size:.1f}%"
+
+
 def sample_line(s: dict) -> str:
     line = (
         f"round {s.get('round', '?')} {s['mode']:<9} wrk {s['wrk_req_per_s']:8.0f} req/s, "
@@ -324,7 +334,8 @@ def print_table(result: dict) -> None:
     head = (
         f"{'rnd':>3} {'mode':<9} {'wrk req/s':>9} {'log req/s':>9} {'ratio':>5} "
         f"{'agent us/req':>12} {'(wrk win)':>9} {'nginx us/req':>12} {'lost':>8} "
-        f"{'k_lost':>8} {'backlog s':>9} {'exch nginx/served':>18} {'exch wrk/wrk reqs':>18}"
+        f"{'k_lost':>8} {'ring peak':>9} {'backlog s':>9} {'exch nginx/served':>18} "
+        f"{'exch wrk/wrk reqs':>18}"
     )
     print(head)
     for s in result["samples"]:
@@ -340,7 +351,7 @@ def print_table(result: dict) -> None:
             f"{fmt(s.get('agent_us_per_req_wrk_window'), '.1f'):>9} "
             f"{fmt(s['nginx_worker_us_per_req'], '.1f'):>12} "
             f"{fmt(st.get('lost')):>8} {fmt(st.get('kernel_lost_events')):>8} "
-            f"{fmt(s.get('agent_backlog_s'), '.1f'):>9} {srv:>18} {cli:>18}"
+            f"{ring_peak(st):>9} {fmt(s.get('agent_backlog_s'), '.1f'):>9} {srv:>18} {cli:>18}"
             + ("  CONTAMINATED" if s["contaminated"] else "")
         )
     print("medians over rounds:")

@@ -263,6 +263,8 @@ class CaptureSession:
             "go_binaries_refused": self.stats.go_binaries_refused,
             "rescan_attached": self.stats.rescan_attached,
         }
+        if self._program is not None:
+            out["ring_peak_pending_bytes"], out["ring_bytes"] = self._program.ring_fill()
         out.update({f"kernel_{k}": v for k, v in kernel.items() if k not in shed})
         out.update(shed)
         out.update({f"flow_{k}": v for k, v in self._flows.stats.as_dict().items()})

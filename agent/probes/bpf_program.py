@@ -208,6 +208,12 @@ class BpfProgram:
             self._ring.wait(timeout_ms)
         return self._ring.drain(handle)
 
+    def ring_fill(self) -> tuple[int, int]:
+        """(the most bytes ever found pending at a drain, the ring's size)."""
+        if self._ring is None:
+            return 0, self.settings.ring_pages * PAGE_SIZE
+        return self._ring.peak_pending, self._ring.size
+
     # -- state shared with the kernel ---------------------------------------
 
     def counters(self) -> dict[str, int]:

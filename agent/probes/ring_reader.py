@@ -50,6 +50,9 @@ class RingReader:
         self._data = memoryview(self._producer)[PAGE_SIZE:]
         self._poll = select.poll()
         self._poll.register(map_fd, select.POLLIN)
+        # The most bytes ever found waiting at the start of a drain: how close
+        # the agent came to losing events (the ring is full at `size`).
+        self.peak_pending = 0
 
     def wait(self, timeout_ms: int) -> None:
         """Sleep until the kernel wakes us (a burst past its wake-up mark) or the
@@ -68,6 +71,9 @@ class RingReader:
         liveness beat, stale calls)."""
         total = 0
         (producer,) = _POSITION.unpack_from(self._producer)
+        (consumer,) = _POSITION.unpack_from(self._consumer)
+        if producer - consumer > self.peak_pending:
+            self.peak_pending = producer - consumer
         while True:
             (consumer,) = _POSITION.unpack_from(self._consumer)
             if consumer >= producer:
