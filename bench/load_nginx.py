@@ -46,6 +46,8 @@ METRIC_KEYS = {
     # agent has it: absent (None) in older versions.
     "shed_connections": "tlscap_shed_connections_total",
     "shed_calls": "tlscap_shed_calls_total",
+    # Records the ring refused with room to spare and took on a second try.
+    "kernel_ring_retried": "tlscap_kernel_ring_retried_total",
     # How full the ring ever was at a drain: near ring_bytes, the agent itself fell
     # behind; far from it while `lost` > 0, the kernel refused records for another reason.
     "ring_peak_pending_bytes": "tlscap_ring_peak_pending_bytes",
@@ -316,7 +318,8 @@ def sample_line(s: dict) -> str:
         st = s["agent_stats"]
         line += (
             f", agent {fmt(s.get('agent_us_per_req'), '.1f')} us/req, "
-            f"lost {st.get('lost')}, shed conns {st.get('shed_connections')}, "
+            f"lost {st.get('lost')}, ring retried {st.get('kernel_ring_retried')}, "
+            f"peak {ring_peak(st)}, shed conns {st.get('shed_connections')}, "
             f"backlog {s['agent_backlog_s']:.1f} s"
         )
     if s["mode"] == "l7_jsonl":

@@ -84,7 +84,7 @@ static __always_inline void emit_payload(struct data_event *e, u64 buf, u32 capt
             break;
         }
         u64 size = DATA_HEADER_SIZE + n;
-        if (events.ringbuf_output(e, size, wake_flag(size)) != 0) {
+        if (ring_output(e, size, wake_flag(size)) != 0) {
             count(CNT_LOST_EVENTS, 1);
             count(CNT_LOST_BYTES, captured - off);
             break;
@@ -247,7 +247,7 @@ static __always_inline void membio_sent(u64 id, s32 fd, u64 bytes) {
     e.ts_ns = bpf_ktime_get_ns();
     e.ssl = pending.ssl;
     __builtin_memcpy(&e.conn, c, sizeof(e.conn));
-    if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
+    if (ring_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
         count(CNT_LOST_EVENTS, 1);
 }
 

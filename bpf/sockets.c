@@ -145,7 +145,7 @@ static __always_inline void emit_close(u64 id, s32 fd, u64 gen) {
     e.fd = fd;
     e.ts_ns = bpf_ktime_get_ns();
     e.gen = gen;
-    if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
+    if (ring_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
         count(CNT_LOST_EVENTS, 1);
 }
 
@@ -520,7 +520,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     e.tgid = tgid;
     e.ts_ns = bpf_ktime_get_ns();
     bpf_get_current_comm(&e.comm, sizeof(e.comm));
-    if (events.ringbuf_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
+    if (ring_output(&e, sizeof(e), wake_flag(sizeof(e))) != 0)
         count(CNT_LOST_EVENTS, 1);
     return 0;
 }

@@ -48,6 +48,7 @@ COUNTERS = (
     "membio_binds",
     "membio_refused",
     "membio_stale",
+    "ring_retried",
 )
 
 

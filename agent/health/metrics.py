@@ -140,6 +140,10 @@ METRICS: dict[str, MetricSpec] = {
     "kernel_membio_stale": _counter(
         "kernel_membio_stale", "Memory-BIO binds not made: the socket syscall came too late"
     ),
+    "kernel_ring_retried": _counter(
+        "kernel_ring_retried",
+        "Records the ring buffer refused with room to spare (its lock gave up), submitted again",
+    ),
     # -- load shedding (bpf/calls.c; the kernel's shed_* counters, see shed_summary)
     "shed_connections": _counter(
         "shed_connections",
