@@ -7,11 +7,15 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.cli import tls_options
 from agent.cli.argtypes import parse_duration, parse_size, positive_int
 from agent.cli.config_file import add_config_argument
 from agent.cli.errors import fail
+
+if TYPE_CHECKING:
+    from agent.collector.tokens import TokenReviewer
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,36 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="let callers without a client certificate Subscribe (read all captured "
         "plaintext); without mutual TLS, Subscribe is refused unless this is given",
     )
+    tokens = p.add_argument_group(
+        "agent identity from Kubernetes ServiceAccount tokens (docs/kubernetes.md)"
+    )
+    tokens.add_argument(
+        "--token-review",
+        action="store_true",
+        help="identify agents by their projected ServiceAccount token, checked with the "
+        "API server's TokenReview: a token bound to node N may Ingest only records of N. "
+        "Agents must then send a token, unless their certificate names one node; "
+        "needs TLS and Kubernetes >= 1.30",
+    )
+    tokens.add_argument(
+        "--token-audience",
+        default="tlscap-collector",
+        metavar="AUDIENCE",
+        help="audience the agents' tokens must be issued for (default tlscap-collector)",
+    )
+    tokens.add_argument(
+        "--agent-service-account",
+        default="tlscap:tlscap-agent",
+        metavar="NAMESPACE:NAME",
+        help="the agents' ServiceAccount; tokens of any other are refused "
+        "(default tlscap:tlscap-agent)",
+    )
+    tokens.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig for the TokenReview calls when not running in a cluster "
+        "(in a cluster: the pod's own ServiceAccount)",
+    )
     tls_options.add_tls_arguments(p, server=True)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     add_config_argument(p)
@@ -106,6 +140,16 @@ def collector_command(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy) if args.policy is not None else None
     except PolicyError as exc:
         return fail(str(exc))
+    token_reviewer = None
+    if args.token_review:
+        if settings.insecure:
+            # The tokens would cross the network readable, and anyone who saw one could
+            # send records as that node until it expires.
+            return fail("--token-review needs TLS (agents' tokens must not travel in plaintext)")
+        try:
+            token_reviewer = token_reviewer_from_args(args)
+        except (ValueError, OSError) as exc:
+            return fail(str(exc))
     config = CollectorConfig(
         listen=args.listen,
         store_path=args.store,
@@ -116,6 +160,7 @@ def collector_command(args: argparse.Namespace) -> int:
         subscriber_queue=args.subscriber_queue,
         policy=policy,
         allow_anonymous_subscribe=args.allow_anonymous_subscribe,
+        token_reviewer=token_reviewer,
     )
     try:
         server = CollectorServer(config, tls_options.server_credentials(settings))
@@ -132,7 +177,14 @@ def collector_command(args: argparse.Namespace) -> int:
     server.start()
     mode = "insecure" if settings.insecure else ("mTLS" if settings.mutual else "TLS")
     log.info("serving %s (%s)", server.address, mode)
-    if not settings.mutual:
+    if token_reviewer is not None:
+        log.info(
+            "agents identified by ServiceAccount tokens of %s (audience %s), reviewed by %s",
+            token_reviewer.agent_user,
+            token_reviewer.audience,
+            token_reviewer.api.config.server,
+        )
+    if not settings.mutual and token_reviewer is None:
         log.warning(
             "no client CA (--tls-ca): callers are not identified, so anyone reaching %s may "
             "Ingest records claiming any node%s",
@@ -145,5 +197,30 @@ def collector_command(args: argparse.Namespace) -> int:
         args.ready_file.write_text(server.address + "\n")
     stop.wait()
     server.stop()
-    log.info("stopped; %s", " ".join(f"{k}={v}" for k, v in server.stats().items()))
+    stats = server.stats()
+    log.info("stopped; %s", " ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
+
+
+def token_reviewer_from_args(args: argparse.Namespace) -> TokenReviewer:
+    """The TokenReviewer for --token-review; ValueError (one line) when it cannot be."""
+    from agent.collector.tokens import TokenReviewer, parse_service_account
+    from agent.k8s.api import ApiConfig, KubeApi
+
+    try:
+        agent_user = parse_service_account(args.agent_service_account)
+    except ValueError as exc:
+        raise ValueError(f"--agent-service-account {exc}") from None
+    config = ApiConfig.discover(args.kubeconfig)
+    if config is None:
+        raise ValueError(
+            "--token-review needs the Kubernetes API: run in a cluster (the collector's "
+            "ServiceAccount, bound to system:auth-delegator) or give --kubeconfig"
+        )
+    if not args.token_audience.strip():
+        raise ValueError("--token-audience must not be empty")
+    return TokenReviewer(
+        KubeApi(config, connect_timeout=3.0, read_timeout=10.0),
+        audience=args.token_audience,
+        agent_service_account=agent_user,
+    )

@@ -106,6 +106,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     export.add_argument(
         "--store", type=Path, metavar="PATH", help="also write records to this SQLite store"
     )
+    export.add_argument(
+        "--collector-token-file",
+        type=Path,
+        metavar="PATH",
+        help="send this Kubernetes projected ServiceAccount token (audience "
+        "tlscap-collector) to the collector, which gives the agent its node's identity "
+        "with it (collector --token-review); read again for every new stream, as the "
+        "kubelet rotates it. Never sent without TLS: refused with --insecure",
+    )
     tls_options.add_tls_arguments(export, server=False)
     proxy_options.add_proxy_arguments(p)
     k8s = p.add_argument_group("Kubernetes: pod metadata and opt-in by annotation")
@@ -172,6 +181,18 @@ def open_sinks(args: argparse.Namespace) -> list:
         from agent.export.exporter import CHANNEL_OPTIONS, GrpcExporter
 
         settings = tls_options.tls_settings_from_args(args, server=False)
+        token_file = None
+        if args.collector_token_file is not None:
+            from agent.export.token import TokenFile
+
+            if settings.insecure:
+                # No override on purpose: whoever reads the token off the wire can
+                # send records as this node until it expires.
+                raise tls_options.TlsConfigError(
+                    "--collector-token-file needs TLS to the collector: the token would "
+                    "cross the network readable with --insecure"
+                )
+            token_file = TokenFile(args.collector_token_file)  # TokenFileError: OSError
         sinks.append(
             GrpcExporter(
                 args.collector,
@@ -180,8 +201,11 @@ def open_sinks(args: argparse.Namespace) -> list:
                 ),
                 spool_dir=args.spool_dir,
                 spool_max_bytes=args.spool_max,
+                token_file=token_file,
             )
         )
+    elif args.collector_token_file is not None:
+        raise ValueError("--collector-token-file needs --collector")
     return sinks
 
 

@@ -10,6 +10,10 @@ given), so a certificate in the auth context is always a verified one.
 Without a client certificate (plaintext, or TLS without `--tls-ca`) the caller is
 anonymous. A certificate that carries no tlscap identity is *not* anonymous: it is
 refused (`Caller.error`), whatever it asks for.
+
+With `--token-review` an agent's identity may come from its ServiceAccount token
+instead (agent/collector/tokens.py); the service then makes a Caller with
+`via_token` set and the token's expiry.
 """
 
 from __future__ import annotations
@@ -41,14 +45,18 @@ class Caller:
     subject: str = ""  # the certificate's subject, for logs
     fingerprint: str = ""  # SHA-256 of the certificate (DER), to log a bad one once
     error: str = ""  # why a presented certificate gives no identity
+    via_token: bool = False  # the identity comes from a reviewed ServiceAccount token
+    expires_at: float | None = None  # wall clock: the token's expiry, when via_token
 
     @property
     def anonymous(self) -> bool:
-        return not self.certificate
+        return not self.certificate and not self.via_token
 
     def describe(self) -> str:
         if self.identity is not None:
-            return str(self.identity)
+            return (
+                f"{self.identity} (ServiceAccount token)" if self.via_token else str(self.identity)
+            )
         if self.certificate:
             return f"certificate {self.subject!r} (no tlscap identity)"
         return "anonymous"
@@ -95,6 +103,10 @@ class RefusalCounters:
         "refused_foreign_node",  # an agent sending a record of another node
         "refused_anonymous",  # Subscribe without a client certificate
         "refused_policy",  # a consumer outside the policy, or asking beyond it
+        # --token-review:
+        "refused_token",  # no agent token where one is needed, or one the API rejects
+        "refused_token_identity",  # a valid token that names no agent of a node
+        "token_review_unavailable",  # the API server could not review a token
     )
 
     def __init__(self) -> None:

@@ -20,6 +20,7 @@ from agent.collector.fanout import Hub
 from agent.collector.policy import Policy
 from agent.collector.service import CollectorService
 from agent.collector.store import RecordStore
+from agent.collector.tokens import TokenReviewer
 from agent.schema import pb, pb_grpc
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class CollectorConfig:
     policy: Policy | None = None
     # Subscribe without a client certificate (no mutual TLS): refused unless this is set.
     allow_anonymous_subscribe: bool = False
+    # --token-review: agents identified by their ServiceAccount token (service.py).
+    token_reviewer: TokenReviewer | None = None
 
 
 class CollectorServer:
@@ -62,6 +65,7 @@ class CollectorServer:
             config.subscriber_queue,
             policy=config.policy,
             allow_anonymous_subscribe=config.allow_anonymous_subscribe,
+            token_reviewer=config.token_reviewer,
         )
         self.health = health.HealthServicer()
         limit = config.max_message_bytes
@@ -115,6 +119,8 @@ class CollectorServer:
         self.health.enter_graceful_shutdown()
         self.service.stopping.set()
         self.hub.close()
+        if self.config.token_reviewer is not None:
+            self.config.token_reviewer.api.close()  # a review in flight returns at once
         # grpcio's shutdown event has been seen never to fire (a test hung here in CI
         # after a garbage Ingest stream); a collector must still exit on SIGTERM.
         if not self._server.stop(grace).wait(grace + 5):
@@ -125,7 +131,13 @@ class CollectorServer:
         self.store.close()
 
     def stats(self) -> dict[str, int]:
-        return {**self.store.stats(), **self.service.counters, **self.service.refusals.snapshot()}
+        reviews = self.config.token_reviewer.stats() if self.config.token_reviewer else {}
+        return {
+            **self.store.stats(),
+            **self.service.counters,
+            **self.service.refusals.snapshot(),
+            **reviews,
+        }
 
     def _prune_loop(self) -> None:
         refused: dict[str, int] = {}

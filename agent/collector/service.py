@@ -12,12 +12,28 @@ tlscap identity. `tlscap://agent/<node>` may only Ingest, and only records of <n
 as before, and Subscribe only if the collector allows anonymous subscribers. Every
 refusal is PERMISSION_DENIED, counted in `refusals` and logged once per caller and
 reason. Health and reflection are separate services and stay open.
+
+With a TokenReviewer (`--token-review`, agent/collector/tokens.py) Ingest identifies
+agents by their ServiceAccount token (`authorization: Bearer <token>` metadata):
+- a valid agent token is `tlscap://agent/<its node>`. With a certificate as well, the
+  certificate must be `tlscap://agent/*` (then the token decides the node) or name the
+  same node; a consumer certificate never Ingests;
+- no token: only a per-node certificate (`tlscap://agent/<node>`) may Ingest; the
+  shared `tlscap://agent/*` and anonymous callers are refused (UNAUTHENTICATED);
+- a token the API server does not accept: UNAUTHENTICATED; a valid token of another
+  ServiceAccount or without a node name: PERMISSION_DENIED; the API server not
+  answering: UNAVAILABLE (the agent retries). All counted in `refusals`;
+- a stream lives no longer than the token it was opened with: past its expiry the
+  next batch ends the stream with UNAUTHENTICATED and the agent reconnects with the
+  kubelet's fresh token.
+Subscribe never looks at tokens except to refuse a caller that sends one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -27,6 +43,7 @@ from agent.collector.fanout import Hub, Lagged, Subscription, SubscriptionClosed
 from agent.collector.identity import Caller, RefusalCounters, caller_from_auth_context
 from agent.collector.policy import ANY_CONSUMER, Policy, PolicyDenied
 from agent.collector.store import RecordStore
+from agent.collector.tokens import TokenReviewer, TokenReviewUnavailable, bearer_token
 from agent.records.filter import RecordFilter
 from agent.records.record import Record
 from agent.schema import pb, pb_grpc
@@ -49,12 +66,14 @@ class CollectorService(pb_grpc.CollectorServicer):
         *,
         policy: Policy | None = None,
         allow_anonymous_subscribe: bool = False,
+        token_reviewer: TokenReviewer | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
         self.subscriber_queue = subscriber_queue
         self.policy = policy
         self.allow_anonymous_subscribe = allow_anonymous_subscribe
+        self.token_reviewer = token_reviewer
         self.refusals = RefusalCounters()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -75,16 +94,21 @@ class CollectorService(pb_grpc.CollectorServicer):
     # -- Who is calling -------------------------------------------------------------------
 
     def _refuse(
-        self, context: grpc.ServicerContext, caller: Caller, reason: str, detail: str
+        self,
+        context: grpc.ServicerContext,
+        caller: Caller,
+        reason: str,
+        detail: str,
+        code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED,
     ) -> None:
-        """Count, log (once per caller and reason), abort with PERMISSION_DENIED."""
+        """Count, log (once per caller and reason), abort with `code`."""
         self.refusals.count(reason)
         who = caller.fingerprint or caller.describe()
         if self.refusals.first_time(f"{reason}|{who}|{detail}"):
             log.warning("refused %s from %s: %s", caller.describe(), context.peer(), detail)
         else:
             log.debug("refused %s from %s: %s", caller.describe(), context.peer(), detail)
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, detail)
+        context.abort(code, detail)
 
     def _caller(self, context: grpc.ServicerContext) -> Caller:
         caller = caller_from_auth_context(context.auth_context())
@@ -98,21 +122,101 @@ class CollectorService(pb_grpc.CollectorServicer):
             )
         return caller
 
-    # -- Ingest ---------------------------------------------------------------------------
-
-    def Ingest(
-        self, request_iterator: Iterator[pb.IngestBatch], context: grpc.ServicerContext
-    ) -> Iterator[pb.IngestAck]:
+    def _agent_caller(self, context: grpc.ServicerContext) -> Caller:
+        """Who may Ingest here: the certificate's agent identity, or the token's."""
         caller = self._caller(context)
         if caller.identity is not None and caller.identity.role != "agent":
             self._refuse(
                 context, caller, "refused_role", f"{caller.identity} may not Ingest (agents only)"
             )
+        if self.token_reviewer is None:
+            return caller
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            if caller.identity is not None and caller.identity.name != ANY_NODE:
+                return caller  # a per-node certificate names its node by itself
+            self._refuse(
+                context,
+                caller,
+                "refused_token",
+                "this collector identifies agents by their ServiceAccount token: send the "
+                "projected token (tlscap run --collector-token-file); "
+                + (
+                    f"{caller.identity} alone names no node"
+                    if caller.identity is not None
+                    else "anonymous callers may not Ingest"
+                ),
+                unauthenticated,
+            )
+        if not token:
+            self._refuse(
+                context,
+                caller,
+                "refused_token",
+                "malformed authorization metadata: expected 'Bearer <token>'",
+                unauthenticated,
+            )
+        try:
+            verdict = self.token_reviewer.review(token)
+        except TokenReviewUnavailable as exc:
+            self.refusals.count("token_review_unavailable")
+            message = str(exc)
+            level = (
+                logging.ERROR
+                if self.refusals.first_time(f"unavailable|{message}")
+                else logging.DEBUG
+            )
+            log.log(level, "cannot review the token of %s: %s", context.peer(), message)
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the collector cannot check agent tokens now ({message}); retry later",
+            )
+        if verdict.identity is None:
+            if verdict.unauthenticated:
+                self._refuse(context, caller, "refused_token", verdict.error, unauthenticated)
+            self._refuse(context, caller, "refused_token_identity", verdict.error)
+        if caller.identity is not None and caller.identity.name not in (
+            ANY_NODE,
+            verdict.identity.name,
+        ):
+            self._refuse(
+                context,
+                caller,
+                "refused_token_identity",
+                f"the certificate is {caller.identity} but the token is of node "
+                f"{verdict.identity.name!r}: they must agree",
+            )
+        return Caller(
+            verdict.identity,
+            caller.certificate,
+            caller.subject,
+            caller.fingerprint,
+            via_token=True,
+            expires_at=verdict.expires_at,
+        )
+
+    # -- Ingest ---------------------------------------------------------------------------
+
+    def Ingest(
+        self, request_iterator: Iterator[pb.IngestBatch], context: grpc.ServicerContext
+    ) -> Iterator[pb.IngestAck]:
+        caller = self._agent_caller(context)
         peer = context.peer()
         self._count("ingest_streams")
         log.info("agent connected: %s (%s)", peer, caller.describe())
         try:
             for batch in request_iterator:
+                if caller.expires_at is not None and time.time() >= caller.expires_at:
+                    # The agent reconnects with the token the kubelet rotated in.
+                    log.info(
+                        "agent %s (%s): token expired, ending its stream", peer, caller.describe()
+                    )
+                    context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "the token this stream was opened with has expired; reconnect with "
+                        "the current one",
+                    )
                 items = self._checked_items(batch, context, peer, caller)
                 with self._ingest_lock:
                     result = self.store.insert(items)
@@ -159,6 +263,14 @@ class CollectorService(pb_grpc.CollectorServicer):
         self, request: pb.SubscribeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SubscribeResponse]:
         caller = self._caller(context)
+        if self.token_reviewer is not None and bearer_token(context.invocation_metadata()):
+            self._refuse(
+                context,
+                caller,
+                "refused_role",
+                "an agent token may only Ingest; Subscribe takes a consumer certificate "
+                "(tlscap://consumer/<name>)",
+            )
         try:
             flt = filter_from_pb(request.filter)
         except SchemaError as exc:

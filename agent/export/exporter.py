@@ -15,6 +15,15 @@ After reconnecting the spool is replayed oldest first, and new records go throug
 the spool until it is empty, so the collector sees records roughly in order.
 Re-sent batches make duplicates, which the collector drops on (agent_id, seq).
 What is dropped -- queue full, spool full, disk error -- is counted in stats().
+
+Identity: with a `token_file` every Ingest call carries `authorization: Bearer <token>`
+(the pod's projected ServiceAccount token, read again for each new stream; the caller
+must only use it over TLS). A collector that refuses this agent (UNAUTHENTICATED,
+PERMISSION_DENIED: a bad token, a record of another node...) is not an outage but a
+configuration problem: its message is logged once per change, counted
+(export_refused), records keep going to the spool, and retries wait at least
+`refused_retry` seconds. An UNAUTHENTICATED after the token file changed is the
+collector ending a stream whose token expired: reconnect at once with the new token.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import grpc
 
 from agent.export.backoff import Backoff
 from agent.export.spool import Spool, SpoolCheckout, SpoolWriteError
+from agent.export.token import TokenFile
 from agent.records.record import Record
 from agent.schema import pb
 from agent.schema.convert import to_pb
@@ -42,6 +52,8 @@ log = logging.getLogger(__name__)
 
 INGEST_METHOD = "/tlscap.v1.Collector/Ingest"
 _CLOSE_RETRY = 0.5  # seconds between reconnect attempts while closing
+# The collector refused this agent: not something a quick retry fixes.
+_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 ChannelFactory = Callable[[], grpc.Channel]
 
@@ -80,6 +92,7 @@ class _Stream:
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
+        self.token: str | None = None  # the token this call was opened with
         self.requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.call: Any = None
         self.acked = False
@@ -148,6 +161,8 @@ class GrpcExporter:
         ack_timeout: float = 30.0,
         close_timeout: float = 5.0,
         backoff: Backoff | None = None,
+        token_file: TokenFile | None = None,
+        refused_retry: float = 5.0,
         autostart: bool = True,
     ) -> None:
         if min(queue_max_records, queue_max_bytes, batch_max_records, batch_max_bytes) < 1:
@@ -164,6 +179,9 @@ class GrpcExporter:
         self.ack_timeout = ack_timeout
         self.close_timeout = close_timeout
         self._backoff = backoff or Backoff()
+        self._token_file = token_file
+        self.refused_retry = refused_retry
+        self._last_refusal: str | None = None
         self._channel_factory = channel_factory
         self._channel: grpc.Channel | None = None
         self._ingest: Any = None
@@ -200,6 +218,7 @@ class GrpcExporter:
         self.spool_failed_records = 0
         self.rejected_records = 0
         self.reconnects = 0
+        self.refused = 0  # streams the collector refused (UNAUTHENTICATED, PERMISSION_DENIED)
 
         # Raises SpoolError (an OSError with a one-line message) before anything starts.
         self.spool = Spool(spool_dir, spool_max_bytes, spool_segment_bytes)
@@ -315,6 +334,7 @@ class GrpcExporter:
             "export_rejected_records": self.rejected_records,
             "export_lost_records": self._lost(),
             "export_reconnects": self.reconnects,
+            "export_refused": self.refused,
             "export_connected": int(self._connected()),
         }
 
@@ -400,7 +420,13 @@ class GrpcExporter:
         try:
             if self._channel is None:
                 self._new_channel()
-            stream.call = self._ingest(stream.request_iterator(), wait_for_ready=False)
+            metadata = None
+            if self._token_file is not None:
+                stream.token = self._token_file.read()
+                metadata = self._token_file.metadata(stream.token)
+            stream.call = self._ingest(
+                stream.request_iterator(), wait_for_ready=False, metadata=metadata
+            )
         except Exception as exc:  # e.g. a closed channel; treat like any failed attempt
             self._fail_stream(f"{type(exc).__name__}: {exc}")
             return
@@ -433,6 +459,8 @@ class GrpcExporter:
                 continue  # from a stream already given up
             if kind == "ack":
                 self._on_ack(value)
+            elif value[0] in _REFUSALS:
+                self._on_refused(*value)
             else:
                 code, reason = value
                 rejected = _is_rejection(code, reason)
@@ -446,6 +474,9 @@ class GrpcExporter:
             self._stream.acked = True
             self._backoff.reset()
             self._end_outage()
+            if self._last_refusal is not None:
+                self._last_refusal = None
+                log.warning("exporter: collector %s accepts this agent again", self.target)
         flight = self._in_flight.pop(batch_id, None)
         if flight is None:
             log.debug("exporter: ack for unknown batch %d", batch_id)
@@ -489,6 +520,33 @@ class GrpcExporter:
             self._spool_append([r for r in out.checkout.records if id(r) not in rejected])
             self.spool.ack(out.checkout)
 
+    def _on_refused(self, code: grpc.StatusCode, reason: str) -> None:
+        stream = self._stream
+        assert stream is not None
+        if (
+            code == grpc.StatusCode.UNAUTHENTICATED
+            and self._token_file is not None
+            and stream.token is not None
+            and self._token_file.read() != stream.token
+        ):
+            # The kubelet rotated the token (the collector ends streams whose token
+            # expired): nothing is wrong, reconnect with the new one now.
+            self._fail_stream(f"{reason}; the token was rotated", outage=False, retry_now=True)
+            return
+        self.refused += 1
+        if reason != self._last_refusal:
+            self._last_refusal = reason
+            log.error(
+                "exporter: collector %s refused this agent (%s); records stay in the spool %s"
+                " and sending is retried (check the agent's token, certificate and --node)",
+                self.target,
+                reason,
+                self.spool.directory,
+            )
+        else:
+            log.debug("exporter: refused again (%s)", reason)
+        self._fail_stream(reason, refused=True)
+
     def _end_outage(self) -> None:
         if self._outage:
             self._outage = False
@@ -499,11 +557,16 @@ class GrpcExporter:
                 self.spool.records,
             )
 
-    def _fail_stream(self, reason: str, *, outage: bool = True) -> None:
+    def _fail_stream(
+        self, reason: str, *, outage: bool = True, refused: bool = False, retry_now: bool = False
+    ) -> None:
         """Give up the stream: unacked batches to the spool, reconnect later.
 
         outage=False: the collector is fine but ended the stream on purpose (it
-        refused a batch), so this is no state change worth a warning."""
+        refused a batch), so this is no state change worth a warning.
+        refused: the collector refused this agent (already logged); wait at least
+        refused_retry, and send to the spool meanwhile, as in an outage.
+        retry_now: reconnect without waiting (a rotated token)."""
         stream = self._stream
         assert stream is not None
         self._stream = None
@@ -511,12 +574,18 @@ class GrpcExporter:
         self._drop_channel()
         self._abandon_in_flight()
         delay = self._backoff.next_delay()
+        if refused:
+            delay = max(delay, self.refused_retry)
+        if retry_now:
+            delay = 0.0
         if self._closing:
             # A collector restarting as we exit (a rolling update) is back within
             # the close deadline: retry often enough to catch it.
             delay = min(delay, _CLOSE_RETRY)
         self._reconnect_at = time.monotonic() + delay
-        if not outage:
+        if refused:
+            self._outage = True  # spool, and probe with one batch until an ack
+        elif not outage:
             log.debug("exporter: reconnecting after %s", reason)
         elif not self._outage:
             self._outage = True

@@ -1,4 +1,5 @@
-"""A small Kubernetes API client: LIST and WATCH over http.client, nothing else.
+"""A small Kubernetes API client: LIST and WATCH over http.client (and `create`, a POST,
+for the collector's TokenReview), nothing else.
 
 The agent needs two read-only calls (list and watch pods and namespaces), so the
 `kubernetes` package (and its dozens of dependencies in a privileged image) is not
@@ -355,7 +356,8 @@ class WatchStream(Iterator[dict[str, Any]]):
 
 
 class KubeApi:
-    """GET-only access to one API server; thread-safe, one connection per request.
+    """GET access to one API server (and `create`, a POST, for the collector's
+    TokenReview); thread-safe, one connection per request.
 
     A connection per request keeps this simple and costs little: lists happen once
     per (re)start and watches last minutes.  `close` shuts down every open connection,
@@ -398,6 +400,24 @@ class KubeApi:
         if not isinstance(obj, dict):
             raise ApiConnectionError(f"GET {path}: response is not a JSON object")
         return obj
+
+    def create(self, path: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """POST `obj` as JSON to a collection (e.g. a TokenReview) and return the reply."""
+        body = json.dumps(obj).encode()
+        conn, response = self._request(path, None, self.read_timeout, "POST", body)
+        try:
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ApiConnectionError(f"POST {path}: {exc!r}") from exc
+        finally:
+            self._release(conn, response)
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            raise ApiConnectionError(f"POST {path}: response is not JSON") from None
+        if not isinstance(reply, dict):
+            raise ApiConnectionError(f"POST {path}: response is not a JSON object")
+        return reply
 
     def watch(
         self, path: str, params: Mapping[str, str] | None = None, timeout_s: int = 300
@@ -445,12 +465,19 @@ class KubeApi:
         return conn
 
     def _request(
-        self, path: str, params: Mapping[str, str] | None, read_timeout: float
+        self,
+        path: str,
+        params: Mapping[str, str] | None,
+        read_timeout: float,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> tuple[http.client.HTTPConnection, Any]:
         url = self._prefix + path
         if params:
             url += "?" + urlencode(params)
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         token = self.config.current_token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -467,11 +494,11 @@ class KubeApi:
                 self._open[conn] = conn.sock
             if closed:  # close() ran while we connected and could not see this socket
                 _shutdown(conn.sock)
-            conn.request("GET", url, headers=headers)
+            conn.request(method, url, body=body, headers=headers)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             self._release(conn)
-            raise ApiConnectionError(f"GET {url} on {self.config.server}: {exc}") from exc
+            raise ApiConnectionError(f"{method} {url} on {self.config.server}: {exc}") from exc
         if not 200 <= response.status < 300:
             try:
                 body = response.read(_MAX_ERROR_BODY).decode("utf-8", "replace")

@@ -9,8 +9,11 @@
 #                          localhost/127.0.0.1 for `kubectl port-forward`);
 #                          ca.crt: the CA agents and consumers must be signed by
 #   tlscap-agent-tls       tls.crt, tls.key: the agents' client certificate, identity
-#                          tlscap://agent/* (may send records of any node, may not
-#                          read anything; one Secret for every node of a DaemonSet);
+#                          tlscap://agent/* (one Secret for every node of a
+#                          DaemonSet). With the collector's token-review (the
+#                          default manifests) it only opens the TLS connection: each
+#                          agent's node comes from its ServiceAccount token. Without
+#                          token-review it may send records of any node. Never read.
 #                          ca.crt: the CA that signed the collector's certificate
 #
 # PKI_DIR (default ./pki) keeps the CA key (0600) and a consumer certificate for

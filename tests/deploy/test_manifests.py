@@ -370,8 +370,13 @@ def test_agent_command_matches_the_image_default():
 def test_rbac_is_read_only_on_pods_and_namespaces():
     docs = base_docs()
     roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
-    assert roles, "no RBAC role"
+    assert {r["metadata"]["name"] for r in roles} == {
+        "tlscap-agent",
+        "tlscap-collector-tokenreview",
+    }
     for role in roles:
+        if role["metadata"]["name"] == "tlscap-collector-tokenreview":
+            continue  # test_collector_may_only_review_tokens
         for rule in role["rules"]:
             assert set(rule) <= {"apiGroups", "resources", "verbs"}, rule
             for field in rule.values():
@@ -385,6 +390,90 @@ def test_rbac_is_read_only_on_pods_and_namespaces():
         {"kind": "ServiceAccount", "name": "tlscap-agent", "namespace": "tlscap"}
     ]
     assert not [d for d in docs if d["kind"] in ("RoleBinding", "Role")]
+
+
+def test_collector_may_only_review_tokens():
+    # TokenReview for the agents' tokens, and nothing else: not even the
+    # SubjectAccessReview half of system:auth-delegator, and no object of the cluster.
+    docs = base_docs()
+    role = find(docs, "ClusterRole", "tlscap-collector-tokenreview")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        }
+    ]
+    binding = find(docs, "ClusterRoleBinding", "tlscap-collector-tokenreview")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "tlscap-collector-tokenreview",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tlscap-collector", "namespace": "tlscap"}
+    ]
+    bound = {
+        (s["name"], b["roleRef"]["name"])
+        for b in docs
+        if b["kind"] == "ClusterRoleBinding"
+        for s in b["subjects"]
+    }
+    assert bound == {
+        ("tlscap-agent", "tlscap-agent"),
+        ("tlscap-collector", "tlscap-collector-tokenreview"),
+    }
+    # The collector needs its own token for those calls.
+    account = find(docs, "ServiceAccount", "tlscap-collector")
+    assert account["automountServiceAccountToken"] is True
+    pod = collector_deployment(docs)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "tlscap-collector"
+    assert pod["automountServiceAccountToken"] is True
+
+
+# -- per-node agent identity: projected ServiceAccount tokens ---------------------------
+
+
+def test_agent_gets_a_projected_token_for_the_collector():
+    docs = base_docs()
+    mounts = volume_mounts(docs, agent_daemonset(docs), agent_container(docs))
+    kind, volume, mount = mounts["/var/run/secrets/tlscap"]
+    assert kind == "projected" and mount["readOnly"] is True
+    (source,) = volume["sources"]
+    assert source == {
+        "serviceAccountToken": {
+            "path": "collector-token",
+            "audience": "tlscap-collector",
+            "expirationSeconds": 3600,
+        }
+    }
+    assert volume["defaultMode"] == 0o400
+    # The agent sends that file; the collector reviews it for the same audience and
+    # the agent's ServiceAccount, and tokens travel over TLS only.
+    agent = config_file(docs, "tlscap-agent-config", "agent.toml")
+    assert agent["collector-token-file"] == "/var/run/secrets/tlscap/collector-token"
+    assert "insecure" not in agent
+    collector = config_file(docs, "tlscap-collector-config", "collector.toml")
+    assert collector["token-review"] is True
+    assert collector["token-audience"] == source["serviceAccountToken"]["audience"]
+    pod = agent_daemonset(docs)["spec"]["template"]["spec"]
+    assert collector["agent-service-account"] == f"tlscap:{pod['serviceAccountName']}"
+    assert "insecure" not in collector and collector["tls-ca"]
+
+
+def test_token_settings_parse_as_the_cli_reads_them(tmp_path):
+    docs = base_docs()
+    run = parse_config(
+        "run", find(docs, "ConfigMap", "tlscap-agent-config")["data"]["agent.toml"], tmp_path
+    )
+    assert str(run.collector_token_file) == "/var/run/secrets/tlscap/collector-token"
+    text = find(docs, "ConfigMap", "tlscap-collector-config")["data"]["collector.toml"]
+    collector = parse_config("collector", text, tmp_path)
+    assert collector.token_review is True
+    assert (collector.token_audience, collector.agent_service_account) == (
+        "tlscap-collector",
+        "tlscap:tlscap-agent",
+    )
 
 
 # -- configuration files -----------------------------------------------------------------
@@ -461,7 +550,6 @@ def test_collector_runs_unprivileged():
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
-    assert pod["automountServiceAccountToken"] is False
     assert not pod.get("hostPID") and not pod.get("hostNetwork")
     (container,) = pod["containers"]
     security = container["securityContext"]

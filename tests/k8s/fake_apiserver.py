@@ -7,10 +7,19 @@ compaction point, BOOKMARK and ERROR events, chunked transfer encoding with even
 split across chunks, bearer-token authentication and TLS.  Tests script failures
 (`close_watches`, `send_bookmark`, `send_gone`, `fail_next`) and read back what the
 client asked for (`requests`).
+
+It also answers TokenReview (POST /apis/authentication.k8s.io/v1/tokenreviews) as a
+1.30+ API server does for projected ServiceAccount tokens: `add_token` registers a
+token (a JWT-shaped string with an `exp`, see `make_token`) for a ServiceAccount,
+bound to a pod on a node; the review checks the caller's own bearer token
+(`reviewer_token`, 403 if `deny_token_reviews`), the requested audiences against the
+token's, and expiry, and puts the node name in user.extra unless the token was added
+with `node=None` (as a pre-1.30 cluster, or a token not bound to a pod).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -34,6 +43,30 @@ FIXTURES = Path(__file__).parent / "fixtures"
 _KINDS = {"pods": "Pod", "namespaces": "Namespace"}
 _PATHS = {"/api/v1/pods": "pods", "/api/v1/namespaces": "namespaces"}
 _CLOSE = object()
+TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+DEFAULT_API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_token(subject: str, audiences: Iterable[str], exp: float, nonce: str = "") -> str:
+    """A JWT-shaped token (unsigned: only the fake API server judges it)."""
+    header = _b64url(json.dumps({"alg": "RS256", "kid": "fake"}).encode())
+    claims = {"sub": subject, "aud": list(audiences), "exp": int(exp), "jti": nonce or subject}
+    payload = _b64url(json.dumps(claims).encode())
+    return f"{header}.{payload}.{_b64url(b'not-a-signature-' + nonce.encode())}"
+
+
+@dataclass
+class _Token:
+    username: str
+    audiences: tuple[str, ...]
+    node: str | None
+    pod: str
+    expires_at: float
 
 
 def load_fixture(name: str) -> Any:
@@ -68,6 +101,7 @@ class Request:
     path: str
     params: dict[str, str]
     headers: dict[str, str]
+    body: Any = None  # decoded JSON of a POST
 
     @property
     def watch(self) -> bool:
@@ -118,6 +152,9 @@ class FakeApiServer:
         require_client_cert: bool = False,
     ) -> None:
         self.token = token
+        self.reviewer_token: str | None = None  # None: the same check as `token`
+        self.deny_token_reviews = False  # the caller lacks system:auth-delegator
+        self._tokens: dict[str, _Token] = {}
         self.split_events = split_events
         self.requests: list[Request] = []
         self._lock = threading.Lock()
@@ -232,6 +269,87 @@ class FakeApiServer:
     @staticmethod
     def _event(resource: str, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         return {"type": kind, "object": {"kind": _KINDS[resource], "apiVersion": "v1", **obj}}
+
+    # -- TokenReview
+
+    def add_token(
+        self,
+        namespace: str,
+        service_account: str,
+        *,
+        node: str | None,
+        audiences: Iterable[str] = ("tlscap-collector",),
+        ttl: float = 3600.0,
+        pod: str = "agent-pod",
+    ) -> str:
+        """A new projected token for the ServiceAccount, bound to `pod` on `node`."""
+        username = f"system:serviceaccount:{namespace}:{service_account}"
+        audiences = tuple(audiences)
+        expires_at = time.time() + ttl
+        with self._lock:
+            nonce = f"{len(self._tokens)}-{pod}-{node}"
+            token = make_token(username, audiences, expires_at, nonce)
+            self._tokens[token] = _Token(username, audiences, node, pod, expires_at)
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        """As when the pod the token is bound to is deleted."""
+        with self._lock:
+            self._tokens.pop(token, None)
+
+    def token_reviews(self) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.path == TOKEN_REVIEW_PATH]
+
+    def _review(self, spec: dict[str, Any]) -> dict[str, Any]:
+        token = str(spec.get("token") or "")
+        wanted = list(spec.get("audiences") or [DEFAULT_API_AUDIENCE])
+        with self._lock:
+            known = self._tokens.get(token)
+        status: dict[str, Any]
+        if known is None:
+            status = {
+                "authenticated": False,
+                "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]",
+            }
+        elif known.expires_at <= time.time():
+            status = {"authenticated": False, "error": "[invalid bearer token, token has expired]"}
+        elif not set(wanted) & set(known.audiences):
+            status = {
+                "authenticated": False,
+                "error": f"[invalid bearer token, token audiences {list(known.audiences)} is "
+                f"invalid for the target audiences {wanted}]",
+            }
+        else:
+            namespace = known.username.split(":")[2]
+            extra = {
+                "authentication.kubernetes.io/pod-name": [known.pod],
+                "authentication.kubernetes.io/pod-uid": [f"uid-{known.pod}"],
+            }
+            if known.node is not None:
+                extra[NODE_NAME_EXTRA] = [known.node]
+                extra["authentication.kubernetes.io/node-uid"] = [f"uid-{known.node}"]
+            status = {
+                "authenticated": True,
+                "audiences": [a for a in wanted if a in known.audiences],
+                "user": {
+                    "username": known.username,
+                    "uid": f"uid-{known.username}",
+                    "groups": [
+                        "system:serviceaccounts",
+                        f"system:serviceaccounts:{namespace}",
+                        "system:authenticated",
+                    ],
+                    "extra": extra,
+                },
+            }
+        return {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
 
     # -- scripting
 
@@ -378,6 +496,57 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        url = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        request = Request(
+            url.path, dict(parse_qsl(url.query)), {k.lower(): v for k, v in self.headers.items()},
+            body,
+        )  # fmt: skip
+        with fake._lock:
+            fake.requests.append(request)
+        self.close_connection = True
+        expected = fake.reviewer_token if fake.reviewer_token is not None else fake.token
+        if expected is not None and request.headers.get("authorization") != f"Bearer {expected}":
+            self._json(401, status(401, "Unauthorized", "Unauthorized"))
+            return
+        if url.path != TOKEN_REVIEW_PATH:
+            self._json(405, status(405, "MethodNotAllowed", f"POST is not supported on {url.path}"))
+            return
+        failure = fake._take_failure("tokenreviews", False)
+        if failure is not None:
+            self._json(failure, status(failure, "InternalError", "scripted failure"))
+            return
+        if fake.deny_token_reviews:
+            self._json(
+                403,
+                status(
+                    403,
+                    "Forbidden",
+                    'tokenreviews.authentication.k8s.io is forbidden: User "system:serviceaccount:'
+                    'tlscap:tlscap-collector" cannot create resource "tokenreviews" in API group '
+                    '"authentication.k8s.io" at the cluster scope',
+                ),
+            )
+            return
+        if (
+            not isinstance(body, dict)
+            or body.get("kind") != "TokenReview"
+            or body.get("apiVersion") != "authentication.k8s.io/v1"
+            or not isinstance(body.get("spec"), dict)
+        ):
+            self._json(
+                400, status(400, "BadRequest", "not an authentication.k8s.io/v1 TokenReview")
+            )
+            return
+        self._json(201, fake._review(body["spec"]))
 
     def do_GET(self) -> None:
         fake = self.server.fake

@@ -34,6 +34,7 @@ EXPORTER_KEYS = [
     "export_rejected_records",
     "export_lost_records",
     "export_reconnects",
+    "export_refused",
     "export_connected",
 ]
 SESSION_KEYS = [
