@@ -106,6 +106,20 @@ else
     say "python packages: up to date"
 fi
 
+# mitmproxy, in a venv of its own: tests/ebpf/test_har_output.py reads tlscap's HAR
+# files with mitmproxy's own reader, and mitmproxy pins cryptography and h2 older
+# than tlscap's, so it cannot live in .venv.
+MITM_VENV=.cache/mitmproxy-venv
+MITM_SPEC='mitmproxy>=10.1,<13'
+if ! "$MITM_VENV/bin/python" -c 'import mitmproxy.io' 2>/dev/null; then
+    say "creating $MITM_VENV ($MITM_SPEC)"
+    mkdir -p .cache
+    "$SYSTEM_PYTHON" -m venv --clear "$MITM_VENV"
+    "$MITM_VENV/bin/python" -m pip install -q --disable-pip-version-check "$MITM_SPEC"
+else
+    say "mitmproxy venv: present"
+fi
+
 # --- 4. generated code ------------------------------------------------------------
 "$VENV/bin/python" scripts/generate_proto.py
 

@@ -13,6 +13,7 @@ from agent.cli import tls_options
 from agent.cli.argtypes import parse_duration, parse_size, positive_int
 from agent.cli.config_file import add_config_argument
 from agent.cli.errors import fail
+from agent.otlp.options import add_otlp_arguments, otlp_sink_from_args
 
 if TYPE_CHECKING:
     from agent.collector.tokens import TokenReviewer
@@ -118,6 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "(in a cluster: the pod's own ServiceAccount)",
     )
     tls_options.add_tls_arguments(p, server=True)
+    add_otlp_arguments(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     add_config_argument(p)
     p.set_defaults(handler=collector_command)
@@ -174,7 +176,18 @@ def collector_command(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    try:
+        otlp_sink = otlp_sink_from_args(args)
+    except (ValueError, OSError) as exc:
+        server.store.close()
+        return fail(str(exc))
     server.start()
+    otlp_feed = None
+    if otlp_sink is not None:
+        from agent.otlp.collector_feed import HubFeed
+
+        otlp_feed = HubFeed(server.hub, otlp_sink)
+        log.info("exporting exchanges as OTLP spans to %s", otlp_sink.endpoint)
     mode = "insecure" if settings.insecure else ("mTLS" if settings.mutual else "TLS")
     log.info("serving %s (%s)", server.address, mode)
     if token_reviewer is not None:
@@ -198,6 +211,9 @@ def collector_command(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop()
     stats = server.stats()
+    if otlp_feed is not None:
+        otlp_feed.close()
+        stats.update(otlp_feed.stats())
     log.info("stopped; %s", " ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
 
@@ -215,7 +231,7 @@ def token_reviewer_from_args(args: argparse.Namespace) -> TokenReviewer:
     if config is None:
         raise ValueError(
             "--token-review needs the Kubernetes API: run in a cluster (the collector's "
-            "ServiceAccount, bound to system:auth-delegator) or give --kubeconfig"
+            "ServiceAccount, allowed to create TokenReviews) or give --kubeconfig"
         )
     if not args.token_audience.strip():
         raise ValueError("--token-audience must not be empty")

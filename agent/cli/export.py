@@ -42,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", type=Path, required=True, metavar="PATH", help="store to read")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--pcapng", metavar="FILE", help="write a pcapng file here ('-': stdout)")
+    out.add_argument(
+        "--har",
+        metavar="FILE",
+        help="write the HTTP/gRPC exchanges as a HAR 1.2 file here ('-': stdout); "
+        "filters select exchanges",
+    )
     add_filter_arguments(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     p.set_defaults(handler=export_command)
@@ -53,6 +59,10 @@ def export_command(args: argparse.Namespace) -> int:
 
     if not args.store.exists():
         return fail(f"no store at {args.store}")
+    if args.har:
+        from agent.har.export import export_har
+
+        return export_har(args)
     flt = filter_from_args(args)
     types = flt.types & PACKET_TYPES if args.type else PACKET_TYPES
     if not types:

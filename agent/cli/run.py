@@ -20,6 +20,7 @@ from agent.fallback.session import ProxyOptions, ProxySession
 from agent.health.server import HealthServer, ListenError, parse_listen
 from agent.k8s.attribution import AttributionError, start_attribution
 from agent.l7.stage import L7Stage
+from agent.otlp.options import add_otlp_arguments, otlp_sink_from_args
 from agent.probes import preflight
 from agent.probes.kernel_headers import KernelHeadersMissing, bcc_environment
 
@@ -47,9 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--output",
-        choices=("text", "jsonl", "pcapng", "none"),
-        help="local record format (default: text; none when --collector or --store is given); "
-        "pcapng (needs --output-file) writes the plaintext as TCP packets for Wireshark",
+        choices=("text", "jsonl", "pcapng", "har", "none"),
+        help="local record format (default: text; none when --collector, --store or "
+        "--otlp-endpoint is given); pcapng (needs --output-file) writes the plaintext as TCP "
+        "packets for Wireshark; har (needs --output-file) the HTTP/gRPC exchanges as HAR 1.2",
     )
     p.add_argument("--output-file", type=Path, help="write records here instead of stdout")
     p.add_argument("--ready-file", type=Path, help="create this file once every probe is attached")
@@ -142,6 +144,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="serve /healthz, /readyz and Prometheus /metrics here (e.g. 0.0.0.0:9090)",
     )
     l7_options.add_l7_arguments(p)
+    add_otlp_arguments(p)
     add_output_view_arguments(p)
     add_config_argument(p)
     p.set_defaults(handler=run_command)
@@ -154,7 +157,9 @@ def open_sinks(args: argparse.Namespace) -> list:
     from agent.sinks.terminal import TerminalSink
 
     sinks: list = []
-    output = args.output or ("none" if args.collector or args.store else "text")
+    output = args.output or (
+        "none" if args.collector or args.store or args.otlp_endpoint else "text"
+    )
     if output == "jsonl":
         if args.output_file:
             sinks.append(JsonlSink.open(str(args.output_file)))
@@ -166,6 +171,12 @@ def open_sinks(args: argparse.Namespace) -> list:
         if not args.output_file:
             raise ValueError("--output pcapng needs --output-file")
         sinks.append(PcapngSink.open(str(args.output_file)))
+    elif output == "har":
+        from agent.sinks.har import HarSink
+
+        if not args.output_file:
+            raise ValueError("--output har needs --output-file")
+        sinks.append(HarSink.open(str(args.output_file)))
     elif output == "text":
         view = {"detail": args.verbose, "raw": args.raw}
         if args.output_file:
@@ -177,6 +188,9 @@ def open_sinks(args: argparse.Namespace) -> list:
         from agent.sinks.store import StoreSink
 
         sinks.append(StoreSink(args.store))
+    otlp = otlp_sink_from_args(args)
+    if otlp is not None:
+        sinks.append(otlp)
     if args.collector:
         from agent.export.exporter import CHANNEL_OPTIONS, GrpcExporter
 

@@ -224,6 +224,23 @@ METRICS: dict[str, MetricSpec] = {
     "export_refused": _counter(
         "export_refused_streams", "Streams the collector refused (token, certificate or node)"
     ),
+    # -- OpenTelemetry spans (agent/otlp/sink.py) and HAR entries (agent/sinks/har.py)
+    "otlp_spans_exported": _counter("otlp_spans_exported", "Exchanges exported as OTLP spans"),
+    "otlp_spans_dropped": _counter(
+        "otlp_spans_dropped", "Exchanges not exported: queue full, or the endpoint down too long"
+    ),
+    "otlp_export_failures": _counter("otlp_export_failures", "OTLP export batches that failed"),
+    "otlp_queue_depth": _gauge("otlp_queue_depth", "Exchanges waiting for OTLP export"),
+    "otlp_traceparent_invalid": _counter(
+        "otlp_traceparent_invalid", "Requests whose traceparent header could not be used"
+    ),
+    "otlp_traceparent_linked": _counter(
+        "otlp_traceparent_linked", "Spans that joined the trace of the request's traceparent"
+    ),
+    "har_entries": _counter("har_entries", "Exchanges written to the HAR file"),
+    "har_skipped_exchanges": _counter(
+        "har_skipped_exchanges", "Exchanges left out of the HAR file: their request was not seen"
+    ),
     "export_connected": _gauge(
         "collector_connected", "1 while the collector connection is up and acknowledging"
     ),
