@@ -22,7 +22,7 @@ import hpack.huffman_constants
 import pytest
 
 from tests.ebpf import nginx_lab
-from tests.ebpf.conftest import PROGRAMS, start_http_server
+from tests.ebpf.conftest import PROGRAMS, REPO, TLSCAP, start_http_server
 
 SECRET = "s3cr3t-midstream-token-"
 REQUESTS = 4
@@ -61,7 +61,10 @@ def test_http2_credentials_on_a_connection_older_than_the_agent_never_leak(agent
     try:
         line = client.stdout.readline()
         assert line.startswith("CONNECTED"), line
+        store = tmp_path / "agent.db"
         a = agent(
+            "--store",
+            str(store),
             "--pid",
             str(client.pid),
             "--pid",
@@ -82,6 +85,21 @@ def test_http2_credentials_on_a_connection_older_than_the_agent_never_leak(agent
     for i in range(REQUESTS):
         secrets += [f"Bearer {SECRET}{i}", f"{SECRET}{i}"]
     assert_never_captured(cap, a.output.read_bytes(), secrets)
+    # Every other output gets the same masked records: the SQLite store (the
+    # collector's own format) with its WAL, and a pcapng file exported from it.
+    pcapng = tmp_path / "export.pcapng"
+    subprocess.run([*TLSCAP, "export", "--store", str(store), "--pcapng", str(pcapng)],
+                   check=True, capture_output=True, cwd=REPO)  # fmt: skip
+    files = [pcapng, *tmp_path.glob("agent.db*")]
+    assert pcapng.stat().st_size > 0 and len(files) >= 2, files
+    body = nginx_lab.make_body()[:64]  # not secret: there in every output
+    assert body in pcapng.read_bytes()
+    assert any(body in p.read_bytes() for p in files[1:]), "the store holds no payloads"
+    for path in files:
+        blob = path.read_bytes()
+        for secret in secrets:
+            for needle in (secret.encode(), huffman(secret)):
+                assert needle not in blob, f"{needle!r} in {path.name}"
     stats = cap.stats
     assert stats["l7_midstream_http2_connections"] >= 1, stats
     assert stats["l7_header_blocks_masked_unknown"] >= REQUESTS, stats
