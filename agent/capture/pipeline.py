@@ -79,9 +79,19 @@ class EventPipeline:
             self._write_all(self.flows.on_call(call))
         self._write_all(self.flows.release_held(older_than_mono_ns))
 
-    def sweep_ended(self, alive: Callable[[int], bool], ts_mono_ns: int) -> None:
-        """Close what processes that ended unseen left open (FlowTable.sweep_ended)."""
+    def sweep_ended(
+        self,
+        alive: Callable[[int], bool],
+        ts_mono_ns: int,
+        is_socket: Callable[[int, int], bool] | None = None,
+        idle_ns: int = 0,
+    ) -> None:
+        """Close what processes that ended unseen left open (FlowTable.sweep_ended),
+        and, given `is_socket`, connections idle for `idle_ns` whose socket is gone
+        without a close we saw (FlowTable.sweep_closed)."""
         ended = self.flows.sweep_ended(alive, ts_mono_ns)
+        if is_socket is not None:
+            ended += self.flows.sweep_closed(is_socket, ts_mono_ns - idle_ns, ts_mono_ns)
         self._write_all(ended)
         for pid in {record.pid for record in ended}:
             self.writer.process_exited(pid)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from agent.capture.attacher import TargetAttacher
 from agent.capture.pipeline import EventPipeline
-from agent.flows.resolve import SocketResolver
+from agent.flows.resolve import SocketResolver, fd_is_socket
 from agent.flows.table import FlowTable, KernelRegistration
 from agent.health.liveness import Liveness
 from agent.health.metrics import shed_summary
@@ -221,7 +221,10 @@ class CaptureSession:
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL_S
-                self._pipeline.sweep_ended(pid_alive, time.monotonic_ns())
+                self._pipeline.sweep_ended(
+                    pid_alive, time.monotonic_ns(), is_socket=fd_is_socket,
+                    idle_ns=int(SWEEP_INTERVAL_S * 1e9),
+                )  # fmt: skip
                 self._attacher.rescan()
             if deadline is not None and now >= deadline:
                 break

@@ -197,6 +197,11 @@ def socket_inode(pid: int, fd: int, proc_root: str = "/proc") -> int | None:
         return None
 
 
+def fd_is_socket(pid: int, fd: int, proc_root: str = "/proc") -> bool:
+    """Whether /proc/<pid>/fd/<fd> is a socket now (False: closed, or something else)."""
+    return socket_inode(pid, fd, proc_root) is not None
+
+
 def netns_id(pid: int, proc_root: str = "/proc") -> int | None:
     """Inode of the process's network namespace (unique per netns while it lives)."""
     try:

@@ -117,6 +117,9 @@ class FlowStats:
     unbound_connections: int = 0
     unbound_records: int = 0
     ssl_reused: int = 0  # a socket-less object's offsets restarted: a new connection
+    # Connections found closed by the periodic sweep (their fd is no socket any
+    # more): the close event was lost while the process lives on.
+    closes_recovered: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -314,6 +317,22 @@ class FlowTable:
             if not alive(tgid):
                 self.stats.exits_recovered += 1
                 out.extend(self.on_exit(tgid, ts_mono_ns))
+        return out
+
+    def sweep_closed(
+        self, is_socket: Callable[[int, int], bool], idle_before_mono_ns: int, ts_mono_ns: int
+    ) -> list[Record]:
+        """Close the connections whose fd is no socket any more (their close event
+        was dropped while the ring was full): counted, never silent.  Only those
+        idle since `idle_before_mono_ns` are asked about, since a closed connection
+        makes no more calls; a socket since reopened on the same fd shows up as a
+        new socket on its first call (the kernel gives it another gen)."""
+        out: list[Record] = []
+        for key, conn in list(self._by_fd.items()):
+            if conn.last_used < idle_before_mono_ns and not is_socket(*key):
+                del self._by_fd[key]
+                self.stats.closes_recovered += 1
+                out.extend(self._close(conn, ts_mono_ns, conn.tgid))
         return out
 
     def on_exit(self, tgid: int, ts_mono_ns: int) -> list[Record]:

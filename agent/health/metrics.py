@@ -191,6 +191,10 @@ METRICS: dict[str, MetricSpec] = {
     "flow_ssl_reused": _counter(
         "flow_ssl_reused", "Socket-less TLS objects whose offsets restarted: a new connection"
     ),
+    "flow_closes_recovered": _counter(
+        "flow_closes_recovered",
+        "Connections closed by the periodic sweep: their fd was no socket any more (close lost)",
+    ),
     # -- exporter (agent/export/exporter.py Exporter.stats) -------------------
     "export_sent_records": _counter("export_sent_records", "Records sent to the collector"),
     "export_acked_records": _counter("export_acked_records", "Records the collector acknowledged"),

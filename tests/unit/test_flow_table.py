@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -749,6 +750,7 @@ def test_stats_as_dict() -> None:
         "unbound_connections": 0,
         "unbound_records": 0,
         "ssl_reused": 0,
+        "closes_recovered": 0,
     }
 
 
@@ -846,3 +848,43 @@ def test_sweep_closes_connections_of_processes_that_ended_unseen() -> None:
     assert t.stats.exits_recovered == 1
     assert t.tgids() == {200}
     assert t.sweep_ended(lambda tgid: True, ts_mono_ns=100) == []
+
+
+def test_sweep_closes_idle_connections_whose_socket_is_gone() -> None:
+    """A close event dropped while the ring was full, the process alive: the sweep
+    asks about connections idle since the last sweep, and closes (and counts) those
+    whose fd is no socket any more.  Busy ones are not asked about."""
+    t, _ = table()
+    t.on_call(call(tgid=100, fd=5, socket=known(gen=1), ts_ns=1_000))
+    t.on_call(call(tgid=100, fd=6, socket=known(gen=2), ts_ns=1_000))
+    t.on_call(call(tgid=100, fd=7, socket=known(gen=3), ts_ns=9_000))  # busy: not asked
+    asked: list[tuple[int, int]] = []
+
+    def is_socket(tgid: int, fd: int) -> bool:
+        asked.append((tgid, fd))
+        return fd == 6  # fd 5 was closed, its close event lost
+
+    out = t.sweep_closed(is_socket, idle_before_mono_ns=5_000, ts_mono_ns=10_000)
+    assert sorted(asked) == [(100, 5), (100, 6)]
+    assert [(r.type, r.fd) for r in out] == [("close", 5)]
+    assert t.stats.closes_recovered == 1
+    # The same fd reopened for a new socket starts a new connection.
+    again = t.on_call(call(tgid=100, fd=5, socket=known(gen=4), ts_ns=11_000))
+    assert types(again) == ["open", "data"]
+    assert again[0].conn_id != out[0].conn_id
+
+
+def test_fd_is_socket_reads_proc(tmp_path) -> None:
+    import socket as socketlib
+
+    from agent.flows.resolve import fd_is_socket
+
+    sock = socketlib.socket()
+    try:
+        assert fd_is_socket(os.getpid(), sock.fileno())
+    finally:
+        fd = sock.fileno()
+        sock.close()
+    assert not fd_is_socket(os.getpid(), fd)
+    with open(tmp_path / "f", "w") as f:
+        assert not fd_is_socket(os.getpid(), f.fileno())
