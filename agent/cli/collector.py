@@ -35,13 +35,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:7300; port 0 picks a free one)",
     )
-    p.add_argument("--store", type=Path, required=True, metavar="PATH", help="SQLite database file")
+    p.add_argument(
+        "--store",
+        type=Path,
+        metavar="PATH",
+        help="SQLite database file (the default backend; required unless --backend)",
+    )
     p.add_argument(
         "--retention",
         type=parse_duration,
         default=7 * 86400.0,
         metavar="DURATION",
-        help="delete records older than this (default 7d)",
+        help="delete records older than this (default 7d; with --backend: the stream's max age)",
     )
     p.add_argument(
         "--max-records",
@@ -49,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="N",
         help="also keep at most this many records (oldest go first)",
     )
+    add_nats_arguments(p)
     p.add_argument(
         "--max-message",
         type=parse_size,
@@ -126,14 +132,92 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def add_nats_arguments(p: argparse.ArgumentParser) -> None:
+    nats = p.add_argument_group(
+        "NATS JetStream backend: collectors as stateless gateways (docs/nats.md)"
+    )
+    nats.add_argument(
+        "--backend",
+        metavar="nats://H1:4222,H2:4222",
+        help="keep records in a NATS JetStream stream instead of --store (tls:// or "
+        "--nats-tls-ca for TLS; plaintext needs --nats-insecure)",
+    )
+    nats.add_argument(
+        "--stream", default="TLSCAP", metavar="NAME", help="JetStream stream (default TLSCAP)"
+    )
+    nats.add_argument(
+        "--subject-prefix",
+        default="tlscap.v1",
+        metavar="PREFIX",
+        help="subjects are PREFIX.<node>.<namespace>.<type> (default tlscap.v1)",
+    )
+    nats.add_argument(
+        "--replicas", type=positive_int, default=1, metavar="N", help="stream replicas (1-5)"
+    )
+    nats.add_argument(
+        "--max-bytes", type=parse_size, metavar="SIZE", help="stream size limit (oldest go first)"
+    )
+    nats.add_argument(
+        "--dedup-window",
+        type=parse_duration,
+        default=15 * 60.0,
+        metavar="DURATION",
+        help="JetStream de-duplication window for agents' re-sent batches (default 15m)",
+    )
+    nats.add_argument("--nats-creds", type=Path, metavar="FILE", help="NATS credentials file")
+    nats.add_argument("--nats-tls-ca", type=Path, metavar="FILE", help="CA of the NATS servers")
+    nats.add_argument(
+        "--nats-tls-cert", type=Path, metavar="FILE", help="client certificate for NATS"
+    )
+    nats.add_argument("--nats-tls-key", type=Path, metavar="FILE", help="its private key")
+    nats.add_argument(
+        "--nats-insecure",
+        action="store_true",
+        help="allow plaintext NATS (captured plaintext crosses the network unencrypted)",
+    )
+
+
+def nats_config_from_args(args: argparse.Namespace):
+    """The NatsConfig for --backend; NatsConfigError (one line) when it cannot be."""
+    from agent.collector.jetstream.config import NatsConfig, parse_servers
+
+    return NatsConfig(
+        servers=parse_servers(args.backend),
+        stream=args.stream,
+        subject_prefix=args.subject_prefix,
+        replicas=args.replicas,
+        max_age=args.retention,
+        max_bytes=args.max_bytes,
+        max_msgs=args.max_records,
+        dedup_window=args.dedup_window,
+        creds_file=args.nats_creds,
+        tls_ca=args.nats_tls_ca,
+        tls_cert=args.nats_tls_cert,
+        tls_key=args.nats_tls_key,
+        insecure=args.nats_insecure,
+    ).check()
+
+
 def collector_command(args: argparse.Namespace) -> int:
     # Agents connect and disconnect all day: say so at the default level.
     if not args.verbose:
         logging.getLogger("agent").setLevel(logging.INFO)
+    from agent.collector.jetstream.backend import BackendError
+    from agent.collector.jetstream.config import NatsConfigError
     from agent.collector.policy import PolicyError, load_policy
     from agent.collector.server import CollectorConfig, CollectorServer
     from agent.collector.store import StoreError
 
+    nats = None
+    if args.backend:
+        if args.store is not None:
+            return fail("give --store (SQLite) or --backend (NATS), not both")
+        try:
+            nats = nats_config_from_args(args)
+        except NatsConfigError as exc:
+            return fail(str(exc))
+    elif args.store is None:
+        return fail("--store PATH is required (or --backend nats://... for NATS JetStream)")
     try:
         settings = tls_options.tls_settings_from_args(args, server=True)
     except tls_options.TlsConfigError as exc:
@@ -163,10 +247,11 @@ def collector_command(args: argparse.Namespace) -> int:
         policy=policy,
         allow_anonymous_subscribe=args.allow_anonymous_subscribe,
         token_reviewer=token_reviewer,
+        nats=nats,
     )
     try:
         server = CollectorServer(config, tls_options.server_credentials(settings))
-    except (StoreError, OSError, RuntimeError) as exc:
+    except (StoreError, BackendError, OSError, RuntimeError) as exc:
         return fail(str(exc))
     stop = threading.Event()
 
@@ -179,7 +264,7 @@ def collector_command(args: argparse.Namespace) -> int:
     try:
         otlp_sink = otlp_sink_from_args(args)
     except (ValueError, OSError) as exc:
-        server.store.close()
+        server.backend.close()
         return fail(str(exc))
     server.start()
     otlp_feed = None

@@ -1,7 +1,9 @@
-"""Run a collector: gRPC server, store, fan-out, health, reflection, retention.
+"""Run a collector: gRPC server, backend, health, reflection, retention.
 
 `CollectorServer` is what `tlscap collector` runs and what tests start on
-127.0.0.1:0; everything it serves is in agent/collector/service.py.
+127.0.0.1:0; everything it serves is in agent/collector/service.py. The backend is
+the SQLite store and fan-out hub by default, or NATS JetStream when `nats` is set
+(agent/collector/backend.py, docs/nats.md).
 """
 
 from __future__ import annotations
@@ -11,17 +13,22 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agent.collector.backend import Backend, LocalBackend
 from agent.collector.fanout import Hub
 from agent.collector.policy import Policy
 from agent.collector.service import CollectorService
 from agent.collector.store import RecordStore
 from agent.collector.tokens import TokenReviewer
 from agent.schema import pb, pb_grpc
+
+if TYPE_CHECKING:
+    from agent.collector.jetstream.config import NatsConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,9 @@ class CollectorConfig:
     allow_anonymous_subscribe: bool = False
     # --token-review: agents identified by their ServiceAccount token (service.py).
     token_reviewer: TokenReviewer | None = None
+    # NATS JetStream instead of the SQLite store (store_path, retention_seconds and
+    # max_records are then unused: the stream's limits are in NatsConfig).
+    nats: NatsConfig | None = None
 
 
 class CollectorServer:
@@ -53,16 +63,23 @@ class CollectorServer:
         self, config: CollectorConfig, credentials: grpc.ServerCredentials | None = None
     ) -> None:
         self.config = config
-        self.store = RecordStore(
-            config.store_path,
-            retention_seconds=config.retention_seconds,
-            max_records=config.max_records,
-        )
-        self.hub = Hub()
+        self.store: RecordStore | None = None
+        self.backend: Backend
+        if config.nats is not None:
+            # Connects and checks the stream now: BackendError when it cannot.
+            from agent.collector.jetstream.backend import JetStreamBackend
+
+            self.backend = JetStreamBackend(config.nats, config.subscriber_queue)
+        else:
+            self.store = RecordStore(
+                config.store_path,
+                retention_seconds=config.retention_seconds,
+                max_records=config.max_records,
+            )
+            self.backend = LocalBackend(self.store, Hub(), config.subscriber_queue)
+        self.hub = self.backend.hub
         self.service = CollectorService(
-            self.store,
-            self.hub,
-            config.subscriber_queue,
+            self.backend,
             policy=config.policy,
             allow_anonymous_subscribe=config.allow_anonymous_subscribe,
             token_reviewer=config.token_reviewer,
@@ -93,7 +110,7 @@ class CollectorServer:
         else:
             self.port = self._server.add_secure_port(config.listen, credentials)
         if self.port == 0:
-            self.store.close()
+            self.backend.close()
             raise OSError(f"cannot listen on {config.listen}")
         self._stop_pruning = threading.Event()
         self._pruner = threading.Thread(target=self._prune_loop, name="prune", daemon=True)
@@ -109,13 +126,13 @@ class CollectorServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._pruner.start()
-        log.info("collector listening on %s, store %s", self.address, self.config.store_path)
+        log.info("collector listening on %s, %s", self.address, self.backend.describe())
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
 
     def stop(self, grace: float = 2.0) -> None:
-        """Stop serving (streams get `grace` seconds), then close the store."""
+        """Stop serving (streams get `grace` seconds), then close the backend."""
         self.health.enter_graceful_shutdown()
         self.service.stopping.set()
         self.hub.close()
@@ -128,12 +145,12 @@ class CollectorServer:
         self._stop_pruning.set()
         if self._pruner.is_alive():
             self._pruner.join()
-        self.store.close()
+        self.backend.close()
 
     def stats(self) -> dict[str, int]:
         reviews = self.config.token_reviewer.stats() if self.config.token_reviewer else {}
         return {
-            **self.store.stats(),
+            **self.backend.stats(),
             **self.service.counters,
             **self.service.refusals.snapshot(),
             **reviews,
@@ -151,9 +168,9 @@ class CollectorServer:
                 )
             refused = now
             try:
-                pruned = self.store.prune()
+                line = self.backend.maintain()
             except Exception:  # a failed prune must not stop the collector
                 log.exception("pruning the store failed")
                 continue
-            if pruned:
-                log.info("retention: removed %d old records", pruned)
+            if line:
+                log.info("%s", line)

@@ -1,8 +1,10 @@
 """The Collector gRPC service: Ingest from agents, Subscribe for consumers.
 
-A thin shell over the store (agent/collector/store.py) and the live fan-out
-hub (agent/collector/fanout.py): this module only speaks gRPC - it checks what
-arrives, turns errors into gRPC status codes, and streams what goes out.
+A thin shell over a backend (agent/collector/backend.py: the SQLite store and live
+fan-out hub, or NATS JetStream): this module only speaks gRPC - it checks what
+arrives, turns errors into gRPC status codes, and streams what goes out. A backend
+that cannot store or serve now (NATS unreachable) makes the call UNAVAILABLE (the
+agent spools and retries), counted in `ingest_unavailable`/`subscribe_unavailable`.
 
 Roles (agent/collector/identity.py): a caller with a client certificate must carry a
 tlscap identity. `tlscap://agent/<node>` may only Ingest, and only records of <node>;
@@ -39,52 +41,41 @@ from collections.abc import Iterator
 import grpc
 
 from agent.certs.identity import ANY_NODE
-from agent.collector.fanout import Hub, Lagged, Subscription, SubscriptionClosed
+from agent.collector.backend import Backend, BackendUnavailable, RecordRejected
 from agent.collector.identity import Caller, RefusalCounters, caller_from_auth_context
 from agent.collector.policy import ANY_CONSUMER, Policy, PolicyDenied
-from agent.collector.store import RecordStore
 from agent.collector.tokens import TokenReviewer, TokenReviewUnavailable, bearer_token
 from agent.records.filter import RecordFilter
 from agent.records.record import Record
 from agent.schema import pb, pb_grpc
 from agent.schema.convert import SchemaError, filter_from_pb, from_pb
-from agent.schema.wire import encode_record_batch
 
 log = logging.getLogger(__name__)
-
-REPLAY_PAGE = 1000  # stored records per replay query / per RecordBatch
-LIVE_BATCH = 500  # live records per RecordBatch at most
-POLL_SECONDS = 0.5  # how often a waiting live stream checks that its client is still there
 
 
 class CollectorService(pb_grpc.CollectorServicer):
     def __init__(
         self,
-        store: RecordStore,
-        hub: Hub,
-        subscriber_queue: int = 10_000,
+        backend: Backend,
         *,
         policy: Policy | None = None,
         allow_anonymous_subscribe: bool = False,
         token_reviewer: TokenReviewer | None = None,
     ) -> None:
-        self.store = store
-        self.hub = hub
-        self.subscriber_queue = subscriber_queue
+        self.backend = backend
         self.policy = policy
         self.allow_anonymous_subscribe = allow_anonymous_subscribe
         self.token_reviewer = token_reviewer
         self.refusals = RefusalCounters()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
-        # Insert and publish happen together so live subscribers see records in
-        # store (cursor) order; the store serializes writers anyway.
-        self._ingest_lock = threading.Lock()
         self.counters = {
             "ingest_streams": 0,
             "ingest_batches": 0,
             "ingest_rejected": 0,
+            "ingest_unavailable": 0,
             "subscribers": 0,
+            "subscribe_unavailable": 0,
         }
 
     def _count(self, key: str, delta: int = 1) -> None:
@@ -218,9 +209,19 @@ class CollectorService(pb_grpc.CollectorServicer):
                         "the current one",
                     )
                 items = self._checked_items(batch, context, peer, caller)
-                with self._ingest_lock:
-                    result = self.store.insert(items)
-                    self.hub.publish(result.new_items)
+                try:
+                    result = self.backend.ingest(items)
+                except BackendUnavailable as exc:
+                    self._count("ingest_unavailable")
+                    log.warning("cannot store a batch from %s: %s", peer, exc)
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"the record store is unavailable: {exc}"
+                    )
+                except RecordRejected as exc:
+                    self._count("ingest_rejected")
+                    detail = f"batch {batch.batch_id}: {exc}"
+                    log.warning("rejecting a batch from %s: %s", peer, detail)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
                 self._count("ingest_batches")
                 yield pb.IngestAck(
                     batch_id=batch.batch_id, stored=result.stored, duplicates=result.duplicates
@@ -276,39 +277,33 @@ class CollectorService(pb_grpc.CollectorServicer):
         except SchemaError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad filter: {exc}")
         flt = self._allowed_filter(flt, caller, context)
-        live = request.live or not request.replay  # asking for neither means "live"
         peer = context.peer()
-        # Register for live records before replaying, so nothing stored during
-        # the replay is missed; the rowid high-water mark drops the overlap.
         try:
-            sub = self.hub.subscribe(flt, self.subscriber_queue) if live else None
-        except SubscriptionClosed:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
+            events = self.backend.subscribe(flt, request, self._active(context))
+        except BackendUnavailable as exc:
+            self._count("subscribe_unavailable")
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         self._count("subscribers")
         log.info(
             "subscriber connected: %s (%s, replay=%s, live=%s)",
             peer,
             caller.describe(),
             request.replay,
-            live,
+            request.live or not request.replay,
         )
         try:
-            last_rowid = request.after_cursor
-            if request.replay:
-                replayed = 0
-                for batch in self._replay(flt, last_rowid, context):
-                    last_rowid = batch.cursor
-                    replayed += len(batch.records)
-                    yield pb.SubscribeResponse(records=batch)
-                yield pb.SubscribeResponse(replay_done=pb.ReplayDone(replayed=replayed))
-            if sub is not None:
-                sub.skip_through(last_rowid)  # their live copies are not sent again
-                yield from self._live(sub, context)
+            yield from events
+        except BackendUnavailable as exc:
+            self._count("subscribe_unavailable")
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
-            if sub is not None:
-                sub.close()
+            events.close()
             self._count("subscribers", -1)
             log.info("subscriber disconnected: %s", peer)
+
+    def _active(self, context: grpc.ServicerContext):
+        stopping = self.stopping
+        return lambda: context.is_active() and not stopping.is_set()
 
     def _allowed_filter(
         self, flt: RecordFilter, caller: Caller, context: grpc.ServicerContext
@@ -341,43 +336,3 @@ class CollectorService(pb_grpc.CollectorServicer):
         except PolicyDenied as exc:
             self._refuse(context, caller, "refused_policy", str(exc))
             return flt  # not reached
-
-    def _replay(
-        self, flt: RecordFilter, after: int, context: grpc.ServicerContext
-    ) -> Iterator[pb.RecordBatch]:
-        while context.is_active() and not self.stopping.is_set():
-            rows = self.store.query(flt, after_rowid=after, limit=REPLAY_PAGE)
-            if not rows:
-                return
-            after = rows[-1][0]
-            yield batch_from_wire([wire for _, wire in rows], after)
-
-    def _live(
-        self, sub: Subscription, context: grpc.ServicerContext
-    ) -> Iterator[pb.SubscribeResponse]:
-        while context.is_active() and not self.stopping.is_set():
-            try:
-                got = sub.next_batch(timeout=POLL_SECONDS, max_items=LIVE_BATCH)
-            except SubscriptionClosed:
-                return  # the collector is shutting down
-            if got is None:
-                continue
-            if isinstance(got, Lagged):
-                yield pb.SubscribeResponse(
-                    lagged=pb.Lagged(
-                        missed=got.missed,
-                        first_missed_ts_ns=got.first_ts_ns,
-                        last_missed_ts_ns=got.last_ts_ns,
-                    )
-                )
-                continue
-            yield pb.SubscribeResponse(
-                records=batch_from_wire([item.wire for item in got], got[-1].rowid)
-            )
-
-
-def batch_from_wire(wires: list[bytes], cursor: int = 0) -> pb.RecordBatch:
-    """A RecordBatch from serialized Records, parsed in one call."""
-    batch = pb.RecordBatch.FromString(encode_record_batch(wires))
-    batch.cursor = cursor
-    return batch

@@ -675,3 +675,87 @@ def test_kustomization_names_no_missing_file():
         spec = kustomization(directory)
         for ref in spec.get("resources", []) + [p["path"] for p in spec.get("patches", [])]:
             assert (directory / ref).exists(), f"{directory / KUSTOMIZATION}: {ref}"
+
+
+# -- the NATS JetStream overlay (docs/nats.md) -------------------------------------------
+
+NATS_OVERLAY = KUBERNETES / "overlays" / "nats"
+
+
+def nats_docs() -> list[dict]:
+    return render(NATS_OVERLAY)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_nats_overlay_renders_to_valid_objects(version):
+    docs = nats_docs()
+    assert len(docs) == len(base_docs()) + 3
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+        assert doc["metadata"].get("namespace") in ("tlscap", None)
+
+
+def test_nats_overlay_uses_every_file_in_it():
+    spec = kustomization(NATS_OVERLAY)
+    files = {p.name for p in manifest_files(NATS_OVERLAY)}
+    patches = {p["path"] for p in spec["patches"]}
+    assert spec["resources"][0] == "../.."
+    assert set(spec["resources"][1:]) | patches == files
+    for ref in spec["resources"][1:] + sorted(patches):
+        assert (NATS_OVERLAY / ref).exists()
+
+
+def test_nats_overlay_runs_stateless_collector_replicas(tmp_path):
+    docs = nats_docs()
+    deployment = collector_deployment(docs)
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "persistentVolumeClaim" not in volumes["data"]
+    assert volumes["nats-tls"]["secret"]["secretName"] == "tlscap-nats-tls"
+    text = find(docs, "ConfigMap", "tlscap-collector-config")["data"]["collector.toml"]
+    config = config_file(docs, "tlscap-collector-config", "collector.toml")
+    assert set(config) <= long_options("collector")
+    args = parse_config("collector", text, tmp_path)
+    assert args.store is None and args.replicas == 3
+    # Never plaintext NATS in the manifests.
+    assert not args.nats_insecure and "nats-insecure" not in config
+    assert args.backend.startswith("tls://")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    mounts = volume_mounts(docs, deployment, container)
+    assert mounts["/etc/tlscap/nats"][1]["secretName"] == "tlscap-nats-tls"
+    for key in ("nats-tls-ca", "nats-tls-cert", "nats-tls-key"):
+        assert Path(config[key]).parent == Path("/etc/tlscap/nats")
+    from agent.cli.collector import nats_config_from_args
+    from agent.collector.jetstream.config import NatsConfigError
+
+    # Everything but the files (mounted in the pod) checks out as the CLI sees it.
+    with pytest.raises(NatsConfigError, match="no such file"):
+        nats_config_from_args(args)
+    service = find(docs, "Service", "tlscap-nats")
+    hosts = [s.split("://")[-1] for s in args.backend.split(",")]
+    assert hosts == [
+        f"tlscap-nats-{i}.{service['metadata']['name']}.tlscap.svc:4222" for i in range(3)
+    ]
+
+
+def test_nats_cluster_is_three_jetstream_servers_with_tls():
+    docs = nats_docs()
+    statefulset = find(docs, "StatefulSet", "tlscap-nats")
+    assert statefulset["spec"]["replicas"] == 3
+    assert statefulset["spec"]["serviceName"] == "tlscap-nats"
+    service = find(docs, "Service", "tlscap-nats")
+    assert service["spec"]["clusterIP"] == "None"
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    conf = find(docs, "ConfigMap", "tlscap-nats-config")["data"]["nats.conf"]
+    assert "jetstream {" in conf and "cluster {" in conf
+    assert conf.count("verify: true") == 2  # clients and routes: mutual TLS
+    for i in range(3):
+        assert f"nats-route://tlscap-nats-{i}.tlscap-nats.tlscap.svc:6222" in conf
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert ":" in container["image"] and not container["image"].endswith(":latest")
+    for resource in ("cpu", "memory"):
+        assert resource in container["resources"]["requests"]
+        assert resource in container["resources"]["limits"]

