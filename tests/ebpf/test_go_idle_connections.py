@@ -95,9 +95,11 @@ def test_more_idle_go_connections_than_the_old_map_held_are_all_captured(agent) 
             requests.update(int(m) for m in request_line.findall(payload))
         elif r["role"] == "client":
             responses.update(int(m) for m in response_body.findall(payload))
-    everyone = set(range(CONNECTIONS))
-    assert requests == everyone, f"{len(everyone - requests)} round-2 requests not captured"
-    assert responses == everyone, f"{len(everyone - responses)} round-2 responses not captured"
     stats = cap.stats
     assert stats["lost"] == 0, stats
     assert stats["kernel_map_full"] == 0, stats
+    everyone = set(range(CONNECTIONS))
+    missing = sorted(everyone - requests)[:5], sorted(everyone - responses)[:5]
+    assert requests == everyone and responses == everyone, (
+        f"round-2 requests / responses not captured (first few): {missing}; stats {stats}"
+    )
