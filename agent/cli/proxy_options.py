@@ -112,6 +112,14 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"local port of the inbound proxy (default {DEFAULT_INBOUND_PORT})",
     )
     g.add_argument(
+        "--proxy-pods",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also intercept inside each selected pod's own network namespace (rules and "
+        "listeners there, no sidecar; --capture-scope and tlscap.io annotations choose the "
+        "pods): auto when pod metadata comes from the API server (default), on: required",
+    )
+    g.add_argument(
         "--proxy-mark",
         type=lambda s: int(s, 0),
         metavar="MARK",

@@ -304,6 +304,7 @@ def run_command(args: argparse.Namespace) -> int:
                 ready_file=args.ready_file,
                 node=args.node,
                 extra_excludes=excludes,
+                pods=args.proxy_pods,
             ),
             sinks,
             attribution,

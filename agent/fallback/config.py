@@ -135,6 +135,9 @@ class UpstreamRule:
     client_key: Path | None = None
     insecure: bool = False
     ca: Path | None = None
+    # A client certificate chain and key as PEM bytes, instead of client_cert/key files
+    # (proxy mode for pods reads them from the pod's mounts and keeps them in memory).
+    client_pem: bytes | None = field(default=None, repr=False)
 
     def merged(self, other: UpstreamRule) -> UpstreamRule:
         """Settings given for the same destination in two places combine."""
@@ -144,6 +147,7 @@ class UpstreamRule:
             client_key=other.client_key or self.client_key,
             insecure=self.insecure or other.insecure,
             ca=other.ca or self.ca,
+            client_pem=other.client_pem or self.client_pem,
         )
 
 

@@ -42,11 +42,7 @@ def _private_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="tlscap-leaf-", dir=base))
 
 
-def server_context(cert_pem_and_key_pem: bytes, alpn: Alpn) -> ssl.SSLContext:
-    """A server-side context from PEM bytes (certificate chain followed by the key)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    if alpn:
-        ctx.set_alpn_protocols(list(alpn))
+def _load_pem_chain(ctx: ssl.SSLContext, cert_pem_and_key_pem: bytes) -> None:
     scratch = _private_dir()
     try:
         path = scratch / "pair.pem"
@@ -54,6 +50,14 @@ def server_context(cert_pem_and_key_pem: bytes, alpn: Alpn) -> ssl.SSLContext:
         ctx.load_cert_chain(str(path))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def server_context(cert_pem_and_key_pem: bytes, alpn: Alpn) -> ssl.SSLContext:
+    """A server-side context from PEM bytes (certificate chain followed by the key)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    _load_pem_chain(ctx, cert_pem_and_key_pem)
     return ctx
 
 
@@ -162,6 +166,23 @@ class ServiceContexts:
                 ) from None
             self._pem[service.port] = pem
 
+    @classmethod
+    def from_pem(cls, pems: dict[int, bytes]) -> ServiceContexts:
+        """From certificate-and-key PEM bytes per port (raises CertificateError)."""
+        contexts = cls(())
+        for port, pem in pems.items():
+            try:
+                server_context(pem, ())
+            except ssl.SSLError as exc:
+                raise CertificateError(
+                    f"inbound port {port}: not a usable certificate and key ({exc.reason or exc})"
+                ) from None
+            contexts._pem[port] = pem
+        return contexts
+
+    def serves(self, port: int) -> bool:
+        return port in self._pem
+
     def context(self, port: int, alpn: Alpn) -> ssl.SSLContext:
         ctx = self._contexts.get((port, alpn))
         if ctx is None:
@@ -199,6 +220,8 @@ class UpstreamContexts:
                 ctx.load_verify_locations(cafile=str(rule.ca))
             if rule is not None and rule.client_cert:
                 ctx.load_cert_chain(str(rule.client_cert), str(rule.client_key))
+            elif rule is not None and rule.client_pem:
+                _load_pem_chain(ctx, rule.client_pem)
         except (OSError, ssl.SSLError) as exc:
             where = f" for upstream {rule.pattern.text}" if rule else ""
             raise CertificateError(f"cannot load upstream certificates{where}: {exc}") from None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.records.record import Direction, Endpoint, Record, Role
+from agent.records.record import Direction, Endpoint, PodRef, Record, Role
 
 SOURCE = "proxy"
 
@@ -39,6 +39,9 @@ class FlowIdentity:
     server: Endpoint  # where it was going (SO_ORIGINAL_DST)
     pid: int = 0
     comm: str = ""
+    # Set for a pod's proxy: the pod is known from its namespace even when the
+    # client's process is not (attribution then refines it from the process).
+    pod: PodRef | None = None
 
 
 class ProxiedFlow:
@@ -68,6 +71,7 @@ class ProxiedFlow:
             pid=self.identity.pid,
             tid=self.identity.pid,
             comm=self.identity.comm,
+            pod=self.identity.pod,
             source=SOURCE,
             conn_id=self.conn_id,
             local=self.local,

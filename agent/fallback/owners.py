@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from agent.fallback.sock_diag import SockDiag
@@ -39,12 +39,31 @@ class ProcessRef:
 
 
 class SocketOwners:
-    def __init__(self, proc_root: str = "/proc", use_netlink: bool = True) -> None:
+    """Owner lookups in the agent's own namespace or, for a pod's proxy, in the pod's:
+    there `diag_factory` makes the sock_diag socket inside that namespace (one, shared
+    under a lock, so a hundred pods do not cost a hundred sockets per worker thread),
+    `net_dir` is a pod process's /proc/<pid>/net, and the pod's own processes are
+    searched first (`candidates`)."""
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        use_netlink: bool = True,
+        *,
+        diag_factory: Callable[[], SockDiag] | None = None,
+        net_dir: Callable[[], str] | None = None,
+        candidates: Callable[[], Iterable[int]] | None = None,
+    ) -> None:
         self.proc_root = proc_root
         self.use_netlink = use_netlink
         self._hot: OrderedDict[int, None] = OrderedDict()
         self._hot_lock = threading.Lock()
         self._diag = threading.local()  # a netlink socket per worker thread
+        self._diag_factory = diag_factory
+        self._shared_diag: SockDiag | None = None
+        self._shared_lock = threading.Lock()
+        self._net_dir = net_dir or (lambda: f"{self.proc_root}/self/net")
+        self._candidates = candidates
         self.lookups = 0
         self.misses = 0
 
@@ -69,6 +88,9 @@ class SocketOwners:
         return found
 
     def _inode(self, local: Endpoint, remote: Endpoint, listening: bool) -> int | None:
+        if self._diag_factory is not None and self.use_netlink:
+            with self._shared_lock:
+                return self._shared_inode(local, remote, listening)
         diag = self._netlink()
         if diag is not None:
             try:
@@ -80,6 +102,25 @@ class SocketOwners:
                     return None
                 return sock.inode
         return self._inode_from_proc(local, remote, listening)
+
+    def _shared_inode(self, local: Endpoint, remote: Endpoint, listening: bool) -> int | None:
+        try:
+            if self._shared_diag is None:
+                assert self._diag_factory is not None
+                self._shared_diag = self._diag_factory()
+            sock = self._shared_diag.lookup((local.ip, local.port), (remote.ip, remote.port))
+        except OSError as exc:
+            log.debug("sock_diag lookup failed (%s); reading /proc/<pid>/net/tcp", exc)
+            return self._inode_from_proc(local, remote, listening)
+        if sock is None or (sock.state == TcpState.LISTEN) != listening:
+            return None
+        return sock.inode
+
+    def close(self) -> None:
+        with self._shared_lock:
+            if self._shared_diag is not None:
+                self._shared_diag.close()
+                self._shared_diag = None
 
     def _netlink(self) -> SockDiag | None:
         if not self.use_netlink:
@@ -113,7 +154,7 @@ class SocketOwners:
     def _sockets(self):
         for name, ipv6 in (("tcp", False), ("tcp6", True)):
             try:
-                with open(f"{self.proc_root}/self/net/{name}", encoding="ascii") as f:
+                with open(f"{self._net_dir()}/{name}", encoding="ascii") as f:
                     yield from parse_proc_net_tcp(f.read(), ipv6)
             except FileNotFoundError:
                 continue  # no IPv6 in this kernel
@@ -122,6 +163,8 @@ class SocketOwners:
         target = f"socket:[{inode}]"
         with self._hot_lock:
             hot = list(reversed(self._hot))
+        if self._candidates is not None:
+            hot += [p for p in self._candidates() if p not in hot]
         for pid in itertools.chain(hot, (p for p in self._all_pids() if p not in hot)):
             if self._holds(pid, target):
                 with self._hot_lock:

@@ -45,7 +45,7 @@ from agent.fallback.sockets import (
     send_alert,
 )
 from agent.flows.resolve import normalize_ip
-from agent.records.record import Endpoint, Record
+from agent.records.record import Endpoint, PodRef, Record
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class TlsProxy:
         max_capture: int = 1 << 20,
         owners: SocketOwners | None = None,
         timeouts: Timeouts = Timeouts(),
+        socket_factory: Callable[[int, int | None], socket.socket] = marked_socket,
+        pod: PodRef | None = None,
     ) -> None:
         self.config = config
         self.leaves = leaves
@@ -106,6 +108,9 @@ class TlsProxy:
         self.max_capture = max_capture
         self.owners = owners
         self.timeouts = timeouts
+        # Upstream sockets: a pod's proxy makes them in the pod's network namespace.
+        self.socket_factory = socket_factory
+        self.pod = pod  # the pod whose namespace this proxy serves (None: the node's)
         self.passthrough = PassthroughMemory()
         self.stats = ProxyStats()
         self._tasks: set[asyncio.Task] = set()
@@ -224,6 +229,7 @@ class TlsProxy:
             server,
             pid=process.pid if process else 0,
             comm=process.comm if process else "",
+            pod=self.pod,
         )
         return ProxiedFlow(identity, self.max_capture)
 
@@ -236,7 +242,7 @@ class TlsProxy:
     ) -> None:
         side, client, server = parts
         key = (server.ip, server.port, hello.sni)
-        no_certificate = side == "inbound" and self.config.inbound_service(server.port) is None
+        no_certificate = side == "inbound" and not self.services.serves(server.port)
         if no_certificate or self.passthrough.reason(key) is not None:
             self.stats.passthrough += 1
             await self._relay_plain(conn, parts, owner, record=False)
@@ -326,7 +332,7 @@ class TlsProxy:
         """A marked TCP connection to `server`; None (and the client reset, as the
         unreachable server would have) when it cannot be made."""
         family = socket.AF_INET6 if ":" in server.ip else socket.AF_INET
-        sock = marked_socket(family, self.config.mark)
+        sock = self.socket_factory(family, self.config.mark)
         try:
             await asyncio.wait_for(
                 asyncio.get_running_loop().sock_connect(sock, (server.ip, server.port)),

@@ -22,8 +22,10 @@ from agent.fallback.config import ProxyConfig
 from agent.fallback.contexts import LeafCache, ServiceContexts, UpstreamContexts
 from agent.fallback.flow_records import Side
 from agent.fallback.owners import SocketOwners
+from agent.fallback.pod_proxy import PodProxies
 from agent.fallback.proxy import TlsProxy
 from agent.fallback.rules import InterceptRules
+from agent.fallback.sockets import ipv6_available, listening_socket
 from agent.health.liveness import Liveness
 from agent.k8s.attribution import Attribution
 from agent.l7.stage import L7Stage
@@ -45,31 +47,9 @@ class ProxyOptions:
     # Destinations never redirected whatever the config says: the collector, so the
     # agent's own export is not captured in a loop.
     extra_excludes: tuple[str, ...] = ()
-
-
-def _listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _ipv6_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
+    # Also intercept inside each selected pod's network namespace (pod_proxy.py):
+    # "auto" when pod metadata comes from the API server, "on" required, "off" never.
+    pods: str = "auto"
 
 
 def _event_loop_factory():
@@ -92,6 +72,8 @@ class ProxySession:
         self.stop_event = threading.Event()
         self.liveness = Liveness()
         self._out = RecordWriter(sinks, options.agent_id, options.node, attribution, l7)
+        self._attribution = attribution
+        self._pods: PodProxies | None = None
         self._listeners: list[tuple[socket.socket, Side]] = []
         self._rules: InterceptRules | None = None  # set once their install is attempted
         self._proxy: TlsProxy | None = None
@@ -105,13 +87,13 @@ class ProxySession:
         services = ServiceContexts(config.inbound)
         upstreams = UpstreamContexts(config.upstream_ca)
         rules = config.intercept_rules(self.options.extra_excludes)
-        v6 = _ipv6_available()
+        v6 = ipv6_available()
         if rules.outbound_port is not None:
             for host in ("127.0.0.1", "::1") if v6 else ("127.0.0.1",):
-                self._listeners.append((_listener(host, rules.outbound_port), "outbound"))
+                self._listeners.append((listening_socket(host, rules.outbound_port), "outbound"))
         if rules.inbound_port is not None:
             for host in ("0.0.0.0", "::") if v6 else ("0.0.0.0",):
-                self._listeners.append((_listener(host, rules.inbound_port), "inbound"))
+                self._listeners.append((listening_socket(host, rules.inbound_port), "inbound"))
         self._proxy = TlsProxy(
             config,
             self._leaves,
@@ -121,6 +103,7 @@ class ProxySession:
             max_capture=self.options.max_capture,
             owners=SocketOwners(),
         )
+        self._pods = self._pod_proxies()
         self._rules = rules  # a partial install is removed in close() too
         families = iptables.install(rules)
         log.info(
@@ -133,6 +116,27 @@ class ProxySession:
         if self.options.ready_file:
             self.options.ready_file.write_text("ready\n")
 
+    def _pod_proxies(self) -> PodProxies | None:
+        mode = self.options.pods
+        has_metadata = self._attribution is not None and self._attribution.watcher is not None
+        if mode == "off" or (mode == "auto" and not has_metadata):
+            return None
+        if not has_metadata:
+            raise RuntimeError(
+                "--proxy-pods on needs pod metadata from the API server "
+                "(--k8s-metadata on/auto with --kubeconfig or in a cluster)"
+            )
+        assert self._attribution is not None and self._leaves is not None
+        log.info("proxy mode: also intercepting inside selected pods' network namespaces")
+        return PodProxies(
+            self.options.config,
+            self._attribution,
+            self._leaves,
+            self._out.write,
+            max_capture=self.options.max_capture,
+            extra_excludes=self.options.extra_excludes,
+        )
+
     def run(self) -> None:
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
             runner.run(self._serve())
@@ -141,10 +145,16 @@ class ProxySession:
         assert self._proxy is not None
         stop = asyncio.Event()
         watcher = asyncio.create_task(self._watch_stop(stop))
+        loop = asyncio.get_running_loop()
+        if self._pods is not None:
+            self._pods.start(loop)
         try:
             await self._proxy.serve(self._listeners, stop)
         finally:
             watcher.cancel()
+            if self._pods is not None:
+                # Rules out of every pod, then its proxy stopped (on this loop).
+                await loop.run_in_executor(None, self._pods.stop)
 
     async def _watch_stop(self, stop: asyncio.Event) -> None:
         # The CLI's signal handlers set a threading.Event (the eBPF session's contract);
@@ -161,6 +171,8 @@ class ProxySession:
 
     def close(self) -> None:
         """Remove the rules, close the listeners, write the stats record."""
+        if self._pods is not None:
+            self._pods.stop()
         if self._rules is not None:
             try:
                 iptables.remove(self._rules.chain_prefix)
@@ -191,6 +203,10 @@ class ProxySession:
         }
         if proxy is not None:
             out.update(proxy.stats.as_dict())
+            if self._pods is not None:
+                for key, value in self._pods.summary().items():
+                    out[key] = out.get(key, 0) + value
+                out["events"] = out["proxy_accepted"]
             out["proxy_leaves_issued"] = self._leaves.issued if self._leaves else 0
             out["proxy_passthrough_remembered"] = len(proxy.passthrough)
         out.update(self._out.sink_stats())

@@ -175,3 +175,29 @@ async def accepted_stream(
     kwargs = {"ssl": context, "ssl_handshake_timeout": handshake_timeout} if context else {}
     transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, **kwargs)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def ipv6_available() -> bool:
+    """Whether ::1 can be bound in the calling thread's network namespace."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

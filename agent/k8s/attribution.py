@@ -53,7 +53,13 @@ class Attribution:
         pod_info = None
         if ref is not None:
             record.container_id = ref.container_id
-            pod_info, record.pod = self._pod(ref)
+            pod_info, pod_ref = self._pod(ref)
+            if pod_ref is not None or record.pod is None:
+                record.pod = pod_ref
+        if pod_info is None and record.pod is not None and record.pod.uid:
+            # The proxy of a pod's network namespace knows the pod even when the
+            # client's process is not found: judge the record by that pod.
+            pod_info = self.resolver.index.by_uid(record.pod.uid)
         if self.policy.scope == "node" and pod_info is None:
             return True  # the common case: nothing to look up
         namespace = self.resolver.index.namespace(pod_info.namespace) if pod_info else None

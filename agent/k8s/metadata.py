@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.k8s.cgroup import ContainerCache, ContainerRef
+from agent.k8s.podspec import SecretMount, secret_mounts
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ INBOUND_CERT_SECRET_ANNOTATION = "tlscap.io/inbound-cert-secret"
 INBOUND_PORTS_ANNOTATION = "tlscap.io/inbound-ports"
 UPSTREAM_CLIENT_CERT_SECRET_ANNOTATION = "tlscap.io/upstream-client-cert-secret"
 UPSTREAM_INSECURE_ANNOTATION = "tlscap.io/upstream-insecure"
+UPSTREAM_INSECURE_DESTINATIONS_ANNOTATION = "tlscap.io/upstream-insecure-destinations"
 # The kubelet runs a static pod under its own UID (a config hash) and the API shows a
 # "mirror" pod with another UID; this annotation on the mirror pod holds the former,
 # which is what the static pod's cgroup path carries.
@@ -65,6 +67,10 @@ class PodInfo:
     annotations: dict[str, str] = field(default_factory=dict)
     # container id (64 hex, runtime prefix stripped) -> container name
     containers: dict[str, str] = field(default_factory=dict)
+    # Secrets mounted into the pod's (long-running) containers, for proxy mode, which
+    # reads the certificates the annotations name from the pod's own mounts.
+    secret_mounts: tuple[SecretMount, ...] = ()
+    host_network: bool = False
 
     @classmethod
     def from_api(cls, obj: Mapping[str, Any]) -> PodInfo:
@@ -82,6 +88,7 @@ class PodInfo:
                 cid = strip_runtime_prefix(str(cs.get("containerID") or ""))
                 if cid:
                     containers[cid] = str(cs.get("name") or "")
+        spec = _dict(obj.get("spec"))
         return cls(
             name=str(meta.get("name") or ""),
             namespace=str(meta.get("namespace") or ""),
@@ -89,6 +96,8 @@ class PodInfo:
             labels=_str_map(meta.get("labels")),
             annotations=_str_map(meta.get("annotations")),
             containers=containers,
+            secret_mounts=secret_mounts(spec),
+            host_network=spec.get("hostNetwork") is True,
         )
 
 
@@ -301,6 +310,27 @@ def _parse_ports(value: str, errors: list[str]) -> tuple[int, ...]:
     return tuple(ports)
 
 
+def _parse_destinations(value: str, errors: list[str]) -> tuple[str, ...]:
+    # The proxy's own destination syntax (--upstream-insecure DEST), checked here so
+    # that a typo is reported with the other annotation problems.
+    from agent.fallback.config import ConfigError, DestinationPattern
+
+    found: list[str] = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            DestinationPattern.parse(item)
+        except ConfigError as exc:
+            errors.append(f"{UPSTREAM_INSECURE_DESTINATIONS_ANNOTATION}: {exc}")
+            continue
+        found.append(item)
+    if not found and not any(UPSTREAM_INSECURE_DESTINATIONS_ANNOTATION in e for e in errors):
+        errors.append(f"{UPSTREAM_INSECURE_DESTINATIONS_ANNOTATION}: empty list")
+    return tuple(dict.fromkeys(found))
+
+
 @dataclass(frozen=True)
 class ProxyAnnotations:
     """What a pod asks of the TLS-terminating fallback proxy.
@@ -314,6 +344,8 @@ class ProxyAnnotations:
     inbound_ports: tuple[int, ...] = ()
     upstream_client_cert_secret: str | None = None
     upstream_insecure: bool = False
+    # Only these upstreams are not verified (names, *.suffix, IPs or CIDRs, :port).
+    upstream_insecure_destinations: tuple[str, ...] = ()
 
     @classmethod
     def from_pod(cls, pod: PodInfo) -> tuple[ProxyAnnotations, list[str]]:
@@ -359,6 +391,11 @@ class ProxyAnnotations:
                     "is neither true nor false; upstream verification stays on"
                 )
             insecure = bool(parsed)
+        destinations: tuple[str, ...] = ()
+        if UPSTREAM_INSECURE_DESTINATIONS_ANNOTATION in ann:
+            destinations = _parse_destinations(
+                ann[UPSTREAM_INSECURE_DESTINATIONS_ANNOTATION], errors
+            )
 
         return (
             cls(
@@ -366,6 +403,7 @@ class ProxyAnnotations:
                 inbound_ports=ports,
                 upstream_client_cert_secret=upstream_secret,
                 upstream_insecure=insecure,
+                upstream_insecure_destinations=destinations,
             ),
             errors,
         )
