@@ -249,6 +249,24 @@ METRICS: dict[str, MetricSpec] = {
         "collector_connected", "1 while the collector connection is up and acknowledging"
     ),
     # -- proxy mode (agent/fallback/proxy.py ProxyStats, fallback/session.py) --
+    # -- proxy mode inside pods' network namespaces (agent/fallback/pod_proxy.py)
+    "proxy_pods_active": _gauge("proxy_pods_active", "Pods whose namespace the proxy serves"),
+    "proxy_pods_installed": _counter(
+        "proxy_pods_installed", "Pod namespaces given rules and listeners"
+    ),
+    "proxy_pods_removed": _counter("proxy_pods_removed", "Pod namespaces cleaned up"),
+    "proxy_pods_bad_annotations": _counter(
+        "proxy_pods_bad_annotations", "Pods left uncaptured because of their annotations"
+    ),
+    "proxy_pods_failed": _counter(
+        "proxy_pods_failed", "Pod proxy setups that failed (certificate, iptables, port)"
+    ),
+    "proxy_pods_stale_swept": _counter(
+        "proxy_pods_stale_swept", "Unselected pod namespaces cleaned of an earlier run's chains"
+    ),
+    "proxy_pods_host_network": _gauge(
+        "proxy_pods_host_network", "Selected host-network pods (the node's own rules apply)"
+    ),
     "proxy_accepted": _counter("proxy_accepted", "Connections accepted by the proxy"),
     "proxy_intercepted": _counter(
         "proxy_intercepted", "Connections whose TLS the proxy terminated"
