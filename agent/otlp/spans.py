@@ -33,10 +33,6 @@ SERVICE_NAME_LABEL = "app.kubernetes.io/name"
 KNOWN_METHODS = frozenset(
     {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
 )
-# RPC semantic conventions: the gRPC codes that are errors on the server side
-# (a NOT_FOUND answer is the server working as designed); on the client, any non-zero.
-GRPC_SERVER_ERROR_CODES = frozenset({2, 4, 12, 13, 14, 15})
-
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
 
@@ -212,17 +208,15 @@ def _request_attributes(attrs: dict[str, Any], req: HttpMessage, role: str) -> N
 
 
 def span_status(record: Record) -> Status:
-    """Error on a 5xx (a 4xx too on the client side), or a gRPC status the RPC
-    conventions call an error for this side; otherwise unset."""
+    """Error on a 5xx response or any non-zero gRPC status, on either side (the
+    issue's rule: one rule for every span, so a dashboard's error count is the
+    same whichever end was captured); otherwise unset."""
     ex = record.exchange
     assert ex is not None
-    server_side = record.role == "server"
     if ex.grpc is not None and ex.grpc.status:
-        code = ex.grpc.status
-        if not server_side or code in GRPC_SERVER_ERROR_CODES:
-            return Status(StatusCode.ERROR, f"grpc-status {code}")
+        return Status(StatusCode.ERROR, f"grpc-status {ex.grpc.status}")
     status = ex.response.status if ex.response is not None else 0
-    if status >= 500 or (status >= 400 and not server_side):
+    if status >= 500:
         return Status(StatusCode.ERROR)
     return Status(StatusCode.UNSET)
 

@@ -112,8 +112,8 @@ def test_spans_from_http1_http2_and_grpc(agent, receiver, http_server, tls_cert)
             )  # fmt: skip
             assert attrs["rpc.grpc.status_code"] == g["status"]
             assert span.name == f"test.Echo/{g['method']}"
-            # NOT_FOUND is no server error (RPC conventions); OK neither.
-            assert span.status.code != STATUS_ERROR
+            # Any non-zero gRPC status is an error (NOT_FOUND for /Missing); OK is not.
+            assert (span.status.code == STATUS_ERROR) == (g["status"] != 0), where
             continue
         assert attrs["http.request.method"] == req["method"] == span.name
         assert attrs["http.response.status_code"] == resp["status"]
