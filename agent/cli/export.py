@@ -24,6 +24,7 @@ from agent.cli.errors import fail
 from agent.cli.filter_options import add_filter_arguments, filter_from_args
 from agent.records.filter import RecordFilter
 from agent.records.record import Record
+from agent.sinks.base import Sink
 
 PACKET_TYPES = frozenset({"data", "open", "close"})
 # Above this many connections the second pass filters them in Python, not in SQL.
@@ -54,7 +55,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from agent.collector.store import StoreError
     from agent.sinks.pcapng import PcapngSink
 
     if not args.store.exists():
@@ -72,15 +72,9 @@ def export_command(args: argparse.Namespace) -> int:
         sink = PcapngSink.open(args.pcapng)
     except OSError as exc:
         return fail(str(exc))
-    try:
-        for record in select_records(args.store, flt):
-            sink.write(record)
-    except StoreError as exc:
-        return fail(f"cannot read {args.store}: {exc}")
-    except BrokenPipeError:
-        return 0
-    finally:
-        sink.close()
+    failed = copy_records(args.store, select_records(args.store, flt), sink)
+    if failed is not None:
+        return failed
     where = "stdout" if args.pcapng == "-" else args.pcapng
     print(
         f"wrote {sink.packets} packets for {sink.connections} connections to {where}",
@@ -96,7 +90,7 @@ def select_records(path: Path, flt: RecordFilter) -> Iterator[Record]:
     """The stored records `flt` selects, in store order; with HTTP/gRPC criteria,
     every packet-type record of the connections they select."""
     if not (flt.selects_exchanges_only or flt.protocols):
-        yield from _read(path, flt)
+        yield from read_stored(path, flt)
         return
     # Pass 1: which connections.  Exchange records have no direction and only
     # data records carry a protocol, so each pass gets the criteria it can match.
@@ -105,7 +99,7 @@ def select_records(path: Path, flt: RecordFilter) -> Iterator[Record]:
         types=frozenset({"exchange"} if flt.selects_exchanges_only else {"data", "exchange"}),
         directions=frozenset(),
     )
-    conns = {(r.agent_id, r.conn_id) for r in _read(path, first)}
+    conns = {(r.agent_id, r.conn_id) for r in read_stored(path, first)}
     if not conns:
         return
     clear = frozenset()
@@ -123,12 +117,30 @@ def select_records(path: Path, flt: RecordFilter) -> Iterator[Record]:
             conn_ids=frozenset(c for _, c in conns),
             agent_ids=frozenset(a for a, _ in conns),
         )
-    for record in _read(path, second):
+    for record in read_stored(path, second):
         if (record.agent_id, record.conn_id) in conns:
             yield record
 
 
-def _read(path: Path, flt: RecordFilter) -> Iterator[Record]:
+def copy_records(store: Path, records: Iterator[Record], sink: Sink) -> int | None:
+    """Write `records` (read from `store`) to `sink` and close it: None when all went,
+    else the exit status (a store that cannot be read fails; a closed pipe is done)."""
+    from agent.collector.store import StoreError
+
+    try:
+        for record in records:
+            sink.write(record)
+    except StoreError as exc:
+        return fail(f"cannot read {store}: {exc}")
+    except BrokenPipeError:
+        return 0
+    finally:
+        sink.close()
+    return None
+
+
+def read_stored(path: Path, flt: RecordFilter) -> Iterator[Record]:
+    """The stored records `flt` selects, in store order."""
     from agent.consumer.subscriber import read_store
 
     stop = threading.Event()

@@ -18,8 +18,7 @@ EXCHANGE = frozenset({"exchange"})
 
 
 def export_har(args: argparse.Namespace) -> int:
-    from agent.cli.export import _read
-    from agent.collector.store import StoreError
+    from agent.cli.export import copy_records, read_stored
     from agent.sinks.har import HarSink
 
     flt = filter_from_args(args)
@@ -30,15 +29,9 @@ def export_har(args: argparse.Namespace) -> int:
         sink = HarSink.open(args.har)
     except OSError as exc:
         return fail(str(exc))
-    try:
-        for record in _read(args.store, flt):
-            sink.write(record)
-    except StoreError as exc:
-        return fail(f"cannot read {args.store}: {exc}")
-    except BrokenPipeError:
-        return 0
-    finally:
-        sink.close()
+    failed = copy_records(args.store, read_stored(args.store, flt), sink)
+    if failed is not None:
+        return failed
     where = "stdout" if args.har == "-" else args.har
     skipped = f" ({sink.skipped} without a request skipped)" if sink.skipped else ""
     print(f"wrote {sink.entries} HAR entries to {where}{skipped}", file=sys.stderr)
