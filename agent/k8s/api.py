@@ -386,37 +386,29 @@ class KubeApi:
 
     def list(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         """GET a collection (or any object) and return the decoded JSON."""
-        conn, response = self._request(path, params, self.read_timeout)
-        try:
-            body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise ApiConnectionError(f"GET {path}: {exc!r}") from exc
-        finally:
-            self._release(conn, response)
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            raise ApiConnectionError(f"GET {path}: response is not JSON") from None
-        if not isinstance(obj, dict):
-            raise ApiConnectionError(f"GET {path}: response is not a JSON object")
-        return obj
+        return self._json_call("GET", path, params)
 
     def create(self, path: str, obj: Mapping[str, Any]) -> dict[str, Any]:
         """POST `obj` as JSON to a collection (e.g. a TokenReview) and return the reply."""
-        body = json.dumps(obj).encode()
-        conn, response = self._request(path, None, self.read_timeout, "POST", body)
+        return self._json_call("POST", path, None, json.dumps(obj).encode())
+
+    def _json_call(
+        self, method: str, path: str, params: Mapping[str, str] | None, body: bytes | None = None
+    ) -> dict[str, Any]:
+        """One request whose reply must be a JSON object."""
+        conn, response = self._request(path, params, self.read_timeout, method, body)
         try:
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise ApiConnectionError(f"POST {path}: {exc!r}") from exc
+            raise ApiConnectionError(f"{method} {path}: {exc!r}") from exc
         finally:
             self._release(conn, response)
         try:
             reply = json.loads(raw)
         except ValueError:
-            raise ApiConnectionError(f"POST {path}: response is not JSON") from None
+            raise ApiConnectionError(f"{method} {path}: response is not JSON") from None
         if not isinstance(reply, dict):
-            raise ApiConnectionError(f"POST {path}: response is not a JSON object")
+            raise ApiConnectionError(f"{method} {path}: response is not a JSON object")
         return reply
 
     def watch(
