@@ -3,6 +3,7 @@ processes), exporters and subscribers talking through 127.0.0.1."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agent.certs.authority import CertificateAuthority, write_private, write_public
+from agent.cli import tls_options
 from agent.records.record import Endpoint, Record
 
 REPO = Path(__file__).resolve().parents[2]
@@ -197,3 +200,37 @@ def insecure(address: str) -> Callable[[], grpc.Channel]:
 
 def env_with_repo() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def issue_pki(
+    tmp_path: Path, certs: list[tuple[str, CertificateAuthority, list[str] | None]]
+) -> dict[str, Path]:
+    """Write each (name, issuer, uris) certificate and key as <name>.crt/.key; uris None:
+    a server certificate for localhost/127.0.0.1, else a client one with those URIs (a
+    client without URIs gets the localhost names too).  "ca" is the first issuer's CA."""
+    files = {"ca": tmp_path / "ca.crt"}
+    write_public(files["ca"], certs[0][1].cert_pem)
+    local = {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]}
+    for name, issuer, uris in certs:
+        if uris is None:
+            issued = issuer.issue(name, server=True, client=False, **local)
+        else:
+            names = {} if uris else local
+            issued = issuer.issue(name, uris=uris, server=False, client=True, **names)
+        files[name] = tmp_path / f"{name}.crt"
+        files[f"{name}-key"] = tmp_path / f"{name}.key"
+        write_public(files[name], issued.cert_pem)
+        write_private(files[f"{name}-key"], issued.key_pem)
+    return files
+
+
+def tls_settings(server: bool, **paths: Path | None) -> tls_options.TlsSettings:
+    """TLS settings as the CLI would make them from --tls-cert/--tls-key/--tls-ca."""
+    args = argparse.Namespace(
+        insecure=False,
+        tls_cert=paths.get("cert"),
+        tls_key=paths.get("key"),
+        tls_ca=paths.get("ca"),
+        tls_server_name=None,
+    )
+    return tls_options.tls_settings_from_args(args, server=server)

@@ -3,7 +3,6 @@ the handshake, then the roles the certificates' tlscap:// identities grant."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.certs.authority import CertificateAuthority, write_private, write_public
+from agent.certs.authority import CertificateAuthority
 from agent.certs.identity import identity_uri
 from agent.cli import tls_options
 from agent.collector.policy import parse_policy
@@ -20,7 +19,7 @@ from agent.records.filter import RecordFilter
 from agent.records.record import PodRef, Record
 from agent.schema import pb, pb_grpc
 from agent.schema.convert import filter_to_pb, from_pb, to_pb
-from tests.grpc.conftest import make_records, wait_for
+from tests.grpc.conftest import issue_pki, make_records, tls_settings, wait_for
 
 
 @pytest.fixture
@@ -29,42 +28,20 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     CA's client cert (with an identity)."""
     ca = CertificateAuthority.create("test CA")
     rogue = CertificateAuthority.create("rogue CA")
-    files = {"ca": tmp_path / "ca.crt"}
-    write_public(files["ca"], ca.cert_pem)
-    for name, issuer, server, uris in (
-        ("collector", ca, True, []),
-        ("agent", ca, False, [identity_uri("agent", "n1")]),  # node of make_records()
-        ("agent-n2", ca, False, [identity_uri("agent", "n2")]),
-        ("agent-any", ca, False, [identity_uri("agent", "*")]),
-        ("consumer", ca, False, [identity_uri("consumer", "alice")]),
-        ("shop", ca, False, [identity_uri("consumer", "shop-team")]),
-        ("plain", ca, False, []),  # signed by the CA, but says nothing about its role
-        ("rogue", rogue, False, [identity_uri("consumer", "alice")]),
-    ):
-        names = {} if uris else {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]}
-        if server:
-            names = {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]}
-        issued = issuer.issue(name, uris=uris, server=server, client=not server, **names)
-        files[name] = tmp_path / f"{name}.crt"
-        files[f"{name}-key"] = tmp_path / f"{name}.key"
-        write_public(files[name], issued.cert_pem)
-        write_private(files[f"{name}-key"], issued.key_pem)
-    return files
-
-
-def settings(server: bool, **paths: Path | None) -> tls_options.TlsSettings:
-    args = argparse.Namespace(
-        insecure=False,
-        tls_cert=paths.get("cert"),
-        tls_key=paths.get("key"),
-        tls_ca=paths.get("ca"),
-        tls_server_name=None,
-    )
-    return tls_options.tls_settings_from_args(args, server=server)
+    return issue_pki(tmp_path, [
+        ("collector", ca, None),
+        ("agent", ca, [identity_uri("agent", "n1")]),  # node of make_records()
+        ("agent-n2", ca, [identity_uri("agent", "n2")]),
+        ("agent-any", ca, [identity_uri("agent", "*")]),
+        ("consumer", ca, [identity_uri("consumer", "alice")]),
+        ("shop", ca, [identity_uri("consumer", "shop-team")]),
+        ("plain", ca, []),  # signed by the CA, but says nothing about its role
+        ("rogue", rogue, [identity_uri("consumer", "alice")]),
+    ])  # fmt: skip
 
 
 def test_agent_needs_a_client_certificate_from_the_collectors_ca(collector, pki, tmp_path):
-    server_side = settings(True, cert=pki["collector"], key=pki["collector-key"], ca=pki["ca"])
+    server_side = tls_settings(True, cert=pki["collector"], key=pki["collector-key"], ca=pki["ca"])
     server = collector(credentials=tls_options.server_credentials(server_side))
     batch = pb.IngestBatch(batch_id=1, records=[to_pb(r) for r in make_records(2)])
 
@@ -78,8 +55,8 @@ def test_agent_needs_a_client_certificate_from_the_collectors_ca(collector, pki,
 
     # No client certificate, or one signed by another CA: refused.
     for refused in (
-        settings(False, ca=pki["ca"]),
-        settings(False, cert=pki["rogue"], key=pki["rogue-key"], ca=pki["ca"]),
+        tls_settings(False, ca=pki["ca"]),
+        tls_settings(False, cert=pki["rogue"], key=pki["rogue-key"], ca=pki["ca"]),
     ):
         with pytest.raises(grpc.RpcError) as err:
             ingest(refused)
@@ -87,7 +64,7 @@ def test_agent_needs_a_client_certificate_from_the_collectors_ca(collector, pki,
     assert server.store.stats()["records"] == 0
 
     # With the right one: accepted and stored.
-    good = settings(False, cert=pki["agent"], key=pki["agent-key"], ca=pki["ca"])
+    good = tls_settings(False, cert=pki["agent"], key=pki["agent-key"], ca=pki["ca"])
     (ack,) = ingest(good)
     assert (ack.batch_id, ack.stored) == (1, 2)
 
@@ -108,11 +85,11 @@ def test_agent_needs_a_client_certificate_from_the_collectors_ca(collector, pki,
 
 
 def client(pki: dict[str, Path], name: str) -> tls_options.TlsSettings:
-    return settings(False, cert=pki[name], key=pki[f"{name}-key"], ca=pki["ca"])
+    return tls_settings(False, cert=pki[name], key=pki[f"{name}-key"], ca=pki["ca"])
 
 
 def mtls_collector(collector, pki: dict[str, Path], **config):
-    server_side = settings(True, cert=pki["collector"], key=pki["collector-key"], ca=pki["ca"])
+    server_side = tls_settings(True, cert=pki["collector"], key=pki["collector-key"], ca=pki["ca"])
     return collector(credentials=tls_options.server_credentials(server_side), **config)
 
 
@@ -302,20 +279,20 @@ def test_anonymous_subscribe_is_refused_unless_allowed(collector):
 
 
 def test_tls_without_client_ca_treats_callers_as_anonymous(collector, pki):
-    server_side = settings(True, cert=pki["collector"], key=pki["collector-key"])
+    server_side = tls_settings(True, cert=pki["collector"], key=pki["collector-key"])
     server = collector(credentials=tls_options.server_credentials(server_side))
     # The fixture allows anonymous subscribers only on plaintext collectors.
     assert server.config.allow_anonymous_subscribe is False
     # A client certificate is neither requested nor believed: the caller is anonymous.
     consumer = client(pki, "consumer")
     refused(lambda: subscribe(server.address, consumer))
-    (ack,) = ingest(server.address, settings(False, ca=pki["ca"]), make_records(1))
+    (ack,) = ingest(server.address, tls_settings(False, ca=pki["ca"]), make_records(1))
     assert ack.stored == 1
-    assert serving(server.address, settings(False, ca=pki["ca"]))
+    assert serving(server.address, tls_settings(False, ca=pki["ca"]))
 
 
 def test_plain_client_cannot_talk_to_a_tls_collector(collector, pki):
-    server_side = settings(True, cert=pki["collector"], key=pki["collector-key"])
+    server_side = tls_settings(True, cert=pki["collector"], key=pki["collector-key"])
     server = collector(credentials=tls_options.server_credentials(server_side))
     channel = grpc.insecure_channel(server.address)
     with pytest.raises(grpc.RpcError) as err:

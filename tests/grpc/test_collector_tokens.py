@@ -21,7 +21,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.certs.authority import CertificateAuthority, write_private, write_public
+from agent.certs.authority import CertificateAuthority
 from agent.certs.identity import identity_uri
 from agent.cli import tls_options
 from agent.cli.main import build_parser
@@ -34,7 +34,7 @@ from agent.k8s.api import ApiConfig, KubeApi
 from agent.records.filter import RecordFilter
 from agent.schema import pb, pb_grpc
 from agent.schema.convert import filter_to_pb, to_pb
-from tests.grpc.conftest import REPO, make_records, wait_for
+from tests.grpc.conftest import REPO, issue_pki, make_records, tls_settings, wait_for
 from tests.k8s.fake_apiserver import FakeApiServer
 
 COLLECTOR_SA_TOKEN = "collector-own-sa-token"
@@ -45,23 +45,12 @@ PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:
     ca = CertificateAuthority.create("test CA")
-    files = {"ca": tmp_path / "ca.crt"}
-    write_public(files["ca"], ca.cert_pem)
-    for name, uris in (
-        ("collector", None),
-        ("agent-any", [identity_uri("agent", "*")]),  # the manifests' shared certificate
-        ("agent-a", [identity_uri("agent", "node-a")]),
-        ("consumer", [identity_uri("consumer", "alice")]),
-    ):
-        if uris is None:
-            issued = ca.issue(name, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-        else:
-            issued = ca.issue(name, uris=uris, server=False, client=True)
-        files[name] = tmp_path / f"{name}.crt"
-        files[f"{name}-key"] = tmp_path / f"{name}.key"
-        write_public(files[name], issued.cert_pem)
-        write_private(files[f"{name}-key"], issued.key_pem)
-    return files
+    return issue_pki(tmp_path, [
+        ("collector", ca, None),
+        ("agent-any", ca, [identity_uri("agent", "*")]),  # the manifests' shared certificate
+        ("agent-a", ca, [identity_uri("agent", "node-a")]),
+        ("consumer", ca, [identity_uri("consumer", "alice")]),
+    ])  # fmt: skip
 
 
 @pytest.fixture
@@ -70,19 +59,8 @@ def api_server():
         yield server
 
 
-def settings(server: bool, **paths: Path | None) -> tls_options.TlsSettings:
-    args = argparse.Namespace(
-        insecure=False,
-        tls_cert=paths.get("cert"),
-        tls_key=paths.get("key"),
-        tls_ca=paths.get("ca"),
-        tls_server_name=None,
-    )
-    return tls_options.tls_settings_from_args(args, server=server)
-
-
 def client(pki: dict[str, Path], name: str) -> tls_options.TlsSettings:
-    return settings(False, cert=pki[name], key=pki[f"{name}-key"], ca=pki["ca"])
+    return tls_settings(False, cert=pki[name], key=pki[f"{name}-key"], ca=pki["ca"])
 
 
 def reviewer_for(api: FakeApiServer | str, ca_pem: bytes | None = None) -> TokenReviewer:
@@ -93,7 +71,7 @@ def reviewer_for(api: FakeApiServer | str, ca_pem: bytes | None = None) -> Token
 
 
 def token_collector(collector, pki, api, **config):
-    server_side = settings(True, cert=pki["collector"], key=pki["collector-key"], ca=pki["ca"])
+    server_side = tls_settings(True, cert=pki["collector"], key=pki["collector-key"], ca=pki["ca"])
     return collector(
         credentials=tls_options.server_credentials(server_side),
         token_reviewer=reviewer_for(api),
