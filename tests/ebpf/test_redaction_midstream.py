@@ -35,6 +35,19 @@ def huffman(text: str) -> bytes:
     return encoder.encode(text.encode())
 
 
+def connected_before_the_agent(client: subprocess.Popen, start_agent) -> tuple[dict, object]:
+    """`client` connects (and prints CONNECTED); then the agent starts; then the client
+    goes on on the same connection: (its JSON result line, the agent's capture)."""
+    line = client.stdout.readline()
+    assert line.startswith("CONNECTED"), line
+    a = start_agent()
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    result = json.loads(client.stdout.readline())
+    client.wait(timeout=30)
+    return result, a
+
+
 def assert_never_captured(cap, raw: bytes, secrets: list[str]) -> None:
     """None of `secrets` in the JSON lines or any payload, plain or Huffman-coded."""
     payloads = b"".join(base64.b64decode(r["data_b64"]) for r in cap.of_type("data"))
@@ -58,23 +71,13 @@ def test_http2_credentials_on_a_connection_older_than_the_agent_never_leak(agent
          "--secret-prefix", SECRET, "--requests", str(REQUESTS)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    store = tmp_path / "agent.db"
+    pids = [client.pid, lab.proc.pid, *lab.workers]
     try:
-        line = client.stdout.readline()
-        assert line.startswith("CONNECTED"), line
-        store = tmp_path / "agent.db"
-        a = agent(
-            "--store",
-            str(store),
-            "--pid",
-            str(client.pid),
-            "--pid",
-            str(lab.proc.pid),
-            *(arg for w in lab.workers for arg in ("--pid", str(w))),
+        result, a = connected_before_the_agent(
+            client,
+            lambda: agent("--store", str(store), *(arg for p in pids for arg in ("--pid", str(p)))),
         )
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        result = json.loads(client.stdout.readline())
-        client.wait(timeout=30)
         cap = a.stop()
     finally:
         client.kill()
@@ -114,13 +117,7 @@ def test_grpc_metadata_on_a_channel_older_than_the_agent_never_leaks(agent, tls_
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        line = client.stdout.readline()
-        assert line.startswith("CONNECTED"), line
-        a = agent("--pid", str(server.pid))
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        result = json.loads(client.stdout.readline())
-        client.wait(timeout=30)
+        result, a = connected_before_the_agent(client, lambda: agent("--pid", str(server.pid)))
         cap = a.stop()
     finally:
         client.kill()
