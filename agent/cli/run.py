@@ -15,6 +15,8 @@ from agent.cli import l7_options, proxy_options, tls_options
 from agent.cli.argtypes import add_output_view_arguments, parse_size, positive_float
 from agent.cli.config_file import add_config_argument
 from agent.cli.errors import fail
+from agent.cli.proxy_options import collector_excludes
+from agent.export.targets import parse_collector_addresses
 from agent.fallback.config import ConfigError
 from agent.fallback.session import ProxyOptions, ProxySession
 from agent.health.server import HealthServer, ListenError, parse_listen
@@ -83,7 +85,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     export = p.add_argument_group("export to a collector / local store")
     export.add_argument(
-        "--collector", metavar="HOST:PORT", help="stream records to this tlscap collector"
+        "--collector",
+        action="append",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="stream records to this tlscap collector; give several (repeat the flag, "
+        "or a comma list; a name with several DNS addresses counts as several) to fail "
+        "over from a dead one to the next",
     )
     export.add_argument(
         "--spool-dir",
@@ -193,6 +200,7 @@ def open_sinks(args: argparse.Namespace) -> list:
         sinks.append(otlp)
     if args.collector:
         from agent.export.exporter import CHANNEL_OPTIONS, GrpcExporter
+        from agent.export.targets import CollectorTargets
 
         settings = tls_options.tls_settings_from_args(args, server=False)
         token_file = None
@@ -207,11 +215,16 @@ def open_sinks(args: argparse.Namespace) -> list:
                     "cross the network readable with --insecure"
                 )
             token_file = TokenFile(args.collector_token_file)  # TokenFileError: OSError
+        targets = CollectorTargets(args.collector)  # ValueError: a malformed address
+        # --tls-server-name wins over the name a resolved address came from.
+        with_name = not settings.insecure and settings.server_name is None
         sinks.append(
             GrpcExporter(
-                args.collector,
-                channel_factory=lambda: tls_options.open_channel(
-                    args.collector, settings, CHANNEL_OPTIONS
+                targets,
+                channel_factory=lambda endpoint: tls_options.open_channel(
+                    endpoint.address,
+                    settings,
+                    [*CHANNEL_OPTIONS, *(endpoint.channel_options() if with_name else ())],
                 ),
                 spool_dir=args.spool_dir,
                 spool_max_bytes=args.spool_max,
@@ -236,11 +249,17 @@ def run_command(args: argparse.Namespace) -> int:
         return fail("--ringbuf-mb must be positive")
     if not 0.0 <= args.shed_fraction <= 1.0:
         return fail("--shed-fraction must be between 0 and 1")
+    try:
+        args.collector = parse_collector_addresses(args.collector) or None
+    except ValueError as exc:
+        return fail(f"--collector: {exc}")
     proxy_config = None
     if args.mode != "ebpf":
         try:
             proxy_config = proxy_options.proxy_config_from_args(args)
-            excludes = proxy_options.collector_excludes(args.collector)
+            excludes = tuple(
+                sorted({n for c in args.collector or () for n in collector_excludes(c)})
+            )
         except ConfigError as exc:
             return fail(str(exc))
         except OSError as exc:

@@ -36,6 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output-file", type=Path, help="write records here instead of stdout")
     p.add_argument(
+        "--after-cursor",
+        type=int,
+        metavar="N",
+        help="replay from just after this cursor (the collector's; with --backend nats, "
+        "the stream sequence), then follow; at exit tail prints the last cursor it saw, "
+        "so a later tail can resume there",
+    )
+    p.add_argument(
         "--no-follow",
         dest="follow",
         action="store_false",
@@ -68,10 +76,18 @@ def tail_command(args: argparse.Namespace) -> int:
         subscribe,
     )
 
-    replay = args.since is not None or args.until is not None or not args.follow
+    replay = (
+        args.since is not None
+        or args.until is not None
+        or not args.follow
+        or args.after_cursor is not None
+    )
     live = args.follow and not args.until
     flt = filter_from_args(args)
     stop = threading.Event()
+    position: dict[str, int] = {}
+    if args.after_cursor is not None and (args.store or args.after_cursor < 0):
+        return fail("--after-cursor needs --collector and a cursor >= 0")
     if args.collector:
         try:
             settings = tls_options.tls_settings_from_args(args, server=False)
@@ -83,6 +99,8 @@ def tail_command(args: argparse.Namespace) -> int:
             replay=replay,
             live=live,
             stop=stop,
+            after_cursor=args.after_cursor or 0,
+            on_cursor=lambda cursor: position.__setitem__("cursor", cursor),
         )
     else:
         if not args.store.exists():
@@ -122,4 +140,9 @@ def tail_command(args: argparse.Namespace) -> int:
             sink.close()
     if missed:
         print(f"tlscap: warning: {missed} record(s) missed in total", file=sys.stderr)
+    if "cursor" in position:
+        cursor = position["cursor"]
+        print(
+            f"tlscap: last cursor {cursor} (resume with --after-cursor {cursor})", file=sys.stderr
+        )
     return 0

@@ -64,13 +64,18 @@ def subscribe(
     live: bool,
     stop: threading.Event,
     backoff: Backoff | None = None,
+    after_cursor: int = 0,
+    on_cursor: Callable[[int], None] | None = None,
 ) -> Iterator[Event]:
     """Events from a collector until `stop` is set (live) or the replay ends.
 
     Reconnects with backoff while `live`; a replay-only read fails fast.
+    `after_cursor`: resume after this cursor (a cursor an earlier read reported
+    through `on_cursor`, called after each batch's records were yielded).
     """
     backoff = backoff or Backoff()
-    cursor = 0
+    cursor = after_cursor
+    replay = replay or cursor > 0
     replay_done = not replay
     while not stop.is_set():
         channel = channel_factory()
@@ -96,6 +101,8 @@ def subscribe(
                         except SchemaError as exc:
                             log.warning("skipping a record the collector sent: %s", exc)
                     cursor = response.records.cursor or cursor
+                    if on_cursor is not None:
+                        on_cursor(cursor)
                 elif kind == "lagged":
                     lag = response.lagged
                     yield Missed(lag.missed, lag.first_missed_ts_ns, lag.last_missed_ts_ns)

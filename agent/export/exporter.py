@@ -24,6 +24,16 @@ configuration problem: its message is logged once per change, counted
 (export_refused), records keep going to the spool, and retries wait at least
 `refused_retry` seconds. An UNAUTHENTICATED after the token file changed is the
 collector ending a stream whose token expired: reconnect at once with the new token.
+
+Failover: given several collectors (a CollectorTargets: several addresses, or a name
+with several), the exporter stays on one until its stream fails as an outage
+(connection refused or reset, UNAVAILABLE, a keepalive or ack timeout), then tries
+the next one at once; only after a whole round of failures does it wait out the
+backoff.  Nothing else changes: unacked batches go to the spool and are re-sent to
+the new collector, whose stream (JetStream: Nats-Msg-Id agent_id:seq) drops what
+the old one already stored.  Switching collectors and getting an ack is a failover
+(export_failovers, logged).  Refusals and rejected batches do not move on: every
+collector shares the configuration that caused them.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import grpc
 
 from agent.export.backoff import Backoff
 from agent.export.spool import Spool, SpoolCheckout, SpoolWriteError
+from agent.export.targets import CollectorTargets, Endpoint
 from agent.export.token import TokenFile
 from agent.records.record import Record
 from agent.schema import pb
@@ -55,7 +66,8 @@ _CLOSE_RETRY = 0.5  # seconds between reconnect attempts while closing
 # The collector refused this agent: not something a quick retry fixes.
 _REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
-ChannelFactory = Callable[[], grpc.Channel]
+# channel_factory() for one target; channel_factory(endpoint) for a CollectorTargets.
+ChannelFactory = Callable[[], grpc.Channel] | Callable[[Endpoint], grpc.Channel]
 
 # Channel options the exporter's channel factory should apply (they are not
 # required: the exporter works with a default channel too).
@@ -140,13 +152,16 @@ class GrpcExporter:
     choice; CHANNEL_OPTIONS are recommended).  It is called again for every
     reconnect attempt: a fresh channel connects at once, where a failed one
     waits out gRPC's own reconnect backoff (up to 2 minutes by default).
-    `target` is only used in messages.  `spool_dir` holds records across outages
-    and agent restarts, bounded by `spool_max_bytes`.
+    A str `target` is only used in messages; a CollectorTargets is the rotation
+    to fail over along, and then `channel_factory(endpoint)` dials its current
+    endpoint (apply `endpoint.channel_options()` on TLS channels).
+    `spool_dir` holds records across outages and agent restarts, bounded by
+    `spool_max_bytes`.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | CollectorTargets,
         *,
         channel_factory: ChannelFactory,
         spool_dir: str | os.PathLike[str],
@@ -169,7 +184,8 @@ class GrpcExporter:
             raise ValueError("queue and batch bounds must be positive")
         if max_in_flight < 1 or ack_timeout <= 0 or linger < 0:
             raise ValueError("need max_in_flight >= 1, ack_timeout > 0, linger >= 0")
-        self.target = target
+        self._targets = target if isinstance(target, CollectorTargets) else None
+        self.target = target if isinstance(target, str) else target.describe()
         self.batch_max_records = batch_max_records
         self.batch_max_bytes = batch_max_bytes
         self.queue_max_records = queue_max_records
@@ -209,6 +225,8 @@ class GrpcExporter:
         self._replay: deque[tuple[_CheckedOut, list[bytes]]] = deque()
         self._reconnect_at = 0.0
         self._outage = False
+        self._round_failures = 0  # failed attempts since the last ack, for the rotation
+        self._last_acked: Endpoint | None = None  # where the last stream got its first ack
         self._closing = False
         self._close_deadline = 0.0
 
@@ -218,6 +236,7 @@ class GrpcExporter:
         self.spool_failed_records = 0
         self.rejected_records = 0
         self.reconnects = 0
+        self.failovers = 0  # acks from another collector than the previous one
         self.refused = 0  # streams the collector refused (UNAUTHENTICATED, PERMISSION_DENIED)
 
         # Raises SpoolError (an OSError with a one-line message) before anything starts.
@@ -335,6 +354,7 @@ class GrpcExporter:
             "export_lost_records": self._lost(),
             "export_reconnects": self.reconnects,
             "export_refused": self.refused,
+            "export_failovers": self.failovers,
             "export_connected": int(self._connected()),
         }
 
@@ -356,8 +376,16 @@ class GrpcExporter:
     # No channel.subscribe() here: closing a subscribed channel races gRPC's
     # polling thread (grpc/grpc#18995, #20026), and channels are closed often.
 
+    @property
+    def _where(self) -> str:
+        """The collector now in use, for messages."""
+        return self.target if self._targets is None else str(self._targets.current)
+
     def _new_channel(self) -> None:
-        channel = self._channel_factory()
+        if self._targets is None:
+            channel = self._channel_factory()  # type: ignore[call-arg]
+        else:
+            channel = self._channel_factory(self._targets.current)  # type: ignore[call-arg]
         self._channel = channel
         self._ingest = channel.stream_stream(
             INGEST_METHOD,
@@ -473,10 +501,12 @@ class GrpcExporter:
         if not self._stream.acked:
             self._stream.acked = True
             self._backoff.reset()
+            self._round_failures = 0
+            self._note_failover()
             self._end_outage()
             if self._last_refusal is not None:
                 self._last_refusal = None
-                log.warning("exporter: collector %s accepts this agent again", self.target)
+                log.warning("exporter: collector %s accepts this agent again", self._where)
         flight = self._in_flight.pop(batch_id, None)
         if flight is None:
             log.debug("exporter: ack for unknown batch %d", batch_id)
@@ -505,7 +535,7 @@ class GrpcExporter:
         log.error(
             "exporter: collector %s rejected batch %d (%d records): %s; dropped it"
             " (%d rejected so far; do agent and collector versions match?)",
-            self.target,
+            self._where,
             batch_id,
             flight.count,
             reason,
@@ -539,7 +569,7 @@ class GrpcExporter:
             log.error(
                 "exporter: collector %s refused this agent (%s); records stay in the spool %s"
                 " and sending is retried (check the agent's token, certificate and --node)",
-                self.target,
+                self._where,
                 reason,
                 self.spool.directory,
             )
@@ -547,13 +577,27 @@ class GrpcExporter:
             log.debug("exporter: refused again (%s)", reason)
         self._fail_stream(reason, refused=True)
 
+    def _note_failover(self) -> None:
+        if self._targets is None:
+            return
+        now = self._targets.current
+        before, self._last_acked = self._last_acked, now
+        if before is not None and before != now:
+            self.failovers += 1
+            log.warning(
+                "exporter: failed over from collector %s to %s (%d failovers so far)",
+                before,
+                now,
+                self.failovers,
+            )
+
     def _end_outage(self) -> None:
         if self._outage:
             self._outage = False
             self.reconnects += 1
             log.warning(
                 "exporter: reconnected to collector %s; replaying %d spooled records",
-                self.target,
+                self._where,
                 self.spool.records,
             )
 
@@ -573,7 +617,11 @@ class GrpcExporter:
         stream.end()
         self._drop_channel()
         self._abandon_in_flight()
-        delay = self._backoff.next_delay()
+        failed_at = self._where
+        if outage and not (refused or retry_now) and self._targets is not None:
+            delay = self._rotate()
+        else:
+            delay = self._backoff.next_delay()
         if refused:
             delay = max(delay, self.refused_retry)
         if retry_now:
@@ -590,13 +638,24 @@ class GrpcExporter:
         elif not self._outage:
             self._outage = True
             log.warning(
-                "exporter: collector %s unreachable (%s); spooling to %s",
-                self.target,
+                "exporter: collector %s unreachable (%s); spooling to %s%s",
+                failed_at,
                 reason,
                 self.spool.directory,
+                f"; trying {self._where}" if failed_at != self._where else "",
             )
         else:
             log.debug("exporter: still unreachable (%s); next try in %.1f s", reason, delay)
+
+    def _rotate(self) -> float:
+        """Move to the next collector: at once, unless a whole round has failed."""
+        assert self._targets is not None
+        self._round_failures += 1
+        self._targets.advance()
+        if self._round_failures < len(self._targets):
+            return 0.0
+        self._round_failures = 0
+        return self._backoff.next_delay()
 
     def _abandon_in_flight(self) -> None:
         # Spooled segments first: they are older than anything sent from the queue.

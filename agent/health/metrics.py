@@ -225,6 +225,9 @@ METRICS: dict[str, MetricSpec] = {
         "export_lost_records", "Records lost on the way to the collector, all causes"
     ),
     "export_reconnects": _counter("export_reconnects", "Reconnections to the collector"),
+    "export_failovers": _counter(
+        "export_failovers", "Switches to another collector after the current one failed"
+    ),
     "export_refused": _counter(
         "export_refused_streams", "Streams the collector refused (token, certificate or node)"
     ),

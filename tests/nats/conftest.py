@@ -5,8 +5,10 @@ cluster over plain TCP. Collectors run in-process with the JetStream backend."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 import urllib.request
@@ -19,7 +21,8 @@ import pytest
 
 from agent.export.backoff import Backoff
 from agent.export.exporter import CHANNEL_OPTIONS, GrpcExporter
-from tests.grpc.conftest import collector, subscriber, wait_for  # noqa: F401 - fixtures
+from agent.export.targets import CollectorTargets
+from tests.grpc.conftest import REPO, collector, subscriber, wait_for  # noqa: F401 - fixtures
 
 
 def nats_server_binary() -> str:
@@ -188,14 +191,25 @@ def nats_collector(collector) -> Callable[..., object]:  # noqa: F811
 
 @pytest.fixture
 def exporters(tmp_path: Path) -> Iterator[Callable[..., GrpcExporter]]:
+    """exporters(address) for one collector; exporters([a, b]) fails over from a to b."""
     made: list[GrpcExporter] = []
 
-    def make(address: str, spool_dir: Path | None = None, **kw) -> GrpcExporter:
+    def make(address: str | list[str], spool_dir: Path | None = None, **kw) -> GrpcExporter:
         kw.setdefault("backoff", Backoff(initial=0.05, maximum=0.5))
         kw.setdefault("spool_max_bytes", 64 << 20)
+        if isinstance(address, str):
+            target, factory = (
+                address,
+                lambda: grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS)),
+            )
+        else:
+            target = CollectorTargets(address, start=0)
+            factory = lambda endpoint: grpc.insecure_channel(  # noqa: E731
+                endpoint.address, options=list(CHANNEL_OPTIONS)
+            )
         exp = GrpcExporter(
-            address,
-            channel_factory=lambda: grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS)),
+            target,
+            channel_factory=factory,
             spool_dir=spool_dir or tmp_path / f"spool{len(made)}",
             **kw,
         )
@@ -205,3 +219,79 @@ def exporters(tmp_path: Path) -> Iterator[Callable[..., GrpcExporter]]:
     yield make
     for exp in made:
         exp.close(timeout=1.0)
+
+
+@dataclass
+class NatsCollectorProcess:
+    """`tlscap collector --backend nats://...` as a real process on a fixed port, so a
+    restart comes back at the same address."""
+
+    servers: list[NatsServer]
+    port: int
+    log: Path
+    extra: tuple[str, ...] = ()
+    proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def ready_file(self) -> Path:
+        return self.log.with_suffix(".ready")
+
+    def start(self, timeout: float = 60.0) -> NatsCollectorProcess:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> NatsCollectorProcess:
+        ready = self.ready_file
+        ready.unlink(missing_ok=True)
+        backend = ",".join(s.url for s in self.servers)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "collector", "--insecure",
+             "--allow-anonymous-subscribe", "--listen", self.address, "--backend", backend,
+             "--nats-insecure", "--ready-file", str(ready), *self.extra],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),  # noqa: SIM115
+        )  # fmt: skip
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> NatsCollectorProcess:
+        proc = self.proc
+        assert proc is not None
+        wait_for(lambda: self.ready_file.exists() or proc.poll() is not None, timeout, "collector")
+        if proc.poll() is not None:
+            raise RuntimeError(f"collector exited {proc.returncode}: {self.log.read_text()}")
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def nats_collector_process(
+    tmp_path: Path,
+) -> Iterator[Callable[..., NatsCollectorProcess]]:
+    """nats_collector_process(servers, *extra_flags): a collector process, not started
+    (.start(); or .launch() several, then .wait_ready() each)."""
+    made: list[NatsCollectorProcess] = []
+
+    def make(servers: list[NatsServer] | NatsServer, *extra: str) -> NatsCollectorProcess:
+        servers = servers if isinstance(servers, list) else [servers]
+        (port,) = free_ports(1)
+        cp = NatsCollectorProcess(servers, port, tmp_path / f"collector{len(made)}.log", extra)
+        made.append(cp)
+        return cp
+
+    yield make
+    for cp in made:
+        cp.kill()

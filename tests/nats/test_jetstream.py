@@ -8,6 +8,8 @@ as any NATS client would per docs/nats.md.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 from agent.collector.jetstream.backend import BackendError, JetStreamBackend
 from agent.collector.jetstream.config import NatsConfig
 from agent.collector.policy import parse_policy
-from agent.consumer.subscriber import ReplayFinished
+from agent.consumer.subscriber import Missed, ReplayFinished, subscribe
 from agent.export.spool import Spool
 from agent.records.filter import RecordFilter
 from agent.records.record import PodRef, Record
@@ -314,6 +316,66 @@ def test_stream_settings_are_applied_and_foreign_streams_refused(
 def test_cli_refuses_plaintext_nats_without_opt_in(capsys) -> None:
     from agent.cli.main import main
 
-    rc = main(["collector", "--insecure", "--backend", "nats://127.0.0.1:1"])
+    agent_log = logging.getLogger("agent")
+    level = agent_log.level
+    try:
+        rc = main(["collector", "--insecure", "--backend", "nats://127.0.0.1:1"])
+    finally:
+        agent_log.setLevel(level)  # main() sets it: later tests' caplog would miss DEBUG
     assert rc != 0
     assert "--nats-insecure" in capsys.readouterr().err
+
+
+# -- limits -----------------------------------------------------------------------------
+
+
+def test_a_full_stream_drops_its_oldest_records_and_says_so(
+    nats_server: NatsServer, nats_collector, exporters, caplog
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.collector.jetstream.backend")
+    server = nats_collector(nats_server, max_bytes=64 << 10, prune_interval=0.2)
+    records = make_records(200, payload=1024)
+    exp = exporters(server.address)
+    for r in records:
+        exp.write(r)
+    wait_for(lambda: exp.stats()["export_acked_records"] == 200, 20, "records acked")
+    assert exp.stats()["export_lost_records"] == 0  # the agent did its part
+
+    stored = read_stream(nats_server.url)
+    kept = len(stored)
+    assert 0 < kept < 200
+    # The newest are kept, the oldest went.
+    assert [h["Nats-Msg-Id"] for _, h, _, _ in stored] == [
+        f"{r.agent_id}:{r.seq}" for r in records[200 - kept :]
+    ]
+    wait_for(lambda: server.stats().get("nats_stream_dropped") == 200 - kept, 10, "reported")
+    assert server.stats()["nats_stream_messages"] == kept
+    assert any("is full" in r.getMessage() for r in caplog.records)
+
+    # A consumer resuming from a cursor the stream no longer has is told what it missed.
+    stop = threading.Event()
+    events = list(
+        subscribe(
+            lambda: grpc.insecure_channel(server.address),
+            RecordFilter(),
+            replay=True,
+            live=False,
+            stop=stop,
+            after_cursor=10,
+        )
+    )
+    assert events[0] == Missed(200 - kept - 10, 0, 0)
+    assert [r.seq for r in events if isinstance(r, Record)] == [r.seq for r in records[-kept:]]
+
+
+def test_a_malformed_record_is_invalid_argument(nats_server: NatsServer, nats_collector) -> None:
+    server = nats_collector(nats_server)
+    good = make_records(2)
+    for bad in (pb.Record(agent_id="x", seq=1, type=99), pb.Record(seq=1, type=1)):
+        batch = pb.IngestBatch(batch_id=7, records=[to_pb(good[0]), bad])
+        with pytest.raises(grpc.RpcError) as err, grpc.insecure_channel(server.address) as ch:
+            next(iter(pb_grpc.CollectorStub(ch).Ingest(iter([batch]))))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "batch 7, record 1" in err.value.details() or "agent_id" in err.value.details()
+    assert stream_count(nats_server.url) == 0  # the whole batch is refused, nothing published
+    assert ingest(server.address, good).stored == 2  # and the collector keeps serving

@@ -37,7 +37,7 @@ def test_file_values_are_parsed_like_flags(tmp_path: Path) -> None:
     assert args.max_capture == 64 << 10 and args.ringbuf_mb == 8
     assert args.comm == ["curl", "nginx"]
     assert args.intercept_loopback is True
-    assert (args.collector, args.spool_max) == ("collector:7300", 1 << 20)
+    assert (args.collector, args.spool_max) == (["collector:7300"], 1 << 20)
 
 
 def test_command_line_beats_environment_beats_file(tmp_path: Path) -> None:

@@ -96,6 +96,7 @@ class JetStreamBackend:
             budget = config.connect_timeout * (len(config.servers) + 1) + 5
             self._call(self._connect(), budget)
             self._call(self._ensure_stream(), 30.0)
+            self.maintain()  # the stream's state now: what it had dropped before we started
         except BackendUnavailable as exc:
             self.close()
             raise BackendError(f"NATS {','.join(config.servers)}: {exc}") from None
@@ -444,12 +445,11 @@ class JetStreamBackend:
             log.warning("cannot read stream %s: %s", self.config.stream, _describe(exc))
         else:
             state = info.state
+            # Limits retention: what is gone from the head of the stream, the stream's
+            # limits removed (a new stream has first_seq 0, an emptied one last_seq + 1).
+            dropped = max(0, state.last_seq - state.messages - (state.num_deleted or 0))
+            self._report_drops(dropped, state.messages, state.bytes)
             with self._lock:
-                before = self._stream_state.get("nats_stream_first_seq")
-                dropped = self._stream_state.get("nats_stream_dropped", 0)
-                if before is not None and state.first_seq > before:
-                    # Limits retention: only the stream's limits remove records.
-                    dropped += state.first_seq - before
                 self._stream_state = {
                     "nats_stream_messages": state.messages,
                     "nats_stream_bytes": state.bytes,
@@ -463,6 +463,28 @@ class JetStreamBackend:
             return None
         self._last_report = report
         return "jetstream: " + " ".join(f"{k.removeprefix('nats_')}={v}" for k, v in now.items())
+
+    def _report_drops(self, dropped: int, messages: int, size: int) -> None:
+        """Warn when a size or count limit made the stream drop records: it is full."""
+        before = self._stream_state.get("nats_stream_dropped")
+        if before is None or dropped <= before:
+            return
+        c = self.config
+        full = (c.max_bytes and size >= 0.9 * c.max_bytes) or (
+            c.max_msgs and messages >= 0.9 * c.max_msgs
+        )
+        if full:
+            log.warning(
+                "stream %s is full (%d records, %d bytes; --max-bytes %s, --max-records %s):"
+                " its %d oldest records were dropped since the last check (%d in all)",
+                c.stream,
+                messages,
+                size,
+                c.max_bytes or "none",
+                c.max_msgs or "none",
+                dropped - before,
+                dropped,
+            )
 
     def stats(self) -> dict[str, int]:
         with self._lock:
