@@ -52,24 +52,29 @@ class EventPipeline:
     def handle_batch(self, records: Sequence[bytes | memoryview]) -> None:
         """Decode and pass on one batch; the records may be reused afterwards."""
         self.stats.events += len(records)
-        write = self.writer.write
+        out: list[Record] = []  # handed to the writer in one go
+        extend = out.extend
         on_call = self.flows.on_call
         feed = self.calls.feed
         for event in self._decoder.decode_batch(records):
             kind = type(event)
             if kind is TlsCall:
                 for call in feed(event):  # type: ignore[arg-type]
-                    for record in on_call(call):
-                        write(record)
+                    extend(on_call(call))
             elif kind is SocketClosed:
-                self._write_all(self.flows.on_close(event))  # type: ignore[arg-type]
+                extend(self.flows.on_close(event))  # type: ignore[arg-type]
             elif kind is SocketBound:
-                self._write_all(self.flows.on_bind(event))  # type: ignore[arg-type]
+                extend(self.flows.on_bind(event))  # type: ignore[arg-type]
             elif kind is ProcessEvent:
+                # An exit makes the writer forget the process: what came before it
+                # goes out first, while its pod is still known.
+                self._write_all(out)
+                out.clear()
                 self._on_process_event(event)  # type: ignore[arg-type]
             else:
                 self.stats.decode_errors += 1
                 log.warning("dropping undecodable event: %s", event)
+        self._write_all(out)
         self.push_kernel_registrations()
 
     def flush_calls(self, older_than_mono_ns: int | None = None) -> None:
@@ -115,5 +120,5 @@ class EventPipeline:
             self._on_exec(event.tgid)
 
     def _write_all(self, records: list[Record]) -> None:
-        for record in records:
-            self.writer.write(record)
+        if records:
+            self.writer.write_many(records)

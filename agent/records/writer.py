@@ -52,38 +52,56 @@ class RecordWriter:
         self.data_bytes = 0
 
     def write(self, record: Record) -> None:
-        if (
-            self.attribution is not None
-            and record.type != "stats"
-            and not self.attribution.apply(record)
-        ):
-            return  # left out by the tlscap.io/capture policy (counted there)
-        if self.l7 is None:
-            self._emit(record)
+        if record.type != "stats":
+            self.write_many([record])
             return
-        if record.type == "stats":
+        if self.l7 is not None:
             # Held records and unfinished exchanges go out before the run's last word,
             # and the stats line carries the stage's final counters.
-            for out in self.l7.flush():
-                self._emit(out)
+            self._emit_many(self.l7.flush())
             record.stats.update(self.l7.stats())
             if "records" in record.stats:  # counted before the flush above
                 record.stats["records"] = self.records
                 record.stats["bytes"] = self.data_bytes
-            self._emit(record)
-            return
-        for out in self.l7.process(record):
-            self._emit(out)
+        self._emit_many([record])
 
-    def _emit(self, record: Record) -> None:
-        self.records += 1
-        record.agent_id = self.agent_id
-        record.node = self.node
-        record.seq = self.records
-        if record.type == "data":
-            self.data_bytes += record.captured_len
+    def write_many(self, records: list[Record]) -> None:
+        """write() for each of `records` (no stats record among them), with the sinks
+        given them in one call each: a batch from the ring costs one buffered write."""
+        attribution, l7 = self.attribution, self.l7
+        if attribution is None and l7 is None:
+            self._emit_many(records)
+            return
+        ready: list[Record] = []
+        for record in records:
+            if attribution is not None and not attribution.apply(record):
+                continue  # left out by the tlscap.io/capture policy (counted there)
+            if l7 is None:
+                ready.append(record)
+            else:
+                ready.extend(l7.process(record))
+        self._emit_many(ready)
+
+    def _emit_many(self, records: list[Record]) -> None:
+        if not records:
+            return
+        seq = self.records
+        agent_id, node = self.agent_id, self.node
+        for record in records:
+            seq += 1
+            record.agent_id = agent_id
+            record.node = node
+            record.seq = seq
+            if record.type == "data":
+                self.data_bytes += record.captured_len
+        self.records = seq
         for sink in self.sinks:
-            sink.write(record)
+            write_many = getattr(sink, "write_many", None)
+            if write_many is not None:
+                write_many(records)
+            else:
+                for record in records:
+                    sink.write(record)
 
     def process_exited(self, pid: int) -> None:
         """Forget what was cached about the process: its pid may be reused."""
@@ -107,8 +125,7 @@ class RecordWriter:
     def close(self) -> None:
         if self.l7 is not None:
             try:
-                for out in self.l7.flush():
-                    self._emit(out)
+                self._emit_many(self.l7.flush())
             except OSError as exc:
                 log.error("writing the last records: %s", exc)
         if self.attribution is not None:
