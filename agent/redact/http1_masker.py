@@ -108,6 +108,10 @@ def _matchers(names: frozenset[str]) -> _Matchers:
 _QUERY_VALUE_END = re.compile(rb"[&#;\s\"'<>]")
 
 
+def _holds_any(text: bytes, needles: tuple[bytes, ...]) -> bool:
+    return any(needle in text for needle in needles)
+
+
 class _QueryMasker:
     """Values of sensitive query parameters in a stream of chunks, masked in place.
 
@@ -146,7 +150,7 @@ class _QueryMasker:
         buf = tail + data if tail else data
         # Every match holds "=": one memchr turns away most chunks (request heads
         # without a query, JSON and plain bodies) before the lower-case copy.
-        if b"=" not in buf or not any(needle in buf.lower() for needle in self._needles):
+        if b"=" not in buf or not _holds_any(buf.lower(), self._needles):
             self._tail = buf[-self._keep :]
             return out
         for m in self._pattern.finditer(buf, base + i if i else 0):
