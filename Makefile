@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help setup run test lint fmt bench clean
+.PHONY: help setup run test lint fmt bench clean test-kernels
 
 help:
 	@echo "make setup               install system packages + .venv (idempotent; run as root)"
@@ -19,6 +19,7 @@ help:
 	@echo "make test [PYTEST_ARGS=] run the test suite (needs root for the eBPF tests)"
 	@echo "make lint | fmt          ruff check / ruff format"
 	@echo "make bench               run the benchmarks (bench/run_all.py)"
+	@echo "make test-kernels        boot Debian's 5.10/6.1/6.12 kernels in qemu, run the smoke suite (root)"
 	@echo "make clean               remove caches and build leftovers (keeps .venv)"
 
 # Always runs the bootstrap: it is the one place that knows what "set up" means, and a
@@ -42,6 +43,14 @@ fmt: setup
 
 bench: setup
 	$(PYTHON) bench/run_all.py
+
+# Not part of `make test`: it boots one VM per kernel (TCG here: tens of minutes).
+# KERNELS=5.10,6.1 narrows it; docs/kernels.md says what it does and costs.
+KERNELS ?=
+test-kernels: setup
+	@command -v qemu-system-x86_64 >/dev/null && command -v debootstrap >/dev/null || \
+		apt-get install -y -q --no-install-recommends qemu-system-x86 debootstrap e2fsprogs
+	/usr/bin/python3 scripts/vm/kernel_matrix.py $(if $(KERNELS),--kernels $(KERNELS))
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

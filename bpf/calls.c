@@ -312,7 +312,11 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
     e->direction = a->direction;
     e->source = a->source;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
+#if TLSCAP_CGROUP_ID
     e->cgroup_id = bpf_get_current_cgroup_id();
+#else
+    e->cgroup_id = 0;
+#endif
     __builtin_memset(&e->conn, 0, sizeof(e->conn));
     if (fd >= 0) {
         u64 key = socket_key(tgid, fd);

@@ -10,6 +10,11 @@
 // *tls.Conn, or failing that from the socket syscall the goroutine makes
 // inside the call.
 //
+// That syscall names its goroutine through the task's saved user registers
+// (bpf_task_pt_regs, Linux 5.15+).  Kernels without it (TLSCAP_TASK_PT_REGS=0)
+// get the program without that code: the goroutine that last entered Write or
+// Read on the syscall's thread stands in for it (see go_thread_g).
+//
 //   entry:  RAX = *tls.Conn, RBX = b.ptr, RCX = b.len
 //   RET:    RAX = n (bytes written / read), RBX:RCX = error
 #include "tlscap.h"
@@ -35,6 +40,17 @@ BPF_F_TABLE("hash", struct go_call_key, struct active_call, go_calls, 262144, BP
 // goroutine making them (sockets.c -> go_learn_fd), as OpenSSL calls are by
 // thread.  The set keeps that lookup off every other process's syscalls.
 BPF_TABLE("lru_hash", u32, u8, go_fallback_tgids, 4096);
+
+#if !TLSCAP_TASK_PT_REGS
+// Without bpf_task_pt_regs a syscall tracepoint cannot see R14 (g).  A Go call
+// makes its first socket syscall on the thread it entered on, before it can
+// park (Read tries the read first; EAGAIN parks it): so thread -> the goroutine
+// of the fallback call it last entered, cleared by that call's first syscall on
+// a known socket.  A goroutine preempted and moved between its entry and that
+// syscall is not matched (its data then has no socket), never mismatched to a
+// later call: the entry it names must still be open and without an fd.
+BPF_TABLE("lru_hash", u32, u64, go_thread_g, 16384);
+#endif
 
 // Per probed Write/Read entry address: what user space read from the binary
 // to walk *tls.Conn -> conn (net.Conn) -> *net.TCPConn -> *netFD -> pfd.Sysfd.
@@ -103,6 +119,11 @@ static __always_inline int go_tls_enter(struct pt_regs *ctx, u8 direction) {
     }
     if (c.fd < 0) {
         count(CNT_GO_FD_FALLBACK, 1);
+#if !TLSCAP_TASK_PT_REGS
+        u32 tid = (u32)id;
+        if (go_thread_g.update(&tid, &key.g) != 0)
+            count(CNT_MAP_FULL, 1);
+#endif
         if (!go_fallback_tgids.lookup(&tgid)) {
             u8 one = 1;
             if (go_fallback_tgids.update(&tgid, &one) != 0)
@@ -138,14 +159,26 @@ int probe_gotls_return(struct pt_regs *ctx) {
 static __always_inline void go_learn_fd(u32 tgid, s32 fd, u8 socket_call) {
     if (!go_fallback_tgids.lookup(&tgid))
         return;
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     struct go_call_key key = {.tgid = tgid};
+#if TLSCAP_TASK_PT_REGS
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     if (bpf_probe_read_kernel(&key.g, sizeof(key.g), &regs->r14) != 0)
         return;
+#else
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 *g = go_thread_g.lookup(&tid);
+    if (!g)
+        return;
+    key.g = *g;
+#endif
     struct active_call *a = go_calls.lookup(&key);
     if (!a || (a->fd >= 0 && !a->fd_weak))
         return;
     u8 weak = !socket_call && !find_socket(socket_key(tgid, fd));
+#if !TLSCAP_TASK_PT_REGS
+    if (!weak)
+        go_thread_g.delete(&tid);  // this thread's later syscalls are not that call's
+#endif
     if (weak)
         count(CNT_UNKNOWN_FDS, 1);
     // The call's first socket syscall; a known socket replaces a weak guess.

@@ -164,7 +164,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap) {
     exec_mmaps.delete(&tid);
     if (args->ret < 0 && args->ret > -4096)
         return 0;  // the mapping failed
-#if TLSCAP_HOLD
+#if TLSCAP_HOLD && TLSCAP_SEND_SIGNAL
     if (k == MMAP_EXEC_TLS_LIB && bpf_send_signal(SIGSTOP_) == 0) {
         emit_proc_event(EV_HOLD, id >> 32);
         return 0;

@@ -13,6 +13,12 @@
 //   TLSCAP_SHED_BYTES  ring high-water mark: connections that start while more
 //                      than this is pending are shed (0: never shed)
 //   TLSCAP_SOCK_LENGTH_TP  1 when the kernel has sock:sock_{send,recv}_length (6.3+)
+//   TLSCAP_TASK_PT_REGS  1 when the kernel has bpf_task_pt_regs + bpf_get_current_task_btf
+//                      (5.15+, BTF): gotls.c finds a syscall's goroutine from its registers
+//   TLSCAP_CGROUP_ID   1 when the kernel has bpf_get_current_cgroup_id (4.18+)
+//   TLSCAP_SEND_SIGNAL 1 when the kernel has bpf_send_signal (5.3+)
+//   (agent/probes/kernel_features.py probes these; a helper the kernel lacks would
+//   make the whole program fail to load, so its code is left out instead.)
 //   TLSCAP_HOLD        1 with --hold-new-libraries: stop a process that maps a TLS
 //                      library until user space has probed it (process.c)
 #ifndef TLSCAP_H
@@ -40,6 +46,15 @@
 #endif
 #ifndef TLSCAP_SOCK_LENGTH_TP
 #define TLSCAP_SOCK_LENGTH_TP 0
+#endif
+#ifndef TLSCAP_TASK_PT_REGS
+#define TLSCAP_TASK_PT_REGS 1
+#endif
+#ifndef TLSCAP_CGROUP_ID
+#define TLSCAP_CGROUP_ID 1
+#endif
+#ifndef TLSCAP_SEND_SIGNAL
+#define TLSCAP_SEND_SIGNAL 1
 #endif
 #ifndef TLSCAP_SHED_BYTES
 #define TLSCAP_SHED_BYTES (TLSCAP_RINGBUF_PAGES * 2048)  // half the ring (4 KiB pages)

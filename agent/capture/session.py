@@ -268,6 +268,7 @@ class CaptureSession:
         }
         if self._program is not None:
             out["ring_peak_pending_bytes"], out["ring_bytes"] = self._program.ring_fill()
+            out.update(self._program.kernel_feature_stats())
         out.update({f"kernel_{k}": v for k, v in kernel.items() if k not in shed})
         out.update(shed)
         out.update({f"flow_{k}": v for k, v in self._flows.stats.as_dict().items()})

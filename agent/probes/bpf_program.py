@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from agent.events import layout
 from agent.flows.table import KernelRegistration
-from agent.probes.preflight import has_tracepoint
+from agent.probes import kernel_features
+from agent.probes.kernel_features import KernelFeatures
 from agent.probes.ring_reader import PAGE_SIZE, BatchHandler, RingReader
 
 if TYPE_CHECKING:
@@ -69,8 +70,11 @@ class ProbeSettings:
     # accept() that was already blocked when we attached get their endpoints
     # in the kernel (bpf/sockets.c).
     sock_length_tracepoints: bool = field(
-        default_factory=lambda: has_tracepoint("sock", "sock_recv_length")
+        default_factory=lambda: kernel_features.detect().has("sock_length_tracepoints")
     )
+    # What this kernel's BPF can do (agent/probes/kernel_features.py): code that
+    # needs a missing helper is compiled out (-D flags below).
+    kernel: KernelFeatures = field(default_factory=kernel_features.detect)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shed_fraction <= 1.0:
@@ -100,6 +104,7 @@ class ProbeSettings:
             f"-DTLSCAP_SHED_BYTES={self.shed_bytes}",
             f"-DTLSCAP_SOCK_LENGTH_TP={1 if self.sock_length_tracepoints else 0}",
             f"-DTLSCAP_HOLD={1 if self.hold_new_libraries else 0}",
+            *self.kernel.cflags(),
         ]
 
 
@@ -128,8 +133,13 @@ class BpfProgram:
 
         src = source_dir or bpf_source_dir()
         self.settings = settings
+        for line in settings.kernel.off_lines():
+            log.warning("%s", line)
         self._bpf = BPF(text=program_text(src), cflags=[f"-I{src}", *settings.cflags()])
         self._ring: RingReader | None = None
+        # agent/probes/prologue.py: probes placed on emulated instructions, and calls
+        # left to entry + uretprobe on a single-stepped first instruction.
+        self._placements = {"probe_placements_emulated": 0, "probe_placements_entry_fallback": 0}
 
     @property
     def bcc(self) -> Any:
@@ -179,6 +189,15 @@ class BpfProgram:
         config.fd_off = offsets.tcpconn_fd
         config.sysfd_off = offsets.netfd_sysfd
         table[table.Key(entry_address)] = config
+
+    def kernel_feature_stats(self) -> dict[str, int]:
+        """kernel_features_missing and kernel_feature_<name> (1 = in use) gauges."""
+        return {**self.settings.kernel.stats(), **self._placements}
+
+    def note_placement(self, single_stepped_uretprobe: bool) -> None:
+        """Count one attached library probe (library_probes.attach_library)."""
+        key = "entry_fallback" if single_stepped_uretprobe else "emulated"
+        self._placements[f"probe_placements_{key}"] += 1
 
     def open_uprobes(self) -> int:
         return self._bpf.num_open_uprobes()

@@ -30,6 +30,7 @@ __all__ = [
     "check_bcc",
     "check_bpf_syscall",
     "check_environment",
+    "check_kernel_features",
     "check_kernel_headers",
     "check_root",
     "check_tracefs",
@@ -206,6 +207,20 @@ def check_bpf_syscall(machine: str | None = None, *, is_root: bool | None = None
     return f"the bpf() syscall failed creating a test map: {os.strerror(err)}"
 
 
+def check_kernel_features() -> str | None:
+    """The BPF facilities eBPF capture cannot do without (ring buffer: 5.8+, ...).
+
+    Optional ones only degrade the capture; BpfProgram logs those, one line each
+    (agent/probes/kernel_features.py).
+    """
+    from agent.probes import kernel_features  # it imports has_tracepoint from here
+
+    try:
+        return kernel_features.detect().required_problem()
+    except ValueError as exc:  # a bad TLSCAP_KERNEL_FEATURES_OFF
+        return str(exc)
+
+
 def check_kernel_headers(
     cache_dir: Path | None = None, *, is_root: bool | None = None
 ) -> tuple[Path | None, str | None]:
@@ -249,7 +264,14 @@ def check_environment(
     *checks* and *headers_check* replace the real checks (for tests).
     """
     if checks is None:
-        checks = [check_root, check_uprobes, check_tracefs, check_bcc, check_bpf_syscall]
+        checks = [
+            check_root,
+            check_uprobes,
+            check_tracefs,
+            check_bcc,
+            check_bpf_syscall,
+            check_kernel_features,
+        ]
     if headers_check is None:
 
         def headers_check() -> tuple[Path | None, str | None]:

@@ -27,6 +27,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TLSCAP = [sys.executable, "-m", "agent"]
 PROGRAMS = Path(__file__).parent / "programs"
+# Compiling and attaching the probes takes seconds here, minutes in an emulated
+# (TCG) guest of `make test-kernels`, which raises this.
+AGENT_START_TIMEOUT = float(os.environ.get("TLSCAP_TEST_AGENT_START_TIMEOUT", "60"))
 
 
 def _missing_capability() -> str | None:
@@ -133,7 +136,7 @@ class Agent:
     def ready(self) -> Path:
         return self.workdir / "ready"
 
-    def start(self, timeout: float = 60.0) -> Agent:
+    def start(self, timeout: float = AGENT_START_TIMEOUT) -> Agent:
         self.ready.unlink(missing_ok=True)
         cmd = [*TLSCAP, "run", "--output", "jsonl", "--output-file", str(self.output)]
         cmd += ["--ready-file", str(self.ready), "--log-level", "info", *self.args]
