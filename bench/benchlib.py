@@ -435,10 +435,12 @@ def running_agent(
     extra: list[str] | None = None,
     ready_timeout: float = 90.0,
     bpf_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[AgentRun]:
     """`tlscap run --output jsonl` until the with-block ends (killed if still running).
 
     bpf_dir: run the agent on a modified copy of bpf/ (TLSCAP_BPF_DIR), for experiments.
+    env: more environment for the agent (TLSCAP_PROBE_PLACEMENT=entry).
     """
     output = workdir / "capture.jsonl"
     ready = workdir / "ready"
@@ -456,7 +458,7 @@ def running_agent(
         *(f"--pid={p}" for p in pids or []),
         *(extra or []),
     ]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if bpf_dir is not None:
         env["TLSCAP_BPF_DIR"] = str(bpf_dir)
     with _launched_agent(cmd, workdir, REPO, env, ready_timeout) as run:

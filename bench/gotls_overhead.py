@@ -36,7 +36,9 @@ import benchlib as bl
 import overhead as ov
 
 CALL = "crypto/tls.(*Conn).Write"
-ALL_MODES = ("baseline", "empty", "empty_rets", "empty_emul", "tlscap")
+ALL_MODES = (
+    "baseline", "empty", "empty_rets", "empty_emul", "empty_emul_rets", "tlscap", "tlscap_entry"
+)  # fmt: skip
 DEFAULT_MODES = ("baseline", "empty", "empty_rets", "tlscap")
 FLOORS = ("empty", "empty_rets")
 # The agent programs one Write runs: its entry probe, the probe at the RET it leaves
@@ -79,6 +81,11 @@ class GoEmptyProbe:
             if self.emulated_offset is None:
                 raise bl.BenchError(f"no emulated instruction found near the start of {CALL}")
             return [self.entry + self.emulated_offset]
+        if mode == "empty_emul_rets":
+            # The floor of tlscap's Go placement: the jbe and every RET.
+            if self.emulated_offset is None:
+                raise bl.BenchError(f"no emulated instruction found near the start of {CALL}")
+            return [*self.returns, self.entry + self.emulated_offset]
         if mode == "empty_rets":
             # RETs first, as the agent does: no entry hit without its return probe.
             return [*self.returns, self.entry]

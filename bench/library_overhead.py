@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> dict:
     if missing:
         raise bl.BenchError(f"not installed: {', '.join(missing)} (`make setup` adds them)")
     size = args.size_mb << 20
-    times: dict[str, dict[str, list[float]]] = {c: {"off": [], "on": []} for c in CLIENTS}
+    times: dict[str, dict[str, list[float]]] = {
+        c: {"off": [], "on": [], "entry": []} for c in CLIENTS
+    }
     calls: dict[str, list[int]] = {c: [] for c in CLIENTS}
     with bl.scratch_dir() as work:
         (work / "big").write_bytes(os.urandom(size))
@@ -109,21 +111,26 @@ def run(args: argparse.Namespace) -> dict:
             for rnd in range(args.rounds):
                 for c in CLIENTS:
                     times[c]["off"].append(download(c, port, work))
-                agent_dir = work / f"agent{rnd}"
-                agent_dir.mkdir()
-                only_clients = [a for c in CLIENTS for a in ("--comm", c)]
-                with bl.running_agent(agent_dir, extra=only_clients) as agent:
+                # "on": probes where agent/probes/prologue.py places them; "entry":
+                # every probe on its function's first instruction (the old placement).
+                for mode in ("on", "entry") if rnd % 2 == 0 else ("entry", "on"):
+                    agent_dir = work / f"agent{rnd}-{mode}"
+                    agent_dir.mkdir()
+                    only_clients = [a for c in CLIENTS for a in ("--comm", c)]
+                    env = {"TLSCAP_PROBE_PLACEMENT": "entry"} if mode == "entry" else {}
+                    with bl.running_agent(agent_dir, extra=only_clients, env=env) as agent:
+                        for c in CLIENTS:
+                            times[c][mode].append(download(c, port, work))
+                        agent.stop()
+                    got = captured(agent.output)
                     for c in CLIENTS:
-                        times[c]["on"].append(download(c, port, work))
-                    agent.stop()
-                got = captured(agent.output)
-                for c in CLIENTS:
-                    if got[c]["bytes"] < size or got["_stats"]["lost"] != 0:
-                        raise bl.BenchError(
-                            f"round {rnd}: {c} captured {got[c]['bytes']} of >= {size} bytes, "
-                            f"lost {got['_stats']['lost']}"
-                        )
-                    calls[c].append(got[c]["calls"])
+                        if got[c]["bytes"] < size or got["_stats"]["lost"] != 0:
+                            raise bl.BenchError(
+                                f"round {rnd} ({mode}): {c} captured {got[c]['bytes']} of "
+                                f">= {size} bytes, lost {got['_stats']['lost']}"
+                            )
+                        if mode == "on":
+                            calls[c].append(got[c]["calls"])
         finally:
             bl.kill_tree(server)
     rows = {}
@@ -135,6 +142,10 @@ def run(args: argparse.Namespace) -> dict:
             "mb_per_s_without": args.size_mb / off,
             "mb_per_s_with": args.size_mb / on,
             "ratio_with_over_without": on / off,
+            "ratio_entry_placement_over_without": bl.median(times[c]["entry"]) / off,
+            "added_us_per_call_entry_placement": (
+                (bl.median(times[c]["entry"]) - off) / n_calls * 1e6 if n_calls else None
+            ),
             "tls_calls_per_download": n_calls,
             "added_us_per_call": (on - off) / n_calls * 1e6 if n_calls else None,
         }
@@ -145,12 +156,14 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(result: dict) -> None:
     print(f"{result['size_mb']} MiB download, median of {result['rounds']} rounds each way")
     print(f"{'library':8} {'client':8} {'MB/s off':>9} {'MB/s on':>8} {'time x':>7} "
-          f"{'calls':>6} {'+us/call':>9}")  # fmt: skip
+          f"{'calls':>6} {'+us/call':>9} {'entry: x':>8} {'+us/call':>9}")  # fmt: skip
     for lib, r in result["libraries"].items():
         added = r["added_us_per_call"]
         print(f"{lib:8} {r['client']:8} {r['mb_per_s_without']:9.0f} {r['mb_per_s_with']:8.0f} "
               f"{r['ratio_with_over_without']:7.2f} {r['tls_calls_per_download']:6.0f} "
-              f"{added if added is not None else float('nan'):9.1f}")  # fmt: skip
+              f"{added if added is not None else float('nan'):9.1f} "
+              f"{r['ratio_entry_placement_over_without']:8.2f} "
+              f"{r['added_us_per_call_entry_placement'] or float('nan'):9.1f}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

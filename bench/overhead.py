@@ -34,13 +34,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl
 
-ALL_MODES = ("baseline", "empty", "empty_ret", "empty_emul", "tlscap")
+ALL_MODES = (
+    "baseline", "empty", "empty_ret", "empty_emul", "empty_worker_ret", "tlscap", "tlscap_entry"
+)  # fmt: skip
 DEFAULT_MODES = ("baseline", "empty", "empty_ret", "tlscap")
 
 
 def is_tlscap(mode: str) -> bool:
     """ "tlscap", or "tlscap@NAME": the agent on the bpf/ variant registered as NAME."""
-    return mode == "tlscap" or mode.startswith("tlscap@")
+    return mode in ("tlscap", "tlscap_entry") or mode.startswith("tlscap@")
+
+
+# tlscap_entry: the agent with every probe on its function's first instruction, as
+# before agent/probes/prologue.py (TLSCAP_PROBE_PLACEMENT=entry): the comparison run.
+def agent_env(mode: str) -> dict[str, str]:
+    return {"TLSCAP_PROBE_PLACEMENT": "entry"} if mode == "tlscap_entry" else {}
 
 
 EMPTY_PROBE = "int probe(struct pt_regs *ctx) { return 0; }"
@@ -49,6 +57,7 @@ EMPTY_PROBE = "int probe(struct pt_regs *ctx) { return 0; }"
 # OpenSSL makes inside it; with --bpf-stats their run times add up to a per-call cost.
 SSL_WRITE_PROGRAMS = {
     "probe_ssl_write_enter": "SSL_write entry",
+    "probe_ssl_write_ex_enter": "ssl_write_internal entry",
     "probe_tls_return": "return",
     "tracepoint__syscalls__sys_enter_write": "sys_enter_write",
 }
@@ -75,8 +84,17 @@ class EmptyProbe:
         self.attached: list[tuple[str, int]] = []
         found = bl.first_emulated_instruction(bl.LIBSSL, "SSL_write")
         self.emulated_offset, self.emulated_insn = found if found else (None, None)
+        self.worker = worker_address(bl.LIBSSL, "SSL_write_ex", "SSL_write")
 
     def attach(self, mode: str) -> None:
+        if mode == "empty_worker_ret":
+            # Where tlscap now probes SSL_write: its worker's entry (emulated) + return.
+            if self.worker is None:
+                raise bl.BenchError("no provable worker behind SSL_write")
+            self.bpf.attach_uretprobe(name=bl.LIBSSL, addr=self.worker, fn_name="probe")
+            self.bpf.attach_uprobe(name=bl.LIBSSL, addr=self.worker, fn_name="probe")
+            self.attached += [("worker_return", self.worker), ("worker", self.worker)]
+            return
         if mode == "empty_emul":
             if self.emulated_offset is None:
                 raise bl.BenchError("no emulated instruction found in SSL_write")
@@ -92,7 +110,11 @@ class EmptyProbe:
 
     def detach(self) -> None:
         for kind, off in reversed(self.attached):
-            if kind == "return":
+            if kind == "worker_return":
+                self.bpf.detach_uretprobe(name=bl.LIBSSL, addr=off)
+            elif kind == "worker":
+                self.bpf.detach_uprobe(name=bl.LIBSSL, addr=off)
+            elif kind == "return":
                 self.bpf.detach_uretprobe(name=bl.LIBSSL, sym="SSL_write")
             else:
                 self.bpf.detach_uprobe(name=bl.LIBSSL, sym="SSL_write", sym_off=off)
@@ -101,6 +123,18 @@ class EmptyProbe:
     def close(self) -> None:
         self.detach()
         self.bpf.cleanup()
+
+
+def worker_address(lib: str, ex: str, plain: str) -> int | None:
+    """The worker tlscap probes instead of `plain`/`ex` (agent/probes/prologue.py)."""
+    from agent.probes.prologue import FunctionReader, worker_placement
+
+    reader = FunctionReader(lib)
+    ex_code, plain_code = reader.function(ex), reader.function(plain)
+    if ex_code is None or plain_code is None:
+        return None
+    placement, _ = worker_placement(ex_code, plain_code, reader.read, reader.import_name)
+    return placement.address if placement else None
 
 
 def one_sample(
@@ -122,8 +156,9 @@ def one_sample(
         if is_tlscap(mode):
             bpf_dir = args.variants.get(mode.partition("@")[2]) if "@" in mode else None
             with bl.running_agent(
-                workdir, pids=[run.pid], extra=args.agent_arg, bpf_dir=bpf_dir
-            ) as agent:
+                workdir, pids=[run.pid], extra=args.agent_arg, bpf_dir=bpf_dir,
+                env=agent_env(mode),
+            ) as agent:  # fmt: skip
                 own.add(agent.proc.pid)
                 with bl.ForeignProbeMonitor(own) as monitor:
                     result = run.go(timeout=120)
@@ -250,6 +285,10 @@ def summarize(
         for m in modes
         if is_tlscap(m)
     }
+    if "tlscap" in ms and "tlscap_entry" in ms and ms["tlscap"]["added_ns"] > 0:
+        # The headline of issue 23: what the entry placement adds over what the
+        # emulated placement adds, same run.
+        out["entry_over_placed"] = ms["tlscap_entry"]["added_ns"] / ms["tlscap"]["added_ns"]
     tl = [s for s in samples if s["mode"] == "tlscap"]
     if tl:
         out["tlscap_checks"] = {

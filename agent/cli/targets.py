@@ -10,6 +10,15 @@ import sys
 
 from agent.cli.argtypes import positive_int
 from agent.probes.inventory import AttachedProbes, Inventory, format_table
+from agent.probes.placement_report import placements
+
+
+def _file_id(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pid", type=positive_int, action="append", default=[], metavar="PID",
                    help="only this process (repeatable)")  # fmt: skip
     p.add_argument("--all", action="store_true", help="also list processes without TLS")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line; each traceable library also lists, per "
+                   "probed function, where its probe goes and why (placements)")  # fmt: skip
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more")
     p.set_defaults(handler=targets_command)
 
@@ -39,8 +50,16 @@ def targets_command(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
     rows = Inventory(attached).rows(args.pid or None, include_all=args.all)
     if args.json:
+        cache: dict[tuple[str, str], list] = {}
         for row in rows:
-            print(json.dumps(row.to_json()))
+            out = row.to_json()
+            if row.path and row.status in ("attached", "traceable"):
+                host_path = f"/proc/{row.pid}/root{row.path}"
+                key = (row.library, _file_id(host_path))
+                if key not in cache:
+                    cache[key] = placements(row.library, host_path)
+                out["placements"] = cache[key]
+            print(json.dumps(out))
     else:
         print(format_table(rows))
     return 0

@@ -12,14 +12,44 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Protocol
 
+from agent.probes.prologue import Placement, entry_placement, force_entry
+
 if TYPE_CHECKING:
-    from agent.probes.go_binary import GoTlsTarget
+    from agent.probes.go_binary import GoFunction, GoTlsTarget
 
 log = logging.getLogger(__name__)
 
 GO_WRITE_ENTRY = "probe_gotls_write_enter"
 GO_READ_ENTRY = "probe_gotls_read_enter"
 GO_RETURN = "probe_gotls_return"
+# What go_tls_enter reads: the receiver, b.ptr, b.len and g (R14).  Not the stack
+# pointer; PT_REGS_IP only to find its go_tls_configs entry, set at the probe address.
+GO_ENTRY_READS = frozenset({"rax", "rbx", "rcx", "r14"})
+
+
+def go_entry_placement(host_path: str, fn: GoFunction) -> Placement:
+    """Where the entry probe of Write or Read goes: the stack-bound check's ``jbe``
+    (emulated) when the instructions before it (``lea``/``cmp``) are proved to leave
+    RAX, RBX, RCX and R14 alone; else the entry.
+
+    A call that grows its stack runs ``runtime.morestack`` and restarts at the first
+    instruction, so it passes the ``jbe`` twice with the same arguments and goroutine:
+    go_tls_enter's update of the goroutine's call is then repeated, not doubled (the
+    same holds for the entry placement).
+    """
+    name = getattr(fn, "name", "?")
+    if force_entry():
+        return Placement(name, fn.address, fn.address, "entry",
+                         "forced: TLSCAP_PROBE_PLACEMENT=entry", False)  # fmt: skip
+    from agent.probes.elf_image import ElfImage
+
+    try:
+        with ElfImage(host_path) as elf:
+            code = elf.read_vaddr(fn.address, fn.size)
+        return entry_placement(name, code, fn.address, GO_ENTRY_READS, reads_sp=False)
+    except Exception as exc:  # unreadable or odd code: the entry, as before
+        return Placement(name, fn.address, fn.address, "entry", f"not analysed: {exc}",
+                         False)  # fmt: skip
 
 
 class GoAttacher(Protocol):
@@ -46,15 +76,20 @@ def attach_gotls(program: GoAttacher, host_path: str, target: GoTlsTarget) -> li
         if fn is None:
             continue
         placed: list[int] = []
+        placement = go_entry_placement(host_path, fn)
+        log.debug("%s: crypto/tls.(*Conn).%s entry at %#x (+%d, %s): %s", target.path,
+                  name, placement.address, placement.offset, placement.kind,
+                  placement.reason)  # fmt: skip
         try:
             for ret in returns:
                 program.attach_uprobe(host_path, ret, GO_RETURN, None)
                 placed.append(ret)
             if not target.pie:
                 # Runtime address == file address only outside PIE binaries: the
-                # only case where the entry probe can find its config by address.
-                program.set_go_tls_config(fn.address, target)
-            program.attach_uprobe(host_path, fn.address, entry_fn, None)
+                # only case where the entry probe can find its config by address
+                # (PT_REGS_IP: the probe's own address).
+                program.set_go_tls_config(placement.address, target)
+            program.attach_uprobe(host_path, placement.address, entry_fn, None)
         except Exception as exc:  # bcc raises bare Exception
             where = placed[-1] if placed else fn.address
             log.warning(

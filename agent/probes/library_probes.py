@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from agent.probes.openssl_bio import find_ssl_bio_methods
+from agent.probes.prologue import FunctionReader, Placement, entry_placement, force_entry
+from agent.probes.prologue import worker_placement as find_worker_placement
 
 if TYPE_CHECKING:
     from agent.probes.targets import TlsLibrary
@@ -73,10 +75,107 @@ PROBES_BY_KIND: dict[str, tuple[ProbePoint, ...]] = {
 PROBED_SYMBOLS = frozenset(p.symbol for points in PROBES_BY_KIND.values() for p in points)
 
 
+# The registers each entry program reads (tls_call_enter: PARM1, PARM2, PARM4 for the
+# _ex shape, and the stack pointer; nss_enter: PARM1 first).
+_ENTRY_READS = {
+    "probe_gnutls_set_int2": (frozenset({"rdi", "rsi"}), False),
+}
+_DEFAULT_READS = (frozenset({"rdi", "rsi", "rdx", "rcx"}), True)
+# OpenSSL's wrapper pairs around one internal worker each: (_ex, plain, probe of _ex).
+_OPENSSL_WORKER_PAIRS = (
+    ("SSL_write_ex", "SSL_write", OPENSSL_PROBES[1]),
+    ("SSL_read_ex", "SSL_read", OPENSSL_PROBES[3]),
+)
+
+
 class Attacher(Protocol):
     def attach_uprobe(
         self, path: str, where: str | int, entry_fn: str | None, return_fn: str | None
     ) -> None: ...
+
+
+@dataclass(frozen=True)
+class PlannedProbe:
+    name: str  # what attach_library reports: a symbol, or "SSL_write+SSL_write_ex"
+    where: str | int  # symbol or ELF virtual address
+    point: ProbePoint
+    placement: Placement | None  # None: not analysed (unreadable code)
+
+    @property
+    def single_stepped_uretprobe(self) -> bool:
+        """Completed by a uretprobe on a single-stepped first instruction: the
+        fallback the placement work exists to avoid."""
+        p = self.placement
+        return self.point.return_fn is not None and (p is None or p.kind == "entry")
+
+
+def plan_library(library: TlsLibrary) -> list[PlannedProbe]:
+    """Where each probe of this file goes (see agent/probes/prologue.py), unless
+    TLSCAP_PROBE_PLACEMENT=entry asks for every function's first instruction."""
+    points = probe_points(library.kind, library.symbols)
+    if force_entry():
+        planned = [
+            PlannedProbe(p.symbol, p.symbol, p, Placement(p.symbol, 0, 0, "entry",
+                         "forced: TLSCAP_PROBE_PLACEMENT=entry", p.return_fn is not None))
+            for p in points
+        ]  # fmt: skip
+        _log_plan(library, planned)
+        return planned
+    reader = FunctionReader(library.host_path)
+    planned: list[PlannedProbe] = []
+    served: set[str] = set()
+    if PROBES_BY_KIND.get(library.kind) is OPENSSL_PROBES:
+        for ex, plain, point in _OPENSSL_WORKER_PAIRS:
+            if not {ex, plain} <= set(library.symbols):
+                continue
+            try:
+                ex_code, plain_code = reader.function(ex), reader.function(plain)
+                placement, why = (None, "code not readable")
+                if ex_code and plain_code:
+                    placement, why = find_worker_placement(
+                        ex_code, plain_code, reader.read, reader.import_name
+                    )
+            except Exception as exc:  # a malformed file: keep the entry placement
+                placement, why = None, f"analysis failed: {exc}"
+            if placement is None:
+                log.debug("%s: %s/%s stay at their entries: %s", library.host_path, plain,
+                          ex, why)  # fmt: skip
+                continue
+            planned.append(PlannedProbe(placement.symbol, placement.address, point, placement))
+            served |= {ex, plain}
+    for p in points:
+        if p.symbol in served:
+            continue
+        planned.append(_plan_function(reader, p))
+    _log_plan(library, planned)
+    return planned
+
+
+def _log_plan(library: TlsLibrary, planned: list[PlannedProbe]) -> None:
+    for probe in planned:
+        p = probe.placement
+        log.debug("%s: %s at %s (%s): %s", library.host_path, probe.name,
+                  f"{probe.where:#x}" if isinstance(probe.where, int) else probe.where,
+                  p.kind if p else "entry", p.reason if p else "not analysed")  # fmt: skip
+
+
+def _plan_function(reader: FunctionReader, p: ProbePoint) -> PlannedProbe:
+    try:
+        fn = reader.function(p.symbol)
+    except Exception as exc:
+        log.debug("%s: %s not analysed: %s", reader.path, p.symbol, exc)
+        fn = None
+    if fn is None:
+        return PlannedProbe(p.symbol, p.symbol, p, None)
+    reads, reads_sp = _ENTRY_READS.get(p.entry_fn or "", _DEFAULT_READS)
+    try:
+        placement = entry_placement(p.symbol, fn.code, fn.address, reads, reads_sp=reads_sp,
+                                    uretprobe=p.return_fn is not None)  # fmt: skip
+    except Exception as exc:  # capstone on odd bytes: keep the entry
+        log.debug("%s: %s not analysed: %s", reader.path, p.symbol, exc)
+        return PlannedProbe(p.symbol, p.symbol, p, None)
+    where: str | int = placement.address if placement.kind == "moved-entry" else p.symbol
+    return PlannedProbe(p.symbol, where, p, placement)
 
 
 def probe_points(kind: str, symbols: frozenset[str] | set[str]) -> list[ProbePoint]:
@@ -88,17 +187,25 @@ def probe_points(kind: str, symbols: frozenset[str] | set[str]) -> list[ProbePoi
     ]
 
 
-def attach_library(program: Attacher, library: TlsLibrary) -> list[str]:
+def attach_library(
+    program: Attacher, library: TlsLibrary, plan: list[PlannedProbe] | None = None
+) -> list[str]:
     """Probe each data function the file defines; return the names attached.
 
     A function that cannot be attached is logged and skipped: the others still give a
-    useful capture (OpenSSL 1.1.0 has no _ex functions, for one).
+    useful capture (OpenSSL 1.1.0 has no _ex functions, for one).  Each probe goes
+    where plan_library places it; a program with ``note_placement`` hears of each.
     """
     path = library.host_path
-    targets: list[tuple[str, str | int, ProbePoint]] = [
-        (p.symbol, p.symbol, p) for p in probe_points(library.kind, library.symbols)
-    ]
+    if plan is None:
+        plan = plan_library(library)
+    targets = [(probe.name, probe.where, probe.point) for probe in plan]
     attached = _attach_all(program, path, targets)
+    note = getattr(program, "note_placement", None)
+    if note is not None:
+        for probe in plan:
+            if probe.name in attached:
+                note(probe.single_stepped_uretprobe)
     if attached and PROBES_BY_KIND.get(library.kind) is OPENSSL_PROBES:
         # The SSL BIO's methods have the SSL_*_ex shape: the _ex probes serve them.
         methods = find_ssl_bio_methods(path)
