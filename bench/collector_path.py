@@ -134,6 +134,24 @@ def wait_count(sub: Subscriber, n: int, timeout: float) -> None:
         time.sleep(0.01)
 
 
+def latency_at_rates(target: str, sub: Subscriber, args: argparse.Namespace) -> list[dict]:
+    """Capture-to-subscriber latency at each of args.rates (records/s), for
+    args.latency_seconds each: p50, p99 and mean in ms."""
+    out = []
+    for rate in args.rates:
+        sub.reset()
+        n = int(rate * args.latency_seconds)
+        run_producer(target, n, rate, args.payload)
+        wait_count(sub, n, 60)
+        lat = sub.latencies_ns
+        out.append({
+            "rate": rate, "records": n, "received": sub.count, "missed": sub.missed,
+            "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+            "mean_ms": statistics.fmean(lat) / 1e6 if lat else float("nan"),
+        })  # fmt: skip
+    return out
+
+
 def pct(values: list[int], q: float) -> float:
     if not values:
         return float("nan")
@@ -178,19 +196,7 @@ def run(args: argparse.Namespace) -> dict:
                 "missed_by_subscriber": sub.missed,
                 "producer": prod,
             }
-            # Latency at fixed rates.
-            results["latency"] = []
-            for rate in args.rates:
-                sub.reset()
-                n = int(rate * args.latency_seconds)
-                run_producer(target, n, rate, args.payload)
-                wait_count(sub, n, 60)
-                lat = sub.latencies_ns
-                results["latency"].append({
-                    "rate": rate, "records": n, "received": sub.count, "missed": sub.missed,
-                    "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
-                    "mean_ms": statistics.fmean(lat) / 1e6 if lat else float("nan"),
-                })  # fmt: skip
+            results["latency"] = latency_at_rates(target, sub, args)
         finally:
             if sub is not None:
                 sub.close()

@@ -37,7 +37,12 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.collector_path import Subscriber, pct, run_producer, wait_count  # noqa: E402
+from bench.collector_path import (  # noqa: E402
+    Subscriber,
+    latency_at_rates,
+    run_producer,
+    wait_count,
+)
 
 BACKENDS = ("sqlite", "jetstream-r1", "jetstream-r3")
 
@@ -146,19 +151,8 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict:
                 "lost": prod["export_lost_records"],
                 "acked_per_s": prod["export_acked_records"] / prod["acked_s"],
                 "received": sub.count,
-                "latency": [],
+                "latency": latency_at_rates(target, sub, args),
             }
-            for rate in args.rates:
-                sub.reset()
-                n = int(rate * args.latency_seconds)
-                run_producer(target, n, rate, args.payload)
-                wait_count(sub, n, 60)
-                lat = sub.latencies_ns
-                result["latency"].append({
-                    "rate": rate, "records": n, "received": sub.count, "missed": sub.missed,
-                    "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
-                    "mean_ms": statistics.fmean(lat) / 1e6 if lat else float("nan"),
-                })  # fmt: skip
             return result
         finally:
             if sub is not None:
