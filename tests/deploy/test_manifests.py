@@ -487,7 +487,7 @@ def test_agent_config_keys_are_run_options():
 def test_agent_config_values_parse(tmp_path):
     text = find(base_docs(), "ConfigMap", "tlscap-agent-config")["data"]["agent.toml"]
     args = parse_config("run", text, tmp_path)
-    assert args.collector == "tlscap-collector.tlscap.svc:7300"
+    assert args.collector == ["tlscap-collector.tlscap.svc:7300"]
     assert args.mode == "ebpf"
     assert args.max_capture == 1 << 20
     assert args.health_listen == f"0.0.0.0:{HEALTH_PORT}"

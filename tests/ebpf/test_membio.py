@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.ebpf.conftest import PROGRAMS, Capture, run_program
+from tests.ebpf.conftest import PROGRAMS, Capture, run_program, wait_for
 from tests.ebpf.test_openssl_capture import curl_request, run_curl
 
 NODE = shutil.which("node") or shutil.which("nodejs")
@@ -57,6 +57,13 @@ def assert_nothing_unbound(cap: Capture) -> None:
     assert stats["kernel_membio_binds"] > 0, stats
 
 
+def wait_until_node_probed(agent) -> None:
+    """The agent follows exec: node's OpenSSL is in its executable, probed once the
+    agent has seen it start (a process that starts and talks at once could beat it;
+    --hold-new-libraries covers libraries, not executables)."""
+    wait_for(lambda: "/node (static" in agent.stderr_text(), 60, "the agent to probe node")
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -65,11 +72,19 @@ def test_node_https_client(agent, node, truth_server):
     count = 3
     a = agent()  # started first: node is a process it sees appear
     server = truth_server(count=count, body_size=20_000)
-    out = subprocess.run(
+    proc = subprocess.Popen(
         [node, str(PROGRAMS / "node_https.js"), "client", str(server.port), "/membio", str(count)],
-        capture_output=True, text=True, timeout=60, check=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    answers = json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        assert proc.stdout.readline() == "started\n"
+        wait_until_node_probed(a)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        answers = json.loads(proc.stdout.read().strip().splitlines()[-1])
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
     truth = {tuple(t["peer"]): t for t in server.result()}
     cap = a.stop()
     assert cap.returncode == 0, cap.stderr
@@ -101,6 +116,7 @@ def test_node_https_server_and_curl(agent, node, tls_cert, tmp_path):
         line = proc.stdout.readline()
         assert line.startswith("ready "), line
         port = int(line.split()[1])
+        wait_until_node_probed(a)
         paths = ("/node-one", "/node-two")
         for path in paths:
             run_curl("127.0.0.1", port, path, tmp_path / "body")

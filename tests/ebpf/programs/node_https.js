@@ -3,8 +3,10 @@
 // ciphertext on the socket, not OpenSSL.
 //
 //   node node_https.js client PORT PATH COUNT
-//       COUNT sequential https.get requests (one connection each, agent: false);
-//       prints one JSON line: [{"local_port", "status", "body_b64"}, ...]
+//       prints "started", waits for a line on stdin (the test waits until the agent
+//       has probed this process), then makes COUNT sequential https.get requests
+//       (one connection each, agent: false); prints one JSON line:
+//       [{"local_port", "status", "body_b64"}, ...]
 //   node node_https.js server CERT KEY BODY_SIZE
 //       https.createServer on 127.0.0.1: prints "ready PORT", answers every request
 //       with 200 and BODY_SIZE random bytes; on a line on stdin it prints one JSON
@@ -58,6 +60,12 @@ function server(cert, key, bodySize) {
 }
 
 const [mode, ...args] = process.argv.slice(2);
-if (mode === 'client') client(Number(args[0]), args[1], Number(args[2]));
+if (mode === 'client') {
+  console.log('started');
+  process.stdin.once('data', () => {
+    process.stdin.destroy(); // an open stdin would keep node from exiting at the end
+    client(Number(args[0]), args[1], Number(args[2]));
+  });
+}
 else if (mode === 'server') server(args[0], args[1], Number(args[2]));
 else { console.error(`unknown mode ${mode}`); process.exit(2); }
