@@ -12,11 +12,12 @@ hot path without a kernel.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.events.calls import CallAssembler
 from agent.events.decode import EventDecoder, ProcessEvent, SocketBound, SocketClosed, TlsCall
+from agent.events.ring import RingBatch
 from agent.flows.table import FlowTable, KernelRegistration
 from agent.records.record import Record
 from agent.records.writer import RecordWriter
@@ -49,18 +50,21 @@ class EventPipeline:
         self._on_hold = on_hold or on_exec
         self._register_socket = register_socket
 
-    def handle_batch(self, records: Sequence[bytes | memoryview]) -> None:
-        """Decode and pass on one batch; the records may be reused afterwards."""
-        self.stats.events += len(records)
+    def handle_batch(self, batch: RingBatch) -> None:
+        """Decode and pass on one batch; its memory may be reused afterwards."""
+        self.stats.events += len(batch)
         out: list[Record] = []  # handed to the writer in one go
         extend = out.extend
         on_call = self.flows.on_call
-        feed = self.calls.feed
-        for event in self._decoder.decode_batch(records):
+        calls = self.calls
+        for event in self._decoder.decode_batch(batch):
             kind = type(event)
             if kind is TlsCall:
-                for call in feed(event):  # type: ignore[arg-type]
-                    extend(on_call(call))
+                if calls.passes_through(event):  # type: ignore[arg-type]
+                    extend(on_call(event))  # type: ignore[arg-type]
+                else:
+                    for call in calls.feed(event):  # type: ignore[arg-type]
+                        extend(on_call(call))
             elif kind is SocketClosed:
                 extend(self.flows.on_close(event))  # type: ignore[arg-type]
             elif kind is SocketBound:

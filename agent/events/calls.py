@@ -22,9 +22,14 @@ class CallAssembler:
         self.incomplete_calls = 0
         self.out_of_order_chunks = 0
 
+    def passes_through(self, chunk: TlsCall) -> bool:
+        """The common case: a whole call in one chunk, nothing pending - the
+        chunk is the call, and feed() need not be asked."""
+        return not self._pending and chunk.chunk_off == 0 and len(chunk.data) >= chunk.captured_len
+
     def feed(self, chunk: TlsCall) -> list[TlsCall]:
-        if not self._pending and chunk.chunk_off == 0 and len(chunk.data) >= chunk.captured_len:
-            return [chunk]  # the common case: a whole call in one chunk
+        if self.passes_through(chunk):
+            return [chunk]
         done: list[TlsCall] = []
         pending = self._pending.get(chunk.tid)
         if pending is not None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from agent.events import layout
+from agent.events.ring import RingBatch
 from agent.records.record import Direction, Endpoint, Role
 
 
@@ -112,14 +112,15 @@ _PROC_KINDS: dict[int, Literal["exec", "exec_map", "exit", "hold"]] = {
 # bpf/tlscap.h's structs as struct formats (layout.py's ctypes mirrors are the
 # reference; tests check that both agree).
 _KIND = struct.Struct("<I")
-_DATA_HEADER = struct.Struct("<4xIIiQQQQIIIBBBx16s48sQ")  # kind read already
+_DATA = struct.Struct("<IIIiQQQQIIIBBBx16s48sQ")  # kind first
 _CONN = struct.Struct("<Q16s16sHHHBB")
 _CLOSE = struct.Struct("<4xIIiQQ")
 _PROC = struct.Struct("<4xIQ16s")
 _BIND = struct.Struct("<4xIIiQQ48s")
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
-assert _DATA_HEADER.size == layout.DATA_HEADER_SIZE
+assert _DATA.size == layout.DATA_HEADER_SIZE
+_CHUNK_SIZE = layout.CHUNK_SIZE
 assert _CONN.size == 48
 assert _BIND.size == layout.BIND_EVENT_SIZE
 
@@ -162,65 +163,71 @@ class EventDecoder:
         self._sockets: dict[bytes, KernelSocket] = {}
         self._comms: dict[bytes, str] = {}
 
-    def decode_batch(self, records: Iterable[bytes | memoryview]) -> list[Event | DecodeError]:
+    def decode_batch(self, batch: RingBatch) -> list[Event | DecodeError]:
         """One event (or the DecodeError that refused it) per record, in order.
 
-        Payloads are copied out, so the records may be released afterwards.
+        Headers are read in place; payloads are copied out, so the batch's
+        memory may be reused afterwards.  Data events are nearly all of a busy
+        ring, so their decoding is inline here: one struct read and one payload
+        copy per event, and what repeats - the socket, the process name - looked
+        up from what was decoded before.
         """
         out: list[Event | DecodeError] = []
         append = out.append
-        data_kind = layout.EV_DATA
-        for raw in records:
+        data, spans = batch.data, batch.spans
+        unpack = _DATA.unpack_from
+        header_size = _DATA.size
+        data_kind, ingress, fd_weak = layout.EV_DATA, layout.DIR_INGRESS, layout.DATA_FD_WEAK
+        sources = layout.SOURCES
+        sockets, comms = self._sockets, self._comms
+        for i in range(0, len(spans), 2):
+            start, length = spans[i], spans[i + 1]
             try:
-                if len(raw) >= 4 and _KIND.unpack_from(raw)[0] == data_kind:
-                    append(self._data(raw))
-                else:
-                    append(self._other(raw))
+                if length < header_size:
+                    append(self._other(bytes(data[start : start + length])))
+                    continue
+                (
+                    kind, tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off,
+                    chunk_len, direction, source, flags, comm_raw, conn_raw, cgroup_id,
+                ) = unpack(data, start)  # fmt: skip
+                if kind != data_kind:
+                    append(self._other(bytes(data[start : start + length])))
+                    continue
+                if (
+                    chunk_len > _CHUNK_SIZE
+                    or header_size + chunk_len > length
+                    or chunk_off + chunk_len > captured_len
+                    or captured_len > call_len
+                ):
+                    raise _bad_chunk(length, call_len, captured_len, chunk_off, chunk_len)
+                sock = sockets.get(conn_raw)
+                if sock is None:
+                    if len(sockets) >= self._cache_size:
+                        sockets.clear()
+                    sock = sockets[conn_raw] = kernel_socket(conn_raw)
+                comm = comms.get(comm_raw)
+                if comm is None:
+                    if len(comms) >= self._cache_size:
+                        comms.clear()
+                    comm = comms[comm_raw] = _comm(comm_raw)
+                payload = start + header_size
+                call = TlsCall(
+                    tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off,
+                    "ingress" if direction == ingress else "egress",
+                    sources.get(source) or f"source{source}",
+                    comm, sock, bytes(data[payload : payload + chunk_len]), cgroup_id, True,
+                    bool(flags & fd_weak),
+                )  # fmt: skip
+                append(call)
             except DecodeError as exc:
                 append(exc)
         return out
 
     def decode(self, raw: bytes | memoryview) -> Event:
-        [event] = self.decode_batch([raw])
+        [event] = self.decode_batch(RingBatch.of([bytes(raw)]))
         if isinstance(event, DecodeError):
             raise event
         return event
-
-    def _data(self, raw: bytes | memoryview) -> TlsCall:
-        if len(raw) < _DATA_HEADER.size:
-            raise DecodeError(f"data event needs {_DATA_HEADER.size} bytes, got {len(raw)}")
-        (
-            tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off, chunk_len,
-            direction, source, flags, comm_raw, conn_raw, cgroup_id,
-        ) = _DATA_HEADER.unpack_from(raw)  # fmt: skip
-        end = _DATA_HEADER.size + chunk_len
-        if chunk_len > layout.CHUNK_SIZE or len(raw) < end:
-            raise DecodeError(
-                f"data chunk claims {chunk_len} payload bytes, record has "
-                f"{len(raw) - _DATA_HEADER.size}"
-            )
-        if chunk_off + chunk_len > captured_len or captured_len > call_len:
-            raise DecodeError(
-                f"inconsistent data chunk: off={chunk_off} len={chunk_len} "
-                f"captured={captured_len} call_len={call_len}"
-            )
-        sock = self._sockets.get(conn_raw)
-        if sock is None:
-            if len(self._sockets) >= self._cache_size:
-                self._sockets.clear()
-            sock = self._sockets[conn_raw] = kernel_socket(conn_raw)
-        comm = self._comms.get(comm_raw)
-        if comm is None:
-            if len(self._comms) >= self._cache_size:
-                self._comms.clear()
-            comm = self._comms[comm_raw] = _comm(comm_raw)
-        return TlsCall(
-            tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off,
-            "ingress" if direction == layout.DIR_INGRESS else "egress",
-            layout.SOURCES.get(source) or f"source{source}",
-            comm, sock, bytes(raw[_DATA_HEADER.size : end]), cgroup_id, True,
-            bool(flags & layout.DATA_FD_WEAK),
-        )  # fmt: skip
 
     def _other(self, raw: bytes | memoryview) -> Event:
         if len(raw) < 4:
@@ -236,6 +243,19 @@ class EventDecoder:
             tgid, ts_ns, comm = _unpack(_PROC, raw, "ProcEvent")
             return ProcessEvent(_PROC_KINDS[kind], tgid, ts_ns, _comm(comm))
         raise DecodeError(f"unknown event kind {kind} ({len(raw)} bytes)")
+
+
+def _bad_chunk(
+    length: int, call_len: int, captured_len: int, chunk_off: int, chunk_len: int
+) -> DecodeError:
+    if chunk_len > _CHUNK_SIZE or _DATA.size + chunk_len > length:
+        return DecodeError(
+            f"data chunk claims {chunk_len} payload bytes, record has {length - _DATA.size}"
+        )
+    return DecodeError(
+        f"inconsistent data chunk: off={chunk_off} len={chunk_len} "
+        f"captured={captured_len} call_len={call_len}"
+    )
 
 
 def _unpack(layout_struct: struct.Struct, raw: bytes | memoryview, name: str) -> tuple:

@@ -9,19 +9,53 @@ The kernel's layout (kernel/bpf/ringbuf.c): positions only grow; a record starts
 at `pos & (size - 1)` with an 8-byte header - its length, with a BUSY bit while
 the producer is still writing it and a DISCARD bit when the producer gave it up -
 and the next record starts at the header plus the length, rounded up to 8.  The
-kernel maps the data area twice in a row so a record that wraps can be read in
-one piece; a single mapping works too (the wrapped record is then joined here).
+kernel maps the data area twice in a row, so a record that wraps past the end of
+the ring reads on, in one piece, into the second mapping.
+
+A batch is the ring's bytes and where its records lie in them, not one object per
+record: the decoder reads each header in place and copies only the payload, so a
+record costs no slice object of its own (agent/events/decode.py).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_SIZE = 8
 
 _HEADER = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class RingBatch:
+    """Records lying in `data`: the i-th starts at spans[2i] and is spans[2i+1]
+    bytes long.  `data` is any buffer (the ring's mapping, or bytes in tests)."""
+
+    data: Any
+    spans: list[int]
+
+    def __len__(self) -> int:
+        return len(self.spans) // 2
+
+    def bodies(self) -> list[bytes]:
+        """Every record's bytes (tests and tools; the hot path reads in place)."""
+        data, spans = self.data, self.spans
+        return [bytes(data[spans[i] : spans[i] + spans[i + 1]]) for i in range(0, len(spans), 2)]
+
+    @classmethod
+    def of(cls, records: Sequence[bytes]) -> RingBatch:
+        """A batch holding `records` back to back (tests, benchmarks, replays)."""
+        spans: list[int] = []
+        start = 0
+        for record in records:
+            spans += (start, len(record))
+            start += len(record)
+        return cls(b"".join(records), spans)
 
 
 def record_span(length_word: int) -> int:
@@ -31,38 +65,43 @@ def record_span(length_word: int) -> int:
 
 
 def take_records(
-    data: memoryview | bytes,
+    data: Any,
     size: int,
     consumer: int,
     producer: int,
     max_bytes: int,
-) -> tuple[int, list[memoryview | bytes]]:
+    base: int = 0,
+) -> tuple[int, RingBatch]:
     """The committed records in [consumer, producer), up to about `max_bytes` of ring.
 
-    `data` is the ring's data area: `size` bytes (a power of two), or `2 * size`
-    when the kernel's double mapping is passed.  Returns the position up to which
-    the records were taken - the caller stores it as the new consumer position
-    once it no longer needs the returned views - and the records' bodies, in
-    order.  Discarded records are skipped; a record still being written (BUSY)
-    stops the walk, so records are always handed over in order.
+    `data` holds the ring's data area from offset `base`: `size` bytes (a power
+    of two) followed by the same bytes again, as the kernel maps it; a single
+    copy serves as long as no record wraps past its end (ValueError if one
+    does).  Returns the position up to which the records were taken - the caller
+    stores it as the new consumer position once it no longer needs the batch -
+    and the batch, in order.  Discarded records are skipped; a record still being
+    written (BUSY) stops the walk, so records are always handed over in order.
     """
     mask = size - 1
     limit = min(producer, consumer + max_bytes)
     mapped = len(data)
-    out: list[memoryview | bytes] = []
+    spans: list[int] = []
+    append = spans.append
+    unpack = _HEADER.unpack_from
     pos = consumer
     while pos < limit:
-        at = pos & mask
-        (word,) = _HEADER.unpack_from(data, at)
+        at = base + (pos & mask)
+        (word,) = unpack(data, at)
         if word & BUSY_BIT:
             break
-        span = record_span(word)
+        length = word & ~(BUSY_BIT | DISCARD_BIT)
         if not word & DISCARD_BIT:
-            start = at + HEADER_SIZE
-            end = start + (word & ~DISCARD_BIT)
-            if end <= mapped:
-                out.append(data[start:end])
-            else:  # wraps past a single mapping: join its two halves
-                out.append(bytes(data[start:mapped]) + bytes(data[: end - mapped]))
-        pos += span
-    return pos, out
+            if at + HEADER_SIZE + length > mapped:
+                raise ValueError(
+                    f"ring record at {pos} wraps past the {mapped - base}-byte mapping:"
+                    " pass the data area mapped twice, as the kernel maps it"
+                )
+            append(at + HEADER_SIZE)
+            append(length)
+        pos += (length + HEADER_SIZE + 7) & ~7
+    return pos, RingBatch(data, spans)

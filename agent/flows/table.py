@@ -177,7 +177,8 @@ class FlowTable:
                 fdless = facts is None
         if not fdless:
             conn = self._by_fd.get((call.tgid, call.fd))
-            if conn is not None and not self._same_socket(conn, call.socket.gen):
+            gen = call.socket.gen
+            if conn is not None and gen and gen != conn.gen:  # not _same_socket: inline, per call
                 out.extend(self._close(conn, call.ts_mono_ns, call.tid))
                 del self._by_fd[(call.tgid, call.fd)]
                 self.stats.inferred_closes += 1
@@ -228,7 +229,11 @@ class FlowTable:
         conn.last_used = call.ts_mono_ns
         conn.comm = call.comm or conn.comm
         conn.cgroup_id = call.cgroup_id or conn.cgroup_id
-        self._check_offset(conn, call)
+        # Offsets, checked for gaps (inline: this runs for every call).
+        expected = conn.next_offset[call.direction]
+        if call.offset != expected:
+            self._offset_jump(call.offset, expected)
+        conn.next_offset[call.direction] = call.offset + call.len
         record = Record(
             type="data",
             ts_ns=self._wall(call.ts_mono_ns),
@@ -514,14 +519,12 @@ class FlowTable:
         else:
             conn.held.append(record)
 
-    def _check_offset(self, conn: Connection, call: TlsCall) -> None:
-        expected = conn.next_offset[call.direction]
-        if call.offset > expected:
+    def _offset_jump(self, offset: int, expected: int) -> None:
+        if offset > expected:
             self.stats.gaps += 1
-            self.stats.gap_bytes += call.offset - expected
-        elif call.offset < expected:
+            self.stats.gap_bytes += offset - expected
+        else:
             self.stats.overlaps += 1
-        conn.next_offset[call.direction] = call.offset + call.len
 
     def _lifecycle_record(self, kind: str, conn: Connection, ts_mono: int, tid: int) -> Record:
         return Record(

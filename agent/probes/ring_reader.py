@@ -22,7 +22,7 @@ import select
 import struct
 from collections.abc import Callable
 
-from agent.events.ring import take_records
+from agent.events.ring import RingBatch, take_records
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _POSITION = struct.Struct("<Q")
@@ -31,7 +31,7 @@ _POSITION = struct.Struct("<Q")
 # advances after each batch, so the kernel gets room back while we work.
 BATCH_BYTES = 4 << 20
 
-BatchHandler = Callable[[list], None]
+BatchHandler = Callable[[RingBatch], None]
 
 
 class RingReader:
@@ -47,7 +47,6 @@ class RingReader:
         self._producer = mmap.mmap(
             map_fd, PAGE_SIZE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE_SIZE
         )
-        self._data = memoryview(self._producer)[PAGE_SIZE:]
         self._poll = select.poll()
         self._poll.register(map_fd, select.POLLIN)
         # The most bytes ever found waiting at the start of a drain: how close
@@ -78,20 +77,20 @@ class RingReader:
             (consumer,) = _POSITION.unpack_from(self._consumer)
             if consumer >= producer:
                 return total
-            taken_to, records = take_records(self._data, self.size, consumer, producer, BATCH_BYTES)
+            # The data area follows the producer page in the mapping; the mmap
+            # is read in place (slicing it copies a payload straight to bytes).
+            taken_to, batch = take_records(
+                self._producer, self.size, consumer, producer, BATCH_BYTES, base=PAGE_SIZE
+            )
             if taken_to == consumer:
                 return total  # the oldest record is still being written
             try:
-                if records:
-                    handle(records)
+                if batch.spans:
+                    handle(batch)
             finally:
-                for view in records:
-                    if isinstance(view, memoryview):
-                        view.release()
                 _POSITION.pack_into(self._consumer, 0, taken_to)
-            total += len(records)
+            total += len(batch)
 
     def close(self) -> None:
-        self._data.release()
         self._producer.close()
         self._consumer.close()

@@ -9,6 +9,7 @@ import time
 from agent.capture.attacher import TargetAttacher
 from agent.capture.pipeline import EventPipeline
 from agent.events import layout
+from agent.events.ring import RingBatch
 from agent.flows.table import FlowTable, KernelRegistration
 from agent.records.record import Endpoint, Record
 from agent.records.writer import RecordWriter
@@ -59,7 +60,7 @@ def test_batch_of_calls_becomes_open_data_close_in_order() -> None:
         *call_records(big, socket=sock, ts_ns=20, offset=18),
         close_record(gen=5, ts_ns=30),
     ]
-    pipeline.handle_batch(batch)
+    pipeline.handle_batch(RingBatch.of(batch))
     types = [r.type for r in sink.records]
     assert types == ["open", "data", "data", "close"]
     assert sink.records[2].data == big and sink.records[2].offset == 18
@@ -69,7 +70,7 @@ def test_batch_of_calls_becomes_open_data_close_in_order() -> None:
 
 def test_exec_events_go_to_the_attacher_and_bad_records_are_counted() -> None:
     pipeline, sink, execs, _ = make_pipeline()
-    pipeline.handle_batch([proc_record(layout.EV_EXEC, tgid=77), b"\xff\xff", b""])
+    pipeline.handle_batch(RingBatch.of([proc_record(layout.EV_EXEC, tgid=77), b"\xff\xff", b""]))
     assert execs == [77]
     assert pipeline.stats.decode_errors == 2
     assert sink.records == []
@@ -77,7 +78,7 @@ def test_exec_events_go_to_the_attacher_and_bad_records_are_counted() -> None:
 
 def test_unknown_socket_is_registered_with_the_kernel_once_per_batch() -> None:
     pipeline, sink, _, registered = make_pipeline()
-    pipeline.handle_batch([data_record(b"x"), data_record(b"y", offset=1)])
+    pipeline.handle_batch(RingBatch.of([data_record(b"x"), data_record(b"y", offset=1)]))
     assert len(registered) == 1 and registered[0].tls_seen
     assert sink.records[1].remote == Endpoint("127.0.0.1", 443)
 
@@ -85,7 +86,7 @@ def test_unknown_socket_is_registered_with_the_kernel_once_per_batch() -> None:
 def test_partial_call_is_released_incomplete_by_flush() -> None:
     pipeline, sink, _, _ = make_pipeline()
     first = call_records(bytes(40000), ts_ns=5)[0]  # the rest of the call never comes
-    pipeline.handle_batch([first])
+    pipeline.handle_batch(RingBatch.of([first]))
     assert [r.type for r in sink.records] == []
     pipeline.flush_calls(older_than_mono_ns=6)
     assert [r.type for r in sink.records] == ["open", "data"]

@@ -5,8 +5,6 @@ Taken with agent.probes.prologue.FunctionReader / go_binary.analyze_go_tls from
 OpenSSL), libgnutls.so.30, libnspr4.so and the Go 1.19 / 1.27 builds of tests/golang.py.
 """
 
-# ruff: noqa: E501
-
 # libssl.so.3 (Debian, OpenSSL 3.0): address, code
 LIBSSL3 = {
     "SSL_write": (

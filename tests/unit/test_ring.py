@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from agent.events.decode import EventDecoder, SocketClosed, TlsCall
-from agent.events.ring import BUSY_BIT, DISCARD_BIT, HEADER_SIZE, record_span, take_records
+from agent.events.ring import (
+    BUSY_BIT,
+    DISCARD_BIT,
+    HEADER_SIZE,
+    RingBatch,
+    record_span,
+    take_records,
+)
 from tests.unit.eventbuild import close_record, conn_v4, data_record
 
 
@@ -32,11 +41,15 @@ class Ring:
         return bytes(self.data) * 2
 
     def take(self, data: bytes | None = None, max_bytes: int = 1 << 30) -> list[bytes]:
-        pos, records = take_records(
-            self.data if data is None else data, self.size, self.consumer, self.producer, max_bytes
-        )
+        return self.take_batch(data, max_bytes).bodies()
+
+    def take_batch(self, data: bytes | None = None, max_bytes: int = 1 << 30) -> RingBatch:
+        pos, batch = take_records(
+            self.doubled() if data is None else data, self.size, self.consumer, self.producer,
+            max_bytes,
+        )  # fmt: skip
         self.consumer = pos
-        return [bytes(r) for r in records]
+        return batch
 
 
 def test_records_come_back_in_order_and_exact() -> None:
@@ -80,18 +93,33 @@ def test_busy_record_stops_the_walk_until_committed() -> None:
     assert ring.take() == [b"being written", b"after"]
 
 
-def test_record_wrapping_the_end_single_and_double_mapping() -> None:
+def test_record_wrapping_the_end_reads_on_into_the_second_mapping() -> None:
     rng = random.Random(5)
     for start in range(4096 - 64, 4096, 8):  # every 8-aligned start near the end
         ring = Ring(4096, start=start + 4096 * 3)  # positions only grow: a later lap
         bodies = [rng.randbytes(rng.randrange(1, 300)) for _ in range(6)]
         for body in bodies:
             ring.put(body)
-        doubled = ring.doubled()
-        consumer = ring.consumer
-        assert ring.take() == bodies
-        ring.consumer = consumer
-        assert ring.take(doubled) == bodies
+        assert ring.take(ring.doubled()) == bodies
+
+
+def test_a_wrapped_record_in_a_single_mapping_is_refused_not_misread() -> None:
+    ring = Ring(4096, start=4096 - 16)
+    ring.put(b"x" * 100)
+    with pytest.raises(ValueError, match="mapped twice"):
+        ring.take(bytes(ring.data))
+
+
+def test_the_data_area_may_start_inside_the_buffer() -> None:
+    """The agent reads the data area in place, after the mapping's producer page."""
+    ring = Ring(4096, start=4096 - 24)
+    bodies = [b"first", b"wraps" * 20, b"third"]
+    for body in bodies:
+        ring.put(body)
+    page = b"\xee" * 4096
+    _, batch = take_records(page + ring.doubled(), ring.size, ring.consumer, ring.producer,
+                            1 << 20, base=len(page))  # fmt: skip
+    assert batch.bodies() == bodies
 
 
 def test_max_bytes_bounds_a_batch_and_the_rest_follows() -> None:
@@ -117,7 +145,7 @@ def test_batch_decoder_over_a_wrapped_ring_with_discards() -> None:
         ring.put(data_record(p, offset=offset, socket=sock))
         offset += len(p)
     ring.put(close_record(fd=7, gen=9))
-    events = EventDecoder().decode_batch(ring.take(ring.doubled()))
+    events = EventDecoder().decode_batch(ring.take_batch(ring.doubled()))
     calls = [e for e in events if isinstance(e, TlsCall)]
     assert [c.data for c in calls] == payloads
     assert [c.offset for c in calls] == [0, 700, 3700, 3701]
@@ -128,7 +156,9 @@ def test_batch_decoder_over_a_wrapped_ring_with_discards() -> None:
 
 def test_batch_decoder_keeps_going_past_a_bad_record() -> None:
     dec = EventDecoder()
-    events = dec.decode_batch([b"\x01\x00", data_record(b"ok"), (99).to_bytes(4, "little")])
+    events = dec.decode_batch(
+        RingBatch.of([b"\x01\x00", data_record(b"ok"), (99).to_bytes(4, "little")])
+    )
     assert isinstance(events[0], ValueError)
     assert isinstance(events[1], TlsCall) and events[1].data == b"ok"
     assert isinstance(events[2], ValueError)
