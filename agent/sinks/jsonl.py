@@ -4,11 +4,12 @@ Every line is pure ASCII: comm and other strings from the kernel may carry
 undecodable bytes (surrogate escapes) that a UTF-8 file cannot hold, and ASCII
 lines survive any consumer's decoding.
 
-Data records are most of what a busy node writes, so their lines are built for
-speed: the identity fields, which stay the same for every call of a connection,
-are encoded once per connection and kept, and the payload goes through SIMD
-base64 straight into the line.  Every other record is Record.to_json() through
-orjson.  tests/unit/test_sinks.py checks that both give the same objects.
+Data and exchange records are most of what a busy node writes, so their lines
+are built for speed: the identity fields, which stay the same for every call of
+a connection, are encoded once per connection and kept, and a payload goes
+through SIMD base64 straight into the line.  Every other record is
+Record.to_json() through orjson.  tests/unit/test_sinks.py checks that both give
+the same objects.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _DATA_LINE = (
     b'{"type":"data","ts_ns":%d,%s,"seq":%d,"tid":%d,%s,"direction":"%s","offset":%d,'
     b'"len":%d,"captured_len":%d,"truncated":%s,"data_b64":"%s","protocol":"%s",'
     b'"redactions":%s}\n'
+)
+_EXCHANGE_LINE = (
+    b'{"type":"exchange","ts_ns":%d,%s,"seq":%d,"tid":%d,%s,"protocol":%s,"exchange":%s}\n'
 )
 
 
@@ -60,8 +64,30 @@ class JsonLineEncoder:
         self._identities: dict[str, tuple[tuple, bytes, bytes]] = {}
 
     def encode(self, record: Record) -> bytes:
-        if record.type != "data":
-            return _ascii_json(record.to_json()) + b"\n"
+        kind = record.type
+        if kind == "data":
+            cached = self._identity(record)
+            redactions = _ascii_json(record.redactions) if record.redactions else b"[]"
+            return _DATA_LINE % (
+                record.ts_ns, cached[1], record.seq, record.tid, cached[2],
+                record.direction.encode() if record.direction else b"egress",
+                record.offset, record.len, record.captured_len,
+                b"true" if record.truncated else b"false",
+                pybase64.b64encode(record.data), record.protocol.encode(), redactions,
+            )  # fmt: skip
+        if kind == "exchange" and record.exchange is not None:
+            # One per HTTP exchange with L7 on: the connection's fragments again,
+            # and only the exchange itself built as an object.
+            cached = self._identity(record)
+            return _EXCHANGE_LINE % (
+                record.ts_ns, cached[1], record.seq, record.tid, cached[2],
+                _ascii_json(record.protocol), _ascii_json(record.exchange.to_json()),
+            )  # fmt: skip
+        return _ascii_json(record.to_json()) + b"\n"
+
+    def _identity(self, record: Record) -> tuple[tuple, bytes, bytes]:
+        """The record's connection identity, encoded: from the cache while it
+        still matches the record."""
         identity = (
             record.node, record.agent_id, record.pid, record.comm, record.cgroup_id,
             record.container_id, record.pod, record.source, record.fd, record.local,
@@ -72,14 +98,7 @@ class JsonLineEncoder:
         # usual, the record holds the very objects the connection holds.
         if cached is None or cached[0] != identity:
             cached = self._identity_fragments(record, identity)
-        redactions = _ascii_json(record.redactions) if record.redactions else b"[]"
-        return _DATA_LINE % (
-            record.ts_ns, cached[1], record.seq, record.tid, cached[2],
-            record.direction.encode() if record.direction else b"egress",
-            record.offset, record.len, record.captured_len,
-            b"true" if record.truncated else b"false",
-            pybase64.b64encode(record.data), record.protocol.encode(), redactions,
-        )  # fmt: skip
+        return cached
 
     def _identity_fragments(self, record: Record, identity: tuple) -> tuple[tuple, bytes, bytes]:
         full = record.to_json()

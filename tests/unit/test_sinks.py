@@ -358,3 +358,30 @@ def test_jsonl_data_lines_equal_to_json_while_identity_changes() -> None:
         line = enc.encode(rec)
         assert line.isascii() and line.endswith(b"\n") and line.count(b"\n") == 1
         assert json.loads(line) == rec.to_json()
+
+
+def test_jsonl_exchange_lines_share_the_fragments_and_equal_to_json() -> None:
+    """Exchange lines reuse the connection's identity fragments that its data
+    lines made (in either order), and still equal Record.to_json."""
+    from agent.l7.exchange import Exchange, HttpMessage
+    from agent.sinks.jsonl import JsonLineEncoder
+
+    def exchange(i: int) -> Exchange:
+        headers = [("host", "shop"), ("x-note", "caf\u00e9")]
+        req = HttpMessage(
+            method="GET", target=f"/item/{i}?q=\u00e9", version="1.1", headers=headers
+        )
+        resp = HttpMessage(status=200, reason="OK", version="1.1", body=b'{"ok":1}', body_len=8)
+        return Exchange("http1", request=req, response=resp, stream_id=i)
+
+    enc = JsonLineEncoder()
+    records = []
+    for i in range(6):
+        conn = dict(conn_id=f"c{i % 2}", comm="nginx" if i < 4 else "nginx2")
+        records.append(_rec("exchange", seq=2 * i, protocol="http1", exchange=exchange(i), **conn))
+        records.append(_rec(seq=2 * i + 1, **conn))
+    for rec in records + records[::-1]:
+        rec.node, rec.agent_id = "node-a", "agent-1"
+        line = enc.encode(rec)
+        assert line.isascii() and line.count(b"\n") == 1
+        assert json.loads(line) == rec.to_json()
