@@ -33,6 +33,9 @@ VENV_BIN = REPO / ".venv" / "bin"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `agent` (kernel headers) when run as bench/x.py
+# PYTHONPATH entries (another checkout, for a before/after run) go back in front of
+# this checkout: a bench then measures that checkout's `agent`.
+sys.path.sort(key=lambda p: p not in os.environ.get("PYTHONPATH", "\0").split(os.pathsep))
 
 
 class BenchError(RuntimeError):

@@ -20,19 +20,13 @@ a server write them):
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchlib as bl  # also puts the repository on sys.path
-
-# benchlib put this checkout first; PYTHONPATH entries (another checkout) go back in
-# front of it (a stable sort: False before True).
-sys.path.sort(key=lambda p: p not in os.environ.get("PYTHONPATH", "\0").split(os.pathsep))
-
+import benchlib as bl  # also puts the repository (or PYTHONPATH's checkout) on sys.path
 import h2.config
 import h2.connection
 import h2.events

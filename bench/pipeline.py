@@ -17,6 +17,13 @@ Modes: `none` (records built, no sink), `jsonl` (JSON lines to a file, L7 off),
 `jsonl_l7` (JSON lines, L7 parsing and redaction on: the default `tlscap run`).
 Reported: events/s (ring records per second of CPU time) and, for http1,
 exchanges/s.
+
+`--instructions` counts instead of timing: each workload and mode runs under
+valgrind's callgrind, and the CPU instructions of the run (less those of building
+its input) are divided by its events.  The count does not move with the machine's
+load, so a 5 % change between two checkouts shows, where timings on these shared
+VMs vary by 25 %.  Slow (~50x): use `--events 5000`.  Another checkout's code:
+PYTHONPATH=/path/to/it (the path in use is printed).
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl  # also puts the repository on sys.path
 
+import agent
 from agent.capture.pipeline import EventPipeline
 from agent.events import layout
 from agent.events.ring import take_records
@@ -52,6 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per event under callgrind instead of timing",
+    )
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of modes")
+    p.add_argument("--workloads", default="raw,http1", help="comma-separated: raw,http1")
+    # One run of one workload and mode, inside valgrind ("setup": the input alone).
+    p.add_argument("--child", nargs=3, metavar=("WORKLOAD", "MODE", "WHAT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -139,17 +159,59 @@ class _NoProc:
         raise AssertionError("the pipeline bench should never need /proc")
 
 
+def workload_events(name: str, args: argparse.Namespace) -> list[bytes]:
+    if name == "raw":
+        return raw_events(args.events, args.size)
+    return http1_events(args.events, min(args.size, 1500))
+
+
+_COLLECTED = re.compile(rb"Collected : (\d+)")
+
+
+def instructions(args: argparse.Namespace, workload: str, mode: str, what: str) -> int:
+    """Instructions callgrind counts for one child run."""
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+           __file__, "--events", str(args.events), "--size", str(args.size),
+           "--child", workload, mode, what]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, check=False)
+    found = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or found is None:
+        raise bl.BenchError(f"callgrind run failed ({done.returncode}): {done.stderr[-800:]!r}")
+    return int(found.group(1))
+
+
+def main_instructions(args: argparse.Namespace, workloads: list[str], modes: list[str]) -> int:
+    if shutil.which("valgrind") is None:
+        raise bl.BenchError("--instructions needs valgrind (`make setup` installs it)")
+    print(f"agent package: {Path(agent.__file__).parent}")
+    print(f"pipeline under callgrind, {args.events} events of {args.size} B")
+    print(f"{'workload':8} {'mode':9} {'instructions/event':>19}")
+    for workload in workloads:
+        setup = instructions(args, workload, "none", "setup")
+        for mode in modes:
+            per_event = (instructions(args, workload, mode, "run") - setup) / args.events
+            print(f"{workload:8} {mode:9} {per_event:19.0f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workloads = {
-        "raw": raw_events(args.events, args.size),
-        "http1": http1_events(args.events, min(args.size, 1500)),
-    }
-    rings = {name: ring_bytes(events) for name, events in workloads.items()}
+    modes = [m for m in args.modes.split(",") if m]
+    names = [w for w in args.workloads.split(",") if w]
+    if args.child:
+        workload, mode, what = args.child
+        ring, size, producer = ring_bytes(workload_events(workload, args))
+        if what == "run":
+            with bl.scratch_dir() as tmp:
+                run_once(ring, size, producer, mode, tmp / "out.jsonl")
+        return 0
+    if args.instructions:
+        return main_instructions(args, names, modes)
+    rings = {name: ring_bytes(workload_events(name, args)) for name in names}
     samples: dict[tuple[str, str], list[dict]] = {}
     with bl.scratch_dir() as tmp:
         for rnd in range(args.rounds):
-            order = MODES[rnd % len(MODES) :] + MODES[: rnd % len(MODES)]
+            order = modes[rnd % len(modes) :] + modes[: rnd % len(modes)]
             for workload, (ring, size, producer) in rings.items():
                 for mode in order:
                     r = run_once(ring, size, producer, mode, tmp / f"{workload}-{mode}.jsonl")

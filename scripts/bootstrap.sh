@@ -44,6 +44,9 @@ packages=(
     # Node.js: TLS over memory BIOs (OpenSSL linked into the node binary, libuv
     # moving the ciphertext) - tests/ebpf/test_membio.py drives its https client/server
     nodejs
+    # bench/pipeline.py --instructions: instruction counts (callgrind) that do not
+    # move with the load other work puts on these shared machines
+    valgrind
 )
 
 # One dpkg-query for all of them; unknown packages print nothing on stdout.
