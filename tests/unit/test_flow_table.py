@@ -143,16 +143,20 @@ def test_data_record_fields() -> None:
             offset=0,
             direction=layout.DIR_INGRESS,
             comm=b"wget",
+            cgroup_id=4321,
             socket=known(),
         )
     )
     rec = out[-1]
+    # The table builds data records positionally (for speed): every field must
+    # land where a keyword-built Record puts it.
     assert rec == Record(
         type="data",
         ts_ns=123_456 + WALL_SHIFT,
         pid=TGID,
         tid=4251,
         comm="wget",
+        cgroup_id=4321,
         source="openssl",
         conn_id=out[0].conn_id,
         fd=7,
