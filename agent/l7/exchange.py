@@ -21,6 +21,11 @@ Side = Literal["request", "response"]
 Headers = list[tuple[str, str]]
 
 
+def _pairs(headers: Headers) -> list[list[str]]:
+    """Headers as JSON arrays (lists, as a JSON round trip gives them back)."""
+    return [[name, value] for name, value in headers] if headers else []
+
+
 # Slots: several of these are made (and read by redaction and to_json) per exchange.
 @dataclass(slots=True)
 class HttpMessage:
@@ -65,8 +70,8 @@ class HttpMessage:
             "status": self.status,
             "reason": self.reason,
             "version": self.version,
-            "headers": list(map(list, self.headers)),
-            "trailers": list(map(list, self.trailers)),
+            "headers": _pairs(self.headers),
+            "trailers": _pairs(self.trailers),
             "body_b64": pybase64.b64encode(self.body).decode("ascii"),
             "body_len": self.body_len,
             "body_truncated": self.body_truncated,

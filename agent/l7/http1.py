@@ -49,6 +49,9 @@ from agent.l7.exchange import Exchange, Headers, HttpMessage, Side
 _MAX_HEAD = 1 << 20  # largest header block followed
 _MAX_PENDING = 512  # requests awaiting a response before the oldest is given up
 _PEEK = 16384
+# Distinct header names remembered lower-cased per stream (short ones: a few KiB at most).
+_NAME_CACHE = 64
+_NAME_CACHED_LEN = 64
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT",
             b"TRACE", b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK",
             b"UNLOCK", b"REPORT", b"SEARCH", b"MKCALENDAR", b"PURGE", b"QUERY")  # fmt: skip
@@ -154,6 +157,7 @@ class _Stream:
         self.text: list[bytes] = []
         self.headers: Headers = []
         self.trailers: Headers = []
+        self.names: dict[bytes, str] = {}  # header names as sent -> lower-case
         self.body = bytearray()
         self.body_len = 0
         self.until_close = False  # the response in progress ends with the connection
@@ -184,13 +188,25 @@ class _Stream:
         self.head_bytes = 0
         self.begin_ts = self.ts
         self.text.clear()
-        self.headers = []
-        self.trailers = []
+        self.headers = []  # each message takes its list
+        if self.trailers:  # rare: a message took it
+            self.trailers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # A connection sends the same few names again and again: each is decoded and
+        # lower-cased once.
+        lower = self.names.get(name)
+        if lower is None:
+            lower = self._new_name(name)
         # llhttp strips the whitespace before a value, not after it.
-        field = (name.decode("latin-1").lower(), value.decode("latin-1").rstrip(" \t"))
+        field = (lower, value.decode("latin-1").rstrip(" \t"))
         (self.headers if self.in_head else self.trailers).append(field)
+
+    def _new_name(self, name: bytes) -> str:
+        lower = name.decode("latin-1").lower()
+        if len(self.names) < _NAME_CACHE and len(name) <= _NAME_CACHED_LEN:
+            self.names[name] = lower
+        return lower
 
     def on_body(self, data: bytes) -> None:
         if self.msg is None:  # a 1xx response's body: not framed by HTTP
@@ -230,7 +246,7 @@ class _ResponseStream(_Stream):
     def on_message_begin(self) -> None:
         if self.cur is None:  # not the final response after a 1xx
             self.owner._start_response(self)
-        super().on_message_begin()
+        _Stream.on_message_begin(self)
 
 
 class _UpgradeBody:
@@ -334,10 +350,14 @@ class Http1Parser:
             careful = self._heads or self._blocked is not None
         else:
             careful = st.body_reader is not None
-        pieces = self._pieces(st, data) if careful else (data,)
+        if not careful:  # most chunks: fed whole
+            st.tail = data[-2:]
+            self._feed_piece(st, data, ts)
+            return
+        pieces = self._pieces(st, data)
         st.tail = data[-2:]
         for i, piece in enumerate(pieces):
-            if careful and st is self._req and st.body_reader is not None:
+            if st is self._req and st.body_reader is not None:
                 st.body_reader.counted = 0
             self._feed_piece(st, piece, ts)
             if self.failed is not None or st.parser is None:
@@ -535,7 +555,7 @@ class Http1Parser:
 
     def _begin(self, st: _Stream, x: _Ex, msg: HttpMessage) -> None:
         st.cur, st.msg = x, msg
-        st.body = bytearray()
+        st.body.clear()  # its bytes went to the last message as a copy
         st.body_len = 0
         st.fresh = False
         if st.resynced:
@@ -556,14 +576,15 @@ class Http1Parser:
         else:
             x.resp_done = True
         if msg is not None:
-            msg.body = bytes(st.body)
+            if st.body:
+                msg.body = bytes(st.body)
             msg.body_len = st.body_len
             msg.body_truncated = st.body_len > len(msg.body)
-            st.body = bytearray()
             if complete:
                 msg.complete = True
                 msg.end_ts_ns = st.ts
-                msg.trailers = st.trailers
+                if st.trailers:
+                    msg.trailers, st.trailers = st.trailers, []
         return x
 
     # -- losing sync ------------------------------------------------------------------

@@ -39,6 +39,7 @@ from hyperframe.frame import Frame
 from agent.l7.exchange import Exchange, Headers, HttpMessage, Side
 from agent.l7.grpc import GrpcStream, is_grpc_content_type
 from agent.l7.header_blocks import BlockReader, HeaderBlockDecoder
+from agent.l7.http2_frames import FRAME_HEADER
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -232,14 +233,21 @@ class Http2Parser:
     ) -> int:
         """Handle every complete frame in `view`; return how many bytes they took."""
         pos, end = 0, len(view)
+        unpack = FRAME_HEADER.unpack_from
         while end - pos >= _HEADER:
-            length = (view[pos] << 16) | (view[pos + 1] << 8) | view[pos + 2]
-            body_end = pos + _HEADER + length
+            high, low, ftype, flags, sid = unpack(view, pos)
+            body_end = pos + _HEADER + ((high << 16) | low)
             if body_end > end:
                 break
-            if view[pos + 3] == _DATA:  # the bulk of most streams: no hyperframe object
-                sid = int.from_bytes(view[pos + 5 : pos + _HEADER], "big") & 0x7FFFFFFF
-                self._data_frame(index, sid, view[pos + 4], view[pos + _HEADER : body_end], ts, out)
+            if ftype == _DATA:  # the bulk of most streams: no hyperframe object
+                body = view[pos + _HEADER : body_end]
+                self._data_frame(index, sid & 0x7FFFFFFF, flags, body, ts, out)
+                pos = body_end
+                continue
+            if ftype in (_HEADERS, _CONTINUATION):  # every stream has them: neither
+                fts = first_ts if pos == 0 else ts
+                body = view[pos + _HEADER : body_end]
+                self._header_frame(index, ftype, flags, sid & 0x7FFFFFFF, body, fts, ts, out)
                 pos = body_end
                 continue
             try:
@@ -263,18 +271,12 @@ class Http2Parser:
             stream = self._streams.get(frame.stream_id)
             if stream is not None:
                 self._data(index, stream, frame.data, "END_STREAM" in frame.flags, ts, out)
-        elif kind in (_HEADERS, _PUSH_PROMISE):
-            promised = 0
-            if kind == _PUSH_PROMISE:
-                if index == 0:
-                    raise _Fail("protocol error: PUSH_PROMISE from the client")
-                promised = frame.promised_stream_id
+        elif kind == _PUSH_PROMISE:  # (HEADERS and CONTINUATION: _header_frame)
+            if index == 0:
+                raise _Fail("protocol error: PUSH_PROMISE from the client")
+            promised = frame.promised_stream_id
             st.block = _Block(frame.stream_id, "END_STREAM" in frame.flags, promised, fts)
-            self._fragment(index, frame, ts, out)
-        elif kind == _CONTINUATION:
-            if st.block is None or st.block.stream_id != frame.stream_id:
-                raise _Fail("protocol error: CONTINUATION without a header block to continue")
-            self._fragment(index, frame, ts, out)
+            self._fragment(index, frame.data, "END_HEADERS" in frame.flags, ts, out)
         elif kind == _RST_STREAM:
             stream = self._streams.get(frame.stream_id)
             if stream is not None:
@@ -315,21 +317,65 @@ class Http2Parser:
             data = body if stream.grpc is None else body.tobytes()
             self._data(index, stream, data, bool(flags & 0x01), ts, out)
 
-    def _fragment(self, index: int, frame, ts: int, out: list[Exchange]) -> None:
+    def _header_frame(
+        self,
+        index: int,
+        ftype: int,
+        flags: int,
+        sid: int,
+        body: memoryview,
+        fts: int,
+        ts: int,
+        out: list[Exchange],
+    ) -> None:
+        """A HEADERS or CONTINUATION frame, checked as hyperframe would (same verdicts,
+        reported by its exception names), then as in _frame."""
+        bad = ""
+        if not sid:
+            bad = "InvalidDataError"  # both need a stream
+        elif ftype == _HEADERS:
+            pad = 0
+            if flags & 0x08:  # PADDED
+                if body:
+                    pad, body = body[0], body[1:]
+                else:
+                    bad = "InvalidFrameError"
+            start = 0
+            if flags & 0x20 and not bad:  # PRIORITY: 5 bytes before the fragment
+                if len(body) < 5:
+                    bad = "InvalidFrameError"
+                start = 5
+            if pad and pad >= len(body) and not bad:
+                bad = "InvalidPaddingError"
+            body = body[start : len(body) - pad]
+        if bad:
+            raise _Fail(f"bad frame on the {('request', 'response')[index]} side: {bad}")
+        st = self._sides[index]
+        if ftype == _HEADERS:
+            if st.block is not None:
+                raise _Fail(f"protocol error: frame type {ftype} inside a header block")
+            st.block = _Block(sid, bool(flags & 0x01), 0, fts)
+        elif st.block is None or st.block.stream_id != sid:
+            raise _Fail("protocol error: CONTINUATION without a header block to continue")
+        self._fragment(index, body.tobytes(), bool(flags & 0x04), ts, out)
+
+    def _fragment(
+        self, index: int, fragment: bytes, end_headers: bool, ts: int, out: list[Exchange]
+    ) -> None:
         block = self._sides[index].block
         assert block is not None
-        block.parts.append(frame.data)
-        block.size += len(frame.data)
+        block.parts.append(fragment)
+        block.size += len(fragment)
         if block.size > MAX_HEADER_BLOCK:
             raise _Fail(f"header block larger than {MAX_HEADER_BLOCK} bytes")
-        if "END_HEADERS" in frame.flags:
+        if end_headers:
             self._sides[index].block = None
             self._headers(index, block, ts, out)
 
     def _headers(self, index: int, block: _Block, ts: int, out: list[Exchange]) -> None:
         raw = block.parts[0] if len(block.parts) == 1 else b"".join(block.parts)
         try:
-            decoded = self._sides[index].blocks.decode(raw)
+            decoded = self._sides[index].blocks.decode(raw).fields
         except HPACKError as exc:
             side = ("request", "response")[index]
             # hpack's texts can quote header bytes: the error's type only.
@@ -382,15 +428,16 @@ class Http2Parser:
             if not stream.ended[0]:
                 request.trailers.extend(headers)
             return
+        first = dict(reversed(headers))  # each name's first value, built in C
         request = exchange.request = HttpMessage(
             ts_ns=ts,
-            method=_first(headers, ":method"),
-            target=_first(headers, ":path"),
-            authority=_first(headers, ":authority") or _first(headers, "host"),
+            method=first.get(":method", ""),
+            target=first.get(":path", ""),
+            authority=first.get(":authority") or first.get("host", ""),
             version="2",
             headers=headers,
         )
-        if is_grpc_content_type(request.header("content-type")):
+        if is_grpc_content_type(first.get("content-type")):
             exchange.protocol = "grpc"
             stream.grpc = GrpcStream(request.target, self.body_limit)
 

@@ -26,12 +26,17 @@ a header that cannot be right is a desync.
 
 from __future__ import annotations
 
+import struct
+
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0, 1, 2, 3, 4
 PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 5, 6, 7, 8, 9
 KNOWN_TYPES = 10  # 0..9 are RFC 9113's
 
 DEFAULT_MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE's initial value
 HEADER = 9
+# A frame header in one call: length (high byte, low 16 bits), type, flags, and the
+# stream id with its reserved bit.
+FRAME_HEADER = struct.Struct(">BHBBL")
 
 # type: (flags the type defines, stream id: True needs one / False none / None any,
 #        exact length or None, minimum length)
@@ -49,9 +54,19 @@ _RULES: dict[int, tuple[int, bool | None, int | None, int]] = {
 }
 
 
+# Types whose only rule here is a stream id (no flags, length or stream rule beyond it).
+_STREAM_ONLY = frozenset(
+    t
+    for t, (_, needs, exact, minimum) in _RULES.items()
+    if needs is True and exact is None and not minimum
+)
+
+
 def frame_header_problem(ftype: int, flags: int, length: int, stream: int) -> bool:
     """Whether a frame header of a known type cannot be right (in sync; unknown
     types are the caller's business: their payload is not understood)."""
+    if ftype in _STREAM_ONLY:  # most frames: checked at once
+        return stream == 0
     rule = _RULES.get(ftype)
     if rule is None:
         return False

@@ -19,11 +19,14 @@ from "grpc-message").  Everything here is redacted in place:
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from agent.l7.exchange import Exchange, Headers, HttpMessage
 from agent.redact.payload import mask_regexes
 from agent.redact.rules import RedactionRules, RegexRule, header_rule_name, mask_query_values
 
 REDACTED = "[REDACTED]"
+_name_of = itemgetter(0)
 
 
 def _mask_text(text: str, regexes: tuple[RegexRule, ...], hits: set[str]) -> str:
@@ -48,9 +51,13 @@ def _redact_headers(headers: Headers, rules: RedactionRules, hits: set[str]) -> 
     when anything changed, else `headers` itself (most headers match no rule)."""
     names = rules.header_names
     regexes = rules.regexes
+    if not regexes and names.isdisjoint(map(str.lower, map(_name_of, headers))):
+        return headers  # nothing sensitive (the usual case), found in C
     out: Headers | None = None
     for i, (name, value) in enumerate(headers):
-        lname = name.lower()  # HTTP/2 peers may send upper case, against the RFC
+        # Parsers hand names lower-case, but an HTTP/2 peer may send upper case
+        # (against the RFC): only such a name is lowered to be looked up.
+        lname = name if name.islower() else name.lower()
         if lname in names:
             if value == REDACTED:
                 continue
@@ -73,7 +80,8 @@ def _redact_message(msg: HttpMessage, rules: RedactionRules, hits: set[str]) -> 
     if msg.trailers:
         msg.trailers = _redact_headers(msg.trailers, rules, hits)
     names = rules.header_names
-    if msg.target and rules.query_params:  # credential query values, same length
+    # Credential query values, same length ("=" first: most targets have no query).
+    if msg.target and rules.query_params and "=" in msg.target:
         raw = msg.target.encode("latin-1", errors="replace")
         masked, found = mask_query_values(raw, rules.query_params)
         if found:

@@ -146,11 +146,15 @@ class _QueryMasker:
             if m is not None:
                 self._rule = ""
         tail = self._tail
+        # Every match holds "=" in this chunk (one whose "=" was in the tail was done
+        # with the previous chunk): one memchr turns away most chunks (request heads
+        # without a query, JSON and plain bodies) before any copy.
+        if b"=" not in data:
+            self._tail = data[-self._keep :] if n >= self._keep else (tail + data)[-self._keep :]
+            return out
         base = len(tail)
         buf = tail + data if tail else data
-        # Every match holds "=": one memchr turns away most chunks (request heads
-        # without a query, JSON and plain bodies) before the lower-case copy.
-        if b"=" not in buf or not _holds_any(buf.lower(), self._needles):
+        if not _holds_any(buf.lower(), self._needles):
             self._tail = buf[-self._keep :]
             return out
         for m in self._pattern.finditer(buf, base + i if i else 0):
@@ -179,6 +183,9 @@ class Http1HeaderMasker:
     Most chunks hold whole lines, so feed() finds complete "name: value" lines with
     one regex search each and looks byte by byte only at a line cut by the chunk's
     end (the _NAME and _NAME_WS states carry such a line into the next chunk)."""
+
+    # Header blocks wiped unread: an HTTP/2 masker's count, never any here.
+    unknown_blocks = 0
 
     def __init__(self, names: frozenset[str], query_params: frozenset[str] = frozenset()) -> None:
         self._query = _QueryMasker(query_params) if query_params else None

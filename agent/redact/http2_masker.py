@@ -10,14 +10,14 @@ headers, passes everything outside header blocks on at once (DATA is most of the
 volume) and holds each header block from its first frame to the frame with
 END_HEADERS.
 
-A complete block is walked HPACK instruction by instruction (RFC 7541 section 6)
-to find where each field's value is, and decoded once, whole, by the direction's
-shared decoder (agent/l7/header_blocks.py: the HTTP/2 parser reads the same
-decoded blocks), which keeps the dynamic table in step with the peer's and tells
-each field's name.  A literal whose name is sensitive has its value masked in place so that
-the stream stays valid HPACK, at the same length: the H (Huffman) bit of the
-string's length prefix is cleared (the length integer keeps its encoding) and
-the string's bytes become b"*".  A decoder of the masked stream (Wireshark, or
+A complete block is decoded once, whole, by the direction's shared decoder
+(agent/l7/header_blocks.py: the HTTP/2 parser reads the same decoded blocks),
+which keeps the dynamic table in step with the peer's and tells each field's
+name and where its value string is (RFC 7541 section 6).  A literal whose name
+is sensitive has its value masked in place so that the stream stays valid
+HPACK, at the same length: the H (Huffman) bit of the string's length prefix is
+cleared (the length integer keeps its encoding) and the string's bytes become
+b"*".  A decoder of the masked stream (Wireshark, or
 anything fed the records) sees "****" where the secret was, and every other
 header unchanged.
 
@@ -65,7 +65,12 @@ masker's own decoder sees the original bytes and is not affected.
 from __future__ import annotations
 
 from agent.l7.header_blocks import HeaderBlockDecoder
-from agent.l7.http2_frames import KNOWN_TYPES, find_frame_run, frame_header_problem
+from agent.l7.http2_frames import (
+    FRAME_HEADER,
+    KNOWN_TYPES,
+    find_frame_run,
+    frame_header_problem,
+)
 from agent.redact.rules import header_rule_name, mask_query_values, query_pattern
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -80,66 +85,14 @@ RULE_HPACK_UNKNOWN = "http2:hpack-state-unknown"
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
 _END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20
 _STATIC_TABLE_LEN = 61
+# Distinct field names remembered lower-cased, per masker (short ones: a few KiB at most).
+_NAME_CACHE = 128
+_NAME_CACHED_LEN = 64
 
 # Where the walk is.
 _PREFACE_MODE, _HEADER_MODE, _PAYLOAD_MODE, _DESYNC_MODE = range(4)
 # What happens to the current frame's payload.
 _PASS, _HOLD, _WIPE = range(3)
-
-
-class _HpackError(Exception):
-    pass
-
-
-def _integer(buf: bytearray, i: int, prefix_bits: int) -> tuple[int, int]:
-    """RFC 7541 5.1: the integer at buf[i] and the index after it."""
-    if i >= len(buf):
-        raise _HpackError("truncated integer")
-    limit = (1 << prefix_bits) - 1
-    value = buf[i] & limit
-    i += 1
-    if value < limit:
-        return value, i
-    shift = 0
-    while True:
-        if i >= len(buf) or shift > 28:
-            raise _HpackError("truncated or oversized integer")
-        byte = buf[i]
-        i += 1
-        value += (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, i
-
-
-def _string(buf: bytearray, i: int) -> tuple[int, int, int]:
-    """RFC 7541 5.2: (position of the H bit's byte, start, end) of the string at i."""
-    length, start = _integer(buf, i, 7)
-    end = start + length
-    if end > len(buf):
-        raise _HpackError("truncated string")
-    return i, start, end
-
-
-def _instruction(buf: bytearray, i: int) -> tuple[int, int, tuple[int, int, int] | None, bool]:
-    """One representation at buf[i]: (end, name index (0: literal name), the value
-    string or None, whether it is a dynamic table size update)."""
-    first = buf[i]
-    if first & 0x80:  # indexed field
-        index, end = _integer(buf, i, 7)
-        return end, index, None, False
-    if first & 0x40:  # literal with incremental indexing
-        prefix = 6
-    elif first & 0x20:  # dynamic table size update
-        _, end = _integer(buf, i, 5)
-        return end, 0, None, True
-    else:  # literal without indexing / never indexed
-        prefix = 4
-    index, j = _integer(buf, i, prefix)
-    if index == 0:
-        j = _string(buf, j)[2]
-    value = _string(buf, j)
-    return value[2], index, value, False
 
 
 class Http2HeaderMasker:
@@ -163,7 +116,7 @@ class Http2HeaderMasker:
         `query_params`: credential parameters masked in ":path"; `midstream`: the
         stream's start was not seen (framing is picked up, header blocks wiped)."""
         self._names = frozenset(n.lower() for n in names)
-        self._raw_names = frozenset(n.encode("latin-1") for n in self._names)
+        self._name_of: dict[bytes, str] = {}  # raw field name -> lower-case str
         self._query = query_pattern(frozenset(q.lower() for q in query_params))
         self._query_names = frozenset(q.lower() for q in query_params)
         self._active = bool(self._names or self._query_names)
@@ -226,12 +179,17 @@ class Http2HeaderMasker:
                 pos += k
                 if self._fpos == self._flen:
                     self._frame_end()
-            elif mode == _HEADER_MODE:
+            elif mode == _HEADER_MODE:  # a frame header is let out once checked
+                if not self._hdr and n - pos >= 9:  # all of it here (the usual case)
+                    self._frame_start(data[pos : pos + 9])
+                    pos += 9
+                    continue
                 k = min(9 - len(self._hdr), n - pos)
-                self._hdr += data[pos : pos + k]  # let out once checked
+                self._hdr += data[pos : pos + k]
                 pos += k
                 if len(self._hdr) == 9:
-                    self._frame_start()
+                    header, self._hdr = bytes(self._hdr), bytearray()
+                    self._frame_start(header)
             elif mode == _PREFACE_MODE:
                 k = min(len(PREFACE) - self._preface_pos, n - pos)
                 chunk = data[pos : pos + k]
@@ -302,15 +260,15 @@ class Http2HeaderMasker:
         self._trusted = False
         self._in_block = self._discard = False
 
-    def _frame_start(self) -> None:
-        h = self._hdr
-        flen = int.from_bytes(h[0:3], "big")
-        ftype, flags = h[3], h[4]
-        stream = int.from_bytes(h[5:9], "big") & 0x7FFFFFFF
+    def _frame_start(self, h: bytes) -> None:
+        """The frame whose 9-byte header is `h` starts."""
+        high, low, ftype, flags, stream = FRAME_HEADER.unpack(h)
+        flen = (high << 16) | low
+        stream &= 0x7FFFFFFF
         if frame_header_problem(ftype, flags, flen, stream):
+            self._hdr = bytearray(h)
             self._desync()  # the held header leaves zeroed
             return
-        self._hdr = bytearray()
         self._ftype, self._flags, self._flen, self._fpos = ftype, flags, flen, 0
         continues = ftype == _CONTINUATION and stream == self._block_stream
         if self._in_block and not continues:
@@ -318,9 +276,9 @@ class Http2HeaderMasker:
         if self._discard and not continues:
             self._discard = False
         if self._in_block:
-            self._hold(bytes(h))
+            self._hold(h)
         else:
-            self._out.append(bytes(h))
+            self._out.append(h)
         self._mode = _PAYLOAD_MODE
         if ftype >= KNOWN_TYPES:  # not understood: nothing of it is passed
             self._role, self._wipe_rule = _WIPE, RULE_UNKNOWN_FRAME
@@ -450,55 +408,35 @@ class Http2HeaderMasker:
     def _walk(self, frag: bytearray) -> bool:
         """Mask the sensitive values of a whole header block fragment in place;
         whether anything changed."""
-        n = len(frag)
         try:
-            fields = self._blocks.decode(bytes(frag))  # validated by hpack, too
+            # The shared decode says, field by field, where each value string is.
+            block = self._blocks.decode(bytes(frag))
         except Exception:  # untrusted input: any failure wipes the block
             return self._wipe_fragment(frag)
-        query = self._query
-        if self._trusted:  # most blocks name nothing sensitive: no need to find values
-            raw_names = self._raw_names
-            for raw_name, raw_value in fields:
-                if raw_name.lower() in raw_names:
-                    break
-                if query is not None and raw_name == b":path" and query.search(raw_value):
-                    break
-            else:
-                return False
-        # Where each field's value is: one representation at a time (RFC 7541 6).
-        fields_at: list[tuple[int, tuple[int, int, int] | None]] = []  # name index, value
-        emptied = False  # a table size update to 0: the table is in step again
-        try:
-            i = 0
-            while i < n:
-                end, index, value, size_update = _instruction(frag, i)
-                if size_update:
-                    emptied = emptied or _integer(frag, i, 5)[0] == 0
-                else:
-                    fields_at.append((index, value))
-                i = end
-            if len(fields_at) != len(fields):
-                raise _HpackError("instruction count mismatch")
-        except Exception:
-            return self._wipe_fragment(frag)
-        if emptied:
+        if block.emptied:  # a table size update to 0: the table is in step again
             self._trusted = True
-        changed = False
         names = self._names
-        for (index, value), (raw_name, raw_value) in zip(fields_at, fields, strict=True):
-            if value is None:
-                continue
-            name = raw_name.decode("latin-1").lower()
-            if name == ":path" and query is not None and name not in names:
-                changed = self._mask_path(frag, value, raw_value) or changed
-                continue
+        query = self._query
+        trusted = self._trusted
+        fields = block.fields
+        changed = False
+        # Only literals carry value bytes of their own: indexed fields have none here.
+        for position, index, h_pos, start, stop in block.literals:
+            raw_name, raw_value = fields[position]
+            # Names are compared lower-case: a peer may send upper case, against the RFC.
+            name = self._name_of.get(raw_name)
+            if name is None:
+                name = self._lower_name(raw_name)
             if name in names:
                 rule = header_rule_name(name)
-            elif not self._trusted and index > _STATIC_TABLE_LEN:
+            elif name == ":path" and query is not None:
+                if query.search(raw_value):  # most paths carry no credential
+                    changed = self._mask_path(frag, h_pos, start, stop, raw_value) or changed
+                continue
+            elif not trusted and index > _STATIC_TABLE_LEN:
                 rule = RULE_UNKNOWN_NAME
             else:
                 continue
-            h_pos, start, stop = value
             if stop > start:
                 frag[h_pos] &= 0x7F
                 frag[start:stop] = b"*" * (stop - start)
@@ -506,14 +444,22 @@ class Http2HeaderMasker:
                 changed = True
         return changed
 
-    def _mask_path(self, frag: bytearray, value: tuple[int, int, int], decoded: bytes) -> bool:
+    def _lower_name(self, raw_name: bytes) -> str:
+        """`raw_name` as a lower-case str, remembered (a connection repeats its names)."""
+        name = raw_name.decode("latin-1").lower()
+        if len(self._name_of) < _NAME_CACHE and len(raw_name) <= _NAME_CACHED_LEN:
+            self._name_of[raw_name] = name
+        return name
+
+    def _mask_path(
+        self, frag: bytearray, h_pos: int, start: int, stop: int, decoded: bytes
+    ) -> bool:
         """Mask credential query values of a ":path" literal in place, keeping HPACK
         valid at the same length: only the values of a plain string, all of a
         Huffman-coded one (its bytes do not map to characters)."""
         masked, hits = mask_query_values(decoded, self._query_names)
         if not hits:
             return False
-        h_pos, start, stop = value
         if frag[h_pos] & 0x80:  # Huffman-coded
             frag[h_pos] &= 0x7F
             frag[start:stop] = b"*" * (stop - start)

@@ -513,3 +513,49 @@ def test_malformed_data_frames_fail_as_hyperframe_says() -> None:
         parser = Http2Parser()
         parser.feed("request", PREFACE + raw, 1)
         assert parser.failed == expected, raw
+
+
+def test_malformed_header_frames_fail_as_hyperframe_says() -> None:
+    """HEADERS and CONTINUATION frames are parsed without hyperframe: same verdicts
+    (reported by hyperframe's exception names), same fragments."""
+    from hyperframe.exceptions import HyperframeError
+    from hyperframe.frame import Frame
+
+    def frame(ftype: int, flags: int, sid: int, body: bytes) -> bytes:
+        return len(body).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + body
+
+    block = hpack.Encoder().encode([(":method", "GET"), (":path", "/x"), (":scheme", "https")])
+    cases = [
+        frame(1, 0x05, 0, block),  # stream 0
+        frame(1, 0x0D, 1, b""),  # PADDED, no pad length byte
+        frame(1, 0x0D, 1, b"\x05" + block[:4]),  # pad longer than the rest
+        frame(1, 0x0D, 1, b"\x02" + block + b"\x00\x00"),  # padded: valid
+        frame(1, 0x25, 1, b"\x00\x00\x00\x00"),  # PRIORITY, 4 bytes
+        frame(1, 0x25, 1, b"\x00\x00\x00\x00\x10" + block),  # PRIORITY: valid
+        frame(1, 0x2D, 1, b"\x03\x00\x00\x00\x00\x10" + block + b"\x00\x00\x00"),  # both
+        frame(1, 0x2D, 1, b"\x03\x00\x00\x00\x00\x10\x00"),  # pad eats the priority
+        frame(1, 0x05, 0x80000001, block),  # reserved bit set: stream 1
+        frame(1, 0x01, 1, block[:3]) + frame(9, 0x04, 0, block[3:]),  # CONTINUATION, stream 0
+        frame(1, 0x01, 1, block[:3]) + frame(9, 0x04, 1, block[3:]),  # continued: valid
+    ]
+    for raw in cases:
+        expected = None
+        fragment = b""
+        pos = 0
+        try:
+            while pos < len(raw):
+                f, length = Frame.parse_frame_header(memoryview(raw[pos : pos + 9]))
+                f.parse_body(memoryview(raw[pos + 9 : pos + 9 + length]))
+                fragment += f.data
+                pos += 9 + length
+        except HyperframeError as exc:
+            expected = f"bad frame on the request side: {type(exc).__name__}"
+        parser = Http2Parser()
+        parser.feed("request", PREFACE + raw, 1)
+        if expected is None:
+            assert parser.failed is None, (raw, parser.failed)
+            request = parser._streams[1].exchange.request
+            path = dict(hpack.Decoder().decode(fragment)).get(":path", "")
+            assert request is not None and request.target == path, raw
+        else:
+            assert parser.failed == expected, raw
