@@ -5,6 +5,8 @@
 # Python ssl 1 MiB each way, stripped Go binaries (struct walk) and a wrapped
 # net.Conn (the fd fallback), wget (GnuTLS), the collector round trip; and the
 # preflight's one-line reasons where bpf() is denied or the ring buffer is missing.
+# With tlscap.nobpf=1 on the kernel command line it runs scripts/vm/guest_nobpf.py
+# instead (bpf() denied by seccomp for the whole suite; --mode auto -> proxy).
 # Prints the kernel features this kernel gives the agent, then a last line
 # "TLSCAP-RESULT: pass|fail <passed>/<total>" the host parses.
 src="${1:-/work/main}"
@@ -17,6 +19,12 @@ mkdir -p /tmp/tlscap-go-builds
 export TLSCAP_GO_BUILD_DIR=/tmp/tlscap-go-builds
 # Under TCG bcc's clang compiles the probes in minutes, not seconds.
 export TLSCAP_TEST_AGENT_START_TIMEOUT=600
+
+# The bpf()-denied guest (kernel command line tlscap.nobpf=1): its own checks, all
+# under a seccomp filter that makes bpf() fail (scripts/vm/guest_nobpf.py).
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in tlscap.nobpf=1) exec "$src/.venv/bin/python" "$src/scripts/vm/guest_nobpf.py" "$src" ;; esac
+done
 
 echo "TLSCAP-GUEST: kernel features:"
 "$src/.venv/bin/python" - <<'PY'
@@ -53,6 +61,14 @@ start=$(cut -d' ' -f1 /proc/uptime)
     echo $? >/tmp/pytest.rc
 } | tee /tmp/pytest.out
 rc=$(cat /tmp/pytest.rc)
+# A failed test's tlscap logs (tests/ebpf write them to tlscap.log in the test's
+# tmp_path) die with the guest: put their tails on the console.
+if [ "$rc" -ne 0 ]; then
+    for log in $(find /tmp/pytest-of-root -name 'tlscap*.log' 2>/dev/null); do
+        echo "TLSCAP-GUEST: tail of $log:"
+        tail -n 20 "$log" | sed 's/^/    | /'
+    done
+fi
 summary="$(tail -n1 /tmp/pytest.out)"
 passed=$(echo "$summary" | grep -oE '[0-9]+ passed' | cut -d' ' -f1)
 total=0

@@ -6,6 +6,13 @@ are built without 9p; virtiofsd is qemu's, /usr/lib/qemu/virtiofsd).  Prints a l
 per kernel, then exactly `kernel matrix: K/N kernels pass`.
 
     scripts/vm/kernel_matrix.py [--kernels 5.10,6.1] [--accel auto|kvm|tcg] [--skip-build]
+                                [--nobpf-kernel 6.1|none] [--nobpf-only]
+
+One more guest boots the --nobpf-kernel kernel (default 6.1, when it is among the
+kernels run) with `tlscap.nobpf=1`: there the suite is scripts/vm/guest_nobpf.py,
+under a seccomp filter that makes bpf() fail (the preflight's one-line reasons, and
+`--mode auto` capturing through the proxy).  It is a line and a count of its own in
+the output (N counts guests: one per kernel, plus this one).
 
 The image comes from scripts/vm/build-image.sh (built once, cached by the hash of its
 inputs).  KVM is used only when a bounded probe boot proves it reaches userspace
@@ -226,8 +233,14 @@ def kvm_works(kernel: Kernel, workdir: Path) -> tuple[bool, str]:
     return False, f"KVM probe: {why} within {KVM_PROBE_S:.0f}s (hangs at kernel entry here)"
 
 
-def run_kernel(kernel: Kernel, accel: str, workdir: Path, extra_cmdline: str) -> Outcome:
-    console = workdir / f"console-{kernel.version}.log"
+NOBPF_CMDLINE = "tlscap.nobpf=1"
+
+
+def run_kernel(
+    kernel: Kernel, accel: str, workdir: Path, extra_cmdline: str, label: str = ""
+) -> Outcome:
+    """Boot one guest; `label` names a variant (its console, its output line)."""
+    console = workdir / f"console-{kernel.version}{'-' + label if label else ''}.log"
     daemons: list[subprocess.Popen] = []
     if kernel_has_9p(kernel) or not VIRTIOFSD.exists():
         share, how = share_9p(), "9p"
@@ -246,6 +259,8 @@ def run_kernel(kernel: Kernel, accel: str, workdir: Path, extra_cmdline: str) ->
     text = console_text(console).replace("\r", "")
     result = next((ln for ln in reversed(text.splitlines()) if ln.startswith(RESULT)), None)
     name = f"{kernel.version} ({kernel.suite})"
+    if label == "nobpf":
+        name += " with bpf() denied (seccomp)"
     if state == "no-boot":
         return Outcome(
             kernel,
@@ -275,11 +290,34 @@ def run_kernel(kernel: Kernel, accel: str, workdir: Path, extra_cmdline: str) ->
     ]
     features = f"features off: {', '.join(off)}" if off else "all features on"
     ok = verdict == "pass"
-    line = f"{name}: {'PASS' if ok else 'FAIL'} {counts} tests, {features} [{accel}, {secs:.0f}s]"
+    what = "checks" if label == "nobpf" else f"tests, {features}"
+    line = f"{name}: {'PASS' if ok else 'FAIL'} {counts} {what} [{accel}, {secs:.0f}s]"
+    if label == "nobpf":
+        line += "".join(
+            "\n    " + ln.split("reason: ", 1)[1]
+            for ln in text.splitlines()
+            if ln.startswith("TLSCAP-NOBPF:") and "reason: " in ln
+        )
     if not ok:
-        failed = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR", "SKIPPED"))]
+        failed = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith(("FAILED", "ERROR", "SKIPPED", "TLSCAP-NOBPF: FAIL"))
+        ]
         line += "\n" + "\n".join("    " + ln for ln in failed[-15:]) + f"\n    console: {console}"
     return Outcome(kernel, ok, line, secs, console)
+
+
+def nobpf_kernel(kernels: list[Kernel], prefix: str) -> Kernel | None:
+    """The kernel the bpf()-denied guest boots: the first run kernel matching `prefix`."""
+    if prefix in ("", "none"):
+        return None
+    return next((k for k in kernels if version_matches(k.version, prefix)), None)
+
+
+def version_matches(version: str, prefix: str) -> bool:
+    """`6.1` names 6.1.0-50-cloud-amd64, not 6.12.117: a prefix ends at a . or -."""
+    return version == prefix or version.startswith((f"{prefix}.", f"{prefix}-"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     ap.add_argument("--cmdline", default="", help="extra kernel command line for every guest")
     ap.add_argument("--skip-build", action="store_true", help="use the image as it is")
+    ap.add_argument(
+        "--nobpf-kernel",
+        default=os.environ.get("TLSCAP_VM_NOBPF_KERNEL", "6.1"),
+        help="kernel prefix of the extra guest with bpf() denied (none: no such guest)",
+    )
+    ap.add_argument("--nobpf-only", action="store_true", help="boot only the bpf()-denied guest")
     args = ap.parse_args(argv)
     # SIGTERM/SIGINT (also when started in the background, where SIGINT is ignored)
     # unwind through run_guest's finally, which kills our qemu and virtiofsd.
@@ -310,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.kernels:
         wanted = args.kernels.split(",")
-        kernels = [k for k in kernels if any(k.version.startswith(w) for w in wanted)]
+        kernels = [k for k in kernels if any(version_matches(k.version, w) for w in wanted)]
     GO_BUILDS.mkdir(parents=True, exist_ok=True)
     snapshot_checkout()
     workdir = Path(tempfile.mkdtemp(prefix="tlscap-kernels-"))
@@ -323,8 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"image: {IMAGE} (build/check {build_s:.0f}s); consoles in {workdir}", flush=True)
 
     outcomes = []
-    for kernel in kernels:
+    for kernel in [] if args.nobpf_only else kernels:
         outcome = run_kernel(kernel, accel, workdir, args.cmdline)
+        outcomes.append(outcome)
+        print(outcome.line, flush=True)
+    nobpf = nobpf_kernel(kernels, args.nobpf_kernel)
+    if nobpf is not None:
+        cmdline = f"{args.cmdline} {NOBPF_CMDLINE}".strip()
+        outcome = run_kernel(nobpf, accel, workdir, cmdline, label="nobpf")
         outcomes.append(outcome)
         print(outcome.line, flush=True)
     passed = sum(o.passed for o in outcomes)

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from tests.ebpf.conftest import REPO, TLSCAP, Capture, wait_for
+from tests.ebpf.conftest import AGENT_START_TIMEOUT, REPO, TLSCAP, Capture, wait_for
 from tests.ebpf.test_openssl_capture import curl_request, run_curl
 
 
@@ -26,7 +26,13 @@ def test_subscriber_receives_exactly_what_the_agent_captured(agent, s_server, tm
     )  # fmt: skip
     tail = None
     try:
-        wait_for(lambda: ready.exists() or collector.poll() is not None, 30, "the collector")
+        # A tlscap process's start-up: the same allowance as the agent's (raised in
+        # the emulated VMs of `make test-kernels`, where 30 s was not always enough).
+        wait_for(
+            lambda: ready.exists() or collector.poll() is not None,
+            max(30.0, AGENT_START_TIMEOUT),
+            "the collector",
+        )
         address = ready.read_text().strip()
         tailed = tmp_path / "tail.jsonl"
         tail = start_tlscap(
