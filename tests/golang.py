@@ -88,8 +88,11 @@ def build(
         cmd += ["-ldflags=-s -w"]
     if pie:
         cmd += ["-buildmode=pie"]
+    # A first build with an empty Go cache under emulation (the Vagrant lab's TCG
+    # domain) takes longer than 10 minutes: the lab raises the limit.
+    timeout = float(os.environ.get("TLSCAP_GO_BUILD_TIMEOUT", "600"))
     result = subprocess.run(
-        [*cmd, str(source)], env=go_env(), capture_output=True, text=True, timeout=600
+        [*cmd, str(source)], env=go_env(), capture_output=True, text=True, timeout=timeout
     )
     if result.returncode != 0:
         raise RuntimeError(f"go build of {source} with {toolchain.go} failed:\n{result.stderr}")

@@ -231,7 +231,7 @@ def test_command(pytest_args: list[str], driver: str) -> str:
     args = list(pytest_args)
     env = ""
     if driver == "qemu":
-        env = "env TLSCAP_TEST_AGENT_START_TIMEOUT=600 "
+        env = "env TLSCAP_TEST_AGENT_START_TIMEOUT=600 TLSCAP_GO_BUILD_TIMEOUT=3600 "
         args.append("--timeout=1200")
     cmd = f"cd /vagrant && sudo {env}make test"
     if args:

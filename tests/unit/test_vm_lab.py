@@ -152,7 +152,10 @@ def test_lab_make_targets_exist_and_stay_out_of_make_test() -> None:
 def test_lab_test_command_widens_timeouts_under_tcg_only() -> None:
     assert lab.test_command([], "kvm") == "cd /vagrant && sudo make test"
     tcg = lab.test_command(["tests/ebpf"], "qemu")
-    assert tcg.startswith("cd /vagrant && sudo env TLSCAP_TEST_AGENT_START_TIMEOUT=600 make test")
+    assert tcg.startswith(
+        "cd /vagrant && sudo env TLSCAP_TEST_AGENT_START_TIMEOUT=600"
+        " TLSCAP_GO_BUILD_TIMEOUT=3600 make test"
+    )
     assert tcg.endswith("PYTEST_ARGS='tests/ebpf --timeout=1200'")
 
 
