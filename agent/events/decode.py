@@ -233,6 +233,8 @@ class EventDecoder:
         if len(raw) < 4:
             raise DecodeError(f"ring-buffer record of {len(raw)} bytes is too short")
         (kind,) = _KIND.unpack_from(raw)
+        if kind == layout.EV_DATA:  # decode_batch takes every data event long enough
+            raise DecodeError(f"data event needs {_DATA.size} bytes, got {len(raw)}")
         if kind == layout.EV_CLOSE:
             tgid, tid, fd, ts_ns, gen = _unpack(_CLOSE, raw, "CloseEvent")
             return SocketClosed(tgid, tid, fd, ts_ns, gen)

@@ -103,5 +103,5 @@ def take_records(
                 )
             append(at + HEADER_SIZE)
             append(length)
-        pos += (length + HEADER_SIZE + 7) & ~7
+        pos += record_span(word)
     return pos, RingBatch(data, spans)

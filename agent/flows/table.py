@@ -177,8 +177,7 @@ class FlowTable:
                 fdless = facts is None
         if not fdless:
             conn = self._by_fd.get((call.tgid, call.fd))
-            gen = call.socket.gen
-            if conn is not None and gen and gen != conn.gen:  # not _same_socket: inline, per call
+            if conn is not None and not self._same_socket(conn, call.socket.gen):
                 out.extend(self._close(conn, call.ts_mono_ns, call.tid))
                 del self._by_fd[(call.tgid, call.fd)]
                 self.stats.inferred_closes += 1
@@ -242,7 +241,7 @@ class FlowTable:
             "data", self._wall(call.ts_mono_ns), "", "", 0, call.tgid, call.tid, call.comm,
             call.cgroup_id, "", None, call.source, conn.conn_id,
             conn.fd if fdless else call.fd, conn.local, conn.remote, conn.role,
-            call.direction, call.offset, call.len, len(data), len(data) < call.len, data,
+            call.direction, call.offset, call.len, len(data), call.truncated, data,
         )  # fmt: skip
         if conn.held is None:
             if fdless:

@@ -311,6 +311,11 @@ def test_record_shorter_than_its_struct(raw: bytes, size: int) -> None:
         decode_event(raw)
 
 
+def test_short_data_event_is_named_as_one() -> None:
+    with pytest.raises(DecodeError, match="data event needs"):
+        decode_event(data_record(b"abc")[: HDR - 1])
+
+
 def test_chunk_len_above_chunk_size() -> None:
     payload = bytes(layout.CHUNK_SIZE + 1)
     with pytest.raises(DecodeError):
