@@ -374,8 +374,9 @@ class AgentRun:
     total_cpu_s: float = float("nan")
 
     def cpu_seconds(self) -> float:
-        """user + system CPU the agent has used so far (nan once it has exited)."""
-        return process_cpu_seconds(self.proc.pid)
+        """user + system CPU the agent and its workers have used so far (nan once it
+        has exited)."""
+        return process_tree_cpu_seconds(self.proc.pid)
 
     def stop(self, timeout: float = 60.0) -> float:
         """SIGINT (the agent drains its ring, writes stats, exits 0); seconds it took.
@@ -646,6 +647,31 @@ def process_cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """process_cpu_seconds of `pid` and of its live descendants (the agent's capture
+    workers are child processes): nan once `pid` itself has exited."""
+    total = process_cpu_seconds(pid)
+    for child in child_pids(pid):
+        cpu = process_tree_cpu_seconds(child)
+        if cpu == cpu:  # a child that exited meanwhile counts nothing (its stat is gone)
+            total += cpu
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def loadavg() -> float:

@@ -5,6 +5,8 @@ Modes, run round-robin in one run (the order rotates every round):
   none       no capture
   l7_jsonl   tlscap run --comm nginx --comm wrk --output jsonl --output-file F  (L7 on)
   raw_none   tlscap run --comm nginx --comm wrk --l7 off --output none
+  l7_jsonl_w2, raw_none_w2   the same with --workers 2 (the pipeline in two processes;
+             the agent's CPU is then its own and its workers')
 
 Per sample: nginx started, then the agent (ready file waited for), then
 `wrk -t1 -c<N> -d<S>` with a unique target per request (tests/ebpf/nginx_lab.py).
@@ -33,7 +35,8 @@ import benchlib as bl
 
 from tests.ebpf import nginx_lab
 
-MODES = ("none", "l7_jsonl", "raw_none")
+MODES = ("none", "l7_jsonl", "raw_none", "l7_jsonl_w2", "raw_none_w2")
+DEFAULT_MODES = ("none", "l7_jsonl", "raw_none")
 COMMS = ["--comm", "nginx", "--comm", "wrk"]
 # /metrics names of the stats keys reported here (agent/health/metrics.py).
 METRIC_KEYS = {
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--modes",
         type=lambda s: [m for m in s.split(",") if m],
-        default=list(MODES),
+        default=list(DEFAULT_MODES),
         help=f"comma-separated subset of {','.join(MODES)} (none is needed for the ratios)",
     )
     who = p.add_mutually_exclusive_group()
@@ -115,6 +118,8 @@ def log(args: argparse.Namespace, message: str) -> None:
 
 def agent_run_args(mode: str, output: Path, health_port: int) -> list[str]:
     health = ["--health-listen", f"127.0.0.1:{health_port}"]
+    if mode.endswith("_w2"):
+        return [*agent_run_args(mode[:-3], output, health_port), "--workers", "2"]
     if mode == "l7_jsonl":
         return [*COMMS, "--output", "jsonl", "--output-file", str(output), *health]
     if mode == "raw_none":
@@ -126,10 +131,10 @@ def wait_until_idle(pid: int, limit: float, interval: float = 0.25, busy: float 
     """Seconds until process `pid` used less than `busy` of a CPU over `interval` s:
     how long the agent kept working off its backlog after the load stopped."""
     t0 = time.monotonic()
-    last = bl.process_cpu_seconds(pid)
+    last = bl.process_tree_cpu_seconds(pid)
     while time.monotonic() - t0 < limit:
         time.sleep(interval)
-        now = bl.process_cpu_seconds(pid)
+        now = bl.process_tree_cpu_seconds(pid)
         if now - last < busy * interval:
             return time.monotonic() - t0 - interval
         last = now
@@ -181,7 +186,7 @@ def one_sample(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
                 k: int(metrics[name]) if name in metrics else None
                 for k, name in METRIC_KEYS.items()
             }
-            if mode == "l7_jsonl":
+            if mode.startswith("l7_jsonl"):
                 found = nginx_lab.read_exchanges(output, lab.pids, wrk.pid)
                 sample["stats_from"] = "jsonl stats line"
                 sample["agent_stats"] = {k: found.stats.get(k) for k in STATS_KEYS}
@@ -291,7 +296,7 @@ def summarize(samples: list[dict], modes: list[str]) -> dict:
             row["shed_connections_total"] = sum(
                 s["agent_stats"].get("shed_connections") or 0 for s in ss
             )
-        if m == "l7_jsonl":
+        if m.startswith("l7_jsonl"):
             row["served_total"] = sum(s["served"] for s in ss)
             row["exchanges_server_total"] = sum(s["exchanges_server"] for s in ss)
             row["exchanges_client_total"] = sum(s["exchanges_client"] for s in ss)
@@ -322,7 +327,7 @@ def sample_line(s: dict) -> str:
             f"peak {ring_peak(st)}, shed conns {st.get('shed_connections')}, "
             f"backlog {s['agent_backlog_s']:.1f} s"
         )
-    if s["mode"] == "l7_jsonl":
+    if s["mode"].startswith("l7_jsonl"):
         line += f", exchanges {s['exchanges_server']}/{s['served']} (nginx)"
     return line + ("  (CONTAMINATED)" if s["contaminated"] else "")
 
@@ -344,7 +349,7 @@ def print_table(result: dict) -> None:
     for s in result["samples"]:
         st = s.get("agent_stats", {})
         srv = cli = ""
-        if s["mode"] == "l7_jsonl":
+        if s["mode"].startswith("l7_jsonl"):
             srv = f"{s['exchanges_server']}/{s['served']}"
             cli = f"{s['exchanges_client']}/{s['wrk_requests']}"
         print(
@@ -372,7 +377,7 @@ def print_table(result: dict) -> None:
                 f"lost {v['lost_total']} (kernel {v['kernel_lost_events_total']}), "
                 f"shed connections {v['shed_connections_total']} in all"
             )
-        if m == "l7_jsonl":
+        if m.startswith("l7_jsonl"):
             line += (
                 f"; exchanges: nginx side {v['exchanges_server_total']}, wrk side "
                 f"{v['exchanges_client_total']}, of {v['served_total']} requests served"

@@ -18,6 +18,13 @@ Modes: `none` (records built, no sink), `jsonl` (JSON lines to a file, L7 off),
 Reported: events/s (ring records per second of CPU time) and, for http1,
 exchanges/s.
 
+`--workers N` runs the same path as `tlscap run --workers N`: this process reads the
+ring and splits it by process (agent/capture/shards.py), N forked workers each run
+the pipeline into a file of their own.  Reported then: events/s of wall-clock time
+(the throughput several cores give) and CPU µs per event over all the processes.
+The synthetic traffic comes from `--processes P` processes (connection i belongs to
+process i mod P; default 1, as a single busy server).
+
 `--instructions` counts instead of timing: each workload and mode runs under
 valgrind's callgrind, and the CPU instructions of the run (less those of building
 its input) are divided by its events.  The count does not move with the machine's
@@ -33,6 +40,7 @@ import gc
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -71,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of modes")
     p.add_argument("--workloads", default="raw,http1", help="comma-separated: raw,http1")
+    p.add_argument("--workers", type=int, default=0, help="0: in this process (default)")
+    p.add_argument("--processes", type=int, default=1, help="processes the traffic is from")
     # One run of one workload and mode, inside valgrind ("setup": the input alone).
     p.add_argument("--child", nargs=3, metavar=("WORKLOAD", "MODE", "WHAT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -91,21 +101,21 @@ def _socket(i: int) -> dict:
     return conn_v4(("127.0.0.1", 443), ("127.0.0.1", 40000 + i), gen=1000 + i, role=2)
 
 
-def raw_events(n: int, size: int) -> list[bytes]:
+def raw_events(n: int, size: int, processes: int = 1) -> list[bytes]:
     payload = os.urandom(size)
     offsets = [0] * CONNECTIONS
     out = []
     for i in range(n):
         c = i % CONNECTIONS
         out.append(
-            data_record(payload, tgid=100, tid=100, fd=10 + c, ts_ns=1_000_000 + i,
+            data_record(payload, tgid=100 + c % processes, tid=100, fd=10 + c, ts_ns=1_000_000 + i,
                         ssl=0x1000 + c, offset=offsets[c], socket=_socket(c), comm=b"nginx")
         )  # fmt: skip
         offsets[c] += size
     return out
 
 
-def http1_events(n: int, size: int) -> list[bytes]:
+def http1_events(n: int, size: int, processes: int = 1) -> list[bytes]:
     """n events: n/2 request/response pairs, seen from the server."""
     body = b"x" * size
     response = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
@@ -120,15 +130,16 @@ def http1_events(n: int, size: int) -> list[bytes]:
         c = i % CONNECTIONS
         for direction, data in ((layout.DIR_INGRESS, request), (layout.DIR_EGRESS, response)):
             out.append(
-                data_record(data, tgid=100, tid=100, fd=10 + c, ts_ns=1_000_000 + 2 * i + direction,
-                            ssl=0x1000 + c, offset=offsets[c][direction], direction=direction,
+                data_record(data, tgid=100 + c % processes, tid=100, fd=10 + c,
+                            ts_ns=1_000_000 + 2 * i + direction, ssl=0x1000 + c,
+                            offset=offsets[c][direction], direction=direction,
                             socket=_socket(c), comm=b"nginx")
             )  # fmt: skip
             offsets[c][direction] += len(data)
     return out
 
 
-def run_once(ring: bytes, size: int, producer: int, mode: str, out_path: Path) -> dict:
+def bench_pipeline(mode: str, out_path: Path) -> tuple[EventPipeline, L7Stage | None]:
     sinks = []
     if mode != "none":
         sinks.append(JsonlSink.open(str(out_path)))
@@ -136,6 +147,12 @@ def run_once(ring: bytes, size: int, producer: int, mode: str, out_path: Path) -
     writer = RecordWriter(sinks, "bench-agent", "bench-node", None, l7)
     flows = FlowTable(resolver=_NoProc(), mono_to_wall=lambda ns: ns)
     pipeline = EventPipeline(writer, flows, on_exec=lambda pid: None, register_socket=print)
+    return pipeline, l7
+
+
+def run_once(ring: bytes, size: int, producer: int, mode: str, out_path: Path) -> dict:
+    pipeline, l7 = bench_pipeline(mode, out_path)
+    writer = pipeline.writer
     data = ring  # bytes, as the agent reads its mmap: a slice is a payload copy
     start = time.process_time()
     pos = 0
@@ -153,6 +170,46 @@ def run_once(ring: bytes, size: int, producer: int, mode: str, out_path: Path) -
     return {"events": events, "cpu_s": cpu, "exchanges": stats.get("l7_exchanges", 0)}
 
 
+def run_workers(
+    ring: bytes, size: int, producer: int, mode: str, out_dir: Path, workers: int
+) -> dict:
+    """The ring read here and split by process, the pipeline in `workers` processes."""
+    # Here, not at the top: older checkouts (PYTHONPATH=...) have no workers.
+    from agent.capture.housekeeping import Housekeeping
+    from agent.capture.shards import ShardRouter
+    from agent.capture.workers import PipelineWorker, WorkerPool
+
+    def body(index: int) -> PipelineWorker:
+        pipeline, _ = bench_pipeline(mode, out_dir / f"worker{index}-{mode}.jsonl")
+        return PipelineWorker(pipeline, Housekeeping(pipeline))
+
+    router = ShardRouter(workers)
+    pool = WorkerPool(workers, poll_s=0.005)
+    pool.start(body)
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    pos = 0
+    events = 0
+    while pos < producer:
+        pos_next, batch = take_records(ring, size, pos, producer, 4 << 20)
+        if pos_next == pos:
+            break
+        runs, counts, _ = router.split(batch)
+        pool.send(batch.data, runs, counts)
+        events += len(batch)
+        pos = pos_next
+    pool.finish()  # waits for every worker to finish its share
+    wall = time.perf_counter() - wall0
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - cpu0
+    cpu += (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    summary = pool.summary()
+    if summary["events"] != events or summary["worker_failures"]:
+        raise bl.BenchError(f"workers handled {summary['events']} of {events} events: {summary}")
+    return {"events": events, "cpu_s": cpu, "wall_s": wall,
+            "exchanges": summary.get("l7_exchanges", 0)}  # fmt: skip
+
+
 class _NoProc:
     """The synthetic sockets are fully known to the 'kernel': /proc is never asked."""
 
@@ -162,8 +219,8 @@ class _NoProc:
 
 def workload_events(name: str, args: argparse.Namespace) -> list[bytes]:
     if name == "raw":
-        return raw_events(args.events, args.size)
-    return http1_events(args.events, min(args.size, 1500))
+        return raw_events(args.events, args.size, args.processes)
+    return http1_events(args.events, min(args.size, 1500), args.processes)
 
 
 _COLLECTED = re.compile(rb"Collected : (\d+)")
@@ -221,19 +278,30 @@ def main(argv: list[str] | None = None) -> int:
             order = modes[rnd % len(modes) :] + modes[: rnd % len(modes)]
             for workload, (ring, size, producer) in rings.items():
                 for mode in order:
-                    r = run_once(ring, size, producer, mode, tmp / f"{workload}-{mode}.jsonl")
+                    if args.workers:
+                        r = run_workers(ring, size, producer, mode, tmp, args.workers)
+                    else:
+                        out = tmp / f"{workload}-{mode}.jsonl"
+                        r = run_once(ring, size, producer, mode, out)
                     samples.setdefault((workload, mode), []).append(r)
     rows = []
+    # In one process, throughput is events per second of its CPU; with workers, per
+    # second of wall-clock time (what the cores together give), and the CPU cost per
+    # event is over every process.
+    per = "wall_s" if args.workers else "cpu_s"
     for (workload, mode), rs in samples.items():
-        ev_rate = bl.median([r["events"] / r["cpu_s"] for r in rs])
-        ex_rate = bl.median([r["exchanges"] / r["cpu_s"] for r in rs])
+        ev_rate = bl.median([r["events"] / r[per] for r in rs])
+        ex_rate = bl.median([r["exchanges"] / r[per] for r in rs])
+        cpu_us = bl.median([r["cpu_s"] / r["events"] * 1e6 for r in rs])
         rows.append({"workload": workload, "mode": mode, "events_per_s": ev_rate,
-                     "us_per_event": 1e6 / ev_rate, "exchanges_per_s": ex_rate})  # fmt: skip
+                     "us_per_event": cpu_us, "exchanges_per_s": ex_rate})  # fmt: skip
     if args.json:
         print(json.dumps({"rows": rows, "machine": bl.machine_info()}, indent=2))
         return 0
-    print(f"pipeline, {args.events} events of {args.size} B, {args.rounds} rounds (median)")
-    print(f"{'workload':8} {'mode':9} {'events/s':>10} {'us/event':>9} {'exchanges/s':>12}")
+    how = f"{args.workers} workers, events/s of wall-clock time" if args.workers else "1 process"
+    print(f"pipeline, {args.events} events of {args.size} B from {args.processes} process(es),"
+          f" {how}, {args.rounds} rounds (median)")  # fmt: skip
+    print(f"{'workload':8} {'mode':9} {'events/s':>10} {'CPU us/ev':>9} {'exchanges/s':>12}")
     for r in rows:
         print(
             f"{r['workload']:8} {r['mode']:9} {r['events_per_s']:10.0f} "

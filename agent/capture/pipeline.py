@@ -106,6 +106,20 @@ class EventPipeline:
             self.writer.process_exited(pid)
         self.push_kernel_registrations()
 
+    def summary(self) -> dict[str, int]:
+        """The pipeline's counters for the stats record and /metrics (the session
+        adds the kernel's; with workers, each worker sends its own)."""
+        writer = self.writer
+        return {
+            "events": self.stats.events,
+            "records": writer.records,
+            "bytes": writer.data_bytes,
+            "decode_errors": self.stats.decode_errors,
+            "incomplete_calls": self.calls.incomplete_calls,
+            **{f"flow_{k}": v for k, v in self.flows.stats.as_dict().items()},
+            **writer.sink_stats(),
+        }
+
     def push_kernel_registrations(self) -> None:
         """Carry out what the flow table asked of the kernel."""
         registrations = self.flows.kernel_registrations

@@ -6,6 +6,10 @@ exec/mmap events point at (ELF and Go analysis, bcc attach calls: tens of ms)
 happens on a thread of its own, so the drain loop never waits for it.  All
 decisions about bytes live in the sans-I/O pieces it wires together
 (EventDecoder -> CallAssembler -> FlowTable -> Records).
+
+With --workers N, those pieces run in N forked processes instead
+(agent/capture/workers.py): the loop here only splits each batch by process and
+hands the workers their share, and attaching stays here.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.capture.attacher import TargetAttacher
+from agent.capture.housekeeping import Housekeeping
 from agent.capture.pipeline import EventPipeline
-from agent.flows.resolve import SocketResolver, fd_is_socket
+from agent.capture.shards import ShardRouter
+from agent.capture.workers import PipelineWorker, WorkerPool
+from agent.events.decode import EventDecoder, ProcessEvent
+from agent.events.ring import RingBatch
+from agent.flows.resolve import SocketResolver
 from agent.flows.table import FlowTable, KernelRegistration
 from agent.health.liveness import Liveness
 from agent.health.metrics import shed_summary
@@ -31,20 +40,12 @@ from agent.probes.bpf_program import BpfProgram, ProbeSettings
 from agent.probes.go_binary import GoBinaryError, GoBinaryUnsupported, analyze_go_tls
 from agent.probes.gotls import attach_gotls
 from agent.probes.library_probes import attach_library
-from agent.probes.targets import TargetScanner, TlsLibrary, list_pids, pid_alive
+from agent.probes.targets import TargetScanner, TlsLibrary, list_pids
 from agent.records.record import Record
 from agent.records.writer import RecordWriter, new_agent_id
 from agent.sinks.base import Sink
 
 log = logging.getLogger(__name__)
-
-# A partial call whose remaining chunks have not come after this long never
-# will (the kernel stopped sending it when the ring was full).
-STALE_CALL_NS = 500_000_000
-# How often the session looks for what lost events hid: processes that ended
-# (their exit event dropped) and TLS libraries that appeared (their exec or mmap
-# event dropped).  Events are the fast path; this is the safety net.
-SWEEP_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -99,6 +100,16 @@ def pids_with_comm(comms: Iterable[str], proc_root: str = "/proc") -> list[int]:
 
 
 @dataclass
+class WorkerSetup:
+    """--workers N: the pipeline runs in N processes (agent/capture/workers.py)."""
+
+    count: int
+    # Called in each worker after the fork: the outputs it writes to, its
+    # attribution and its L7 stage (none of them is shared between processes).
+    open_outputs: Callable[[], tuple[list[Sink], Attribution | None, L7Stage | None]]
+
+
+@dataclass
 class AgentStats:
     targets_attached: int = 0
     attach_failures: int = 0
@@ -117,10 +128,24 @@ class CaptureSession:
         resolver: SocketResolver | None = None,
         attribution: Attribution | None = None,
         l7: L7Stage | None = None,
+        workers: WorkerSetup | None = None,
     ) -> None:
+        """With `workers`, `sinks` receive only the stats record (the workers write
+        the rest to their own outputs) and `attribution`/`l7` should be None."""
         self.options = options
         self.sinks = sinks
-        self._out = RecordWriter(sinks, options.agent_id, options.node, attribution, l7)
+        # With workers, each worker numbers its records in a slot of its own, and
+        # this writer (the stats record) in the last.
+        stride = workers.count + 1 if workers is not None else 1
+        self._out = RecordWriter(
+            sinks, options.agent_id, options.node, attribution, l7,
+            seq_slot=stride - 1, seq_stride=stride,
+        )  # fmt: skip
+        self._workers = workers
+        self._pool: WorkerPool | None = None
+        self._router: ShardRouter | None = None
+        self._routed_events = 0
+        self._decoder = EventDecoder()  # the attach events, when workers decode the rest
         self._program = program
         self._scanner = scanner or TargetScanner(exclude_pids={os.getpid()})
         self._wall = mono_to_wall_clock()
@@ -155,21 +180,51 @@ class CaptureSession:
         libraries += self._scanner.scan_all(initial_pids)
         for lib in libraries:
             self._attach(lib)
-        self._adopt_existing_connections(initial_pids)
+        adopted = self._adopt_existing_connections(initial_pids)
+        if self._workers is not None:
+            # Before any thread of ours starts: a fork copies only the calling thread.
+            self._start_workers(self._workers, adopted)
         self._attacher.start()
         log.info("attached to %d file(s)", self.stats.targets_attached)
         self.liveness.mark_ready()
         if opts.ready_file:
             opts.ready_file.write_text(f"{os.getpid()}\n")
 
-    def _adopt_existing_connections(self, pids: list[int] | None) -> None:
+    def _adopt_existing_connections(self, pids: list[int] | None) -> dict[int, int]:
+        """Have the kernel know the sockets open before we started; returns how
+        many each process has."""
         own = os.getpid()
+        adopted: dict[int, int] = {}
         for pid in list_pids() if pids is None else pids:
             if pid == own:
                 continue
             for fd, info in self._resolver.open_sockets(pid).items():
                 self._flows.adopt_existing_socket(pid, fd, info)
+                adopted[pid] = adopted.get(pid, 0) + 1
         self._pipeline.push_kernel_registrations()
+        return adopted
+
+    def _start_workers(self, setup: WorkerSetup, adopted: dict[int, int]) -> None:
+        self._router = ShardRouter(setup.count)
+        self._router.assign(adopted)  # busy servers that predate us on different workers
+        self._pool = WorkerPool(setup.count, self.options.poll_ms / 1000)
+        self._pool.start(self._worker)
+
+    def _worker(self, index: int) -> PipelineWorker:
+        """In worker `index`, after the fork: the pipeline over its own outputs.  The
+        flow table is this process's copy (the adopted sockets); the kernel maps
+        are shared, so the worker registers sockets itself."""
+        assert self._workers is not None
+        sinks, attribution, l7 = self._workers.open_outputs()
+        writer = RecordWriter(
+            sinks, self.options.agent_id, self.options.node, attribution, l7,
+            seq_slot=index, seq_stride=self._workers.count + 1,
+        )  # fmt: skip
+        pipeline = EventPipeline(
+            writer, self._flows, on_exec=_attached_elsewhere, on_hold=_attached_elsewhere,
+            register_socket=self._register_socket,
+        )  # fmt: skip
+        return PipelineWorker(pipeline, Housekeeping(pipeline))
 
     def _attach(self, lib: TlsLibrary) -> None:
         assert self._program is not None
@@ -213,21 +268,35 @@ class CaptureSession:
         deadline = None
         if self.options.duration is not None:
             deadline = time.monotonic() + self.options.duration
-        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        pool = self._pool
+        handle = self._handle_batch
+        keeping = Housekeeping(
+            None if pool is not None else self._pipeline, on_sweep=self._attacher.rescan
+        )
         while not self.stop_event.is_set():
             self.liveness.beat()
-            self._program.drain(self.options.poll_ms, self._pipeline.handle_batch)
-            self._pipeline.flush_calls(older_than_mono_ns=time.monotonic_ns() - STALE_CALL_NS)
-            now = time.monotonic()
-            if now >= next_sweep:
-                next_sweep = now + SWEEP_INTERVAL_S
-                self._pipeline.sweep_ended(
-                    pid_alive, time.monotonic_ns(), is_socket=fd_is_socket,
-                    idle_ns=int(SWEEP_INTERVAL_S * 1e9),
-                )  # fmt: skip
-                self._attacher.rescan()
-            if deadline is not None and now >= deadline:
+            self._program.drain(self.options.poll_ms, handle)
+            keeping.tick()
+            if pool is not None:
+                pool.collect()
+            if deadline is not None and time.monotonic() >= deadline:
                 break
+
+    def _handle_batch(self, batch: RingBatch) -> None:
+        if self._pool is None:
+            self._pipeline.handle_batch(batch)
+            return
+        assert self._router is not None
+        self._routed_events += len(batch)
+        runs, counts, own = self._router.split(batch)
+        if own:  # exec and hold events: attaching is ours
+            for event in self._decoder.decode_batch(RingBatch(batch.data, own)):
+                if isinstance(event, ProcessEvent):
+                    if event.kind == "hold":
+                        self._attacher.hold(event.tgid)
+                    else:
+                        self._attacher.request(event.tgid)
+        self._pool.send(batch.data, runs, counts)
 
     def close(self) -> None:
         """Drain what is left, write the stats record, detach everything."""
@@ -235,8 +304,11 @@ class CaptureSession:
         try:
             self._attacher.stop()
             if program is not None:
-                program.drain(0, self._pipeline.handle_batch)
-                self._pipeline.flush_calls()
+                program.drain(0, self._handle_batch)
+                if self._pool is not None:
+                    self._pool.finish()  # the workers write what they hold, then report
+                else:
+                    self._pipeline.flush_calls()
                 stats = self.summary()
                 self._out.write(Record(type="stats", ts_ns=time.time_ns(), stats=stats))
                 _log_summary(stats)
@@ -250,29 +322,32 @@ class CaptureSession:
     def summary(self) -> dict[str, int]:
         kernel = self._program.counters() if self._program else {}
         shed = shed_summary(kernel, self._program.shed_processes() if self._program else {})
-        out = {
-            "events": self._pipeline.stats.events,
-            "records": self._out.records,
-            "bytes": self._out.data_bytes,
-            # Everything the kernel could not hand us, in events: the
-            # contract's one number for "did we lose anything".
-            "lost": kernel.get("lost_events", 0) + kernel.get("read_errors", 0),
-            "decode_errors": self._pipeline.stats.decode_errors,
-            "incomplete_calls": self._pipeline.calls.incomplete_calls,
-            "targets_attached": self.stats.targets_attached,
-            "attach_failures": self.stats.attach_failures + self._attacher.failures,
-            "held_processes": self._attacher.holds,
-            "hold_timeouts": self._attacher.hold_timeouts,
-            "go_binaries_refused": self.stats.go_binaries_refused,
-            "rescan_attached": self.stats.rescan_attached,
-        }
+        if self._pool is None:
+            out = self._pipeline.summary()
+            lost_here = 0
+        else:
+            # The workers' last reports (a second old at most), added up.
+            out = self._pool.summary()
+            out["events"] = self._routed_events
+            lost_here = self._pool.lost_events
+        out.update(
+            {
+                # Everything the kernel could not hand us, in events: the
+                # contract's one number for "did we lose anything".
+                "lost": kernel.get("lost_events", 0) + kernel.get("read_errors", 0) + lost_here,
+                "targets_attached": self.stats.targets_attached,
+                "attach_failures": self.stats.attach_failures + self._attacher.failures,
+                "held_processes": self._attacher.holds,
+                "hold_timeouts": self._attacher.hold_timeouts,
+                "go_binaries_refused": self.stats.go_binaries_refused,
+                "rescan_attached": self.stats.rescan_attached,
+            }
+        )
         if self._program is not None:
             out["ring_peak_pending_bytes"], out["ring_bytes"] = self._program.ring_fill()
             out.update(self._program.kernel_feature_stats())
         out.update({f"kernel_{k}": v for k, v in kernel.items() if k not in shed})
         out.update(shed)
-        out.update({f"flow_{k}": v for k, v in self._flows.stats.as_dict().items()})
-        out.update(self._out.sink_stats())
         return out
 
     def _register_socket(self, reg: KernelRegistration) -> None:
@@ -295,6 +370,10 @@ class CaptureSession:
         """On the attacher's thread: probe whatever new TLS code `pid` brought."""
         for lib in self._scanner.scan_pid(pid):
             self._attach(lib)
+
+
+def _attached_elsewhere(_pid: int) -> None:
+    """In a worker: exec and hold events are the agent's, which attaches (ShardRouter)."""
 
 
 def _log_summary(stats: dict[str, int]) -> None:

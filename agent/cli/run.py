@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from agent.capture.session import CaptureOptions, CaptureSession
+from agent.capture.session import CaptureOptions, CaptureSession, WorkerSetup
 from agent.cli import l7_options, proxy_options, tls_options
 from agent.cli.argtypes import add_output_view_arguments, parse_size, positive_float
 from agent.cli.config_file import add_config_argument
@@ -20,7 +20,7 @@ from agent.export.targets import parse_collector_addresses
 from agent.fallback.config import ConfigError
 from agent.fallback.session import ProxyOptions, ProxySession
 from agent.health.server import HealthServer, ListenError, parse_listen
-from agent.k8s.attribution import AttributionError, start_attribution
+from agent.k8s.attribution import Attribution, AttributionError, start_attribution
 from agent.l7.stage import L7Stage
 from agent.otlp.options import add_otlp_arguments, otlp_sink_from_args
 from agent.probes import preflight
@@ -82,6 +82,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "probes are on, so even short-lived programs with a library copy the agent has "
         "not seen are captured from their first call; not for interactive shells, whose "
         "job control sees the stop",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the capture pipeline (decoding, flows, HTTP parsing, output) in N "
+        "processes, a traced process's events all in one of them, for nodes where one "
+        "core cannot keep up; with N > 1 the output must be --output jsonl with "
+        "--output-file, or none (default 1: in the agent process)",
     )
     export = p.add_argument_group("export to a collector / local store")
     export.add_argument(
@@ -158,18 +168,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def open_sinks(args: argparse.Namespace) -> list:
-    """Sinks in the order records reach them; raises OSError/ValueError/TlsConfigError."""
+def chosen_output(args: argparse.Namespace) -> str:
+    """--output, or its default: text, none where records go elsewhere."""
+    return args.output or ("none" if args.collector or args.store or args.otlp_endpoint else "text")
+
+
+def open_sinks(args: argparse.Namespace, append: bool = False) -> list:
+    """Sinks in the order records reach them; raises OSError/ValueError/TlsConfigError.
+    `append`: add to the output file instead of starting it again (capture workers)."""
     from agent.sinks.jsonl import JsonlSink
     from agent.sinks.terminal import TerminalSink
 
     sinks: list = []
-    output = args.output or (
-        "none" if args.collector or args.store or args.otlp_endpoint else "text"
-    )
+    output = chosen_output(args)
     if output == "jsonl":
         if args.output_file:
-            sinks.append(JsonlSink.open(str(args.output_file)))
+            sinks.append(JsonlSink.open(str(args.output_file), append=append))
         else:
             sinks.append(JsonlSink.open("-"))
     elif output == "pcapng":
@@ -249,6 +263,8 @@ def run_command(args: argparse.Namespace) -> int:
         return fail("--ringbuf-mb must be positive")
     if not 0.0 <= args.shed_fraction <= 1.0:
         return fail("--shed-fraction must be between 0 and 1")
+    if problem := workers_problem(args):
+        return fail(problem)
     try:
         args.collector = parse_collector_addresses(args.collector) or None
     except ValueError as exc:
@@ -297,10 +313,24 @@ def run_command(args: argparse.Namespace) -> int:
                 return fail(str(exc))
             log.warning("eBPF capture is not possible here, using proxy mode instead: %s", exc)
 
+    workers = None
+    if program is not None and args.workers > 1:
+        workers = worker_setup(args)
+        attribution.close()  # each worker makes its own, after the fork
+        attribution, l7 = None, None
     try:
-        sinks = open_sinks(args)
+        if workers is not None:
+            # Every worker appends its lines to the file; it is started empty here,
+            # and this process appends the stats line once the workers are done.
+            sinks = open_sinks(args)
+            for sink in sinks:
+                sink.close()
+            sinks = open_sinks(args, append=True)
+        else:
+            sinks = open_sinks(args)
     except (tls_options.TlsConfigError, OSError, ValueError) as exc:
-        attribution.close()
+        if attribution is not None:
+            attribution.close()
         detail = (
             exc if isinstance(exc, tls_options.TlsConfigError) else f"cannot open output: {exc}"
         )
@@ -308,7 +338,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     session: CaptureSession | ProxySession
     if program is not None:
-        session = CaptureSession(options, sinks, program=program, attribution=attribution, l7=l7)
+        session = CaptureSession(
+            options, sinks, program=program, attribution=attribution, l7=l7, workers=workers
+        )
     else:
         assert proxy_config is not None
         if args.pid or args.comm:
@@ -347,6 +379,33 @@ def run_command(args: argparse.Namespace) -> int:
     finally:
         if health is not None:
             health.stop()
+
+
+def workers_problem(args: argparse.Namespace) -> str | None:
+    """Why --workers cannot be used as given (None: it can)."""
+    if not 1 <= args.workers <= 64:
+        return "--workers must be between 1 and 64"
+    if args.workers == 1:
+        return None
+    output = chosen_output(args)
+    if not (output == "none" or (output == "jsonl" and args.output_file)):
+        return "--workers > 1 needs --output jsonl with --output-file, or --output none"
+    if args.collector or args.store or args.otlp_endpoint:
+        return "--workers > 1 does not export yet (--collector, --store, --otlp-endpoint)"
+    return None
+
+
+def worker_setup(args: argparse.Namespace) -> WorkerSetup:
+    """Outputs each worker opens for itself, after the fork (workers_problem() passed)."""
+
+    def open_outputs() -> tuple[list, Attribution, L7Stage]:
+        attribution = start_attribution(
+            args.k8s_metadata, args.capture_scope, args.node, args.kubeconfig
+        )
+        l7 = L7Stage(l7_options.l7_options_from_args(args))
+        return open_sinks(args, append=True), attribution, l7
+
+    return WorkerSetup(args.workers, open_outputs)
 
 
 class EbpfUnavailable(RuntimeError):

@@ -49,13 +49,16 @@ class RingBatch:
 
     @classmethod
     def of(cls, records: Sequence[bytes]) -> RingBatch:
-        """A batch holding `records` back to back (tests, benchmarks, replays)."""
+        """A batch holding `records` laid out as the ring holds them: each after an
+        8-byte header with its length, padded to 8 (tests, benchmarks, replays)."""
         spans: list[int] = []
-        start = 0
+        out = bytearray()
         for record in records:
-            spans += (start, len(record))
-            start += len(record)
-        return cls(b"".join(records), spans)
+            out += _HEADER.pack(len(record)) + bytes(4)
+            spans += (len(out), len(record))
+            out += record
+            out += bytes(-len(out) % 8)
+        return cls(bytes(out), spans)
 
 
 def record_span(length_word: int) -> int:

@@ -70,6 +70,13 @@ METRICS: dict[str, MetricSpec] = {
     "incomplete_calls": _counter(
         "incomplete_calls", "TLS calls emitted with some of their chunks missing"
     ),
+    "workers": _gauge("workers", "Capture worker processes (--workers N > 1; absent: none)"),
+    "worker_failures": _counter(
+        "worker_failures", "Capture workers that died or did not finish at exit"
+    ),
+    "worker_lost_events": _counter(
+        "worker_lost_events", "Events meant for a capture worker that had died (also in lost)"
+    ),
     "targets_attached": _gauge("attached_targets", "Files with TLS probes attached"),
     "attach_failures": _counter("attach_failures", "Files whose TLS probes failed to attach"),
     "go_binaries_refused": _counter(

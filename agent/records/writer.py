@@ -37,6 +37,9 @@ class RecordWriter:
         node: str,
         attribution: Attribution | None = None,
         l7: L7Stage | None = None,
+        *,
+        seq_slot: int = 0,
+        seq_stride: int = 1,
     ) -> None:
         self.sinks = list(sinks)
         # HTTP parsing and redaction (agent/l7): between the policy and the sinks, so
@@ -50,6 +53,12 @@ class RecordWriter:
         self.attribution = attribution  # container/pod stamping and the capture policy
         self.records = 0
         self.data_bytes = 0
+        # Several writers in one run (capture workers) share its agent_id, so each
+        # numbers in its own slot: the k-th record gets seq slot + 1 + k * stride.
+        if not 0 <= seq_slot < seq_stride:
+            raise ValueError(f"seq slot {seq_slot} outside a stride of {seq_stride}")
+        self._seq_slot = seq_slot
+        self._seq_stride = seq_stride
 
     def write(self, record: Record) -> None:
         if record.type != "stats":
@@ -85,16 +94,17 @@ class RecordWriter:
     def _emit_many(self, records: list[Record]) -> None:
         if not records:
             return
-        seq = self.records
+        stride = self._seq_stride
+        seq = self._seq_slot + 1 + self.records * stride
         agent_id, node = self.agent_id, self.node
         for record in records:
-            seq += 1
             record.agent_id = agent_id
             record.node = node
             record.seq = seq
+            seq += stride
             if record.type == "data":
                 self.data_bytes += record.captured_len
-        self.records = seq
+        self.records += len(records)
         for sink in self.sinks:
             write_many = getattr(sink, "write_many", None)
             if write_many is not None:

@@ -9,6 +9,9 @@ target, status and body.  Correctness under load, not timing: wrk is paced (its 
 2-core machine, shared with nginx and wrk; bench/load_nginx.py measures the flat-out
 ceiling and the cost.
 
+With `--workers 2` the same must hold with the pipeline in two processes: nginx and
+wrk each on a worker of their own, each appending to the one output file.
+
 nginx and wrk are installed by `make setup`; their absence fails the test, it does
 not skip it.
 """
@@ -16,6 +19,7 @@ not skip it.
 from __future__ import annotations
 
 import base64
+import json
 import random
 from pathlib import Path
 
@@ -29,13 +33,14 @@ WRK_DELAY_MS = 5  # per connection: about 8 * 1000 / 5 = 1600 requests/s at most
 SAMPLE = 200  # access log lines compared field by field with their exchange
 
 
-def test_every_request_under_load_is_an_exchange(agent, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_request_under_load_is_an_exchange(agent, tmp_path: Path, workers: int) -> None:
     missing = nginx_lab.missing_tools()
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed: run `make setup` (it installs them)")
     lab = nginx_lab.start_nginx(tmp_path / "nginx")
     try:
-        a = agent("--comm", "nginx", "--comm", "wrk")
+        a = agent("--comm", "nginx", "--comm", "wrk", "--workers", str(workers))
         wrk = nginx_lab.run_wrk(
             lab.url, WRK_CONNECTIONS, WRK_SECONDS, tmp_path, delay_ms=WRK_DELAY_MS
         )
@@ -71,6 +76,17 @@ def test_every_request_under_load_is_an_exchange(agent, tmp_path: Path) -> None:
         f"e.g. {not_captured[:5]}: {numbers}"
     )
     assert found.server_total == len(served), numbers
+    if workers > 1:
+        # Each writer numbers its records in its own slot (seq mod workers + 1): nginx's
+        # and wrk's records came from different workers, all in one valid JSON file.
+        slots = {}
+        for line in a.output.read_text().splitlines():
+            record = json.loads(line)
+            if record["type"] == "exchange":
+                slots.setdefault(record["comm"], set()).add((record["seq"] - 1) % (workers + 1))
+        assert stats["workers"] == workers and stats["worker_failures"] == 0, numbers
+        assert len(slots["nginx"]) == 1 and len(slots["wrk"]) == 1, slots
+        assert slots["nginx"] != slots["wrk"], slots
 
     for entry in random.Random(7).sample(served, min(SAMPLE, len(served))):
         record = found.server[entry.target]

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.ebpf.conftest import PROGRAMS, run_program
 
 CURL = ["curl", "-sk", "--http1.1", "--no-keepalive", "-A", "tlscap-test"]
@@ -109,9 +111,10 @@ def test_server_already_blocked_in_accept_when_the_agent_started(agent, s_server
         assert server_conn in {r["conn_id"] for r in cap.of_type("close")}
 
 
-def test_python_ssl_1mib_each_way_reassembles_exactly(agent, tls_cert):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_python_ssl_1mib_each_way_reassembles_exactly(agent, tls_cert, workers):
     cert, key = tls_cert
-    a = agent()
+    a = agent("--workers", workers)
     summary = run_program("ssl_pair.py", "bulk", "--cert", str(cert), "--key", str(key))
     cap = a.stop()
     assert cap.returncode == 0, cap.stderr
@@ -146,7 +149,8 @@ def test_payload_cap_marks_truncation_with_true_length(agent, tls_cert):
     assert cap.stats["kernel_truncated_calls"] >= 2
 
 
-def test_connection_made_before_the_agent_started(agent, tls_cert):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_connection_made_before_the_agent_started(agent, tls_cert, workers):
     cert, key = tls_cert
     proc = subprocess.Popen(
         [sys.executable, str(PROGRAMS / "ssl_pair.py"), "wait", "--size", "4096",
@@ -155,7 +159,7 @@ def test_connection_made_before_the_agent_started(agent, tls_cert):
     )  # fmt: skip
     try:
         hello = json.loads(proc.stdout.readline())  # connected, handshake done
-        a = agent()
+        a = agent("--workers", workers)
         proc.stdin.write("go\n")
         proc.stdin.flush()
         summary = json.loads(proc.stdout.read().strip().splitlines()[-1])

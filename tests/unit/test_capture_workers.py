@@ -1,0 +1,140 @@
+"""WorkerPool with real forked processes (no kernel needed), and the seq numbers of
+several writers sharing one agent_id."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.capture.workers import WorkerPool
+from agent.records.record import Record
+from agent.records.writer import RecordWriter
+
+
+class FileBody:
+    """Appends every frame it gets to a file of its own; b"die" kills the worker."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.frames = 0
+        self.finished = 0
+
+    def handle_frame(self, frame: bytearray) -> None:
+        if frame == b"die":
+            os._exit(3)
+        with self.path.open("ab") as f:
+            f.write(bytes(frame) + b"\n")
+        self.frames += 1
+
+    def tick(self) -> None:
+        pass
+
+    def summary(self) -> dict[str, int]:
+        return {"frames": self.frames, "finished": self.finished}
+
+    def finish(self) -> None:
+        self.finished = 1
+
+
+def bodies_in(tmp_path: Path):
+    return lambda index: FileBody(tmp_path / f"worker{index}")
+
+
+def send(pool: WorkerPool, *frames: bytes) -> None:
+    """Frame i to worker i (the pool sends runs of one buffer, as the ring holds them)."""
+    data = b"".join(frames)
+    runs: list[list[int]] = []
+    at = 0
+    for frame in frames:
+        runs.append([at, at + len(frame)] if frame else [])
+        at += len(frame)
+    pool.send(data, runs, [len(f) for f in frames])
+
+
+def test_frames_reach_their_worker_in_order_and_counters_add_up(tmp_path: Path) -> None:
+    pool = WorkerPool(2, poll_s=0.01)
+    pool.start(bodies_in(tmp_path))
+    for n in range(50):
+        send(pool, b"a%d" % n, b"b%d" % n)
+    send(pool, b"", b"only-b")  # an empty frame is not sent
+    pool.finish()
+    assert (tmp_path / "worker0").read_bytes() == b"".join(b"a%d\n" % n for n in range(50))
+    assert (tmp_path / "worker1").read_bytes().endswith(b"b49\nonly-b\n")
+    assert pool.summary() == {
+        "frames": 101, "finished": 2, "workers": 2, "worker_failures": 0,
+        "worker_lost_events": 0,
+    }  # fmt: skip
+
+
+def test_a_frame_of_more_runs_than_one_writev_takes_and_more_bytes_than_the_pipe_holds(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(3 << 20)
+    runs = [n for i in range(0, len(data), 1024) for n in (i, i + 1000)]  # 3,072 runs
+    pool = WorkerPool(1, poll_s=0.01)
+    pool.start(bodies_in(tmp_path))
+    pool.send(data, [runs], [len(runs) // 2])
+    pool.finish()
+    expected = b"".join(data[runs[i] : runs[i + 1]] for i in range(0, len(runs), 2))
+    assert (tmp_path / "worker0").read_bytes() == expected + b"\n"
+    assert pool.summary()["frames"] == 1
+
+
+def test_a_dead_worker_is_logged_and_what_it_would_have_got_counted_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = WorkerPool(2, poll_s=0.01)
+    pool.start(bodies_in(tmp_path))
+    send(pool, b"die", b"fine")
+    deadline = time.monotonic() + 10
+    while pool.summary()["worker_failures"] == 0 and time.monotonic() < deadline:
+        pool.collect()
+        time.sleep(0.01)
+    send(pool, b"1234567", b"y")  # 7 "events" for the dead worker
+    pool.finish()
+    summary = pool.summary()
+    assert summary["worker_lost_events"] == 7
+    assert summary["worker_failures"] >= 1
+    assert "capture worker 0 is gone" in caplog.text
+    assert (tmp_path / "worker1").read_bytes() == b"fine\ny\n"
+
+
+def test_writers_sharing_an_agent_id_number_records_in_their_own_slots() -> None:
+    seqs = []
+    for slot in range(3):
+        writer = RecordWriter([], "agent", "node", seq_slot=slot, seq_stride=3)
+        records = [Record("open", 1) for _ in range(4)]
+        writer.write_many(records[:1])
+        writer.write_many(records[1:])
+        seqs += [r.seq for r in records]
+        assert writer.records == 4
+    assert sorted(seqs) == list(range(1, 13))  # unique, none 0
+    with pytest.raises(ValueError):
+        RecordWriter([], "agent", "node", seq_slot=3, seq_stride=3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["--workers", "2", "--output", "jsonl", "--output-file", "f"], None),
+        (["--workers", "4", "--output", "none"], None),
+        (["--workers", "1"], None),  # text to the terminal: no workers, no problem
+        (["--workers", "0"], "between 1 and 64"),
+        (["--workers", "65", "--output", "none"], "between 1 and 64"),
+        (["--workers", "2"], "needs --output jsonl with --output-file"),
+        (["--workers", "2", "--output", "jsonl"], "needs --output jsonl with --output-file"),
+        (["--workers", "2", "--output", "pcapng", "--output-file", "f"], "needs --output"),
+        (["--workers", "2", "--collector", "c:1"], "does not export yet"),
+        (["--workers", "2", "--output", "none", "--store", "s"], "does not export yet"),
+    ],
+)
+def test_workers_need_outputs_each_worker_can_open_for_itself(argv, problem) -> None:
+    from agent.cli.main import build_parser
+    from agent.cli.run import workers_problem
+
+    args = build_parser().parse_args(["run", *argv])
+    found = workers_problem(args)
+    assert found == problem if problem is None else problem in found
