@@ -286,6 +286,13 @@ def _worker_main(
     for conn in inherited_conns:
         conn.close()
     frames = FrameReader(frames_fd)
+    # A report is sent only when the pipe has room for it: the agent may be blocked
+    # writing to this worker's full frame pipe, and a worker blocked on its report
+    # pipe in turn would never read that pipe again.  Only the latest report counts.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(reports.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    room = select.poll()
+    room.register(reports.fileno(), select.POLLOUT)
     body = make_body(index)
     next_report = time.monotonic() + REPORT_INTERVAL_S
     while True:
@@ -298,7 +305,8 @@ def _worker_main(
         now = time.monotonic()
         if now >= next_report:
             next_report = now + REPORT_INTERVAL_S
-            reports.send(body.summary())
+            if room.poll(0):
+                reports.send(body.summary())
     body.finish()
     reports.send(body.summary())
     reports.close()
