@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,7 +55,7 @@ import benchlib as bl  # also puts the repository on sys.path
 import agent
 from agent.capture.pipeline import EventPipeline
 from agent.events import layout
-from agent.events.ring import take_records
+from agent.events.ring import RingBatch, take_records
 from agent.flows.table import FlowTable
 from agent.l7.connection import L7Options
 from agent.l7.stage import L7Stage
@@ -150,20 +151,26 @@ def bench_pipeline(mode: str, out_path: Path) -> tuple[EventPipeline, L7Stage | 
     return pipeline, l7
 
 
+def ring_batches(ring: bytes, size: int, producer: int) -> Iterator[RingBatch]:
+    """The ring's records a drain at a time, as the agent takes them (`ring` is
+    bytes, as the agent reads its mmap: a slice is a payload copy)."""
+    pos = 0
+    while pos < producer:
+        pos_next, batch = take_records(ring, size, pos, producer, 4 << 20)
+        if pos_next == pos:
+            break
+        yield batch
+        pos = pos_next
+
+
 def run_once(ring: bytes, size: int, producer: int, mode: str, out_path: Path) -> dict:
     pipeline, l7 = bench_pipeline(mode, out_path)
     writer = pipeline.writer
-    data = ring  # bytes, as the agent reads its mmap: a slice is a payload copy
     start = time.process_time()
-    pos = 0
     events = 0
-    while pos < producer:
-        pos_next, batch = take_records(data, size, pos, producer, 4 << 20)
-        if pos_next == pos:
-            break
+    for batch in ring_batches(ring, size, producer):
         pipeline.handle_batch(batch)
         events += len(batch)
-        pos = pos_next
     writer.close()
     cpu = time.process_time() - start
     stats = l7.stats() if l7 else {}
@@ -188,16 +195,11 @@ def run_workers(
     pool.start(body)
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    pos = 0
     events = 0
-    while pos < producer:
-        pos_next, batch = take_records(ring, size, pos, producer, 4 << 20)
-        if pos_next == pos:
-            break
+    for batch in ring_batches(ring, size, producer):
         runs, counts, _ = router.split(batch)
         pool.send(batch.data, runs, counts)
         events += len(batch)
-        pos = pos_next
     pool.finish()  # waits for every worker to finish its share
     wall = time.perf_counter() - wall0
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
