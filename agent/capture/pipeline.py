@@ -97,11 +97,19 @@ class EventPipeline:
     ) -> None:
         """Close what processes that ended unseen left open (FlowTable.sweep_ended),
         and, given `is_socket`, connections idle for `idle_ns` whose socket is gone
-        without a close we saw (FlowTable.sweep_closed)."""
+        without a close we saw (FlowTable.sweep_closed).
+
+        Call it between drains, with `ts_mono_ns` taken before it: what one call
+        finds gone in /proc is closed by a later one, once the events sent before
+        it have been handled (the ring may hold a process's last calls and its
+        exit long after /proc has let go of it)."""
         ended = self.flows.sweep_ended(alive, ts_mono_ns)
+        closed = []
         if is_socket is not None:
-            ended += self.flows.sweep_closed(is_socket, ts_mono_ns - idle_ns, ts_mono_ns)
-        self._write_all(ended)
+            closed = self.flows.sweep_closed(is_socket, ts_mono_ns - idle_ns, ts_mono_ns)
+        self._write_all(ended + closed)
+        # Only the processes that ended: a connection closed unseen leaves its
+        # process alive.
         for pid in {record.pid for record in ended}:
             self.writer.process_exited(pid)
         self.push_kernel_registrations()

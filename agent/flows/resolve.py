@@ -198,8 +198,40 @@ def socket_inode(pid: int, fd: int, proc_root: str = "/proc") -> int | None:
 
 
 def fd_is_socket(pid: int, fd: int, proc_root: str = "/proc") -> bool:
-    """Whether /proc/<pid>/fd/<fd> is a socket now (False: closed, or something else)."""
-    return socket_inode(pid, fd, proc_root) is not None
+    """Whether fd `fd` of process `pid` may still be a socket: False only when
+    /proc is sure it is not (closed, or something else now), since the sweep
+    closes connections on a False (FlowTable.sweep_closed).
+
+    A process whose first thread has exited (pthread_exit in main) keeps
+    running, but /proc/<pid>/fd is then empty: its open files are looked up
+    through another thread, /proc/<pid>/task/<tid>/fd.  An error other than
+    "no such file" (EACCES, ENOMEM, ...) tells nothing: True."""
+    try:
+        return _is_socket_link(os.readlink(f"{proc_root}/{pid}/fd/{fd}"))
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return True
+    try:
+        tids = os.listdir(f"{proc_root}/{pid}/task")
+    except FileNotFoundError:
+        return False  # the process is gone
+    except OSError:
+        return True
+    for tid in tids:
+        if tid == str(pid):
+            continue  # the first thread: asked above
+        try:
+            return _is_socket_link(os.readlink(f"{proc_root}/{pid}/task/{tid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue  # closed, or that thread is exiting too: ask the next one
+        except OSError:
+            return True
+    return False
+
+
+def _is_socket_link(target: str) -> bool:
+    return target.startswith("socket:[") and target.endswith("]")
 
 
 def netns_id(pid: int, proc_root: str = "/proc") -> int | None:

@@ -202,6 +202,10 @@ METRICS: dict[str, MetricSpec] = {
         "flow_closes_recovered",
         "Connections closed by the periodic sweep: their fd was no socket any more (close lost)",
     ),
+    "flow_sweep_reopened": _counter(
+        "flow_sweep_reopened",
+        "Connections the sweep closed that spoke again on the same socket (reopened as they were)",
+    ),
     # -- exporter (agent/export/exporter.py Exporter.stats) -------------------
     "export_sent_records": _counter("export_sent_records", "Records sent to the collector"),
     "export_acked_records": _counter("export_acked_records", "Records the collector acknowledged"),

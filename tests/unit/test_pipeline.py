@@ -211,3 +211,51 @@ def test_rescan_runs_on_the_attacher_thread_after_queued_pids() -> None:
     assert done.wait(5)
     attacher.stop()
     assert seen == [5, "all"]
+
+
+def test_sweep_behind_the_ring_leaves_an_exited_process_to_its_events() -> None:
+    """tests/ebpf/test_go_idle_connections.py under load: the traced process sent
+    its last requests and exited while the agent was more than a sweep interval
+    behind.  /proc has no fds for it any more, so a sweep then finds every idle
+    connection "closed"; the events still in the ring must decide instead: the
+    late request stays on its connection and the exit closes it, nothing is
+    counted as recovered, and the process is not forgotten while data remains."""
+    pipeline, sink, _, _ = make_pipeline()
+    forgotten: list[int] = []
+    pipeline.writer.process_exited = forgotten.append  # type: ignore[method-assign]
+    sock = conn_v4(("127.0.0.1", 51000), gen=5)
+    pipeline.handle_batch(RingBatch.of([data_record(b"GET /r/1/1", socket=sock, ts_ns=1_000)]))
+    sweep = {"is_socket": lambda pid, fd: False, "idle_ns": 10_000}
+    pipeline.sweep_ended(lambda pid: True, 60_000, **sweep)  # a zombie: alive, no fds
+    assert [r.type for r in sink.records] == ["open", "data"]
+    pipeline.handle_batch(
+        RingBatch.of(
+            [
+                data_record(b"GET /r/1/2", socket=sock, ts_ns=40_000, offset=10),
+                proc_record(layout.EV_EXIT, ts_ns=50_000),
+            ]
+        )
+    )
+    pipeline.sweep_ended(lambda pid: False, 70_000, **sweep)
+    pipeline.sweep_ended(lambda pid: False, 80_000, **sweep)
+    assert [r.type for r in sink.records] == ["open", "data", "data", "close"]
+    assert len({r.conn_id for r in sink.records}) == 1
+    assert sink.records[2].data == b"GET /r/1/2" and sink.records[2].role == "client"
+    stats = pipeline.flows.stats
+    assert (stats.closes_recovered, stats.exits_recovered, stats.gaps) == (0, 0, 0)
+    assert forgotten == [4242]  # by its exit event, once
+
+
+def test_sweep_recovers_a_lost_close_a_sweep_later_and_keeps_the_process() -> None:
+    pipeline, sink, _, _ = make_pipeline()
+    forgotten: list[int] = []
+    pipeline.writer.process_exited = forgotten.append  # type: ignore[method-assign]
+    sock = conn_v4(("127.0.0.1", 51000), gen=5)
+    pipeline.handle_batch(RingBatch.of([data_record(b"x", socket=sock, ts_ns=1_000)]))
+    sweep = {"is_socket": lambda pid, fd: False, "idle_ns": 10_000}
+    pipeline.sweep_ended(lambda pid: True, 20_000, **sweep)
+    assert [r.type for r in sink.records] == ["open", "data"]
+    pipeline.sweep_ended(lambda pid: True, 30_000, **sweep)
+    assert [r.type for r in sink.records] == ["open", "data", "close"]
+    assert pipeline.flows.stats.closes_recovered == 1
+    assert forgotten == []  # the process lives on

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from agent.flows.resolve import (
     TcpState,
     classify_role,
     decode_proc_address,
+    fd_is_socket,
     normalize_ip,
     parse_proc_net_tcp,
     socket_inode,
@@ -416,3 +420,60 @@ def test_real_non_socket_and_closed_fd() -> None:
     finally:
         a.close()
         b.close()
+
+
+# --- fd_is_socket: the sweep closes a connection on its False -------------------------
+
+
+def test_fd_is_socket_fake_proc(fake: FakeProc) -> None:
+    root = str(fake.root)
+    fake.add_pid(10)
+    fake.add_fd(10, 3, 7184)
+    fake.add_fd(10, 4, None, "/dev/null")
+    assert fd_is_socket(10, 3, root)
+    assert not fd_is_socket(10, 4, root)  # the fd now names something else
+    (fake.root / "10" / "task" / "10" / "fd").mkdir(parents=True)
+    assert not fd_is_socket(10, 5, root)  # closed
+    assert not fd_is_socket(11, 3, root)  # the process is gone
+
+
+def test_fd_is_socket_of_a_process_whose_first_thread_exited(fake: FakeProc) -> None:
+    """/proc/<pid>/fd is empty once the thread-group leader has exited, while the
+    other threads go on with every file open: they are asked instead."""
+    root = str(fake.root)
+    fake.add_pid(10)  # fd/ empty
+    for tid in (10, 12):
+        (fake.root / "10" / "task" / str(tid) / "fd").mkdir(parents=True)
+    (fake.root / "10" / "task" / "12" / "fd" / "3").symlink_to("socket:[7184]")
+    assert fd_is_socket(10, 3, root)
+    assert not fd_is_socket(10, 4, root)
+
+
+def test_fd_is_socket_says_true_when_proc_cannot_tell(fake: FakeProc) -> None:
+    fake.add_pid(10)
+    (fake.root / "10" / "fd").rmdir()
+    (fake.root / "10" / "fd").write_text("")  # readlink under it: ENOTDIR, not ENOENT
+    assert fd_is_socket(10, 3, str(fake.root))
+
+
+def test_fd_is_socket_real_process_without_its_main_thread() -> None:
+    """A real process whose main thread called pthread_exit: its socket is alive."""
+    code = (
+        "import ctypes, socket, sys, threading, time\n"
+        "s = socket.socket()\n"
+        "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+        "print(s.fileno(), flush=True)\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        fd = int(proc.stdout.readline())
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{proc.pid}/fd/{fd}") and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the main thread is gone
+        assert not os.path.exists(f"/proc/{proc.pid}/fd/{fd}")
+        assert fd_is_socket(proc.pid, fd)
+        assert not fd_is_socket(proc.pid, fd + 100)
+    finally:
+        proc.kill()
+        proc.wait()
