@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -89,55 +87,35 @@ def run(args: argparse.Namespace) -> dict:
         c: {"off": [], "on": [], "entry": []} for c in CLIENTS
     }
     calls: dict[str, list[int]] = {c: [] for c in CLIENTS}
-    with bl.scratch_dir() as work:
-        (work / "big").write_bytes(os.urandom(size))
-        cert, key = work / "cert.pem", work / "key.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout", str(key),
-             "-out", str(cert)], check=True, capture_output=True,
-        )  # fmt: skip
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen(
-            ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert),
-             "-key", str(key), "-WWW", "-quiet"],
-            cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            time.sleep(0.5)
-            for rnd in range(args.rounds):
-                for c in CLIENTS:
-                    times[c]["off"].append(download(c, port, work))
-                # "on": probes where agent/probes/prologue.py places them; "entry":
-                # every probe on its function's first instruction (the old placement).
-                for mode in ("on", "entry") if rnd % 2 == 0 else ("entry", "on"):
-                    agent_dir = work / f"agent{rnd}-{mode}"
-                    agent_dir.mkdir()
-                    only_clients = [a for c in CLIENTS for a in ("--comm", c)]
-                    env = {"TLSCAP_PROBE_PLACEMENT": "entry"} if mode == "entry" else {}
-                    with bl.running_agent(agent_dir, extra=only_clients, env=env) as agent:
-                        for c in CLIENTS:
-                            times[c][mode].append(download(c, port, work))
-                            # Let the agent work off the download before the next
-                            # client connects: a connection that starts while the
-                            # ring is over half full is shed whole (by design), and
-                            # this bench measures the clients, not the agent.
-                            bl.wait_for_records(agent.output, want=1 << 62, idle=1.0, limit=120)
-                        agent.stop()
-                    got = captured(agent.output)
+    with bl.scratch_dir() as work, bl.big_file_server(work, size) as port:
+        for rnd in range(args.rounds):
+            for c in CLIENTS:
+                times[c]["off"].append(download(c, port, work))
+            # "on": probes where agent/probes/prologue.py places them; "entry":
+            # every probe on its function's first instruction (the old placement).
+            for mode in ("on", "entry") if rnd % 2 == 0 else ("entry", "on"):
+                agent_dir = work / f"agent{rnd}-{mode}"
+                agent_dir.mkdir()
+                only_clients = [a for c in CLIENTS for a in ("--comm", c)]
+                env = {"TLSCAP_PROBE_PLACEMENT": "entry"} if mode == "entry" else {}
+                with bl.running_agent(agent_dir, extra=only_clients, env=env) as agent:
                     for c in CLIENTS:
-                        if got[c]["bytes"] < size or got["_stats"]["lost"] != 0:
-                            raise bl.BenchError(
-                                f"round {rnd} ({mode}): {c} captured {got[c]['bytes']} of "
-                                f">= {size} bytes, lost {got['_stats']['lost']}"
-                            )
-                        if mode == "on":
-                            calls[c].append(got[c]["calls"])
-        finally:
-            bl.kill_tree(server)
+                        times[c][mode].append(download(c, port, work))
+                        # Let the agent work off the download before the next
+                        # client connects: a connection that starts while the
+                        # ring is over half full is shed whole (by design), and
+                        # this bench measures the clients, not the agent.
+                        bl.wait_for_records(agent.output, want=1 << 62, idle=1.0, limit=120)
+                    agent.stop()
+                got = captured(agent.output)
+                for c in CLIENTS:
+                    if got[c]["bytes"] < size or got["_stats"]["lost"] != 0:
+                        raise bl.BenchError(
+                            f"round {rnd} ({mode}): {c} captured {got[c]['bytes']} of "
+                            f">= {size} bytes, lost {got['_stats']['lost']}"
+                        )
+                    if mode == "on":
+                        calls[c].append(got[c]["calls"])
     rows = {}
     for c in CLIENTS:
         off, on = bl.median(times[c]["off"]), bl.median(times[c]["on"])

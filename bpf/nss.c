@@ -1,4 +1,7 @@
-// NSS probes: PR_Write, PR_Send, PR_Read and PR_Recv in libnspr4.
+// NSS probes.  Where agent/probes/nss_methods.py proves them, NSS's own
+// SSL-layer methods in libssl3 (ssl_Write, ssl_Send, ssl_Read, ssl_Recv: the
+// functions PR_Write & co. jump to on a TLS descriptor) are probed by address;
+// otherwise PR_Write, PR_Send, PR_Read and PR_Recv in libnspr4, as below.
 //
 // NSPR routes every file descriptor through these functions - plain files and
 // plaintext TCP sockets as much as TLS ones - by jumping to the top layer's
@@ -68,3 +71,13 @@ static __always_inline int nss_enter(struct pt_regs *ctx, u8 direction) {
 
 int probe_nss_write_enter(struct pt_regs *ctx) { return nss_enter(ctx, DIR_EGRESS); }
 int probe_nss_read_enter(struct pt_regs *ctx) { return nss_enter(ctx, DIR_INGRESS); }
+
+// The SSL layer's own methods take PR_Write's (fd, buf, amount) - fd being the
+// SSL layer's PRFileDesc - and return its count; NSPR calls them for TLS
+// descriptors only, so no layer walk: a plain descriptor never gets here.
+int probe_nss_ssl_write_enter(struct pt_regs *ctx) {
+    return tls_call_enter(ctx, DIR_EGRESS, 0, SRC_NSS);
+}
+int probe_nss_ssl_read_enter(struct pt_regs *ctx) {
+    return tls_call_enter(ctx, DIR_INGRESS, 0, SRC_NSS);
+}

@@ -8,6 +8,7 @@ is probed right now is the kernel's answer (``bpftool perf list``), not a guess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from agent.probes.go_binary import GoBinaryError, GoBinaryUnsupported, analyze_go_tls
-from agent.probes.library_probes import probe_points
+from agent.probes.library_probes import nspr_covering_library, probe_points
 from agent.probes.targets import Mapping, TargetScanner, TlsLibrary, list_pids, parse_maps
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,15 @@ class Inventory:
             version = self._library_version(pid, lib, mappings)
             detail = ", ".join(p.symbol for p in probe_points(lib.kind, lib.symbols))
         owners = sorted(self.attached.owners(lib.dev, lib.ino))
+        if lib.kind == "nss" and not owners and "SSL_ImportFD" not in lib.symbols:
+            # A libnspr4 whose calls the probes of the libssl3 beside it see: it is
+            # covered when that file is attached (library_probes._nspr_covered).
+            covering = nspr_covering_library(lib)
+            if covering is not None:
+                detail = f"{detail} (served by the SSL-layer probes of {covering})"
+                with contextlib.suppress(OSError):
+                    st = os.stat(covering)
+                    owners = sorted(self.attached.owners(st.st_dev, st.st_ino))
         if status == "traceable" and any(self._is_agent(o) for o in owners):
             status = "attached"
         return TargetRow(pid, comm, LIBRARY_NAMES[lib.kind], status, lib.path, version, detail,

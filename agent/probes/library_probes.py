@@ -13,10 +13,13 @@ probe without a return probe to close it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from agent.probes.nss_methods import find_nss_ssl_methods
 from agent.probes.openssl_bio import find_ssl_bio_methods
 from agent.probes.prologue import FunctionReader, Placement, entry_placement, force_entry
 from agent.probes.prologue import worker_placement as find_worker_placement
@@ -63,6 +66,18 @@ NSPR_PROBES = (
 # NSS's libssl3: SSL_ImportFD hands back the descriptor with the SSL layer on top, which
 # tells nss.c the process's SSL layer identity.
 NSS_SSL_PROBES = (ProbePoint("SSL_ImportFD", None, "probe_nss_import_fd_return"),)
+# NSS's own SSL-layer methods, static in libssl3 and found by address
+# (agent/probes/nss_methods.py). They are called with PR_Write's/PR_Read's arguments,
+# only on descriptors that have the SSL layer, so they replace the NSPR probes above:
+# plain descriptors then hit no probe at all, and each begins with an emulated push.
+NSS_METHOD_PROBES = (
+    ProbePoint("ssl_Write", "probe_nss_ssl_write_enter"),
+    ProbePoint("ssl_Send", "probe_nss_ssl_write_enter"),
+    ProbePoint("ssl_Read", "probe_nss_ssl_read_enter"),
+    ProbePoint("ssl_Recv", "probe_nss_ssl_read_enter"),
+)
+# The file next to libnspr4.so whose SSL methods serve for the NSPR probes.
+NSS_SSL_LIBRARY = "libssl3.so"
 
 PROBES_BY_KIND: dict[str, tuple[ProbePoint, ...]] = {
     "libssl": OPENSSL_PROBES,
@@ -79,6 +94,9 @@ PROBED_SYMBOLS = frozenset(p.symbol for points in PROBES_BY_KIND.values() for p 
 # _ex shape, and the stack pointer; nss_enter: PARM1 first).
 _ENTRY_READS = {
     "probe_gnutls_set_int2": (frozenset({"rdi", "rsi"}), False),
+    # tls_call_enter without the _ex count pointer: PARM1, PARM2 and the stack pointer.
+    "probe_nss_ssl_write_enter": (frozenset({"rdi", "rsi"}), True),
+    "probe_nss_ssl_read_enter": (frozenset({"rdi", "rsi"}), True),
 }
 _DEFAULT_READS = (frozenset({"rdi", "rsi", "rdx", "rcx"}), True)
 # OpenSSL's wrapper pairs around one internal worker each: (_ex, plain, probe of _ex).
@@ -107,6 +125,11 @@ class PlannedProbe:
         fallback the placement work exists to avoid."""
         p = self.placement
         return self.point.return_fn is not None and (p is None or p.kind == "entry")
+
+    @property
+    def attached(self) -> bool:
+        """False for a function left unprobed because other probes see its calls."""
+        return self.placement is None or self.placement.kind != "covered"
 
 
 def plan_library(library: TlsLibrary) -> list[PlannedProbe]:
@@ -143,12 +166,78 @@ def plan_library(library: TlsLibrary) -> list[PlannedProbe]:
                 continue
             planned.append(PlannedProbe(placement.symbol, placement.address, point, placement))
             served |= {ex, plain}
+    if library.kind == "nss":
+        planned += _plan_nss_methods(reader, library)
+        served |= _nspr_covered(library, planned)
     for p in points:
         if p.symbol in served:
             continue
         planned.append(_plan_function(reader, p))
     _log_plan(library, planned)
     return planned
+
+
+def _plan_nss_methods(reader: FunctionReader, library: TlsLibrary) -> list[PlannedProbe]:
+    """Probes on the SSL layer's ssl_Write/ssl_Send/ssl_Read/ssl_Recv of a libssl3
+    (agent/probes/nss_methods.py), each where entry_placement puts a probe completed
+    by a uretprobe; [] when the methods are not proved (the NSPR probes stay)."""
+    if "SSL_ImportFD" not in library.symbols:
+        return []
+    methods, why = find_nss_ssl_methods(library.host_path)
+    if methods is None:
+        log.info("%s: NSS's SSL methods not found (%s): PR_Write/PR_Read stay probed",
+                 library.host_path, why)  # fmt: skip
+        return []
+    planned = []
+    for point in NSS_METHOD_PROBES:
+        address = methods.functions[point.symbol]
+        reads, reads_sp = _ENTRY_READS[point.entry_fn or ""]
+        try:
+            placement = entry_placement(point.symbol, reader.read(address, 16), address,
+                                        reads, reads_sp=reads_sp, uretprobe=True)  # fmt: skip
+        except Exception as exc:  # capstone on odd bytes: still the function's entry
+            placement = Placement(point.symbol, address, address, "entry",
+                                  f"not analysed: {exc}")  # fmt: skip
+        placement = dataclasses.replace(
+            placement, reason=f"{methods.reason(point.symbol)}; {placement.reason}"
+        )
+        planned.append(PlannedProbe(point.symbol, address, point, placement))
+    return planned
+
+
+def _nspr_covered(library: TlsLibrary, planned: list[PlannedProbe]) -> set[str]:
+    """The NSPR functions of this file left unprobed, with a "covered" placement
+    appended to ``planned``: all of them when the SSL methods of this file (NSPR and
+    NSS folded into one) or of the libssl3.so beside it are probed."""
+    nspr = [p for p in NSPR_PROBES if p.symbol in library.symbols]
+    if not nspr:
+        return set()
+    if any(p.point in NSS_METHOD_PROBES for p in planned):
+        by = "this file's SSL-layer methods"
+    else:
+        sibling = nspr_covering_library(library)
+        if sibling is None:
+            return set()
+        by = f"the SSL-layer methods of {sibling}"
+    for p in nspr:
+        planned.append(PlannedProbe(p.symbol, p.symbol, p, Placement(
+            p.symbol, 0, 0, "covered",
+            f"not probed: TLS calls reach {by} (plain descriptors then trap nothing)",
+            False)))  # fmt: skip
+    return {p.symbol for p in nspr}
+
+
+def nspr_covering_library(library: TlsLibrary) -> str | None:
+    """The libssl3.so beside this libnspr4 whose SSL-layer methods are probed in
+    place of its PR_Read/PR_Write & co. (None: they are probed themselves)."""
+    sibling = os.path.join(os.path.dirname(library.host_path), NSS_SSL_LIBRARY)
+    if os.path.realpath(sibling) == os.path.realpath(library.host_path):
+        return None
+    methods, why = find_nss_ssl_methods(sibling)
+    if methods is None:
+        log.debug("%s: NSPR probes stay: %s: %s", library.host_path, sibling, why)
+        return None
+    return sibling
 
 
 def _log_plan(library: TlsLibrary, planned: list[PlannedProbe]) -> None:
@@ -199,13 +288,16 @@ def attach_library(
     path = library.host_path
     if plan is None:
         plan = plan_library(library)
-    targets = [(probe.name, probe.where, probe.point) for probe in plan]
+    targets = [(probe.name, probe.where, probe.point) for probe in plan if probe.attached]
     attached = _attach_all(program, path, targets)
     note = getattr(program, "note_placement", None)
     if note is not None:
         for probe in plan:
             if probe.name in attached:
                 note(probe.single_stepped_uretprobe)
+    # A file whose functions other probes serve (libnspr4 beside a proved libssl3) is
+    # handled, not failed: its names say so.
+    attached += [f"{probe.name}: covered" for probe in plan if not probe.attached]
     if attached and PROBES_BY_KIND.get(library.kind) is OPENSSL_PROBES:
         # The SSL BIO's methods have the SSL_*_ex shape: the _ex probes serve them.
         methods = find_ssl_bio_methods(path)

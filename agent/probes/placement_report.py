@@ -31,7 +31,7 @@ def _c_library(kind: str, host_path: str) -> list[dict[str, object]]:
     out = []
     for probe in plan_library(TlsLibrary(host_path, host_path, 0, 0, kind, symbols)):  # type: ignore[arg-type]
         entry = {"function": probe.name, "entry_program": probe.point.entry_fn,
-                 "return_program": probe.point.return_fn,
+                 "return_program": probe.point.return_fn, "attached": probe.attached,
                  "single_stepped_uretprobe": probe.single_stepped_uretprobe}  # fmt: skip
         if probe.placement is not None:
             entry.update(probe.placement.to_json())

@@ -64,7 +64,7 @@ class Placement:
     symbol: str
     function: int  # the function's own address
     address: int
-    kind: str  # "entry", "emulated-entry", "moved-entry", "worker"
+    kind: str  # "entry", "emulated-entry", "moved-entry", "worker", "covered" (not probed)
     reason: str
     uretprobe: bool = True  # the call is completed by a uretprobe at `address`
 

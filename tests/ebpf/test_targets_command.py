@@ -125,13 +125,16 @@ def test_targets_before_and_after_the_agent_attaches(agent, zoo):
         assert gnutls["version"] == gnutls_version()
         assert "gnutls_record_send2" in gnutls["detail"]
 
-        # NSS is two files: libnspr4 (the data functions) and libssl3 (SSL_ImportFD).
+        # NSS is two files: libssl3 (SSL_ImportFD and its SSL-layer methods, probed) and
+        # libnspr4 (PR_Write & co.), whose calls on TLS descriptors reach those methods:
+        # it carries no probe of its own and is served by libssl3's.
         nss = {Path(r["path"]).name: r for r in rows[zoo["nss"]]}
         assert set(nss) == {"libnspr4.so", "libssl3.so"}
         assert {r["library"] for r in nss.values()} == {"nss"}
         assert {r["status"] for r in nss.values()} == {probed}
         assert re.fullmatch(r"3\.\d+(\.\d+)?", nss["libssl3.so"]["version"])
         assert "PR_Write" in nss["libnspr4.so"]["detail"]
+        assert "served by the SSL-layer probes of" in nss["libnspr4.so"]["detail"]
 
         [go] = rows[zoo["go"]]
         assert (go["library"], go["status"]) == ("go", probed)
