@@ -160,6 +160,7 @@ def one_sample(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
             run_args = [*agent_run_args(mode, output, health_port), *args.agent_arg]
             with bl.running_agent_command(workdir, run_args, args.command) as agent:
                 own.add(agent.proc.pid)
+                own.update(bl.child_pids(agent.proc.pid))  # --workers: its capture workers
                 cpu_before_wrk = agent.cpu_seconds()
                 worker_cpu0 = bl.process_cpu_seconds(worker)
                 with bl.ForeignProbeMonitor(own) as monitor:
