@@ -104,9 +104,12 @@ class WorkerSetup:
     """--workers N: the pipeline runs in N processes (agent/capture/workers.py)."""
 
     count: int
-    # Called in each worker after the fork: the outputs it writes to, its
-    # attribution and its L7 stage (none of them is shared between processes).
-    open_outputs: Callable[[], tuple[list[Sink], Attribution | None, L7Stage | None]]
+    # Called in worker i after the fork: the outputs it writes to, its attribution
+    # and its L7 stage (none of them is shared between processes).
+    open_outputs: Callable[[int], tuple[list[Sink], Attribution | None, L7Stage | None]]
+    # Called here once the workers are forked: the outputs of the stats record (a
+    # gRPC channel must not exist before a fork).
+    open_agent_outputs: Callable[[], list[Sink]]
 
 
 @dataclass
@@ -130,8 +133,9 @@ class CaptureSession:
         l7: L7Stage | None = None,
         workers: WorkerSetup | None = None,
     ) -> None:
-        """With `workers`, `sinks` receive only the stats record (the workers write
-        the rest to their own outputs) and `attribution`/`l7` should be None."""
+        """With `workers`, `sinks` should be empty and `attribution`/`l7` None: the
+        workers write to outputs of their own, and this process writes the stats
+        record to those of `workers.open_agent_outputs`."""
         self.options = options
         self.sinks = sinks
         # With workers, each worker numbers its records in a slot of its own, and
@@ -209,13 +213,15 @@ class CaptureSession:
         self._router.assign(adopted)  # busy servers that predate us on different workers
         self._pool = WorkerPool(setup.count, self.options.poll_ms / 1000)
         self._pool.start(self._worker)
+        self.sinks += setup.open_agent_outputs()
+        self._out.sinks += self.sinks
 
     def _worker(self, index: int) -> PipelineWorker:
         """In worker `index`, after the fork: the pipeline over its own outputs.  The
         flow table is this process's copy (the adopted sockets); the kernel maps
         are shared, so the worker registers sockets itself."""
         assert self._workers is not None
-        sinks, attribution, l7 = self._workers.open_outputs()
+        sinks, attribution, l7 = self._workers.open_outputs(index)
         writer = RecordWriter(
             sinks, self.options.agent_id, self.options.node, attribution, l7,
             seq_slot=index, seq_stride=self._workers.count + 1,

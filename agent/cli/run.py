@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import logging
 import os
 import signal
@@ -91,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="run the capture pipeline (decoding, flows, HTTP parsing, output) in N "
         "processes, a traced process's events all in one of them, for nodes where one "
         "core cannot keep up; with N > 1 the output must be --output jsonl with "
-        "--output-file, or none (default 1: in the agent process)",
+        "--output-file, or none, and --collector may be given (each worker spools in "
+        "<spool-dir>/worker-<i>) (default 1: in the agent process)",
     )
     export = p.add_argument_group("export to a collector / local store")
     export.add_argument(
@@ -214,22 +217,8 @@ def open_sinks(args: argparse.Namespace, append: bool = False) -> list:
         sinks.append(otlp)
     if args.collector:
         from agent.export.exporter import CHANNEL_OPTIONS, GrpcExporter
-        from agent.export.targets import CollectorTargets
 
-        settings = tls_options.tls_settings_from_args(args, server=False)
-        token_file = None
-        if args.collector_token_file is not None:
-            from agent.export.token import TokenFile
-
-            if settings.insecure:
-                # No override on purpose: whoever reads the token off the wire can
-                # send records as this node until it expires.
-                raise tls_options.TlsConfigError(
-                    "--collector-token-file needs TLS to the collector: the token would "
-                    "cross the network readable with --insecure"
-                )
-            token_file = TokenFile(args.collector_token_file)  # TokenFileError: OSError
-        targets = CollectorTargets(args.collector)  # ValueError: a malformed address
+        targets, settings, token_file = collector_settings(args)
         # --tls-server-name wins over the name a resolved address came from.
         with_name = not settings.insecure and settings.server_name is None
         sinks.append(
@@ -248,6 +237,27 @@ def open_sinks(args: argparse.Namespace, append: bool = False) -> list:
     elif args.collector_token_file is not None:
         raise ValueError("--collector-token-file needs --collector")
     return sinks
+
+
+def collector_settings(args: argparse.Namespace) -> tuple:
+    """(targets, TLS settings, token file) for --collector, checked: raises
+    TlsConfigError, ValueError (a malformed address), OSError (the token file)."""
+    from agent.export.targets import CollectorTargets
+
+    settings = tls_options.tls_settings_from_args(args, server=False)
+    token_file = None
+    if args.collector_token_file is not None:
+        from agent.export.token import TokenFile
+
+        if settings.insecure:
+            # No override on purpose: whoever reads the token off the wire can
+            # send records as this node until it expires.
+            raise tls_options.TlsConfigError(
+                "--collector-token-file needs TLS to the collector: the token would "
+                "cross the network readable with --insecure"
+            )
+        token_file = TokenFile(args.collector_token_file)  # TokenFileError: OSError
+    return CollectorTargets(args.collector), settings, token_file
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -281,6 +291,14 @@ def run_command(args: argparse.Namespace) -> int:
         except OSError as exc:
             return fail(f"cannot read --proxy-config: {exc}")
 
+    if args.collector:
+        workers_now = args.workers if args.workers > 1 else 0
+        for stale in stale_worker_spools(args.spool_dir, workers_now):
+            log.warning(
+                "%s holds records a capture worker of an earlier run spooled: they are "
+                "sent by a run with --workers %d or more",
+                stale, int(stale.name[7:]) + 1,
+            )  # fmt: skip
     try:
         l7 = L7Stage(l7_options.l7_options_from_args(args))
     except ValueError as exc:
@@ -320,12 +338,11 @@ def run_command(args: argparse.Namespace) -> int:
         attribution, l7 = None, None
     try:
         if workers is not None:
-            # Every worker appends its lines to the file; it is started empty here,
-            # and this process appends the stats line once the workers are done.
-            sinks = open_sinks(args)
-            for sink in sinks:
-                sink.close()
-            sinks = open_sinks(args, append=True)
+            # Each worker opens its outputs after the fork, and this process its own
+            # (the stats record) then too: a gRPC channel made before a fork is not
+            # safe to use in either process.  Checked here, so a bad setting fails now.
+            check_worker_outputs(args)
+            sinks = []
         else:
             sinks = open_sinks(args)
     except (tls_options.TlsConfigError, OSError, ValueError) as exc:
@@ -390,22 +407,58 @@ def workers_problem(args: argparse.Namespace) -> str | None:
     output = chosen_output(args)
     if not (output == "none" or (output == "jsonl" and args.output_file)):
         return "--workers > 1 needs --output jsonl with --output-file, or --output none"
-    if args.collector or args.store or args.otlp_endpoint:
-        return "--workers > 1 does not export yet (--collector, --store, --otlp-endpoint)"
+    if args.store or args.otlp_endpoint:
+        return "--workers > 1 does not write --store or --otlp-endpoint yet"
     return None
 
 
-def worker_setup(args: argparse.Namespace) -> WorkerSetup:
-    """Outputs each worker opens for itself, after the fork (workers_problem() passed)."""
+def check_worker_outputs(args: argparse.Namespace) -> None:
+    """What open_sinks would refuse, refused before the workers start; the JSON
+    lines file started empty (created 0600), since every writer appends to it."""
+    from agent.sinks.jsonl import JsonlSink
 
-    def open_outputs() -> tuple[list, Attribution, L7Stage]:
+    if chosen_output(args) == "jsonl" and args.output_file:
+        JsonlSink.open(str(args.output_file)).close()
+    if args.collector:
+        collector_settings(args)
+    elif args.collector_token_file is not None:
+        raise ValueError("--collector-token-file needs --collector")
+
+
+def stale_worker_spools(spool_dir: Path, workers: int) -> list[Path]:
+    """Spools of capture workers of an earlier run that this run has no worker for,
+    holding records still (each is sent by a run with a worker of that number)."""
+    stale = []
+    try:
+        entries = list(spool_dir.iterdir())
+    except OSError:
+        return stale
+    for entry in entries:
+        name = entry.name
+        if name.startswith("worker-") and name[7:].isdigit() and int(name[7:]) >= workers:
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and any(entry.iterdir()):
+                    stale.append(entry)
+    return sorted(stale)
+
+
+def worker_setup(args: argparse.Namespace) -> WorkerSetup:
+    """Outputs each worker opens for itself, after the fork (workers_problem() passed).
+
+    Each worker spools for the collector in a directory of its own (spools are not
+    shared between processes): <spool-dir>/worker-<i>.  The agent process keeps
+    <spool-dir> for its stats record."""
+
+    def open_outputs(index: int) -> tuple[list, Attribution, L7Stage]:
         attribution = start_attribution(
             args.k8s_metadata, args.capture_scope, args.node, args.kubeconfig
         )
         l7 = L7Stage(l7_options.l7_options_from_args(args))
-        return open_sinks(args, append=True), attribution, l7
+        own = copy.copy(args)
+        own.spool_dir = args.spool_dir / f"worker-{index}"
+        return open_sinks(own, append=True), attribution, l7
 
-    return WorkerSetup(args.workers, open_outputs)
+    return WorkerSetup(args.workers, open_outputs, lambda: open_sinks(args, append=True))
 
 
 class EbpfUnavailable(RuntimeError):

@@ -86,3 +86,70 @@ def test_subscriber_receives_exactly_what_the_agent_captured(agent, s_server, tm
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(20)
         logs.close()
+
+
+def test_capture_workers_export_every_record_once(agent, s_server, tmp_path):
+    """`--workers 2 --collector`: each worker streams its records with its own spool, the
+    agent process the stats record; the subscriber gets every record once, one agent_id."""
+    ready = tmp_path / "collector.addr"
+    logs = open(tmp_path / "tlscap.log", "w")  # noqa: SIM115
+    collector = start_tlscap(
+        "collector", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "store.db"),
+        "--insecure", "--allow-anonymous-subscribe", "--ready-file", str(ready), log=logs,
+    )  # fmt: skip
+    tail = None
+    try:
+        wait_for(
+            lambda: ready.exists() or collector.poll() is not None,
+            max(30.0, AGENT_START_TIMEOUT),
+            "the collector",
+        )
+        address = ready.read_text().strip()
+        tailed = tmp_path / "tail.jsonl"
+        tail = start_tlscap(
+            "tail", "--collector", address, "--insecure", "--output", "jsonl",
+            "--output-file", str(tailed), log=logs,
+        )  # fmt: skip
+        time.sleep(1.0)
+        spool = tmp_path / "spool"
+        a = agent("--collector", address, "--insecure", "--spool-dir", str(spool),
+                  "--workers", "2")  # fmt: skip
+        port = s_server("127.0.0.1")
+        for n in range(3):
+            run_curl("127.0.0.1", port, f"/workers-{n}", tmp_path / "body")
+        cap = a.stop()
+        assert cap.returncode == 0, cap.stderr
+        local = [r for r in cap.records if r["type"] != "stats"]
+        assert local, "the agent captured nothing"
+
+        def tailed_lines() -> list[dict]:
+            if not tailed.exists():
+                return []
+            return [json.loads(line) for line in tailed.read_text().splitlines() if line]
+
+        wait_for(lambda: len(tailed_lines()) >= len(local), 30, "the subscriber")
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(20) == 0
+        remote = tailed_lines()
+        # Workers write in parallel: the file's order and the collector's may differ;
+        # each record is there once, with the same fields, under one agent_id.
+        by_seq = {r["seq"]: r for r in remote}
+        assert len(by_seq) == len(remote) == len(local)
+        assert all(by_seq[r["seq"]] == r for r in local)
+        assert len({r["agent_id"] for r in remote}) == 1
+        slots = {(r["seq"] - 1) % 3 for r in local}
+        assert slots == {0, 1}, f"records from both workers expected, slots {slots}"
+        assert {p.name for p in spool.iterdir() if p.is_dir()} >= {"worker-0", "worker-1"}
+        got = Capture(remote, "", 0)
+        sent = {got.stream(conn, "egress") for conn in got.conns(comm="curl")}
+        assert sent == {curl_request("127.0.0.1", port, f"/workers-{n}") for n in range(3)}
+        stats = cap.stats
+        assert stats["workers"] == 2 and stats["worker_failures"] == 0, stats
+        assert stats["export_queue_dropped"] == stats["export_spool_dropped_records"] == 0
+        assert stats["export_acked_records"] >= len(local), stats
+    finally:
+        for proc in (tail, collector):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(20)
+        logs.close()

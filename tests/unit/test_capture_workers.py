@@ -127,8 +127,9 @@ def test_writers_sharing_an_agent_id_number_records_in_their_own_slots() -> None
         (["--workers", "2"], "needs --output jsonl with --output-file"),
         (["--workers", "2", "--output", "jsonl"], "needs --output jsonl with --output-file"),
         (["--workers", "2", "--output", "pcapng", "--output-file", "f"], "needs --output"),
-        (["--workers", "2", "--collector", "c:1"], "does not export yet"),
-        (["--workers", "2", "--output", "none", "--store", "s"], "does not export yet"),
+        (["--workers", "2", "--collector", "c:1", "--insecure"], None),
+        (["--workers", "2", "--output", "none", "--store", "s"], "does not write --store"),
+        (["--workers", "2", "--output", "none", "--otlp-endpoint", "o:1"], "--otlp-endpoint"),
     ],
 )
 def test_workers_need_outputs_each_worker_can_open_for_itself(argv, problem) -> None:
@@ -138,3 +139,48 @@ def test_workers_need_outputs_each_worker_can_open_for_itself(argv, problem) -> 
     args = build_parser().parse_args(["run", *argv])
     found = workers_problem(args)
     assert found == problem if problem is None else problem in found
+
+
+def test_worker_outputs_are_checked_before_the_fork_and_the_file_started_empty(
+    tmp_path: Path,
+) -> None:
+    from agent.cli import tls_options
+    from agent.cli.main import build_parser
+    from agent.cli.run import check_worker_outputs, worker_setup
+
+    out = tmp_path / "capture.jsonl"
+    out.write_text("left from an earlier run\n")
+    argv = ["run", "--workers", "2", "--output", "jsonl", "--output-file", str(out),
+            "--spool-dir", str(tmp_path / "spool")]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    check_worker_outputs(args)
+    assert out.read_bytes() == b""
+    # Each worker appends to the file (and would spool in <spool-dir>/worker-<i>).
+    setup = worker_setup(args)
+    for index in range(2):
+        sinks, attribution, _ = setup.open_outputs(index)
+        for sink in sinks:
+            sink.write_many([Record("open", index)])
+            sink.close()
+        attribution.close()
+    assert len(out.read_text().splitlines()) == 2
+    token = tmp_path / "token"
+    token.write_text("t")
+    argv = ["run", "--workers", "2", "--collector", "c:1", "--insecure",
+            "--collector-token-file", str(token)]  # fmt: skip
+    insecure_token = build_parser().parse_args(argv)
+    with pytest.raises(tls_options.TlsConfigError, match="needs TLS"):
+        check_worker_outputs(insecure_token)
+
+
+def test_spools_of_workers_this_run_does_not_have_are_named(tmp_path: Path) -> None:
+    from agent.cli.run import stale_worker_spools
+
+    for name, files in (("worker-0", 1), ("worker-1", 1), ("worker-2", 0), ("worker-3", 2)):
+        (tmp_path / name).mkdir()
+        for n in range(files):
+            (tmp_path / name / f"segment-{n}").write_bytes(b"x")
+    (tmp_path / "segment-0").write_bytes(b"the agent process's own")
+    assert stale_worker_spools(tmp_path, 2) == [tmp_path / "worker-3"]  # worker-2 is empty
+    assert stale_worker_spools(tmp_path, 0) == [tmp_path / f"worker-{n}" for n in (0, 1, 3)]
+    assert stale_worker_spools(tmp_path / "missing", 1) == []
