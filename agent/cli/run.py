@@ -336,6 +336,8 @@ def run_command(args: argparse.Namespace) -> int:
         workers = worker_setup(args)
         attribution.close()  # each worker makes its own, after the fork
         attribution, l7 = None, None
+    elif args.workers > 1:
+        log.warning("--workers applies to eBPF capture: the proxy runs in one process")
     try:
         if workers is not None:
             # Each worker opens its outputs after the fork, and this process its own
