@@ -74,6 +74,17 @@ def collector_with_subscriber(tmp_path: Path) -> Iterator[tuple[str, Subscriber]
         logs.close()
 
 
+def stop_and_compare_sources(a, subscriber: Subscriber) -> tuple[Capture, list, list]:
+    """Stop the agent; (its capture, its records but the stats line, what the
+    subscriber got once it had as many)."""
+    cap = a.stop()
+    assert cap.returncode == 0, cap.stderr
+    local = [r for r in cap.records if r["type"] != "stats"]
+    assert local, "the agent captured nothing"
+    wait_for(lambda: len(subscriber.lines()) >= len(local), 30, "the subscriber")
+    return cap, local, subscriber.stop()
+
+
 def test_subscriber_receives_exactly_what_the_agent_captured(agent, s_server, tmp_path):
     with collector_with_subscriber(tmp_path) as (address, subscriber):
         local_store = tmp_path / "local.db"
@@ -83,12 +94,7 @@ def test_subscriber_receives_exactly_what_the_agent_captured(agent, s_server, tm
         )  # fmt: skip
         port = s_server("127.0.0.1")
         run_curl("127.0.0.1", port, "/via-collector", tmp_path / "body")
-        cap = a.stop()
-        assert cap.returncode == 0, cap.stderr
-        local = [r for r in cap.records if r["type"] != "stats"]
-        assert local, "the agent captured nothing"
-        wait_for(lambda: len(subscriber.lines()) >= len(local), 30, "the subscriber")
-        remote = subscriber.stop()
+        cap, local, remote = stop_and_compare_sources(a, subscriber)
     # Every field of every record, identities (node, agent id, seq) included.
     assert remote == local
     assert len({r["agent_id"] for r in remote}) == 1
@@ -120,12 +126,7 @@ def test_capture_workers_export_every_record_once(agent, s_server, tmp_path):
         port = s_server("127.0.0.1")
         for n in range(3):
             run_curl("127.0.0.1", port, f"/workers-{n}", tmp_path / "body")
-        cap = a.stop()
-        assert cap.returncode == 0, cap.stderr
-        local = [r for r in cap.records if r["type"] != "stats"]
-        assert local, "the agent captured nothing"
-        wait_for(lambda: len(subscriber.lines()) >= len(local), 30, "the subscriber")
-        remote = subscriber.stop()
+        cap, local, remote = stop_and_compare_sources(a, subscriber)
     # Workers write in parallel: the file's order and the collector's may differ;
     # each record is there once, with the same fields, under one agent_id.
     by_seq = {r["seq"]: r for r in remote}
