@@ -82,7 +82,14 @@ def test_stopped_then_hung_collector_fail_over_with_nothing_lost(
     records = make_records(600)
     for r in records[:200]:
         exp.write(r)
-    wait_for(lambda: a.servicer.count() == 200, 10, "records on a")
+    # Acked, not only received: a failover is counted when a collector other than the
+    # last one to ack starts acking, and an ack from a still in flight when a stops
+    # would leave none before b's (the CI flake of 2026-12-05).
+    wait_for(
+        lambda: a.servicer.count() == 200 and exp.stats()["export_acked_records"] >= 200,
+        10,
+        "records acked by a",
+    )
 
     a.stop()  # connection refused from now on
     for r in records[200:400]:
