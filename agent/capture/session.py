@@ -28,7 +28,6 @@ from agent.capture.housekeeping import Housekeeping
 from agent.capture.pipeline import EventPipeline
 from agent.capture.shards import ShardRouter
 from agent.capture.workers import PipelineWorker, WorkerPool
-from agent.events.decode import EventDecoder, ProcessEvent
 from agent.events.ring import RingBatch
 from agent.flows.resolve import SocketResolver
 from agent.flows.table import FlowTable, KernelRegistration
@@ -149,7 +148,6 @@ class CaptureSession:
         self._pool: WorkerPool | None = None
         self._router: ShardRouter | None = None
         self._routed_events = 0
-        self._decoder = EventDecoder()  # the attach events, when workers decode the rest
         self._program = program
         self._scanner = scanner or TargetScanner(exclude_pids={os.getpid()})
         self._wall = mono_to_wall_clock()
@@ -295,13 +293,8 @@ class CaptureSession:
         assert self._router is not None
         self._routed_events += len(batch)
         runs, counts, own = self._router.split(batch)
-        if own:  # exec and hold events: attaching is ours
-            for event in self._decoder.decode_batch(RingBatch(batch.data, own)):
-                if isinstance(event, ProcessEvent):
-                    if event.kind == "hold":
-                        self._attacher.hold(event.tgid)
-                    else:
-                        self._attacher.request(event.tgid)
+        if own:  # exec and hold events: attaching is ours (the pipeline's on_exec/on_hold)
+            self._pipeline.handle_batch(RingBatch(batch.data, own))
         self._pool.send(batch.data, runs, counts)
 
     def close(self) -> None:
