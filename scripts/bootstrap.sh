@@ -6,7 +6,8 @@
 #   2. .venv made from /usr/bin/python3 with --system-site-packages, because bcc comes
 #      from Debian's python3-bpfcc and is not on PyPI
 #   3. `pip install -e '.[dev]'`, re-run only when pyproject.toml changes (stamp file)
-#   4. protobuf/gRPC code generated from proto/ (only when a .proto changed)
+#   4. protobuf/gRPC code generated from proto/ (only when a .proto changed), and the
+#      C extensions built in place (setup.py; only when a source changed)
 #   5. tracefs mounted (a fresh boot of some VMs leaves it unmounted; bcc needs it)
 #
 # A second run with everything in place does no network or package work.
@@ -29,6 +30,8 @@ packages=(
     python3-bpfcc libbpfcc bpftool "linux-headers-$arch"
     iptables iproute2 curl openssl ca-certificates
     python3-venv gcc libssl-dev make
+    # Python.h, for tlscap's own C extensions (setup.py: agent/redact/_stream_masker.c)
+    python3-dev
     golang-go binutils
     # GnuTLS and NSS programs the capture tests drive (wget, gnutls-serv, NSS's
     # tstclnt/httpserv), and a JVM for `tlscap targets`' tests
@@ -123,8 +126,12 @@ else
     say "mitmproxy venv: present"
 fi
 
-# --- 4. generated code ------------------------------------------------------------
+# --- 4. generated code and C extensions -------------------------------------------
 "$VENV/bin/python" scripts/generate_proto.py
+# Built in place, so the source tree imports them; setuptools rebuilds only what is
+# older than its sources.  PYTHONWARNINGS: setuptools' deprecation banners are noise here.
+PYTHONWARNINGS=ignore "$VENV/bin/python" setup.py -q build_ext --inplace \
+    || die "building the C extensions failed (setup.py); see the compiler output above"
 
 # --- 5. tracefs --------------------------------------------------------------------
 if [[ ! -d /sys/kernel/tracing/events && ! -d /sys/kernel/debug/tracing/events ]]; then

@@ -7,11 +7,13 @@ import itertools
 import random
 import re
 
+import pytest
+from agent.redact._stream_masker import StreamMasker
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.redact.http1_masker import Http1HeaderMasker
-from agent.redact.rules import DEFAULT_HEADERS
+from agent.redact.rules import DEFAULT_HEADERS, DEFAULT_QUERY_PARAMS, mask_query_values
 
 REQUEST = (
     b"POST /login HTTP/1.1\r\n"
@@ -222,3 +224,81 @@ def test_maskers_of_one_set_of_names_keep_their_own_state() -> None:
     assert a.feed(b"Cookie: x")[0] == b"Cookie: *"
     assert b.feed(b"more\r\n")[0] == b"more\r\n"  # b is at a line start, not in a value
     assert a.feed(b"yz\r\n")[0] == b"**\r\n"
+
+
+# -- query parameters, and the C type under the masker --------------------------------
+
+QUERY_TOKENS = [b"?", b"&", b";", b"=", b"#", b"'", b" ", b"\n", b"a", b"b", b"token",
+                b"Access_Token", b"sig", b"X-Amz-Signature", b"passwd", b"password",
+                b"id_token", b"xtoken"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.sampled_from(QUERY_TOKENS), max_size=60), seed=st.integers(0, 2**32))
+def test_query_values_however_split_match_the_whole_stream(parts: list[bytes], seed: int) -> None:
+    """A name in one record and its "=" or value in the next (the masker keeps the
+    stream's tail), a value cut by a record's end: the same bytes and rules as the
+    one-shot mask_query_values over the whole stream."""
+    data = b"".join(parts)
+    rnd = random.Random(seed)
+    cuts = sorted(rnd.randrange(len(data) + 1) for _ in range(rnd.randrange(8)))
+    m = Http1HeaderMasker(frozenset(), DEFAULT_QUERY_PARAMS)
+    out, hits, prev = bytearray(), set(), 0
+    for cut in [*cuts, len(data)]:
+        chunk, h = m.feed(data[prev:cut])
+        out += chunk
+        hits |= h
+        prev = cut
+    assert (bytes(out), hits) == mask_query_values(data, DEFAULT_QUERY_PARAMS)
+
+
+def test_query_value_cut_by_a_gap_is_masked_to_its_end() -> None:
+    m = Http1HeaderMasker(frozenset(), DEFAULT_QUERY_PARAMS)
+    assert m.feed(b"GET /?access_token=abc") == (
+        b"GET /?access_token=***",
+        {"query:access_token"},
+    )
+    m.gap(100)  # fail closed: the value may go on after the hole
+    assert m.feed(b"def&x=1 HTTP/1.1") == (b"***&x=1 HTTP/1.1", {"query:access_token"})
+    m.gap()  # the name before a hole is forgotten: "token" + "=abc" is no match
+    assert m.feed(b"&token")[0] == b"&token"
+    m.gap()
+    assert m.feed(b"=abc")[0] == b"=abc"
+
+
+def test_a_one_byte_chunk_masked_leaves_the_shared_byte_alone() -> None:
+    """CPython shares one object per one-byte bytes value: the masker copies before
+    it writes, or every b"a" in the process would become b"*"."""
+    m = Http1HeaderMasker(DEFAULT_HEADERS)
+    m.feed(b"Cookie: ")
+    chunk = b"xa"[1:]
+    assert m.feed(chunk) == (b"*", {"header:cookie"})
+    assert chunk == b"a" and bytes([0x61]) == b"a"
+
+
+def test_buffers_other_than_bytes_give_bytes() -> None:
+    for kind in (bytearray, memoryview):
+        out, hits = Http1HeaderMasker(DEFAULT_HEADERS, DEFAULT_QUERY_PARAMS).feed(
+            kind(b"Cookie: a\r\nGET /?sig=1 x")
+        )
+        assert type(out) is bytes and out == b"Cookie: *\r\nGET /?sig=* x"
+        assert hits == {"header:cookie", "query:sig"}
+    unchanged = b"Host: example\r\n"
+    assert Http1HeaderMasker(DEFAULT_HEADERS).feed(unchanged)[0] is unchanged
+
+
+def test_stream_masker_refuses_names_it_cannot_match() -> None:
+    for bad in ((b"Cookie",), (b"a b",), (b"x:y",), (b"",), ("cookie",)):
+        with pytest.raises((ValueError, TypeError)):
+            StreamMasker(bad, (), ("header:x", "mid"))
+    with pytest.raises(ValueError):
+        StreamMasker((b"cookie",), (), ("header:cookie",))  # the mid-stream rule missing
+
+
+def test_binary_chunks_of_every_size_keep_their_length() -> None:
+    rnd = random.Random(5)
+    m = Http1HeaderMasker(DEFAULT_HEADERS, DEFAULT_QUERY_PARAMS)
+    for size in (0, 1, 2, 15, 16, 17, 4095, 4096, 4097, 70000):
+        data = rnd.randbytes(size)
+        out, _ = m.feed(data)
+        assert len(out) == size

@@ -1,0 +1,16 @@
+"""The C extensions (everything else is in pyproject.toml).
+
+`make setup` builds them in place (scripts/bootstrap.sh); `pip install .` (the
+container image) builds them into the installed package."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "agent.redact._stream_masker",
+            ["agent/redact/_stream_masker.c"],
+            extra_compile_args=["-O2", "-Wall", "-Werror", "-std=c11"],
+        )
+    ]
+)
