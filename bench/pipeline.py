@@ -163,6 +163,19 @@ def ring_batches(ring: bytes, size: int, producer: int) -> Iterator[RingBatch]:
         pos = pos_next
 
 
+def settle_heap() -> None:
+    """The collector as the agent sets it once started (agent/capture/heap.py), so
+    the input's objects are out of its way too; an older checkout (PYTHONPATH=...)
+    without that module gets them frozen the way this bench always did."""
+    try:
+        from agent.capture.heap import settle_after_startup
+    except ImportError:
+        gc.collect()
+        gc.freeze()
+    else:
+        settle_after_startup()
+
+
 def run_once(ring: bytes, size: int, producer: int, mode: str, out_path: Path) -> dict:
     pipeline, l7 = bench_pipeline(mode, out_path)
     writer = pipeline.writer
@@ -265,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         ring, size, producer = ring_bytes(workload_events(workload, args))
         # The input's objects out of the collector's way: a full collection over
         # them, landing in one run and not in the other, would swamp the count.
-        gc.collect()
-        gc.freeze()
+        settle_heap()
         if what == "run":
             with bl.scratch_dir() as tmp:
                 run_once(ring, size, producer, mode, tmp / "out.jsonl")
@@ -274,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.instructions:
         return main_instructions(args, names, modes)
     rings = {name: ring_bytes(workload_events(name, args)) for name in names}
+    settle_heap()
     samples: dict[tuple[str, str], list[dict]] = {}
     with bl.scratch_dir() as tmp:
         for rnd in range(args.rounds):

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.capture import heap
 from agent.capture.attacher import TargetAttacher
 from agent.capture.housekeeping import Housekeeping
 from agent.capture.pipeline import EventPipeline
@@ -183,6 +184,7 @@ class CaptureSession:
         for lib in libraries:
             self._attach(lib)
         adopted = self._adopt_existing_connections(initial_pids)
+        heap.settle_after_startup()  # before the fork: the workers inherit it
         if self._workers is not None:
             # Before any thread of ours starts: a fork copies only the calling thread.
             self._start_workers(self._workers, adopted)
