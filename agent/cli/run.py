@@ -24,7 +24,7 @@ from agent.fallback.session import ProxyOptions, ProxySession
 from agent.health.server import HealthServer, ListenError, parse_listen
 from agent.k8s.attribution import Attribution, AttributionError, start_attribution
 from agent.l7.stage import L7Stage
-from agent.otlp.options import add_otlp_arguments, otlp_sink_from_args
+from agent.otlp.options import add_otlp_arguments, otlp_settings_from_args, otlp_sink_from_args
 from agent.probes import preflight
 from agent.probes.kernel_headers import KernelHeadersMissing, bcc_environment
 
@@ -93,8 +93,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="run the capture pipeline (decoding, flows, HTTP parsing, output) in N "
         "processes, a traced process's events all in one of them, for nodes where one "
         "core cannot keep up; with N > 1 the output must be --output jsonl with "
-        "--output-file, or none, and --collector may be given (each worker spools in "
-        "<spool-dir>/worker-<i>) (default 1: in the agent process)",
+        "--output-file, or none, and --collector (each worker spools in "
+        "<spool-dir>/worker-<i>), --store and --otlp-endpoint may be given "
+        "(default 1: in the agent process)",
     )
     export = p.add_argument_group("export to a collector / local store")
     export.add_argument(
@@ -176,9 +177,11 @@ def chosen_output(args: argparse.Namespace) -> str:
     return args.output or ("none" if args.collector or args.store or args.otlp_endpoint else "text")
 
 
-def open_sinks(args: argparse.Namespace, append: bool = False) -> list:
+def open_sinks(args: argparse.Namespace, append: bool = False, spans: bool = True) -> list:
     """Sinks in the order records reach them; raises OSError/ValueError/TlsConfigError.
-    `append`: add to the output file instead of starting it again (capture workers)."""
+    `append`: add to the output file instead of starting it again (capture workers);
+    `spans`: export exchanges over OTLP too, when --otlp-endpoint asks (not for the
+    agent process's stats record with workers: no exchange reaches it)."""
     from agent.sinks.jsonl import JsonlSink
     from agent.sinks.terminal import TerminalSink
 
@@ -212,7 +215,7 @@ def open_sinks(args: argparse.Namespace, append: bool = False) -> list:
         from agent.sinks.store import StoreSink
 
         sinks.append(StoreSink(args.store))
-    otlp = otlp_sink_from_args(args)
+    otlp = otlp_sink_from_args(args) if spans else None
     if otlp is not None:
         sinks.append(otlp)
     if args.collector:
@@ -275,6 +278,8 @@ def run_command(args: argparse.Namespace) -> int:
         return fail("--shed-fraction must be between 0 and 1")
     if problem := workers_problem(args):
         return fail(problem)
+    if args.otlp_endpoint and args.l7 == "off":
+        log.warning("--otlp-endpoint with --l7 off: no exchanges are parsed, so no spans")
     try:
         args.collector = parse_collector_addresses(args.collector) or None
     except ValueError as exc:
@@ -407,20 +412,27 @@ def workers_problem(args: argparse.Namespace) -> str | None:
     if args.workers == 1:
         return None
     output = chosen_output(args)
+    # Text, pcapng and HAR need one writer that sees every record in order; a JSON
+    # lines file, the store, the collector and OTLP take records from several processes.
     if not (output == "none" or (output == "jsonl" and args.output_file)):
         return "--workers > 1 needs --output jsonl with --output-file, or --output none"
-    if args.store or args.otlp_endpoint:
-        return "--workers > 1 does not write --store or --otlp-endpoint yet"
     return None
 
 
 def check_worker_outputs(args: argparse.Namespace) -> None:
     """What open_sinks would refuse, refused before the workers start; the JSON
-    lines file started empty (created 0600), since every writer appends to it."""
+    lines file started empty (created 0600), since every writer appends to it,
+    and the store made ready (created 0600, its schema written) before several
+    processes open it at once.  No gRPC object is made here: it would be forked."""
     from agent.sinks.jsonl import JsonlSink
 
     if chosen_output(args) == "jsonl" and args.output_file:
         JsonlSink.open(str(args.output_file)).close()
+    if args.store:
+        from agent.sinks.store import StoreSink
+
+        StoreSink(args.store).close()
+    otlp_settings_from_args(args)
     if args.collector:
         collector_settings(args)
     elif args.collector_token_file is not None:
@@ -449,7 +461,10 @@ def worker_setup(args: argparse.Namespace) -> WorkerSetup:
 
     Each worker spools for the collector in a directory of its own (spools are not
     shared between processes): <spool-dir>/worker-<i>.  The agent process keeps
-    <spool-dir> for its stats record."""
+    <spool-dir> for its stats record.  Every worker writes to the same --store
+    (SQLite takes writers one at a time) and exports its own exchanges with an OTLP
+    exporter of its own; the agent process, whose only record is the stats record,
+    opens no OTLP exporter."""
 
     def open_outputs(index: int) -> tuple[list, Attribution, L7Stage]:
         attribution = start_attribution(
@@ -460,7 +475,9 @@ def worker_setup(args: argparse.Namespace) -> WorkerSetup:
         own.spool_dir = args.spool_dir / f"worker-{index}"
         return open_sinks(own, append=True), attribution, l7
 
-    return WorkerSetup(args.workers, open_outputs, lambda: open_sinks(args, append=True))
+    return WorkerSetup(
+        args.workers, open_outputs, lambda: open_sinks(args, append=True, spans=False)
+    )
 
 
 class EbpfUnavailable(RuntimeError):

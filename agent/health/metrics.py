@@ -242,7 +242,8 @@ METRICS: dict[str, MetricSpec] = {
     "export_refused": _counter(
         "export_refused_streams", "Streams the collector refused (token, certificate or node)"
     ),
-    # -- OpenTelemetry spans (agent/otlp/sink.py) and HAR entries (agent/sinks/har.py)
+    # -- OpenTelemetry spans (agent/otlp/sink.py), the local store (agent/sinks/store.py)
+    # and HAR entries (agent/sinks/har.py)
     "otlp_spans_exported": _counter("otlp_spans_exported", "Exchanges exported as OTLP spans"),
     "otlp_spans_dropped": _counter(
         "otlp_spans_dropped", "Exchanges not exported: queue full, or the endpoint down too long"
@@ -255,6 +256,7 @@ METRICS: dict[str, MetricSpec] = {
     "otlp_traceparent_linked": _counter(
         "otlp_traceparent_linked", "Spans that joined the trace of the request's traceparent"
     ),
+    "store_records": _counter("store_records", "Records written to the --store SQLite file"),
     "har_entries": _counter("har_entries", "Exchanges written to the HAR file"),
     "har_skipped_exchanges": _counter(
         "har_skipped_exchanges", "Exchanges left out of the HAR file: their request was not seen"

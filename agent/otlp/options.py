@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.cli.argtypes import positive_int
+
+if TYPE_CHECKING:
+    from agent.otlp.sink import OtlpSink
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +76,22 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def otlp_sink_from_args(args: argparse.Namespace):
-    """The OtlpSink for --otlp-endpoint, or None; ValueError/OSError (one line) on bad options."""
+@dataclass(frozen=True)
+class OtlpSettings:
+    """--otlp-* checked, with the PEM files read; no gRPC object yet (capture workers
+    check these before they fork, and each opens its own exporter after)."""
+
+    endpoint: str
+    insecure: bool
+    headers: tuple[tuple[str, str], ...]
+    root_certificates: bytes | None
+    private_key: bytes | None
+    certificate_chain: bytes | None
+    max_queue: int
+
+
+def otlp_settings_from_args(args: argparse.Namespace) -> OtlpSettings | None:
+    """The settings of --otlp-endpoint, or None; ValueError/OSError (one line) on bad options."""
     tls_given = any((args.otlp_ca, args.otlp_cert, args.otlp_key))
     if not args.otlp_endpoint:
         if tls_given or args.otlp_insecure or args.otlp_header:
@@ -86,6 +105,27 @@ def otlp_sink_from_args(args: argparse.Namespace):
     if bool(args.otlp_cert) != bool(args.otlp_key):
         raise ValueError("--otlp-cert and --otlp-key go together")
 
+    def read(path: Path | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise OSError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    return OtlpSettings(
+        endpoint=endpoint,
+        insecure=bool(args.otlp_insecure),
+        headers=headers,
+        root_certificates=read(args.otlp_ca),
+        private_key=read(args.otlp_key),
+        certificate_chain=read(args.otlp_cert),
+        max_queue=args.otlp_queue,
+    )
+
+
+def open_otlp_sink(settings: OtlpSettings) -> OtlpSink:
+    """The sink and its exporter (a gRPC channel: not to be made before a fork)."""
     import grpc
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -96,28 +136,23 @@ def otlp_sink_from_args(args: argparse.Namespace):
         logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL
     )
     credentials = None
-    if not args.otlp_insecure:
-
-        def read(path: Path | None) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                return path.read_bytes()
-            except OSError as exc:
-                raise OSError(f"cannot read {path}: {exc.strerror or exc}") from None
-
+    if not settings.insecure:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=read(args.otlp_ca),
-            private_key=read(args.otlp_key),
-            certificate_chain=read(args.otlp_cert),
+            root_certificates=settings.root_certificates,
+            private_key=settings.private_key,
+            certificate_chain=settings.certificate_chain,
         )
     exporter = OTLPSpanExporter(
-        endpoint=endpoint,
-        insecure=bool(args.otlp_insecure),
+        endpoint=settings.endpoint,
+        insecure=settings.insecure,
         credentials=credentials,
-        headers=headers,
+        headers=settings.headers,
         timeout=EXPORT_TIMEOUT,
     )
-    if getattr(args, "l7", "on") == "off":
-        log.warning("--otlp-endpoint with --l7 off: no exchanges are parsed, so no spans")
-    return OtlpSink(exporter, endpoint=endpoint, max_queue=args.otlp_queue)
+    return OtlpSink(exporter, endpoint=settings.endpoint, max_queue=settings.max_queue)
+
+
+def otlp_sink_from_args(args: argparse.Namespace) -> OtlpSink | None:
+    """The OtlpSink for --otlp-endpoint, or None; ValueError/OSError (one line) on bad options."""
+    settings = otlp_settings_from_args(args)
+    return None if settings is None else open_otlp_sink(settings)

@@ -15,7 +15,9 @@ otlp_spans_dropped (queue full, failed batches, or left at exit while the
 endpoint was down), otlp_export_failures (failed export calls),
 otlp_queue_depth (queued or being sent), otlp_traceparent_invalid,
 otlp_traceparent_linked.  The stats line is taken before the sinks close, so
-close() logs the final numbers.
+close() logs the final numbers.  With capture workers (`--workers N`) each worker
+has a sink and an exporter of its own, made after the fork; the stats line adds
+up their final counters, and each worker's close() logs its own.
 """
 
 from __future__ import annotations

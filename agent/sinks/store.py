@@ -4,16 +4,25 @@ The same store the collector keeps, so `tlscap tail --store PATH` reads it with
 the same filters.  Records are inserted in batches, one transaction each (a
 transaction per record could not keep up with capture); the batching policy is
 the text sinks' PeriodicFlusher, with the pending rows as its "stream".
+
+Capture workers (`--workers N`) each open a StoreSink on the same file, and the
+agent process one more for its stats record.  What makes several writer
+processes safe is RecordStore's: write-ahead logging (readers never block a
+writer), a batch that takes the write lock before it reads anything (BEGIN
+IMMEDIATE: a read upgraded to a write would fail at once when another process
+wrote meanwhile) and a busy timeout far longer than one batch's transaction.
+Records of one run never collide there: each writer numbers in its own seq slot
+(RecordWriter).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from agent.collector.store import RecordStore
+from agent.collector.store import RecordStore, StoreError
 from agent.records.record import Record
 from agent.schema.convert import to_pb
-from agent.sinks.base import PeriodicFlusher
+from agent.sinks.base import OutputError, PeriodicFlusher
 
 
 class _PendingRows:
@@ -35,7 +44,12 @@ class _PendingRows:
 
 class StoreSink:
     def __init__(self, path: Path, interval: float = 0.2) -> None:
-        self._store = RecordStore(path)
+        """Raises OutputError (an OSError) with a one-line message if the file cannot
+        be a store (created 0600: it holds captured plaintext)."""
+        try:
+            self._store = RecordStore(path)
+        except StoreError as exc:
+            raise OutputError(str(exc)) from None
         self._rows = _PendingRows(self._store)
         self._out = PeriodicFlusher(self._rows, interval)  # type: ignore[arg-type]
 

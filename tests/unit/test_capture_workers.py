@@ -116,6 +116,11 @@ def test_writers_sharing_an_agent_id_number_records_in_their_own_slots() -> None
         RecordWriter([], "agent", "node", seq_slot=3, seq_stride=3)
 
 
+# Outputs several processes can write at once (one ordered writer is not needed).
+EVERY_SHARED_OUTPUT = ["--output", "jsonl", "--output-file", "f", "--store", "s"]
+EVERY_SHARED_OUTPUT += ["--otlp-endpoint", "o:1", "--collector", "c:1"]
+
+
 @pytest.mark.parametrize(
     ("argv", "problem"),
     [
@@ -128,8 +133,13 @@ def test_writers_sharing_an_agent_id_number_records_in_their_own_slots() -> None
         (["--workers", "2", "--output", "jsonl"], "needs --output jsonl with --output-file"),
         (["--workers", "2", "--output", "pcapng", "--output-file", "f"], "needs --output"),
         (["--workers", "2", "--collector", "c:1", "--insecure"], None),
-        (["--workers", "2", "--output", "none", "--store", "s"], "does not write --store"),
-        (["--workers", "2", "--output", "none", "--otlp-endpoint", "o:1"], "--otlp-endpoint"),
+        (["--workers", "2", "--output", "none", "--store", "s"], None),
+        (["--workers", "2", "--store", "s"], None),  # --store alone: output none
+        (["--workers", "2", "--otlp-endpoint", "o:1", "--otlp-insecure"], None),
+        (["--workers", "2", *EVERY_SHARED_OUTPUT], None),
+        # One ordered writer only: still refused, whatever else is given.
+        (["--workers", "2", "--output", "text", "--output-file", "f", "--store", "s"], "needs"),
+        (["--workers", "2", "--output", "har", "--output-file", "f"], "needs --output"),
     ],
 )
 def test_workers_need_outputs_each_worker_can_open_for_itself(argv, problem) -> None:
