@@ -13,22 +13,21 @@ BIOs) is its own connection per SSL object until the kernel binds the object
 to its socket (bpf/calls.c, membio_bind): its records are held meanwhile, a
 bounded while, so that they too go out with the socket's endpoints.  Offsets come from the kernel,
 which counts them per SSL object; here they are only checked for gaps, the
-visible trace of calls lost in the kernel.
+visible trace of calls lost in the kernel.  Connections whose close or exit
+event was lost are found by a periodic sweep of /proc (sweep.py).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from agent.events.decode import KernelSocket, SocketBound, SocketClosed, TlsCall
+from agent.flows.sweep import Sweeper
 from agent.records.record import Direction, Endpoint, Record, Role
-
-log = logging.getLogger(__name__)
 
 # gen values user space chooses for sockets it registers carry this bit, so
 # they can never equal a kernel timestamp.
@@ -48,9 +47,6 @@ MAX_ADOPTED = 1 << 18
 MAX_HELD_PER_CONN = 256
 MAX_HELD_RECORDS = 8192
 MAX_HELD_BYTES = 32 << 20
-# Connections the sweep closed, remembered by (tgid, fd) so that one which speaks
-# again on the same socket (the sweep was wrong) comes back as what it was.
-MAX_SWEPT = 1 << 16
 
 
 class SocketFacts(Protocol):
@@ -164,16 +160,15 @@ class FlowTable:
         self._holding: dict[tuple[int, int], Connection] = {}
         self._held_records = 0
         self._held_bytes = 0
-        # The sweep (sweep_ended, sweep_closed) in two steps: what one sweep saw
-        # gone in /proc, with when it looked and how far the events had come
-        # then (_events_seen_until), is closed by a later one (_caught_up).
-        self._ended: dict[int, tuple[int, int]] = {}
-        self._gone: dict[tuple[int, int], tuple[Connection, int, int]] = {}
-        self._swept: dict[tuple[int, int], Connection] = {}
-        # The newest kernel timestamp of the events handled that no connection
-        # in the table shows in its last_used: closes, exits, binds, and the last
-        # calls of connections closed since (_events_seen_until).
-        self._newest_event_ns = 0
+        # The periodic /proc sweep (sweep_ended, sweep_closed), on these same maps:
+        # _by_fd and _by_ssl are never rebound, so the two stay in step.
+        self._sweep = Sweeper(
+            self._by_fd, self._by_ssl, self.stats, tgids=self.tgids, close=self._close,
+            end_process=self._end_process, new_conn=self._new_conn,
+        )  # fmt: skip
+        # The connections it closed, by (tgid, fd): its own dict, held here too so
+        # that on_call looks there without a call into the sweeper.
+        self._swept = self._sweep.swept
 
     def __len__(self) -> int:
         return len(self._by_fd) + len(self._by_ssl)
@@ -204,7 +199,7 @@ class FlowTable:
             if conn is None:
                 swept = self._swept.pop((call.tgid, call.fd), None) if self._swept else None
                 if swept is not None and swept.gen and swept.gen == call.socket.gen:
-                    conn = self._reopen_swept(swept, call)
+                    conn = self._sweep.reopen(swept, call)
                 else:
                     conn = self._open_socket_conn(
                         call.tgid, call.fd, call.socket, call.ts_mono_ns, call.comm,
@@ -287,7 +282,7 @@ class FlowTable:
     def on_bind(self, ev: SocketBound) -> list[Record]:
         """The kernel found the socket of a TLS object that had none: its
         connection (and whatever it held) carries the socket from now on."""
-        self._newest_event_ns = max(self._newest_event_ns, ev.ts_mono_ns)
+        self._sweep.saw(ev.ts_mono_ns)
         unbound = self._by_ssl.pop((ev.tgid, ev.ssl), None)
         if unbound is None:
             return []  # no data yet (or already joined): its calls carry the fd
@@ -317,7 +312,7 @@ class FlowTable:
         return out
 
     def on_close(self, ev: SocketClosed) -> list[Record]:
-        self._newest_event_ns = max(self._newest_event_ns, ev.ts_mono_ns)
+        self._sweep.saw(ev.ts_mono_ns)
         conn = self._by_fd.get((ev.tgid, ev.fd))
         if conn is None or not self._same_socket(conn, ev.gen):
             if conn is None and self._swept:
@@ -336,24 +331,9 @@ class FlowTable:
 
         Two steps, like sweep_closed: a process found gone at one sweep has its
         connections closed at a later one, once its exit event cannot be still on
-        its way.  `ts_mono_ns`: now, taken before `alive` is asked."""
-        out: list[Record] = []
-        seen_until = self._events_seen_until()
-        for tgid, (looked_at, seen_then) in list(self._ended.items()):
-            if not self._caught_up(looked_at, seen_then, seen_until):
-                self._ended[tgid] = (looked_at, seen_until)
-                continue
-            del self._ended[tgid]
-            # Only what it had when it was found gone: a process that has its
-            # pid now is another one.
-            closed = self._end_process(tgid, ts_mono_ns, before_mono_ns=looked_at)
-            if closed:
-                self.stats.exits_recovered += 1
-                out.extend(closed)
-        for tgid in self.tgids():
-            if tgid not in self._ended and not alive(tgid):
-                self._ended[tgid] = (ts_mono_ns, seen_until)
-        return out
+        its way (sweep.py says why).  `ts_mono_ns`: now, taken before `alive` is
+        asked."""
+        return self._sweep.ended(alive, ts_mono_ns)
 
     def sweep_closed(
         self, is_socket: Callable[[int, int], bool], idle_before_mono_ns: int, ts_mono_ns: int
@@ -364,44 +344,15 @@ class FlowTable:
         makes no more calls; a socket since reopened on the same fd shows up as a
         new socket on its first call (the kernel gives it another gen).
 
-        /proc tells how things are now, the events how they were when they were
-        sent, and the agent may be seconds behind the kernel: a process that exits
-        while its last calls, closes and exit event wait in the ring has no fds
-        left in /proc.  So a connection found gone (`ts_mono_ns`: now, taken
-        before `is_socket` is asked) is only closed by a later sweep, once the
-        events sent before that look have been handled (_caught_up): by then its
-        close or its process's exit has closed it if it was coming, and a call
-        made after the look shows it alive.  `is_socket` must answer False only
-        when sure (resolve.fd_is_socket)."""
-        out: list[Record] = []
-        seen_until = self._events_seen_until()
-        asked: set[tuple[int, int]] = set()
-        for key, (conn, looked_at, seen_then) in list(self._gone.items()):
-            if self._by_fd.get(key) is not conn or conn.last_used >= looked_at:
-                del self._gone[key]  # closed by its own event meanwhile, or it spoke
-                continue
-            if not self._caught_up(looked_at, seen_then, seen_until):
-                self._gone[key] = (conn, looked_at, seen_until)
-                continue
-            del self._gone[key]
-            asked.add(key)
-            if is_socket(*key):
-                continue  # a socket again: a new one is told apart by its gen
-            del self._by_fd[key]
-            self.stats.closes_recovered += 1
-            self._swept[key] = conn
-            if len(self._swept) > MAX_SWEPT:
-                del self._swept[next(iter(self._swept))]
-            out.extend(self._close(conn, ts_mono_ns, conn.tgid))
-        for key, conn in self._by_fd.items():
-            idle = conn.last_used < idle_before_mono_ns
-            if idle and key not in self._gone and key not in asked and not is_socket(*key):
-                self._gone[key] = (conn, ts_mono_ns, seen_until)
-        return out
+        Two steps (sweep.py says why): a connection found gone (`ts_mono_ns`: now,
+        taken before `is_socket` is asked) is only closed by a later sweep, once
+        the events sent before that look have been handled.  `is_socket` must
+        answer False only when sure (resolve.fd_is_socket)."""
+        return self._sweep.closed(is_socket, idle_before_mono_ns, ts_mono_ns)
 
     def on_exit(self, tgid: int, ts_mono_ns: int) -> list[Record]:
         """A process ended: every connection it still had is closed."""
-        self._newest_event_ns = max(self._newest_event_ns, ts_mono_ns)
+        self._sweep.saw(ts_mono_ns)
         return self._end_process(tgid, ts_mono_ns)
 
     def adopt_existing_socket(self, tgid: int, fd: int, facts: SocketFacts) -> None:
@@ -441,49 +392,6 @@ class FlowTable:
                                            False, forget=True)
                     )  # fmt: skip
         return out
-
-    def _events_seen_until(self) -> int:
-        """The newest kernel timestamp among the events handled so far (of those
-        the table sees): how far the agent has come in the kernel's story."""
-        newest = self._newest_event_ns
-        for table in (self._by_fd, self._by_ssl):
-            for conn in table.values():
-                if conn.last_used > newest:
-                    newest = conn.last_used
-        return newest
-
-    @staticmethod
-    def _caught_up(looked_at: int, seen_then: int, seen_now: int) -> bool:
-        """Whether the events sent before a sweep looked at /proc (at `looked_at`)
-        have all been handled: one sent after it has (the ring is first in, first
-        out), or none at all came since the last sweep (`seen_then`: the drain
-        loop empties the ring between two sweeps, so there were none left).
-        Still behind while events come that are all older than the look.  (A
-        worker of agent/capture/workers.py gets its events through a pipe that
-        may lag as well; should a close come too early there, the connection's
-        next call reopens it as it was: _reopen_swept.)"""
-        return seen_now >= looked_at or seen_now == seen_then
-
-    def _reopen_swept(self, swept: Connection, call: TlsCall) -> Connection:
-        """A connection the sweep closed speaks again on the same socket: the
-        sweep was wrong.  It comes back (under a new id, as after an eviction)
-        with what was known of it, its offsets going on where they were."""
-        self.stats.sweep_reopened += 1
-        log.warning(
-            "connection %d/%d closed by the sweep spoke again on the same socket: reopened",
-            call.tgid, call.fd,
-        )  # fmt: skip
-        sock = call.socket
-        conn = self._new_conn(
-            call.tgid, call.fd, swept.gen, sock, call.ts_mono_ns, call.comm, call.source,
-            call.cgroup_id, f"{call.tgid}-{call.fd}-{call.ts_mono_ns:x}",
-        )  # fmt: skip
-        conn.local = sock.local or swept.local
-        conn.remote = sock.remote or swept.remote
-        if conn.role == "unknown":
-            conn.role = swept.role
-        conn.next_offset = dict(swept.next_offset)
-        return conn
 
     def _keep_bound(self, out: list[Record], opened: Connection, ts_mono_ns: int) -> None:
         """Past the bound, close the least recently used connections (not `opened`)."""
@@ -656,8 +564,7 @@ class FlowTable:
 
     def _close(self, conn: Connection, ts_mono: int, tid: int) -> list[Record]:
         """What `conn` still held, then its close."""
-        if conn.last_used > self._newest_event_ns:
-            self._newest_event_ns = conn.last_used
+        self._sweep.saw(conn.last_used)
         out = self._release(conn)
         out.append(self._lifecycle_record("close", conn, ts_mono, tid))
         return out
