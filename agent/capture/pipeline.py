@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from agent.events.calls import CallAssembler
 from agent.events.decode import EventDecoder, ProcessEvent, SocketBound, SocketClosed, TlsCall
 from agent.events.ring import RingBatch
-from agent.flows.table import FlowTable, KernelRegistration
+from agent.flows.connection import KernelRegistration
+from agent.flows.table import FlowTable
 from agent.records.record import Record
 from agent.records.writer import RecordWriter
 

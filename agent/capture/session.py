@@ -30,8 +30,9 @@ from agent.capture.pipeline import EventPipeline
 from agent.capture.shards import ShardRouter
 from agent.capture.workers import PipelineWorker, WorkerPool
 from agent.events.ring import RingBatch
+from agent.flows.connection import KernelRegistration
 from agent.flows.resolve import SocketResolver
-from agent.flows.table import FlowTable, KernelRegistration
+from agent.flows.table import FlowTable
 from agent.health.liveness import Liveness
 from agent.health.metrics import shed_summary
 from agent.k8s.attribution import Attribution

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from agent.events.decode import KernelSocket, TlsCall
-    from agent.flows.table import Connection, FlowStats
+    from agent.flows.connection import Connection, FlowStats
     from agent.records.record import Record
 
 log = logging.getLogger(__name__)

@@ -22,12 +22,18 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import replace
 
 from agent.events.decode import KernelSocket, SocketBound, SocketClosed, TlsCall
+from agent.flows.connection import (
+    Connection,
+    FlowStats,
+    KernelRegistration,
+    SocketFacts,
+    SocketLookup,
+)
 from agent.flows.sweep import Sweeper
-from agent.records.record import Direction, Endpoint, Record, Role
+from agent.records.record import Record
 
 # gen values user space chooses for sockets it registers carry this bit, so
 # they can never equal a kernel timestamp.
@@ -47,87 +53,6 @@ MAX_ADOPTED = 1 << 18
 MAX_HELD_PER_CONN = 256
 MAX_HELD_RECORDS = 8192
 MAX_HELD_BYTES = 32 << 20
-
-
-class SocketFacts(Protocol):
-    local: Endpoint | None
-    remote: Endpoint | None
-    role: Role
-
-
-class SocketLookup(Protocol):
-    def resolve(self, pid: int, fd: int) -> SocketFacts | None: ...
-
-
-@dataclass(frozen=True)
-class KernelRegistration:
-    """Ask the kernel to track a socket it did not see being created."""
-
-    tgid: int
-    fd: int
-    gen: int
-    remote: Endpoint | None
-    local: Endpoint | None
-    role: Role
-    tls_seen: bool  # report its close (else only once TLS data is seen on it)
-    # The kernel may drop this socket: its process exited without closing it
-    # (the kernel's table of TLS sockets is only cleaned by close()).
-    forget: bool = False
-
-
-@dataclass
-class Connection:
-    conn_id: str
-    tgid: int
-    fd: int
-    gen: int
-    comm: str
-    source: str
-    local: Endpoint | None
-    remote: Endpoint | None
-    role: Role
-    cgroup_id: int = 0
-    next_offset: dict[Direction, int] = field(default_factory=lambda: {"egress": 0, "ingress": 0})
-    last_used: int = 0  # ts of its latest call: the least recently used go first
-    ssl: int = 0  # the TLS object, for connections that started without a socket
-    # Records waiting for the socket (None: not holding).  A connection holds
-    # from its first call until its socket is known or its hold is released.
-    held: list[Record] | None = None
-    held_since: int = 0  # ts of the first held call
-    held_bytes: int = 0
-
-
-@dataclass
-class FlowStats:
-    connections: int = 0
-    inferred_closes: int = 0  # a socket was replaced on its fd without a close we saw
-    gaps: int = 0  # offset jumps: data lost before it reached us
-    gap_bytes: int = 0
-    overlaps: int = 0  # offset went backwards: should never happen
-    fds_learned_late: int = 0  # connections whose first calls came without an fd
-    # Past the table's bound: the least recently used connection is closed (a
-    # close record is written; later data on it opens it again, under a new id).
-    evicted_connections: int = 0
-    evicted_adoptions: int = 0  # sockets found at start-up forgotten before any TLS
-    # Processes found ended by the periodic sweep: their exit event was lost.
-    exits_recovered: int = 0
-    # Memory-BIO objects (no fd, or only a guessed fd that is no socket):
-    bound_connections: int = 0  # joined to their socket after their first calls
-    held_records: int = 0  # records held back until then
-    # Connections whose held records had to go out without a socket (the hold
-    # timed out or a bound was reached), and the records that went out so.
-    unbound_connections: int = 0
-    unbound_records: int = 0
-    ssl_reused: int = 0  # a socket-less object's offsets restarted: a new connection
-    # Connections found closed by the periodic sweep (their fd is no socket any
-    # more): the close event was lost while the process lives on.
-    closes_recovered: int = 0
-    # Connections the sweep closed that spoke again on the same socket: the sweep
-    # was wrong (should stay 0; logged).  They come back with their identity.
-    sweep_reopened: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 class FlowTable:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.events import layout
-from agent.flows.table import KernelRegistration
+from agent.flows.connection import KernelRegistration
 from agent.probes import kernel_features
 from agent.probes.kernel_features import KernelFeatures
 from agent.probes.ring_reader import PAGE_SIZE, BatchHandler, RingReader

@@ -11,12 +11,8 @@ import pytest
 from agent.events import layout
 from agent.events.calls import CallAssembler
 from agent.events.decode import SocketBound, SocketClosed, TlsCall, decode_event
-from agent.flows.table import (
-    MAX_HELD_PER_CONN,
-    USER_GEN_BIT,
-    FlowTable,
-    KernelRegistration,
-)
+from agent.flows.connection import KernelRegistration
+from agent.flows.table import MAX_HELD_PER_CONN, USER_GEN_BIT, FlowTable
 from agent.records.record import Endpoint, Record, Role
 from tests.unit.eventbuild import (
     ROLE_CLIENT,

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.events import layout
 from agent.fallback.proxy import ProxyStats
-from agent.flows.table import FlowStats
+from agent.flows.connection import FlowStats
 from agent.health.metrics import METRICS, UNTYPED_HELP, SummaryCollector, metric_name
 
 # Exporter.stats() needs a live exporter; its keys are listed here instead.

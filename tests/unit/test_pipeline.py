@@ -10,7 +10,8 @@ from agent.capture.attacher import TargetAttacher
 from agent.capture.pipeline import EventPipeline
 from agent.events import layout
 from agent.events.ring import RingBatch
-from agent.flows.table import FlowTable, KernelRegistration
+from agent.flows.connection import KernelRegistration
+from agent.flows.table import FlowTable
 from agent.records.record import Endpoint, Record
 from agent.records.writer import RecordWriter
 from tests.unit.eventbuild import call_records, close_record, conn_v4, data_record, proc_record
