@@ -161,9 +161,11 @@ class JsonlSink:
         self.write_many([record])
 
     def write_many(self, records: list[Record]) -> None:
-        """The records' lines in one buffered write (one lock and clock read per batch)."""
+        """The records' lines, one lock and clock read per batch; each line goes into
+        the stream's buffer whole (a buffer flush never splits one, which keeps
+        capture workers' appends to one file line by line)."""
         encode = self._encoder.encode
-        self._out.write(b"".join([encode(r) for r in records]))  # type: ignore[arg-type]
+        self._out.write_lines([encode(r) for r in records])
         for record in records:
             if record.type == "close":
                 self._encoder.forget(record.conn_id)

@@ -197,6 +197,21 @@ def test_flusher_at_most_once_per_interval() -> None:
     assert stream.flushes == 2
 
 
+def test_flusher_write_lines_hands_each_line_over_whole() -> None:
+    """JsonlSink's batches: no joined copy of the batch, the same bytes in order, and
+    the same flush policy as write()."""
+    now = [0.0]
+    raw = io.BytesIO()
+    out = PeriodicFlusher(raw, interval=10, clock=lambda: now[0])
+    lines = [b'{"n":%d}\n' % i for i in range(1000)]
+    out.write_lines(lines[:500])
+    out.write_lines(lines[500:])
+    assert raw.getvalue() == b"".join(lines)
+    out.close()
+    with pytest.raises(ValueError):
+        out.write_lines([b"late\n"])
+
+
 def test_flusher_timer_failure_surfaces_on_next_call() -> None:
     stream = CountingStream(fail=True)
     out = PeriodicFlusher(stream, interval=0.01)
