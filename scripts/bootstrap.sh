@@ -128,10 +128,23 @@ fi
 
 # --- 4. generated code and C extensions -------------------------------------------
 "$VENV/bin/python" scripts/generate_proto.py
-# Built in place, so the source tree imports them; setuptools rebuilds only what is
-# older than its sources.  PYTHONWARNINGS: setuptools' deprecation banners are noise here.
-PYTHONWARNINGS=ignore "$VENV/bin/python" setup.py -q build_ext --inplace \
-    || die "building the C extensions failed (setup.py); see the compiler output above"
+# Built in place, so the source tree imports them; only when a source is newer than
+# its module (setuptools itself takes a second to say so).  PYTHONWARNINGS:
+# setuptools' deprecation banners are noise here.
+native_stale=0
+while IFS= read -r src; do
+    built=("${src%.c}".cpython-*.so)
+    if [[ ! -e ${built[0]} || $src -nt ${built[0]} || setup.py -nt ${built[0]} ]]; then
+        native_stale=1
+    fi
+done < <(find agent -name '_*.c')
+if ((native_stale)); then
+    say "building the C extensions (setup.py)"
+    PYTHONWARNINGS=ignore "$VENV/bin/python" setup.py -q build_ext --inplace \
+        || die "building the C extensions failed (setup.py); see the compiler output above"
+else
+    say "C extensions: up to date"
+fi
 
 # --- 5. tracefs --------------------------------------------------------------------
 if [[ ! -d /sys/kernel/tracing/events && ! -d /sys/kernel/debug/tracing/events ]]; then
