@@ -389,7 +389,9 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
 // outer call of a new one; see tls_call_enter.
 #define NEST_WINDOW_NS (100ULL * 1000 * 1000)
 
-static __always_inline int tls_call_enter(struct pt_regs *ctx, u8 direction, u8 ex, u8 source) {
+// `buf`: the data pointer (PARM2 for every wrapper; a worker may take it elsewhere).
+static __always_inline int tls_call_open(struct pt_regs *ctx, u8 direction, u8 ex, u8 source,
+                                         u64 buf) {
     u64 id = bpf_get_current_pid_tgid();
     if (!tgid_wanted(id >> 32))
         return 0;
@@ -424,7 +426,7 @@ static __always_inline int tls_call_enter(struct pt_regs *ctx, u8 direction, u8 
     }
     struct active_call c = {};
     c.ssl = ssl;
-    c.buf = PT_REGS_PARM2(ctx);
+    c.buf = buf;
     c.len_ptr = ex ? PT_REGS_PARM4(ctx) : 0;
     c.fd = -1;
     c.depth = 1;
@@ -436,6 +438,10 @@ static __always_inline int tls_call_enter(struct pt_regs *ctx, u8 direction, u8 
     if (active_calls.update(&tid, &c) != 0)
         count(CNT_MAP_FULL, 1);
     return 0;
+}
+
+static __always_inline int tls_call_enter(struct pt_regs *ctx, u8 direction, u8 ex, u8 source) {
+    return tls_call_open(ctx, direction, ex, source, PT_REGS_PARM2(ctx));
 }
 
 // The return probe every C library family shares: a returned count (> 0) or,

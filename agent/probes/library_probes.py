@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from agent.probes.gnutls_worker import RECV_WRAPPERS, find_recv_worker
 from agent.probes.nss_methods import find_nss_ssl_methods
 from agent.probes.openssl_bio import find_ssl_bio_methods
 from agent.probes.prologue import FunctionReader, Placement, entry_placement, force_entry
@@ -57,6 +58,10 @@ GNUTLS_PROBES = (
     ProbePoint("gnutls_record_recv_seq", "probe_gnutls_recv_enter"),
     ProbePoint("gnutls_transport_set_int2", "probe_gnutls_set_int2", return_fn=None),
 )
+# GnuTLS's internal _gnutls_recv_int, static, found and proved by
+# agent/probes/gnutls_worker.py: probed in place of gnutls_record_recv and
+# gnutls_record_recv_seq, which both tail-jump to it with record type 23.
+GNUTLS_RECV_WORKER = ProbePoint("_gnutls_recv_int", "probe_gnutls_recv_worker_enter")
 NSPR_PROBES = (
     ProbePoint("PR_Write", "probe_nss_write_enter"),
     ProbePoint("PR_Send", "probe_nss_write_enter"),
@@ -94,6 +99,8 @@ PROBED_SYMBOLS = frozenset(p.symbol for points in PROBES_BY_KIND.values() for p 
 # _ex shape, and the stack pointer; nss_enter: PARM1 first).
 _ENTRY_READS = {
     "probe_gnutls_set_int2": (frozenset({"rdi", "rsi"}), False),
+    # the worker's (session, type, data): PARM1-3 and the stack pointer.
+    "probe_gnutls_recv_worker_enter": (frozenset({"rdi", "rsi", "rdx"}), True),
     # tls_call_enter without the _ex count pointer: PARM1, PARM2 and the stack pointer.
     "probe_nss_ssl_write_enter": (frozenset({"rdi", "rsi"}), True),
     "probe_nss_ssl_read_enter": (frozenset({"rdi", "rsi"}), True),
@@ -147,6 +154,7 @@ def plan_library(library: TlsLibrary) -> list[PlannedProbe]:
     reader = FunctionReader(library.host_path)
     planned: list[PlannedProbe] = []
     served: set[str] = set()
+    unproved: dict[str, str] = {}  # symbol -> why its worker is not probed instead
     if PROBES_BY_KIND.get(library.kind) is OPENSSL_PROBES:
         for ex, plain, point in _OPENSSL_WORKER_PAIRS:
             if not {ex, plain} <= set(library.symbols):
@@ -163,18 +171,48 @@ def plan_library(library: TlsLibrary) -> list[PlannedProbe]:
             if placement is None:
                 log.debug("%s: %s/%s stay at their entries: %s", library.host_path, plain,
                           ex, why)  # fmt: skip
+                unproved.update(dict.fromkeys((ex, plain), why))
                 continue
             planned.append(PlannedProbe(placement.symbol, placement.address, point, placement))
             served |= {ex, plain}
+    if library.kind == "gnutls":
+        worker, why = _plan_gnutls_recv_worker(library, reader)
+        if worker is not None:
+            planned.append(worker)
+            served |= set(RECV_WRAPPERS)
+        else:
+            unproved.update(dict.fromkeys(RECV_WRAPPERS, why))
     if library.kind == "nss":
         planned += _plan_nss_methods(reader, library)
         served |= _nspr_covered(library, planned)
     for p in points:
         if p.symbol in served:
             continue
-        planned.append(_plan_function(reader, p))
+        probe = _plan_function(reader, p)
+        if p.symbol in unproved and probe.placement is not None:
+            note = f"{probe.placement.reason}; worker not used: {unproved[p.symbol]}"
+            probe = dataclasses.replace(
+                probe, placement=dataclasses.replace(probe.placement, reason=note)
+            )
+        planned.append(probe)
     _log_plan(library, planned)
     return planned
+
+
+def _plan_gnutls_recv_worker(
+    library: TlsLibrary, reader: FunctionReader
+) -> tuple[PlannedProbe | None, str]:
+    """The probe on _gnutls_recv_int in place of gnutls_record_recv(_seq), when
+    agent/probes/gnutls_worker.py proves it for this file; else (None, why not)."""
+    if "gnutls_record_recv" not in library.symbols:
+        return None, "no gnutls_record_recv"
+    worker, why = find_recv_worker(library.host_path, library.symbols, reader.import_name)
+    if worker is None:
+        log.info("%s: gnutls_record_recv(_seq) stay at their entries: %s", library.host_path,
+                 why)  # fmt: skip
+        return None, why
+    placement = worker.placement()
+    return PlannedProbe(placement.symbol, worker.address, GNUTLS_RECV_WORKER, placement), ""
 
 
 def _plan_nss_methods(reader: FunctionReader, library: TlsLibrary) -> list[PlannedProbe]:

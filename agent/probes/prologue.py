@@ -20,6 +20,9 @@ Two placements are found here, both proved from the machine code, never guessed:
   &written)``, which begins with ``push``. Entry + uretprobe on the worker cost ~1 µs
   instead of ~7 µs, and the worker has exactly the ``_ex`` shape the probes decode.
 
+GnuTLS's ``gnutls_record_recv``/``_seq`` tail-jump to their worker with the arguments
+reordered and a record type added; that proof is ``agent/probes/gnutls_worker.py``.
+
 Anything not proved keeps the probe on the function's first instruction, as before.
 ``TLSCAP_PROBE_PLACEMENT=entry`` forces that everywhere (comparison runs).
 """

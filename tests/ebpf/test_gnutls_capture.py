@@ -1,4 +1,6 @@
-"""GnuTLS (gnutls_record_send2/recv*): real wget and gnutls-serv, captured byte for byte."""
+"""GnuTLS (gnutls_record_send2/recv*): real wget and gnutls-serv, captured byte for byte,
+with the receive probes on GnuTLS's internal worker (agent/probes/gnutls_worker.py) and
+with TLSCAP_PROBE_PLACEMENT=entry."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import pytest
 
 from tests.ebpf.conftest import REPO, assert_client_capture, free_port, wait_for_port
+from tests.ebpf.test_probe_placement import placement  # noqa: F401  (fixture)
 
 TLS_CLIENT = REPO / "tests" / "fallback" / "programs" / "tls_client.py"
 
@@ -32,7 +35,7 @@ def wget(port: int, path: str, out: str, *extra: str) -> None:
 
 
 @needs_wget
-def test_wget_request_and_response_exact(agent, truth_server, tmp_path):
+def test_wget_request_and_response_exact(agent, truth_server, tmp_path, placement):  # noqa: F811
     a = agent()
     server = truth_server(body_size=40_000)  # several TLS records, several recv calls
     body = tmp_path / "body"
@@ -51,7 +54,7 @@ def test_wget_request_and_response_exact(agent, truth_server, tmp_path):
 
 
 @needs_wget
-def test_consecutive_wget_connections_stay_apart(agent, truth_server, tmp_path):
+def test_consecutive_wget_connections_stay_apart(agent, truth_server, tmp_path, placement):  # noqa: F811
     """Two wget runs (their GnuTLS sessions may well reuse one address for the session
     object): two connections, each exact from offset 0, never one merged stream."""
     a = agent()
@@ -71,7 +74,7 @@ def test_consecutive_wget_connections_stay_apart(agent, truth_server, tmp_path):
 
 
 @needs_gnutls_serv
-def test_gnutls_serv_server_side_exact(agent, tls_cert, tmp_path):
+def test_gnutls_serv_server_side_exact(agent, tls_cert, tmp_path, placement):  # noqa: F811
     """The server side of GnuTLS: gnutls-serv --http answering a Python ssl client."""
     cert, key = tls_cert
     a = agent()
