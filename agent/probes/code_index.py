@@ -14,11 +14,16 @@ Read with ``pread`` (ElfImage), never by loading the file.
 from __future__ import annotations
 
 import bisect
+import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-__all__ = ["CodeIndex", "FunctionRange", "References", "rip_target"]
+__all__ = ["CodeIndex", "FunctionRange", "References", "proved_once", "rip_target"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,29 @@ class CodeIndex:
                     why = f"a branch to {target:#x} at {start + i:#x} in code not decoded"
                     return References((), frozenset(), why)
         return References(tuple(sites), frozenset(targets), "")
+
+
+def proved_once(
+    cache: dict[tuple, tuple[T | None, str]],
+    path: str,
+    prove: Callable[[], tuple[T | None, str]],
+    extra: tuple = (),
+) -> tuple[T | None, str]:
+    """`prove()` for the file at `path`, once per file (device, inode, size, mtime, and
+    `extra`): one analysis for every path, container paths included, to one file.  A
+    file that cannot be stat'ed, or whose analysis raises (a malformed file), gives
+    (None, why): the caller keeps the probes it would use without the proof."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return None, f"cannot stat: {exc.strerror or exc}"
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, *extra)
+    if key not in cache:
+        try:
+            cache[key] = prove()
+        except Exception as exc:
+            cache[key] = (None, f"analysis failed: {exc}")
+    return cache[key]
 
 
 _RIP = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")

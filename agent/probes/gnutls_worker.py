@@ -42,15 +42,21 @@ Never by loading the library: a container's libgnutls must not run code in the a
 from __future__ import annotations
 
 import logging
-import os
 import re
 import struct
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from agent.probes.code_index import CodeIndex
-from agent.probes.prologue import Instruction, Placement, WrapperCode, decode, is_emulated
+from agent.probes.code_index import CodeIndex, proved_once
+from agent.probes.prologue import (
+    Instruction,
+    Placement,
+    WrapperCode,
+    _family,
+    decode,
+    is_emulated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -493,17 +499,7 @@ def find_recv_worker(
     """The proved worker of this libgnutls, or (None, why not). Cached per file
     (device, inode, size, mtime): one analysis for every path to one file."""
     names = tuple(n for n in RECV_WRAPPERS if n in set(symbols))
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return None, f"cannot stat: {exc.strerror or exc}"
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, names)
-    if key not in _cache:
-        try:
-            _cache[key] = _find(path, names, import_name)
-        except Exception as exc:  # a malformed file: the wrappers keep their entries
-            _cache[key] = (None, f"analysis failed: {exc}")
-    return _cache[key]
+    return proved_once(_cache, path, lambda: _find(path, names, import_name), extra=names)
 
 
 def _find(
@@ -549,9 +545,3 @@ def _branch_target(insn) -> int | None:
     if len(ops) == 1 and ops[0].type == x86.X86_OP_IMM:
         return ops[0].imm
     return None
-
-
-def _family(name: str | None) -> str | None:
-    from agent.probes.prologue import _family as family
-
-    return family(name)

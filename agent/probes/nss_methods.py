@@ -34,10 +34,11 @@ Never by loading the library: a container's libssl3 must not run code in the age
 from __future__ import annotations
 
 import logging
-import os
 import re
 import struct
 from dataclasses import dataclass
+
+from agent.probes.code_index import proved_once, rip_target
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +65,13 @@ class NssSslMethods:
                 f"call at {self.setup:#x}")  # fmt: skip
 
 
-_cache: dict[tuple[int, int, int, int], tuple[NssSslMethods | None, str]] = {}
+_cache: dict[tuple, tuple[NssSslMethods | None, str]] = {}
 
 
 def find_nss_ssl_methods(path: str) -> tuple[NssSslMethods | None, str]:
     """The SSL layer's methods in this file, or (None, why not). Cached per file
     (device, inode, size, mtime): one analysis for every container path to one file."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return None, f"cannot stat: {exc.strerror or exc}"
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _cache:
-        try:
-            _cache[key] = _find(path)
-        except Exception as exc:  # a malformed file: no methods, the caller keeps NSPR's
-            _cache[key] = (None, f"analysis failed: {exc}")
-    return _cache[key]
+    return proved_once(_cache, path, lambda: _find(path))
 
 
 # -- reading the file --------------------------------------------------------------------
@@ -430,7 +421,6 @@ def _table_from_stores(
 
 # -- the table's other uses -----------------------------------------------------------------
 
-_RIP = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
 _NOT_WRITES = ("cmp", "test", "ucomis", "comis", "bt", "prefetch", "push")
 
 
@@ -448,14 +438,14 @@ def _check_table_uses(f: _File, methods: NssSslMethods, create_targets: set[int]
             if mn.startswith("call"):
                 target = _call_target(op, address, size)
                 if target in create_targets and any(
-                    m == "lea" and o.startswith("rsi,") and _rip_target(o, a, s) == methods.table
+                    m == "lea" and o.startswith("rsi,") and rip_target(o, a, s) == methods.table
                     for m, o, a, s in recent[-4:]
                 ):  # fmt: skip
                     layer_made = True
             recent.append((mn, op, address, size))
             if len(recent) > 8:
                 del recent[0]
-            target = _rip_target(op, address, size)
+            target = rip_target(op, address, size)
             if target is None or not lo <= target < hi:
                 continue
             if methods.setup <= address <= methods.setup_end:
@@ -468,15 +458,7 @@ def _check_table_uses(f: _File, methods: NssSslMethods, create_targets: set[int]
     return ""
 
 
-def _rip_target(op: str, address: int, size: int) -> int | None:
-    m = _RIP.search(op)
-    if not m:
-        return None
-    disp = int(m.group(2), 0)
-    return address + size + (disp if m.group(1) == "+" else -disp)
-
-
 def _call_target(op: str, address: int, size: int) -> int | None:
     if op.startswith("0x"):
         return int(op, 16)
-    return _rip_target(op, address, size)
+    return rip_target(op, address, size)
