@@ -490,7 +490,7 @@ static PyObject *StreamMasker_feed(StreamMasker *self, PyObject *data) {
     memset(self->hit, 0, nrules);
     int failed = (self->query.count && mask_query(self, &c) < 0) ||
                  (self->headers.count && mask_headers(self, &c) < 0);
-    PyObject *result = NULL, *hits = NULL;
+    PyObject *result = NULL, *hits = NULL, *pair = NULL;
     if (failed)
         goto done;
     if (c.copy != NULL) {
@@ -510,20 +510,14 @@ static PyObject *StreamMasker_feed(StreamMasker *self, PyObject *data) {
     for (Py_ssize_t k = 0; k < nrules; k++)
         if (self->hit[k] && PySet_Add(hits, PyTuple_GET_ITEM(self->rules, k)) < 0)
             goto done;
-    PyObject *pair = PyTuple_Pack(2, result, hits);
-    Py_DECREF(result);
-    Py_DECREF(hits);
-    Py_XDECREF(c.copy);
-    if (!exact)
-        PyBuffer_Release(&view);
-    return pair;
-done:
+    pair = PyTuple_Pack(2, result, hits);
+done: /* NULL (an error set) unless the pair was made */
     Py_XDECREF(result);
     Py_XDECREF(hits);
     Py_XDECREF(c.copy);
     if (!exact)
         PyBuffer_Release(&view);
-    return NULL;
+    return pair;
 }
 
 PyDoc_STRVAR(gap_doc, "gap(length=0): bytes of the stream were lost; the line position is "
