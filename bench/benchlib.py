@@ -50,16 +50,25 @@ def tlscap_command() -> list[str]:
     return [sys.executable, "-m", "agent"]
 
 
-def build_loadgen(force: bool = False) -> Path:
-    """Compile ssl_write_loop.c (gcc -O2) unless the binary is newer than the source."""
-    out = BUILD_DIR / "ssl_write_loop"
-    if not force and out.exists() and out.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
-        return out
+def compile_c(source: Path, libs: list[str], force: bool = False) -> tuple[Path, bool]:
+    """`source` compiled (gcc -O2 -Wall, linked with `libs`) into BUILD_DIR unless the
+    binary is newer than the source: (the binary, whether it was built now)."""
+    out = BUILD_DIR / source.stem
+    if not force and out.exists() and out.stat().st_mtime >= source.stat().st_mtime:
+        return out, False
     BUILD_DIR.mkdir(exist_ok=True)
-    cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(LOADGEN_SRC), "-lssl", "-lcrypto"]
+    cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(source), *libs]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        raise BenchError(f"building the load generator failed:\n{proc.stderr}")
+        raise BenchError(f"building {source.name} failed:\n{proc.stderr}")
+    return out, True
+
+
+def build_loadgen(force: bool = False) -> Path:
+    """Compile ssl_write_loop.c (gcc -O2) unless the binary is newer than the source."""
+    out, built = compile_c(LOADGEN_SRC, ["-lssl", "-lcrypto"], force)
+    if not built:
+        return out
     ldd = subprocess.run(["ldd", str(out)], capture_output=True, text=True, timeout=30).stdout
     real_libssl = os.path.realpath(LIBSSL)
     linked = [
@@ -650,17 +659,25 @@ def process_cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def self_signed_cert(work: Path) -> tuple[Path, Path]:
+    """A fresh self-signed P-256 certificate and its key (work/cert.pem, work/key.pem)."""
+    if shutil.which("openssl") is None:
+        raise BenchError("openssl is not installed (`make setup` adds it)")
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout", str(key),
+         "-out", str(cert)], check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
 @contextlib.contextmanager
 def big_file_server(work: Path, size: int) -> Iterator[int]:
     """`openssl s_server -WWW` on a free loopback port serving `work`/big (`size`
     random bytes, written here), with a fresh P-256 certificate: yields the port."""
     (work / "big").write_bytes(os.urandom(size))
-    cert, key = work / "cert.pem", work / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout", str(key),
-         "-out", str(cert)], check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(work)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

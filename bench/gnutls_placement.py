@@ -99,12 +99,7 @@ def build_loadgen() -> Path:
         return out
     if shutil.which("gcc") is None or not Path("/usr/include/gnutls/gnutls.h").exists():
         raise bl.BenchError("needs gcc and the GnuTLS headers (libgnutls28-dev)")
-    bl.BUILD_DIR.mkdir(exist_ok=True)
-    cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(LOADGEN_SRC), "-lgnutls"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise bl.BenchError(f"building {LOADGEN_SRC.name} failed:\n{proc.stderr}")
-    return out
+    return bl.compile_c(LOADGEN_SRC, ["-lgnutls"])[0]
 
 
 def linked_gnutls(binary: Path) -> str:
@@ -148,19 +143,6 @@ def find_worker(library: TlsLibrary) -> tuple[RecvWorker | None, str]:
 
     reader = FunctionReader(library.host_path)
     return find_recv_worker(library.host_path, library.symbols, reader.import_name)
-
-
-def make_certificate(work: Path) -> tuple[Path, Path]:
-    """A fresh self-signed P-256 certificate and key for the load generator's server."""
-    if shutil.which("openssl") is None:
-        raise bl.BenchError("openssl is not installed (`make setup` adds it)")
-    cert, key = work / "cert.pem", work / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout", str(key),
-         "-out", str(cert)], check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
 
 
 def read_loop(binary: Path, cert: Path, key: Path, total: int, read_size: int) -> dict:
@@ -294,7 +276,7 @@ def run(args: argparse.Namespace) -> dict:
         if any(m.startswith("empty") for m in modes):
             empty = EmptyProbes(library.host_path, worker.address if worker else None)
         with bl.scratch_dir() as work:
-            cert, key = make_certificate(work)
+            cert, key = bl.self_signed_cert(work)
 
             def loop() -> dict:
                 return read_loop(binary, cert, key, total, args.read_size)
