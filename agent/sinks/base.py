@@ -61,7 +61,7 @@ class PeriodicFlusher:
         """Several lines in one go, each handed to the stream as it is: joined first,
         a batch of data records (megabytes) would be a fresh allocation each time,
         and the page faults of that memory cost more system time than the lines'
-        encoding (bench/README.md, "JSON lines without the join")."""
+        encoding (bench/README.md, "The stream masker in C, and the heap settled")."""
         with self._lock:
             self._check_open()
             self.stream.writelines(lines)
