@@ -8,9 +8,10 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "agent.redact._stream_masker",
-            ["agent/redact/_stream_masker.c"],
+            f"agent.{name.replace('/', '.')}",
+            [f"agent/{name}.c"],
             extra_compile_args=["-O2", "-Wall", "-Werror", "-std=c11"],
         )
+        for name in ("events/_decode", "records/_record", "redact/_stream_masker")
     ]
 )

@@ -5,9 +5,17 @@ does not match any layout raises DecodeError (decode_event) or is returned as a
 DecodeError in its place (EventDecoder.decode_batch); the caller logs it, counts
 it and carries on.
 
-This is the first step of the hot path, so it is written for speed: one
-precompiled struct read per header, and what repeats from event to event - the
-socket's endpoints, the process name - is decoded once and looked up after.
+This is the first step of the hot path, so data records - nearly all of a busy
+ring - are decoded in C (agent/events/_decode.c): one header read in place and
+one payload copy each, into one TlsCall object that goes on to be the call's
+Record.  What repeats from event to event - the socket's endpoints, the process
+name - is decoded once, here in Python, and looked up after.  The rarer kinds
+are decoded here too (decode_other).
+
+TlsCall (C, its fields documented on the type) is one SSL_read/SSL_write - or
+equivalent - and the plaintext it moved.  The decoder makes one per chunk
+record; a call larger than one chunk is folded into its first chunk's object by
+CallAssembler, so each TLS call is one object from the ring to its Record.
 """
 
 from __future__ import annotations
@@ -17,9 +25,15 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.events import layout
+from agent.events import _decode, layout
+from agent.events._decode import BatchDecoder, TlsCall
 from agent.events.ring import RingBatch
-from agent.records.record import Direction, Endpoint, Role
+from agent.records.record import Endpoint, Role
+
+__all__ = [
+    "DecodeError", "Event", "EventDecoder", "KernelSocket", "ProcessEvent", "SocketBound",
+    "SocketClosed", "TlsCall", "decode_event", "decode_other", "endpoint", "kernel_socket",
+]  # fmt: skip
 
 
 class DecodeError(ValueError):
@@ -34,40 +48,6 @@ class KernelSocket:
     remote: Endpoint | None
     local: Endpoint | None  # None until the TCP handshake told the kernel
     role: Role
-
-
-@dataclass(slots=True)
-class TlsCall:
-    """One SSL_read/SSL_write (or equivalent) and the plaintext it moved.
-
-    The decoder makes one per chunk record; a call larger than one chunk is
-    folded into its first chunk's object by CallAssembler, so each TLS call is
-    one object from the ring to its Record.
-    """
-
-    tgid: int
-    tid: int
-    fd: int
-    ts_mono_ns: int
-    ssl: int
-    len: int  # bytes the call moved
-    offset: int
-    captured_len: int  # bytes of it the kernel sent (the payload cap)
-    chunk_off: int  # where `data` starts within the call (0 once assembled)
-    direction: Direction
-    source: str
-    comm: str
-    socket: KernelSocket
-    data: bytes
-    cgroup_id: int = 0
-    complete: bool = True  # False: some chunks were lost in the kernel
-    # fd came from a read/write on an fd the kernel did not know as a socket
-    # (a file read inside the call, or a socket nobody registered yet).
-    fd_weak: bool = False
-
-    @property
-    def truncated(self) -> bool:
-        return len(self.data) < self.len
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +101,8 @@ _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 assert _DATA.size == layout.DATA_HEADER_SIZE
 _CHUNK_SIZE = layout.CHUNK_SIZE
+# The C decoder reads struct data_event at fixed offsets.
+assert (_DATA.size, _CHUNK_SIZE) == (_decode.HEADER_SIZE, _decode.CHUNK_SIZE)
 assert _CONN.size == 48
 assert _BIND.size == layout.BIND_EVENT_SIZE
 
@@ -153,98 +135,51 @@ def kernel_socket(conn: bytes) -> KernelSocket:
     )
 
 
-class EventDecoder:
+class EventDecoder(BatchDecoder):
     """Decodes ring-buffer records, remembering the sockets and process names it
     has decoded (each cache holds at most `cache_size` entries, then starts over:
-    a busy node has many connections, but each is seen for many events)."""
+    a busy node has many connections, but each is seen for many events).
+
+    `decode_batch(batch)` (C, agent/events/_decode.c) returns one event -
+    or the DecodeError that refused it - per record of a RingBatch, in order.
+    Headers are read in place; payloads are copied out, so the batch's memory
+    may be reused afterwards.  Data records, nearly all of a busy ring, are
+    decoded there in full: one header read and one payload copy each, and what
+    repeats - the socket, the process name - looked up from what was decoded
+    before (`kernel_socket`, `_comm` on a miss).  Every other kind goes to
+    `decode_other`.
+    """
 
     def __init__(self, cache_size: int = 65536) -> None:
-        self._cache_size = cache_size
-        self._sockets: dict[bytes, KernelSocket] = {}
-        self._comms: dict[bytes, str] = {}
-
-    def decode_batch(self, batch: RingBatch) -> list[Event | DecodeError]:
-        """One event (or the DecodeError that refused it) per record, in order.
-
-        Headers are read in place; payloads are copied out, so the batch's
-        memory may be reused afterwards.  Data events are nearly all of a busy
-        ring, so their decoding is inline here: one struct read and one payload
-        copy per event, and what repeats - the socket, the process name - looked
-        up from what was decoded before.
-        """
-        out: list[Event | DecodeError] = []
-        append = out.append
-        data, spans = batch.data, batch.spans
-        unpack = _DATA.unpack_from
-        header_size = _DATA.size
-        data_kind, ingress, fd_weak = layout.EV_DATA, layout.DIR_INGRESS, layout.DATA_FD_WEAK
-        sources = layout.SOURCES
-        sockets, comms = self._sockets, self._comms
-        for i in range(0, len(spans), 2):
-            start, length = spans[i], spans[i + 1]
-            try:
-                if length < header_size:
-                    append(self._other(bytes(data[start : start + length])))
-                    continue
-                (
-                    kind, tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off,
-                    chunk_len, direction, source, flags, comm_raw, conn_raw, cgroup_id,
-                ) = unpack(data, start)  # fmt: skip
-                if kind != data_kind:
-                    append(self._other(bytes(data[start : start + length])))
-                    continue
-                if (
-                    chunk_len > _CHUNK_SIZE
-                    or header_size + chunk_len > length
-                    or chunk_off + chunk_len > captured_len
-                    or captured_len > call_len
-                ):
-                    raise _bad_chunk(length, call_len, captured_len, chunk_off, chunk_len)
-                sock = sockets.get(conn_raw)
-                if sock is None:
-                    if len(sockets) >= self._cache_size:
-                        sockets.clear()
-                    sock = sockets[conn_raw] = kernel_socket(conn_raw)
-                comm = comms.get(comm_raw)
-                if comm is None:
-                    if len(comms) >= self._cache_size:
-                        comms.clear()
-                    comm = comms[comm_raw] = _comm(comm_raw)
-                payload = start + header_size
-                call = TlsCall(
-                    tgid, tid, fd, ts_ns, ssl, call_len, offset, captured_len, chunk_off,
-                    "ingress" if direction == ingress else "egress",
-                    sources.get(source) or f"source{source}",
-                    comm, sock, bytes(data[payload : payload + chunk_len]), cgroup_id, True,
-                    bool(flags & fd_weak),
-                )  # fmt: skip
-                append(call)
-            except DecodeError as exc:
-                append(exc)
-        return out
+        super().__init__(
+            kernel_socket, _comm, decode_other, _bad_chunk, DecodeError, layout.SOURCES,
+            cache_size,
+        )  # fmt: skip
 
     def decode(self, raw: bytes | memoryview) -> Event:
-        [event] = self.decode_batch(RingBatch.of([bytes(raw)]))
+        [event] = self.decode_batch(RingBatch(raw, [0, len(raw)]))
         if isinstance(event, DecodeError):
             raise event
         return event
 
-    def _other(self, raw: bytes | memoryview) -> Event:
-        if len(raw) < 4:
-            raise DecodeError(f"ring-buffer record of {len(raw)} bytes is too short")
-        (kind,) = _KIND.unpack_from(raw)
-        if kind == layout.EV_DATA:  # decode_batch takes every data event long enough
-            raise DecodeError(f"data event needs {_DATA.size} bytes, got {len(raw)}")
-        if kind == layout.EV_CLOSE:
-            tgid, tid, fd, ts_ns, gen = _unpack(_CLOSE, raw, "CloseEvent")
-            return SocketClosed(tgid, tid, fd, ts_ns, gen)
-        if kind == layout.EV_BIND:
-            tgid, tid, fd, ts_ns, ssl, conn_raw = _unpack(_BIND, raw, "BindEvent")
-            return SocketBound(tgid, tid, fd, ts_ns, ssl, kernel_socket(conn_raw))
-        if kind in _PROC_KINDS:
-            tgid, ts_ns, comm = _unpack(_PROC, raw, "ProcEvent")
-            return ProcessEvent(_PROC_KINDS[kind], tgid, ts_ns, _comm(comm))
-        raise DecodeError(f"unknown event kind {kind} ({len(raw)} bytes)")
+
+def decode_other(raw: bytes) -> Event:
+    """A record that is not a data event (or is too short to be one)."""
+    if len(raw) < 4:
+        raise DecodeError(f"ring-buffer record of {len(raw)} bytes is too short")
+    (kind,) = _KIND.unpack_from(raw)
+    if kind == layout.EV_DATA:  # decode_batch takes every data event long enough
+        raise DecodeError(f"data event needs {_DATA.size} bytes, got {len(raw)}")
+    if kind == layout.EV_CLOSE:
+        tgid, tid, fd, ts_ns, gen = _unpack(_CLOSE, raw, "CloseEvent")
+        return SocketClosed(tgid, tid, fd, ts_ns, gen)
+    if kind == layout.EV_BIND:
+        tgid, tid, fd, ts_ns, ssl, conn_raw = _unpack(_BIND, raw, "BindEvent")
+        return SocketBound(tgid, tid, fd, ts_ns, ssl, kernel_socket(conn_raw))
+    if kind in _PROC_KINDS:
+        tgid, ts_ns, comm = _unpack(_PROC, raw, "ProcEvent")
+        return ProcessEvent(_PROC_KINDS[kind], tgid, ts_ns, _comm(comm))
+    raise DecodeError(f"unknown event kind {kind} ({len(raw)} bytes)")
 
 
 def _bad_chunk(

@@ -478,8 +478,8 @@ class ConnectionL7:
                     ts = msg.end_ts_ns or msg.ts_ns
                     if ts:
                         break
-            # Made positionally, the identity set after: Record has ~27 fields, and
-            # calling it with keywords costs several times as much (~4 µs here).
+            # Made positionally, the identity set after: with 15 keywords the call
+            # costs more (~0.8-1.4 µs against ~0.6 µs here).
             rec = Record("exchange", ts or last.ts_ns)
             rec.pid, rec.tid, rec.comm = last.pid, last.tid, last.comm
             rec.cgroup_id, rec.container_id, rec.pod = last.cgroup_id, last.container_id, last.pod

@@ -3,7 +3,6 @@ the handshake, then the roles the certificates' tlscap:// identities grant."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import grpc
@@ -211,7 +210,7 @@ def test_live_subscription_of_a_consumer_and_refused_agent(collector, pki, subsc
 
 def in_namespace(records: list[Record], namespace: str | None) -> list[Record]:
     pod = None if namespace is None else PodRef(namespace=namespace, name=f"{namespace}-pod")
-    return [dataclasses.replace(r, pod=pod) for r in records]
+    return [r.replace(pod=pod) for r in records]
 
 
 def test_namespace_policy_limits_what_a_consumer_sees(collector, pki):

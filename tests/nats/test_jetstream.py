@@ -71,7 +71,7 @@ def varied_records(n: int, agent_id: str = "agent-v") -> list[Record]:
         pod = (PodRef("web-1", "shop"), PodRef("api-1", "pay"), None)[i % 3]
         kind = ("data", "open")[(i // 2) % 2]
         # Through the wire form once: open records carry no data fields.
-        out.append(from_pb(to_pb(replace(rec, node=node, pod=pod, type=kind))))
+        out.append(from_pb(to_pb(rec.replace(node=node, pod=pod, type=kind))))
     return out
 
 
@@ -254,11 +254,11 @@ def test_replay_from_cursor_then_live_without_gap_or_repeat(
 def test_replay_from_a_time(nats_server: NatsServer, nats_collector) -> None:
     server = nats_collector(nats_server, replay_clock_skew=0.0)
     now = time.time_ns()
-    early = [replace(r, ts_ns=now) for r in make_records(10)]
+    early = [r.replace(ts_ns=now) for r in make_records(10)]
     ingest(server.address, early)
     time.sleep(1.1)
     since = time.time_ns()
-    late = [replace(r, ts_ns=since + 1000) for r in make_records(10, start_seq=11)]
+    late = [r.replace(ts_ns=since + 1000) for r in make_records(10, start_seq=11)]
     ingest(server.address, late, batch_id=2)
     flt = pb.Filter(since_ns=since)
     got, _, replayed = _subscribe_once(

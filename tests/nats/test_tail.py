@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from agent.records.record import Record
@@ -38,7 +37,7 @@ def last_cursor(stderr: str) -> int:
 
 
 def timed(records: list[Record], ts_ns: int) -> list[Record]:
-    return [replace(r, ts_ns=ts_ns + i) for i, r in enumerate(records)]
+    return [r.replace(ts_ns=ts_ns + i) for i, r in enumerate(records)]
 
 
 def test_exporter_to_stream_to_tail_live_then_from_cursor_and_time(

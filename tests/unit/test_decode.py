@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes as ct
 import random
+import tracemalloc
 
 import pytest
 
 from agent.events import layout
 from agent.events.decode import (
     DecodeError,
+    EventDecoder,
     KernelSocket,
     ProcessEvent,
     SocketClosed,
@@ -17,12 +19,14 @@ from agent.events.decode import (
     decode_event,
     endpoint,
 )
+from agent.events.ring import RingBatch
 from agent.records.record import Endpoint
 from tests.unit.eventbuild import (
     ROLE_CLIENT,
     ROLE_SERVER,
     close_record,
     conn,
+    conn_v4,
     data_header,
     data_record,
     proc_record,
@@ -437,3 +441,99 @@ def test_random_records_decode_or_raise_decode_error() -> None:
             outcomes["proc"] += 1
     # The generator must actually reach every path, or the loop proves little.
     assert all(n > 50 for n in outcomes.values()), outcomes
+
+
+# --- the C decoder and its TlsCall (agent/events/_decode.c) -------------------------------
+
+
+def _call(**fields: object) -> TlsCall:
+    base: dict[str, object] = dict(
+        tgid=7, tid=8, fd=9, ts_mono_ns=10, ssl=11, len=5, offset=12, captured_len=5,
+        chunk_off=0, direction="egress", source="openssl", comm="curl",
+        socket=KernelSocket(0, None, None, "unknown"), data=b"hello",
+    )  # fmt: skip
+    base.update(fields)
+    return TlsCall(**base)  # type: ignore[arg-type]
+
+
+def test_tls_call_defaults_fields_and_equality() -> None:
+    call = _call()
+    assert (call.cgroup_id, call.complete, call.fd_weak, call.truncated) == (0, True, False, False)
+    assert call == _call()
+    assert (call != _call()) is False  # __ne__ is C too
+    for field, other in (("fd", -1), ("data", b"hellO"), ("complete", False), ("ssl", 2**64 - 1)):
+        assert call != _call(**{field: other}), field
+    assert call != "not a call"
+    with pytest.raises(TypeError):
+        hash(call)
+    assert repr(call).startswith("TlsCall(tgid=7, tid=8, fd=9, ts_mono_ns=10,")
+    assert "data=b'hello'" in repr(call) and "fd_weak=False" in repr(call)
+
+
+def test_tls_call_is_mutable_where_the_assembler_needs_it() -> None:
+    call = _call(len=10, captured_len=3, data=b"abc")
+    assert call.truncated
+    call.data, call.captured_len, call.complete = b"abcdefghij", 10, False
+    assert (call.data, call.captured_len, call.complete, call.truncated) == (
+        b"abcdefghij", 10, False, False,
+    )  # fmt: skip
+    with pytest.raises(AttributeError):
+        call.not_a_field = 1  # type: ignore[attr-defined]
+
+
+def test_tls_call_needs_every_field_without_a_default() -> None:
+    with pytest.raises(TypeError):
+        TlsCall(tgid=1)  # type: ignore[call-arg]
+
+
+def test_decoder_caches_are_bounded_and_stay_correct() -> None:
+    """More sockets and process names than the caches hold: each record still gets
+    its own (a cache starts over when full)."""
+    decoder = EventDecoder(cache_size=2)
+    records = []
+    for i in range(7):
+        sock = conn_v4((f"10.0.0.{i}", 1000 + i), ("10.0.1.1", 443), gen=1 + i, role=ROLE_SERVER)
+        records.append(data_record(b"x%d" % i, socket=sock, comm=b"proc%d" % i))
+    for _ in range(2):
+        events = decoder.decode_batch(RingBatch.of(records))
+        for i, ev in enumerate(events):
+            assert isinstance(ev, TlsCall)
+            assert (ev.comm, ev.socket.remote, ev.data) == (
+                f"proc{i}", Endpoint(f"10.0.0.{i}", 1000 + i), b"x%d" % i,
+            )  # fmt: skip
+
+
+def test_a_batch_keeps_order_with_errors_in_place() -> None:
+    good = data_record(b"payload")
+    bad = data_record(b"payload")[:-3]  # shorter than its chunk_len
+    batch = RingBatch.of([good, b"\x09\x00", close_record(fd=3), bad, bytes(3), good])
+    events = EventDecoder().decode_batch(batch)
+    kinds = [type(ev).__name__ for ev in events]
+    assert kinds == ["TlsCall", "DecodeError", "SocketClosed", "DecodeError", "DecodeError",
+                     "TlsCall"]  # fmt: skip
+    assert "payload bytes" in str(events[3]) and "too short" in str(events[4])
+
+
+def test_a_span_outside_the_buffer_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        EventDecoder().decode_batch(RingBatch(bytes(200), [100, 136]))
+
+
+def test_decoding_leaks_nothing() -> None:
+    """Every object the C code makes is released: memory after many batches is what
+    it was after a few (a leaked cache key or payload would grow it by MBs)."""
+    records = [data_record(b"z" * 512, ssl=i) for i in range(8)]
+    records += [close_record(fd=4), data_record(b"z")[:-5], b"\xff" * 9]
+    batch = RingBatch.of(records)
+    decoder = EventDecoder()
+    tracemalloc.start()
+    try:
+        for _ in range(50):
+            decoder.decode_batch(batch)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            decoder.decode_batch(batch)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, grown

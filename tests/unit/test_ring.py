@@ -162,3 +162,45 @@ def test_batch_decoder_keeps_going_past_a_bad_record() -> None:
     assert isinstance(events[0], ValueError)
     assert isinstance(events[1], TlsCall) and events[1].data == b"ok"
     assert isinstance(events[2], ValueError)
+
+
+def _reference_walk(
+    data: bytes, size: int, consumer: int, producer: int, max_bytes: int
+) -> tuple[int, list[int]]:
+    """kernel/bpf/ringbuf.c's consumer rules, written plainly (the model the C walk
+    in agent/events/_decode.c must match)."""
+    pos, spans = consumer, []
+    while pos < min(producer, consumer + max_bytes):
+        at = pos % size
+        word = int.from_bytes(data[at : at + 4], "little")
+        if word & BUSY_BIT:
+            break
+        if not word & DISCARD_BIT:
+            spans += [at + HEADER_SIZE, word & ~(BUSY_BIT | DISCARD_BIT)]
+        pos += record_span(word)
+    return pos, spans
+
+
+def test_the_walk_matches_the_kernels_rules_on_random_rings() -> None:
+    rng = random.Random(0x4B1D)
+    for _ in range(300):
+        size = rng.choice([256, 1024, 4096])
+        ring = Ring(size, start=rng.randrange(size * 3))
+        while True:
+            body = rng.randbytes(rng.choice([0, 1, 7, 8, rng.randrange(size // 4)]))
+            if ring.producer + record_span(len(body)) - ring.consumer > size:
+                break
+            flags = rng.choice([0, 0, 0, DISCARD_BIT, BUSY_BIT])
+            ring.put(body, flags=flags)
+        max_bytes = rng.choice([1 << 30, rng.randrange(1, size)])
+        doubled = ring.doubled()
+        expected = _reference_walk(doubled, size, ring.consumer, ring.producer, max_bytes)
+        pos, batch = take_records(doubled, size, ring.consumer, ring.producer, max_bytes)
+        assert (pos, batch.spans) == expected
+
+
+def test_a_header_past_the_mapping_or_a_bad_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="past the"):
+        take_records(bytes(16), 32, 14, 40, 1 << 20)
+    with pytest.raises(ValueError, match="power of two"):
+        take_records(bytes(96), 48, 0, 8, 1 << 20)
