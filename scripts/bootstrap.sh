@@ -30,7 +30,7 @@ packages=(
     python3-bpfcc libbpfcc bpftool "linux-headers-$arch"
     iptables iproute2 curl openssl ca-certificates
     python3-venv gcc libssl-dev make
-    # Python.h, for tlscap's own C extensions (setup.py: agent/redact/_stream_masker.c)
+    # Python.h, for tlscap's own C extensions (setup.py: agent/*/_*.c)
     python3-dev
     golang-go binutils
     # GnuTLS and NSS programs the capture tests drive (wget, gnutls-serv, NSS's
