@@ -7,8 +7,8 @@ it and carries on.
 
 This is the first step of the hot path, so data records - nearly all of a busy
 ring - are decoded in C (agent/events/_decode.c): one header read in place and
-one payload copy each, into one TlsCall object that goes on to be the call's
-Record.  What repeats from event to event - the socket's endpoints, the process
+one payload copy each, into the TlsCall the flow table makes its Record from.
+What repeats from event to event - the socket's endpoints, the process
 name - is decoded once, here in Python, and looked up after.  The rarer kinds
 are decoded here too (decode_other).
 
