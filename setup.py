@@ -12,6 +12,11 @@ setup(
             [f"agent/{name}.c"],
             extra_compile_args=["-O2", "-Wall", "-Werror", "-std=c11"],
         )
-        for name in ("events/_decode", "records/_record", "redact/_stream_masker")
+        for name in (
+            "events/_decode",
+            "l7/_hpack",
+            "records/_record",
+            "redact/_stream_masker",
+        )
     ]
 )

@@ -20,6 +20,7 @@ a message are copied.
 
 from __future__ import annotations
 
+import struct
 from urllib.parse import unquote
 
 from agent.l7.exchange import GrpcCall, GrpcMessage, Headers
@@ -28,6 +29,7 @@ from agent.l7.exchange import GrpcCall, GrpcMessage, Headers
 MAX_MESSAGES = 100
 
 _PREFIX = 5
+_PREFIX_STRUCT = struct.Struct(">BL")  # compressed flag, length
 
 
 def is_grpc_content_type(value: str | None) -> bool:
@@ -69,6 +71,17 @@ class GrpcMessageReader:
     rest are counted (`dropped`) so nobody is misled about what was there.
     """
 
+    __slots__ = (
+        "_current",
+        "_data",
+        "_head",
+        "_remaining",
+        "body_limit",
+        "dropped",
+        "max_messages",
+        "messages",
+    )
+
     def __init__(self, body_limit: int = 4096, max_messages: int = MAX_MESSAGES) -> None:
         self.body_limit = max(0, body_limit)
         self.max_messages = max_messages
@@ -84,6 +97,15 @@ class GrpcMessageReader:
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:
+            if self._current is None and not self._head and end - pos >= _PREFIX:
+                flags, length = _PREFIX_STRUCT.unpack_from(view, pos)
+                if pos + _PREFIX + length <= end:  # a whole message here (the usual case)
+                    start = pos + _PREFIX
+                    keep = length if length < self.body_limit else self.body_limit
+                    data = view[start : start + keep].tobytes()
+                    self._keep(GrpcMessage(bool(flags & 1), length, data))
+                    pos = start + length
+                    continue
             if self._current is None:
                 need = _PREFIX - len(self._head)
                 if self._head or end - pos < _PREFIX:
@@ -119,6 +141,9 @@ class GrpcMessageReader:
         message.data = bytes(self._data)
         self._data.clear()
         self._current = None
+        self._keep(message)
+
+    def _keep(self, message: GrpcMessage) -> None:
         if len(self.messages) < self.max_messages:
             self.messages.append(message)
         else:
@@ -149,6 +174,8 @@ class GrpcStream:
     `request_data` / `response_data`, `response_headers` (each HEADERS block of
     the response: the headers, then the trailers), and finally `finish`.
     """
+
+    __slots__ = ("_notes", "call", "request", "response")
 
     def __init__(self, path: str, body_limit: int = 4096, max_messages: int = MAX_MESSAGES):
         service, method = split_path(path)

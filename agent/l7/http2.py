@@ -38,7 +38,7 @@ from hyperframe.frame import Frame
 
 from agent.l7.exchange import Exchange, Headers, HttpMessage, Side
 from agent.l7.grpc import GrpcStream, is_grpc_content_type
-from agent.l7.header_blocks import BlockReader, HeaderBlockDecoder
+from agent.l7.header_blocks import BlockReader, HeaderBlockDecoder, text_fields
 from agent.l7.http2_frames import FRAME_HEADER
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -68,6 +68,8 @@ _ERROR_NAMES = (
 
 # Frame types (RFC 9113 section 6).
 _DATA, _HEADERS, _RST_STREAM, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0, 1, 3, 5, 7, 9
+_END_HEADERS = 0x04
+_WHOLE_BLOCK_FLAGS = 0x04 | 0x08 | 0x20  # END_HEADERS, PADDED, PRIORITY
 
 
 def error_name(code: int) -> str:
@@ -160,7 +162,14 @@ class Http2Parser:
             index = _SIDE_INDEX.get(side)
             if index is None:
                 raise _Fail(f"unknown side {side!r}")
-            self._feed(index, data, ts_ns, out)
+            st = self._sides[index]
+            if st.preface_left or st.parts:
+                self._feed(index, data, ts_ns, out)
+            elif data:  # at a frame boundary (the usual chunk): its frames at once
+                view = memoryview(data)
+                consumed = self._frames(index, view, ts_ns, ts_ns, out)
+                if consumed < len(view):
+                    self._keep_rest(st, view, consumed, ts_ns, ts_ns)
         except _Fail as exc:
             return out + self._fail(str(exc))
         except Exception as exc:  # a bug here must not take the capture down
@@ -221,12 +230,17 @@ class Http2Parser:
             first_ts = ts
         consumed = self._frames(index, view, first_ts, ts, out)
         if consumed < len(view):
-            rest = view[consumed:].tobytes()
-            st.parts, st.have = [rest], len(rest)
-            st.pending_ts = first_ts if consumed == 0 else ts
-            st.need = _HEADER
-            if len(rest) >= _HEADER:
-                st.need += int.from_bytes(rest[:3], "big")
+            self._keep_rest(st, view, consumed, first_ts, ts)
+
+    @staticmethod
+    def _keep_rest(st: _SideState, view: memoryview, consumed: int, first_ts: int, ts: int) -> None:
+        """The incomplete frame at the end of `view` waits for the next chunk."""
+        rest = view[consumed:].tobytes()
+        st.parts, st.have = [rest], len(rest)
+        st.pending_ts = first_ts if consumed == 0 else ts
+        st.need = _HEADER
+        if len(rest) >= _HEADER:
+            st.need += int.from_bytes(rest[:3], "big")
 
     def _frames(
         self, index: int, view: memoryview, first_ts: int, ts: int, out: list[Exchange]
@@ -234,6 +248,7 @@ class Http2Parser:
         """Handle every complete frame in `view`; return how many bytes they took."""
         pos, end = 0, len(view)
         unpack = FRAME_HEADER.unpack_from
+        st = self._sides[index]
         while end - pos >= _HEADER:
             high, low, ftype, flags, sid = unpack(view, pos)
             body_end = pos + _HEADER + ((high << 16) | low)
@@ -244,8 +259,18 @@ class Http2Parser:
                 self._data_frame(index, sid & 0x7FFFFFFF, flags, body, ts, out)
                 pos = body_end
                 continue
+            fts = first_ts if pos == 0 else ts
+            if (
+                ftype == _HEADERS
+                and flags & _WHOLE_BLOCK_FLAGS == _END_HEADERS
+                and sid & 0x7FFFFFFF
+                and st.block is None
+            ):  # the usual HEADERS frame: a whole block, no padding or priority
+                raw = view[pos + _HEADER : body_end].tobytes()
+                self._headers(index, sid & 0x7FFFFFFF, flags & 0x01, 0, fts, raw, ts, out)
+                pos = body_end
+                continue
             if ftype in (_HEADERS, _CONTINUATION):  # every stream has them: neither
-                fts = first_ts if pos == 0 else ts
                 body = view[pos + _HEADER : body_end]
                 self._header_frame(index, ftype, flags, sid & 0x7FFFFFFF, body, fts, ts, out)
                 pos = body_end
@@ -256,7 +281,7 @@ class Http2Parser:
             except HyperframeError as exc:
                 side = ("request", "response")[index]
                 raise _Fail(f"bad frame on the {side} side: {type(exc).__name__}") from None
-            self._frame(index, frame, first_ts if pos == 0 else ts, ts, out)
+            self._frame(index, frame, fts, ts, out)
             pos = body_end
         return pos
 
@@ -370,31 +395,43 @@ class Http2Parser:
             raise _Fail(f"header block larger than {MAX_HEADER_BLOCK} bytes")
         if end_headers:
             self._sides[index].block = None
-            self._headers(index, block, ts, out)
+            raw = block.parts[0] if len(block.parts) == 1 else b"".join(block.parts)
+            sid, end = block.stream_id, block.end_stream
+            self._headers(index, sid, end, block.promised, block.ts, raw, ts, out)
 
-    def _headers(self, index: int, block: _Block, ts: int, out: list[Exchange]) -> None:
-        raw = block.parts[0] if len(block.parts) == 1 else b"".join(block.parts)
+    def _headers(
+        self,
+        index: int,
+        sid: int,
+        end_stream: bool | int,
+        promised: int,
+        block_ts: int,
+        raw: bytes,
+        ts: int,
+        out: list[Exchange],
+    ) -> None:
+        """A whole header block `raw` of stream `sid` (`promised`: the stream a
+        PUSH_PROMISE promised, else 0), begun at `block_ts`."""
         try:
             decoded = self._sides[index].blocks.decode(raw).fields
         except HPACKError as exc:
             side = ("request", "response")[index]
             # hpack's texts can quote header bytes: the error's type only.
             raise _Fail(f"HPACK decoding failed on the {side} side: {type(exc).__name__}") from None
-        headers = [(n.decode("utf-8", "replace"), v.decode("utf-8", "replace")) for n, v in decoded]
-        if block.promised:
-            self._push(block, headers, ts, out)
+        headers = text_fields(decoded)  # each as bytes.decode("utf-8", "replace")
+        if promised:
+            self._push(sid, promised, block_ts, headers, ts, out)
             return
-        sid = block.stream_id
         stream = self._streams.get(sid)
         if stream is None and (index == 1 or sid & 1):
             stream = self._open(sid, out, opener=index == 0)
         if stream is None:  # a stream already closed (or a client HEADERS on an even id)
             return
         if index == 0:
-            self._request_headers(stream, headers, block.ts)
+            self._request_headers(stream, headers, block_ts)
         else:
-            self._response_headers(stream, headers, block.ts)
-        if block.end_stream:
+            self._response_headers(stream, headers, block_ts)
+        if end_stream:
             self._end(index, stream, ts, out)
 
     def _open(self, sid: int, out: list[Exchange], opener: bool) -> _Stream | None:
@@ -429,13 +466,18 @@ class Http2Parser:
                 request.trailers.extend(headers)
             return
         first = dict(reversed(headers))  # each name's first value, built in C
+        # Positional (ts_ns, end_ts_ns, method, target, authority, status, reason, version,
+        # headers): cheaper than keywords, and made for every stream.
         request = exchange.request = HttpMessage(
-            ts_ns=ts,
-            method=first.get(":method", ""),
-            target=first.get(":path", ""),
-            authority=first.get(":authority") or first.get("host", ""),
-            version="2",
-            headers=headers,
+            ts,
+            0,
+            first.get(":method", ""),
+            first.get(":path", ""),
+            first.get(":authority") or first.get("host", ""),
+            0,
+            "",
+            "2",
+            headers,
         )
         if is_grpc_content_type(first.get("content-type")):
             exchange.protocol = "grpc"
@@ -458,16 +500,18 @@ class Http2Parser:
             # Its length only: the value is captured bytes.
             exchange.notes.append(f"response :status ({len(text)} characters) is not a status code")
         stream.final_response = True
-        exchange.response = HttpMessage(ts_ns=ts, status=status, version="2", headers=headers)
+        exchange.response = HttpMessage(ts, 0, "", "", "", status, "", "2", headers)
         if stream.grpc is not None:
             stream.grpc.response_headers(headers)
 
-    def _push(self, block: _Block, headers: Headers, ts: int, out: list[Exchange]) -> None:
-        stream = self._open(block.promised, out, opener=True)
+    def _push(
+        self, sid: int, promised: int, block_ts: int, headers: Headers, ts: int, out: list[Exchange]
+    ) -> None:
+        stream = self._open(promised, out, opener=True)
         if stream is None:
             return
         stream.exchange.request = HttpMessage(
-            ts_ns=block.ts,
+            ts_ns=block_ts,
             end_ts_ns=ts,
             method=_first(headers, ":method"),
             target=_first(headers, ":path"),
@@ -477,7 +521,7 @@ class Http2Parser:
             complete=True,
         )
         stream.ended[0] = True
-        stream.exchange.notes.append(f"server push, promised on stream {block.stream_id}")
+        stream.exchange.notes.append(f"server push, promised on stream {sid}")
 
     def _data(
         self, index: int, stream: _Stream, data: bytes, end: bool, ts: int, out: list[Exchange]
@@ -490,11 +534,9 @@ class Http2Parser:
             room = self.body_limit - len(body)
             if room > 0 and data:
                 body += data[:room] if len(data) > room else data
-            if stream.grpc is not None:
-                if index:
-                    stream.grpc.response_data(data)
-                else:
-                    stream.grpc.request_data(data)
+            grpc = stream.grpc
+            if grpc is not None:
+                (grpc.response if index else grpc.request).feed(data)
         elif message is None and data:
             exchange.notes.append(f"{len(data)} DATA bytes before the headers of their message")
         if end:
@@ -523,16 +565,16 @@ class Http2Parser:
             if len(self._closed_early) >= MAX_OPEN_STREAMS:
                 self._closed_early.clear()
             self._closed_early.add(sid)
-        for message, body in (
-            (exchange.request, stream.bodies[0]),
-            (exchange.response, stream.bodies[1]),
-        ):
-            if message is not None:
-                message.body = bytes(body)
-                message.body_truncated = message.body_len > len(message.body)
-        if exchange.request is None:
+        request, response = exchange.request, exchange.response
+        if request is not None:
+            request.body = body = bytes(stream.bodies[0])
+            request.body_truncated = request.body_len > len(body)
+        else:
             exchange.notes.append("request not seen")
-        if exchange.response is None:
+        if response is not None:
+            response.body = body = bytes(stream.bodies[1])
+            response.body_truncated = response.body_len > len(body)
+        else:
             exchange.notes.append("no response seen")
         exchange.notes.extend(notes)
         if stream.grpc is not None:

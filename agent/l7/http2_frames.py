@@ -55,7 +55,7 @@ _RULES: dict[int, tuple[int, bool | None, int | None, int]] = {
 
 
 # Types whose only rule here is a stream id (no flags, length or stream rule beyond it).
-_STREAM_ONLY = frozenset(
+STREAM_ONLY_TYPES = frozenset(
     t
     for t, (_, needs, exact, minimum) in _RULES.items()
     if needs is True and exact is None and not minimum
@@ -65,7 +65,7 @@ _STREAM_ONLY = frozenset(
 def frame_header_problem(ftype: int, flags: int, length: int, stream: int) -> bool:
     """Whether a frame header of a known type cannot be right (in sync; unknown
     types are the caller's business: their payload is not understood)."""
-    if ftype in _STREAM_ONLY:  # most frames: checked at once
+    if ftype in STREAM_ONLY_TYPES:  # most frames: checked at once
         return stream == 0
     rule = _RULES.get(ftype)
     if rule is None:

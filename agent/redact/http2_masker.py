@@ -68,6 +68,7 @@ from agent.l7.header_blocks import HeaderBlockDecoder
 from agent.l7.http2_frames import (
     FRAME_HEADER,
     KNOWN_TYPES,
+    STREAM_ONLY_TYPES,
     find_frame_run,
     frame_header_problem,
 )
@@ -84,6 +85,7 @@ RULE_HPACK_UNKNOWN = "http2:hpack-state-unknown"
 
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
 _END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20
+_PAD_OR_PRIORITY = _PADDED | _PRIORITY
 _STATIC_TABLE_LEN = 61
 # Distinct field names remembered lower-cased, per masker (short ones: a few KiB at most).
 _NAME_CACHE = 128
@@ -160,17 +162,27 @@ class Http2HeaderMasker:
         if not self._active:
             self._out.append(data)
             return self._drain()
-        if self._mode == _DESYNC_MODE:
-            at = find_frame_run(data)
-            if at is not None:
-                if at:  # the tail of a frame whose header was not seen: masked
-                    self._out.append(bytes(at))
-                    self._hits.add(RULE_DESYNC)
-                    data = data[at:]
-                self._resync()
+        if self._mode == _HEADER_MODE and not (
+            self._hdr or self._in_block or self._hpack_unknown or self._out
+        ):  # at a frame boundary, nothing held (the usual record): whole frames first
+            pos = self._whole_frames(data, 0)
+            if pos == len(data):
+                out = self._out
+                hits = self._hits
+                self._out, self._hits = [], set()
+                return bytes(out[0]) if out else b"", hits
+        else:
+            pos = 0
+            if self._mode == _DESYNC_MODE:
+                at = find_frame_run(data)
+                if at is not None:
+                    if at:  # the tail of a frame whose header was not seen: masked
+                        self._out.append(bytes(at))
+                        self._hits.add(RULE_DESYNC)
+                        data = data[at:]
+                    self._resync()
         n = len(data)
         view = memoryview(data)
-        pos = 0
         while pos < n:
             mode = self._mode
             if mode == _PAYLOAD_MODE:
@@ -181,6 +193,11 @@ class Http2HeaderMasker:
                     self._frame_end()
             elif mode == _HEADER_MODE:  # a frame header is let out once checked
                 if not self._hdr and n - pos >= 9:  # all of it here (the usual case)
+                    if not self._in_block and not self._hpack_unknown:
+                        done = self._whole_frames(data, pos)
+                        if done != pos:
+                            pos = done
+                            continue
                     self._frame_start(data[pos : pos + 9])
                     pos += 9
                     continue
@@ -259,6 +276,51 @@ class Http2HeaderMasker:
         self._hpack_unknown = True
         self._trusted = False
         self._in_block = self._discard = False
+
+    def _whole_frames(self, data: bytes, pos: int) -> int:
+        """The usual case, in one loop: frames lying whole in `data` from `pos`, outside
+        any header block.  Frames other than header frames pass as they are; a HEADERS
+        frame carrying a whole block (END_HEADERS, no padding or priority) is masked
+        here.  The same result as the frame-by-frame path (_frame_start, _payload,
+        _frame_end) without its per-frame state; returns where it stopped: at a frame
+        it leaves to that path (a cut one, a CONTINUATION, PUSH_PROMISE, a padded or
+        prioritised HEADERS, an unknown type, a header that cannot be right)."""
+        n = len(data)
+        start = pos
+        unpack = FRAME_HEADER.unpack_from
+        patched: bytearray | None = None  # a copy of data, once a block in it changed
+        hold_limit = self._max_hold - 9  # a larger block would be released incomplete
+        while n - pos >= 9:
+            high, low, ftype, flags, stream = unpack(data, pos)
+            flen = (high << 16) | low
+            end = pos + 9 + flen
+            if end > n:
+                break
+            if ftype in STREAM_ONLY_TYPES:
+                if not stream & 0x7FFFFFFF:
+                    break
+            elif ftype >= KNOWN_TYPES or frame_header_problem(
+                ftype, flags, flen, stream & 0x7FFFFFFF
+            ):
+                break
+            if ftype == _HEADERS:
+                if flags & _PAD_OR_PRIORITY or not flags & _END_HEADERS or flen > hold_limit:
+                    break
+                frag = self._walk(bytes(data[pos + 9 : end]))
+                if frag is not None:
+                    if patched is None:
+                        patched = bytearray(data)
+                    patched[pos + 9 : end] = frag
+            elif ftype in (_PUSH_PROMISE, _CONTINUATION):
+                break
+            pos = end
+        if pos != start:
+            self._discard = False  # as _frame_start does at a frame that is no CONTINUATION
+            if patched is not None:
+                self._out.append(bytes(patched[start:pos]))
+            else:
+                self._out.append(data[start:pos] if start or pos != n else data)
+        return pos
 
     def _frame_start(self, h: bytes) -> None:
         """The frame whose 9-byte header is `h` starts."""
@@ -395,31 +457,35 @@ class Http2HeaderMasker:
             self._wipe_held(RULE_UNDECODABLE)
         else:
             held = self._held
-            frag = bytearray()
-            for off, length in self._frags:
-                frag += held[off : off + length]
-            if self._walk(frag):
+            frags = self._frags
+            if len(frags) == 1:
+                off, length = frags[0]
+                raw = bytes(held[off : off + length])
+            else:
+                raw = b"".join([held[off : off + length] for off, length in frags])
+            frag = self._walk(raw)
+            if frag is not None:
                 p = 0
                 for off, length in self._frags:
                     held[off : off + length] = frag[p : p + length]
                     p += length
         self._emit_held()
 
-    def _walk(self, frag: bytearray) -> bool:
-        """Mask the sensitive values of a whole header block fragment in place;
-        whether anything changed."""
+    def _walk(self, raw: bytes) -> bytearray | None:
+        """A whole header block fragment with its sensitive values masked (a copy), or
+        None when nothing in it changes."""
         try:
             # The shared decode says, field by field, where each value string is.
-            block = self._blocks.decode(bytes(frag))
+            block = self._blocks.decode(raw)
         except Exception:  # untrusted input: any failure wipes the block
-            return self._wipe_fragment(frag)
+            return self._wipe_fragment(raw)
         if block.emptied:  # a table size update to 0: the table is in step again
             self._trusted = True
         names = self._names
         query = self._query
         trusted = self._trusted
         fields = block.fields
-        changed = False
+        frag = None  # the copy, made at the first change
         # Only literals carry value bytes of their own: indexed fields have none here.
         for position, index, h_pos, start, stop in block.literals:
             raw_name, raw_value = fields[position]
@@ -431,18 +497,21 @@ class Http2HeaderMasker:
                 rule = header_rule_name(name)
             elif name == ":path" and query is not None:
                 if query.search(raw_value):  # most paths carry no credential
-                    changed = self._mask_path(frag, h_pos, start, stop, raw_value) or changed
+                    if frag is None:
+                        frag = bytearray(raw)
+                    self._mask_path(frag, h_pos, start, stop, raw_value)
                 continue
             elif not trusted and index > _STATIC_TABLE_LEN:
                 rule = RULE_UNKNOWN_NAME
             else:
                 continue
             if stop > start:
+                if frag is None:
+                    frag = bytearray(raw)
                 frag[h_pos] &= 0x7F
                 frag[start:stop] = b"*" * (stop - start)
                 self._hits.add(rule)
-                changed = True
-        return changed
+        return frag
 
     def _lower_name(self, raw_name: bytes) -> str:
         """`raw_name` as a lower-case str, remembered (a connection repeats its names)."""
@@ -468,10 +537,9 @@ class Http2HeaderMasker:
         self._hits |= hits
         return True
 
-    def _wipe_fragment(self, frag: bytearray) -> bool:
+    def _wipe_fragment(self, raw: bytes) -> bytearray:
         """A block that does not decode: all of it goes, and the table is not trusted."""
-        if frag:
-            frag[:] = bytes(len(frag))
+        if raw:
             self._hits.add(RULE_UNDECODABLE)
         self._trusted = False
-        return True
+        return bytearray(len(raw))

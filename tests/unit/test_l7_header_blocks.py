@@ -7,6 +7,7 @@ import random
 import h2.config
 import h2.connection
 import hpack
+import hpack.huffman_table
 import pytest
 from hpack.exceptions import HPACKError
 
@@ -17,6 +18,7 @@ from agent.l7.header_blocks import (
     HeaderBlockDecoder,
     HeaderBlockLost,
     HpackDecoder,
+    text_fields,
 )
 from agent.l7.http2 import Http2Parser
 from agent.redact.http2_masker import Http2HeaderMasker
@@ -28,17 +30,23 @@ def blocks(n: int) -> list[bytes]:
     return [enc.encode([(":status", "200"), ("x-n", str(i)), ("x-same", "v")]) for i in range(n)]
 
 
+class _Counting:
+    """An HPACK decoder that counts its decodes."""
+
+    def __init__(self, decoder: HpackDecoder) -> None:
+        self.decoder = decoder
+        self.calls: list[int] = []
+
+    def decode(self, data: bytes) -> HeaderBlock:
+        self.calls.append(1)
+        return self.decoder.decode(data)
+
+
 def counting(shared: HeaderBlockDecoder) -> list[int]:
     """Counts the decodes of `shared`'s HPACK decoder."""
-    calls: list[int] = []
-    decode = shared.decoder.decode
-
-    def counted(data: bytes) -> HeaderBlock:
-        calls.append(1)
-        return decode(data)
-
-    shared.decoder.decode = counted  # type: ignore[method-assign]
-    return calls
+    counter = _Counting(shared.decoder)
+    shared.decoder = counter  # type: ignore[assignment]
+    return counter.calls
 
 
 def test_each_block_is_decoded_once_for_both_readers() -> None:
@@ -227,3 +235,92 @@ def test_decoder_limits() -> None:
     small = HpackDecoder(max_header_list=40)
     with pytest.raises(HPACKError):
         small.decode(hpack.Encoder().encode([("x-a", "1" * 20)]))
+
+
+# The decoder is C (agent/l7/_hpack.c): the tests below hold it to hpack's decoder on
+# what encoders make and on what they never would.
+
+
+def _random_fields(rng: random.Random) -> list[tuple[str, str]]:
+    names = [":path", ":status", "authorization", "cookie", "te", "x-a", "x-" + "n" * 70]
+    values = ["", "a", "/p?token=1", "é\xff", "v" * rng.randrange(400)]
+    fields = []
+    for _ in range(rng.randrange(0, 7)):
+        name, value = rng.choice(names), rng.choice(values)
+        never = rng.random() < 0.2
+        fields.append(hpack.NeverIndexedHeaderTuple(name, value) if never else (name, value))
+    return fields
+
+
+def _damaged(rng: random.Random, raw: bytes) -> bytes:
+    """`raw` truncated, with a bit flipped, replaced by garbage, or behind an integer
+    longer than HPACK allows -- or as it was."""
+    out = bytearray(raw)
+    r = rng.random()
+    if r < 0.2 and out:
+        out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    elif r < 0.3:
+        out = out[: rng.randrange(len(out) + 1)]
+    elif r < 0.35:
+        out = bytearray(rng.randbytes(rng.randrange(40)))
+    elif r < 0.38:
+        out[:0] = b"\x7f\xff\xff\xff\xff\xff\x7f"[: rng.randrange(1, 8)]
+    return bytes(out)
+
+
+def test_decoder_fails_as_hpack_does_on_damaged_and_garbage_blocks() -> None:
+    """Random header lists through hpack's encoder (Huffman or not, the dynamic table,
+    size updates), then damaged: block for block up to the first failure, the same
+    fields and dynamic table, or an error of the same kind (hpack raises our class or
+    its subclass, e.g. InvalidTableIndex for InvalidTableIndexError)."""
+    rng = random.Random(23)
+    failures = 0
+    for _ in range(1500):
+        enc = hpack.Encoder()
+        ours, ref = HpackDecoder(), hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        ref.max_allowed_table_size = MAX_TABLE_SIZE
+        for _ in range(rng.randrange(1, 8)):
+            if rng.random() < 0.1:
+                enc.header_table_size = rng.choice([0, 64, 4096])
+            raw = _damaged(rng, enc.encode(_random_fields(rng), huffman=rng.random() < 0.5))
+            try:
+                expected = [(bytes(n), bytes(v)) for n, v in ref.decode(raw, raw=True)]
+            except HPACKError as exc:
+                with pytest.raises(HPACKError) as caught:
+                    ours.decode(raw)
+                assert isinstance(exc, type(caught.value))
+                failures += 1
+                break  # past a failure the two tables may hold different partial results
+            assert ours.decode(raw).fields == expected
+            assert ours.table == list(ref.header_table.dynamic_entries)
+    assert failures > 300  # the damage did reach the decoder
+
+
+def test_decoder_literal_positions_on_random_blocks() -> None:
+    """Each literal's value string is where the decoder says: its H bit's byte, then
+    the string, which decodes (Huffman or not) to the field's value."""
+    rng = random.Random(29)
+    enc = hpack.Encoder()
+    dec = HpackDecoder()
+    for _ in range(400):
+        raw = enc.encode(_random_fields(rng), huffman=rng.random() < 0.5)
+        block = dec.decode(raw)
+        for position, _index, h_pos, start, end in block.literals:
+            assert h_pos < start <= end <= len(raw)
+            string = raw[start:end]
+            huffman = raw[h_pos] & 0x80 and string
+            value = hpack.huffman_table.decode_huffman(string) if huffman else string
+            assert value == block.fields[position][1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_text_fields_decode_like_bytes_decode(seed: int) -> None:
+    rng = random.Random(seed)
+    fields = [
+        (rng.randbytes(rng.randrange(12)), rng.randbytes(rng.randrange(40))) for _ in range(200)
+    ]
+    fields += [(b"caf\xc3\xa9", b"\xff\xfe ok"), (b"", b"")]
+    expected = [(n.decode("utf-8", "replace"), v.decode("utf-8", "replace")) for n, v in fields]
+    assert text_fields(fields) == expected
+    with pytest.raises(TypeError):
+        text_fields([("str", b"bytes")])
