@@ -146,11 +146,63 @@ static PyTypeObject RecordType = {
     .tp_members = Record_members,
 };
 
+static PyObject *s_data;
+
+PyDoc_STRVAR(stamp_doc,
+"stamp(records, agent_id, node, seq, stride) -> int\n"
+"\n"
+"Give each Record of the list the run's identity and its sequence number (seq,\n"
+"seq + stride, ...); return the captured bytes of its data records\n"
+"(RecordWriter's numbering, over a batch).");
+
+static PyObject *stamp(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 5 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "stamp(records: list, agent_id, node, seq, stride)");
+        return NULL;
+    }
+    PyObject *records = args[0], *agent_id = args[1], *node = args[2];
+    long long seq = PyLong_AsLongLong(args[3]), stride = PyLong_AsLongLong(args[4]);
+    if ((seq == -1 || stride == -1) && PyErr_Occurred())
+        return NULL;
+    long long data_bytes = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records); i++) {
+        PyObject *item = PyList_GET_ITEM(records, i);
+        if (!PyObject_TypeCheck(item, &RecordType)) {
+            PyErr_Format(PyExc_TypeError, "stamp: item %zd is a %.100s, not a Record", i,
+                         Py_TYPE(item)->tp_name);
+            return NULL;
+        }
+        RecordObject *r = (RecordObject *)item;
+        PyObject *number = PyLong_FromLongLong(seq);
+        if (number == NULL)
+            return NULL;
+        Py_XSETREF(r->seq, number);
+        Py_XSETREF(r->agent_id, Py_NewRef(agent_id));
+        Py_XSETREF(r->node, Py_NewRef(node));
+        seq += stride;
+        if (r->type == s_data || (r->type != NULL && PyUnicode_Check(r->type) &&
+                                  PyUnicode_Compare(r->type, s_data) == 0)) {
+            long long n = r->captured_len ? PyLong_AsLongLong(r->captured_len) : -1;
+            if (n == -1 && PyErr_Occurred())
+                return NULL;
+            data_bytes += n;
+        }
+    }
+    return PyLong_FromLongLong(data_bytes);
+}
+
+static PyMethodDef module_methods[] = {
+    {"stamp", (PyCFunction)(void (*)(void))stamp, METH_FASTCALL, stamp_doc},
+    {NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "agent.records._record",
     .m_doc = "Record's storage and constructor (agent/records/record.py).",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__record(void) {
@@ -164,6 +216,11 @@ PyMODINIT_FUNC PyInit__record(void) {
             return NULL;
         }
         PyTuple_SET_ITEM(names, k, Py_NewRef(interned_names[k]));
+    }
+    s_data = PyUnicode_InternFromString("data");
+    if (s_data == NULL) {
+        Py_DECREF(names);
+        return NULL;
     }
     PyObject *empty = PyUnicode_FromString(""), *zero = PyLong_FromLong(0);
     if (empty == NULL || zero == NULL)

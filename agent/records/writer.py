@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from agent.records._record import stamp
 from agent.records.record import Record
 from agent.sinks.base import Sink
 
@@ -96,14 +97,7 @@ class RecordWriter:
             return
         stride = self._seq_stride
         seq = self._seq_slot + 1 + self.records * stride
-        agent_id, node = self.agent_id, self.node
-        for record in records:
-            record.agent_id = agent_id
-            record.node = node
-            record.seq = seq
-            seq += stride
-            if record.type == "data":
-                self.data_bytes += record.captured_len
+        self.data_bytes += stamp(records, self.agent_id, self.node, seq, stride)
         self.records += len(records)
         for sink in self.sinks:
             write_many = getattr(sink, "write_many", None)

@@ -1,0 +1,67 @@
+"""Record (storage and constructor in C, agent/records/_record.c) and the writer's
+batch numbering (stamp)."""
+
+from __future__ import annotations
+
+import pytest
+from agent.records._record import stamp
+
+from agent.records.record import Endpoint, Record
+
+
+def test_defaults_and_a_new_list_and_dict_per_record() -> None:
+    a, b = Record("data", 1), Record("data", 1)
+    assert (a.agent_id, a.seq, a.fd, a.role, a.pod, a.data, a.truncated) == (
+        "", 0, -1, "unknown", None, b"", False,
+    )  # fmt: skip
+    assert a.redactions == [] and a.redactions is not b.redactions
+    assert a.stats == {} and a.stats is not b.stats
+    assert a == b and a.replace(pid=3) != b and a.replace(pid=3).pid == 3
+
+
+def test_positional_and_keyword_construction_agree() -> None:
+    e = Endpoint("10.0.0.1", 443)
+    positional = Record(
+        "data", 5, "a", "n", 7, 100, 101, "curl", 9, "cid", None, "openssl", "c1", 4, e, e,
+        "client", "egress", 10, 20, 20, False, b"xy",
+    )  # fmt: skip
+    keywords = Record(
+        type="data", ts_ns=5, agent_id="a", node="n", seq=7, pid=100, tid=101, comm="curl",
+        cgroup_id=9, container_id="cid", source="openssl", conn_id="c1", fd=4, local=e,
+        remote=e, role="client", direction="egress", offset=10, len=20, captured_len=20,
+        data=b"xy",
+    )  # fmt: skip
+    assert positional == keywords
+    assert repr(positional).startswith("Record(type='data', ts_ns=5, agent_id='a',")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((), {}, "missing required argument 'type'"),
+        (("data",), {}, "missing required argument 'ts_ns'"),
+        (("data", 1), {"nope": 1}, "unexpected keyword argument 'nope'"),
+        (("data", 1), {"type": "open"}, "multiple values for argument 'type'"),
+        (tuple(range(28)), {}, "at most 27 arguments"),
+    ],
+)
+def test_bad_construction_is_a_type_error(args: tuple, kwargs: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        Record(*args, **kwargs)
+
+
+def test_stamp_numbers_a_batch_and_counts_data_bytes() -> None:
+    records = [Record("open", 1), Record("data", 2, captured_len=7), Record("data", 3)]
+    records[2].captured_len = 5
+    assert stamp(records, "agent-1", "node-a", 4, 3) == 12
+    assert [(r.agent_id, r.node, r.seq) for r in records] == [
+        ("agent-1", "node-a", 4), ("agent-1", "node-a", 7), ("agent-1", "node-a", 10),
+    ]  # fmt: skip
+    assert stamp([], "a", "n", 1, 1) == 0
+
+
+def test_stamp_refuses_what_is_not_a_record() -> None:
+    with pytest.raises(TypeError, match="not a Record"):
+        stamp([Record("open", 1), object()], "a", "n", 1, 1)
+    with pytest.raises(TypeError):
+        stamp((Record("open", 1),), "a", "n", 1, 1)
