@@ -78,6 +78,29 @@ static int field_index(PyObject *key) {
     return -1;
 }
 
+/* Every field not given its default (a new list and dict for redactions and
+ * stats); -1 with TypeError if a required one (type, ts_ns) was not given. */
+static int fill_defaults(RecordObject *self) {
+    for (int k = 0; k < N_FIELDS; k++) {
+        if (self->slot[k] != NULL)
+            continue;
+        if (defaults[k] != NULL)
+            self->slot[k] = Py_NewRef(defaults[k]);
+        else if (k == F_redactions)
+            self->slot[k] = PyList_New(0);
+        else if (k == F_stats)
+            self->slot[k] = PyDict_New();
+        else {
+            PyErr_Format(PyExc_TypeError, "Record missing required argument '%s'",
+                         field_names[k]);
+            return -1;
+        }
+        if (self->slot[k] == NULL)
+            return -1;
+    }
+    return 0;
+}
+
 static PyObject *Record_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Py_ssize_t given = PyTuple_GET_SIZE(args);
     if (given > N_FIELDS) {
@@ -107,28 +130,71 @@ static PyObject *Record_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
             self->slot[k] = Py_NewRef(value);
         }
     }
-    for (int k = 0; k < N_FIELDS; k++) {
-        if (self->slot[k] != NULL)
-            continue;
-        if (defaults[k] != NULL)
-            self->slot[k] = Py_NewRef(defaults[k]);
-        else if (k == F_redactions)
-            self->slot[k] = PyList_New(0);
-        else if (k == F_stats)
-            self->slot[k] = PyDict_New();
-        else {
-            PyErr_Format(PyExc_TypeError, "Record missing required argument '%s'",
-                         field_names[k]);
-            goto fail;
-        }
-        if (self->slot[k] == NULL)
-            goto fail;
-    }
-    return (PyObject *)self;
+    if (fill_defaults(self) == 0)
+        return (PyObject *)self;
 fail:
     Py_DECREF(self);
     return NULL;
 }
+
+/* The TLS call's own fields that its data record carries, in this order. */
+static const char *call_attrs[] = {"tgid", "tid", "comm", "cgroup_id", "source",
+                                   "direction", "offset", "len", "data"};
+static const int call_fields[] = {F_pid, F_tid, F_comm, F_cgroup_id, F_source,
+                                  F_direction, F_offset, F_len, F_data};
+#define N_CALL_ATTRS (sizeof(call_attrs) / sizeof(call_attrs[0]))
+static PyObject *interned_call_attrs[N_CALL_ATTRS];
+static PyObject *s_data;
+
+PyDoc_STRVAR(for_call_doc,
+"for_call(call, ts_ns, conn_id, fd, local, remote, role) -> Record\n"
+"\n"
+"The data record of one TLS call (agent/events' TlsCall): its pid, tid, comm,\n"
+"cgroup_id, source, direction, offset, len and data from the call, captured_len\n"
+"and truncated from its data, the rest given (the connection's), every other\n"
+"field at its default.");
+
+static PyObject *for_call(PyTypeObject *cls, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "for_call takes 7 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    RecordObject *self = (RecordObject *)cls->tp_alloc(cls, 0);
+    if (self == NULL)
+        return NULL;
+    PyObject *call = args[0];
+    for (size_t k = 0; k < N_CALL_ATTRS; k++) {
+        PyObject *value = PyObject_GetAttr(call, interned_call_attrs[k]);
+        if (value == NULL)
+            goto fail;
+        Py_XSETREF(self->slot[call_fields[k]], value);
+    }
+    const int given[] = {F_ts_ns, F_conn_id, F_fd, F_local, F_remote, F_role};
+    for (int k = 0; k < 6; k++)
+        Py_XSETREF(self->slot[given[k]], Py_NewRef(args[k + 1]));
+    Py_XSETREF(self->type, Py_NewRef(s_data));
+    Py_ssize_t captured = PyObject_Length(self->data);
+    if (captured < 0)
+        goto fail;
+    PyObject *count = PyLong_FromSsize_t(captured);
+    if (count == NULL)
+        goto fail;
+    Py_XSETREF(self->captured_len, count);
+    int truncated = PyObject_RichCompareBool(count, self->len, Py_LT);
+    if (truncated < 0)
+        goto fail;
+    Py_XSETREF(self->truncated, Py_NewRef(truncated ? Py_True : Py_False));
+    if (fill_defaults(self) == 0)
+        return (PyObject *)self;
+fail:
+    Py_DECREF(self);
+    return NULL;
+}
+
+static PyMethodDef Record_methods[] = {
+    {"for_call", (PyCFunction)(void (*)(void))for_call, METH_FASTCALL | METH_CLASS, for_call_doc},
+    {NULL},
+};
 
 #define AS_MEMBER(name) {#name, T_OBJECT_EX, offsetof(RecordObject, name), 0, NULL},
 static PyMemberDef Record_members[] = {FIELDS(AS_MEMBER){NULL}};
@@ -144,9 +210,8 @@ static PyTypeObject RecordType = {
     .tp_traverse = (traverseproc)Record_traverse,
     .tp_clear = (inquiry)Record_clear,
     .tp_members = Record_members,
+    .tp_methods = Record_methods,
 };
-
-static PyObject *s_data;
 
 PyDoc_STRVAR(stamp_doc,
 "stamp(records, agent_id, node, seq, stride) -> int\n"
@@ -218,6 +283,9 @@ PyMODINIT_FUNC PyInit__record(void) {
         PyTuple_SET_ITEM(names, k, Py_NewRef(interned_names[k]));
     }
     s_data = PyUnicode_InternFromString("data");
+    for (size_t k = 0; k < N_CALL_ATTRS && s_data != NULL; k++)
+        if ((interned_call_attrs[k] = PyUnicode_InternFromString(call_attrs[k])) == NULL)
+            Py_CLEAR(s_data);
     if (s_data == NULL) {
         Py_DECREF(names);
         return NULL;

@@ -65,3 +65,27 @@ def test_stamp_refuses_what_is_not_a_record() -> None:
         stamp([Record("open", 1), object()], "a", "n", 1, 1)
     with pytest.raises(TypeError):
         stamp((Record("open", 1),), "a", "n", 1, 1)
+
+
+def test_for_call_copies_the_calls_fields_and_computes_the_rest() -> None:
+    from agent.events.decode import KernelSocket, TlsCall
+
+    e = Endpoint("10.0.0.1", 443)
+    call = TlsCall(
+        tgid=7, tid=8, fd=9, ts_mono_ns=10, ssl=11, len=6, offset=12, captured_len=5,
+        chunk_off=0, direction="ingress", source="gnutls", comm="wget",
+        socket=KernelSocket(0, None, None, "unknown"), data=b"hello", cgroup_id=44,
+    )  # fmt: skip
+    record = Record.for_call(call, 99, "c1", 3, e, None, "client")
+    assert type(record) is Record
+    assert record == Record(
+        "data", 99, pid=7, tid=8, comm="wget", cgroup_id=44, source="gnutls", conn_id="c1",
+        fd=3, local=e, role="client", direction="ingress", offset=12, len=6, captured_len=5,
+        truncated=True, data=b"hello",
+    )  # fmt: skip
+    call.len = 5
+    assert not Record.for_call(call, 99, "c1", 3, e, None, "client").truncated
+    with pytest.raises(AttributeError):
+        Record.for_call(object(), 99, "c1", 3, e, None, "client")
+    with pytest.raises(TypeError):
+        Record.for_call(call, 99, "c1", 3, e, None)
