@@ -131,10 +131,13 @@ fi
 # Built in place, so the source tree imports them; only when a source is newer than
 # its module (setuptools itself takes a second to say so).  PYTHONWARNINGS:
 # setuptools' deprecation banners are noise here.
+# A shared header (agent/*/_*.h) is a source of every module: any newer one rebuilds.
 native_stale=0
+newest_header=$(find agent -name '_*.h' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
 while IFS= read -r src; do
     built=("${src%.c}".cpython-*.so)
-    if [[ ! -e ${built[0]} || $src -nt ${built[0]} || setup.py -nt ${built[0]} ]]; then
+    if [[ ! -e ${built[0]} || $src -nt ${built[0]} || setup.py -nt ${built[0]} ]] ||
+        [[ -n $newest_header && $newest_header -nt ${built[0]} ]]; then
         native_stale=1
     fi
 done < <(find agent -name '_*.c')

@@ -22,6 +22,8 @@
 #include <string.h>
 #include <structmember.h>
 
+#include "_tls_call.h"
+
 /* ---- struct data_event, little-endian, 136 bytes ---------------------------- */
 
 enum {
@@ -53,34 +55,9 @@ _Static_assert(offsetof(struct data_header, conn) == CONN_AT, "conn at 80");
 
 /* ---- TlsCall ------------------------------------------------------------------ */
 
-/* Field order is the constructor's positional order.  Every field is an object
- * slot: CPython 3.11 specializes attribute reads and writes of object slots
- * (LOAD_ATTR_SLOT), and the flow table reads a call's fields ~25 times: with C
- * numbers converted on every read, FlowTable.on_call cost 11.4k instructions
- * per call instead of 9.3k. */
-#define CALL_FIELDS(X)                                                                         \
-    X(tgid) X(tid) X(fd) X(ts_mono_ns) X(ssl) X(len) X(offset) X(captured_len) X(chunk_off)   \
-    X(direction) X(source) X(comm) X(socket) X(data) X(cgroup_id) X(complete) X(fd_weak)
-
-#define AS_SLOT(name) PyObject *name;
-#define AS_INDEX(name) C_##name,
+/* The layout is in _tls_call.h (agent/records/_record.c reads it too). */
 #define AS_NAME(name) #name,
 #define AS_MEMBER(name) {#name, T_OBJECT_EX, offsetof(TlsCall, name), 0, NULL},
-
-enum { CALL_FIELDS(AS_INDEX) N_CALL_FIELDS };
-
-typedef struct {
-    PyObject_HEAD
-    union {
-        struct {
-            CALL_FIELDS(AS_SLOT)
-        };
-        PyObject *slot[N_CALL_FIELDS];
-    };
-} TlsCall;
-
-_Static_assert(sizeof(((TlsCall *)0)->slot) == N_CALL_FIELDS * sizeof(PyObject *),
-               "the named fields and the slot array overlap exactly");
 
 static char *call_field_names[] = {CALL_FIELDS(AS_NAME) NULL};
 
@@ -184,7 +161,7 @@ static PyGetSetDef TlsCall_getset[] = {
  * KernelSocket, which make no cycles, and a GC header would cost every call its
  * tracking. */
 static PyTypeObject TlsCallType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "agent.events.decode.TlsCall",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = TLS_CALL_TYPE_NAME,
     .tp_doc = PyDoc_STR(
         "TlsCall(tgid, tid, fd, ts_mono_ns, ssl, len, offset, captured_len, chunk_off, "
         "direction, source, comm, socket, data, cgroup_id=0, complete=True, fd_weak=False)\n--\n\n"

@@ -14,7 +14,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
+#include <string.h>
 #include <structmember.h>
+
+#include "../events/_tls_call.h"
 
 /* Field order is the positional order (what the dataclass declared). */
 #define FIELDS(X)                                                                              \
@@ -137,14 +140,29 @@ fail:
     return NULL;
 }
 
-/* The TLS call's own fields that its data record carries, in this order. */
-static const char *call_attrs[] = {"tgid", "tid", "comm", "cgroup_id", "source",
-                                   "direction", "offset", "len", "data"};
-static const int call_fields[] = {F_pid, F_tid, F_comm, F_cgroup_id, F_source,
-                                  F_direction, F_offset, F_len, F_data};
-#define N_CALL_ATTRS (sizeof(call_attrs) / sizeof(call_attrs[0]))
-static PyObject *interned_call_attrs[N_CALL_ATTRS];
+/* The TLS call's own fields that its data record carries: (its slot, the
+ * record's field). */
+static const int call_to_record[][2] = {
+    {C_tgid, F_pid},       {C_tid, F_tid},       {C_comm, F_comm},
+    {C_cgroup_id, F_cgroup_id}, {C_source, F_source}, {C_direction, F_direction},
+    {C_offset, F_offset},  {C_len, F_len},       {C_data, F_data},
+};
 static PyObject *s_data;
+
+/* Whether `obj` is a TlsCall: its type is found by name, once (this module
+ * does not import agent.events). */
+static int is_tls_call(PyObject *obj) {
+    static PyTypeObject *tls_call_type;
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == tls_call_type)
+        return 1;
+    if (tls_call_type == NULL && strcmp(type->tp_name, TLS_CALL_TYPE_NAME) == 0 &&
+        type->tp_basicsize == (Py_ssize_t)sizeof(TlsCall)) {
+        tls_call_type = type;
+        return 1;
+    }
+    return 0;
+}
 
 PyDoc_STRVAR(for_call_doc,
 "for_call(call, ts_ns, conn_id, fd, local, remote, role) -> Record\n"
@@ -162,12 +180,19 @@ static PyObject *for_call(PyTypeObject *cls, PyObject *const *args, Py_ssize_t n
     RecordObject *self = (RecordObject *)cls->tp_alloc(cls, 0);
     if (self == NULL)
         return NULL;
-    PyObject *call = args[0];
-    for (size_t k = 0; k < N_CALL_ATTRS; k++) {
-        PyObject *value = PyObject_GetAttr(call, interned_call_attrs[k]);
-        if (value == NULL)
+    if (!is_tls_call(args[0])) {
+        PyErr_Format(PyExc_TypeError, "for_call needs a TlsCall, not %.100s",
+                     Py_TYPE(args[0])->tp_name);
+        goto fail;
+    }
+    TlsCall *call = (TlsCall *)args[0];
+    for (size_t k = 0; k < sizeof(call_to_record) / sizeof(call_to_record[0]); k++) {
+        PyObject *value = call->slot[call_to_record[k][0]];
+        if (value == NULL) {
+            PyErr_Format(PyExc_AttributeError, "the TlsCall has no %s", field_names[call_to_record[k][1]]);
             goto fail;
-        Py_XSETREF(self->slot[call_fields[k]], value);
+        }
+        Py_XSETREF(self->slot[call_to_record[k][1]], Py_NewRef(value));
     }
     const int given[] = {F_ts_ns, F_conn_id, F_fd, F_local, F_remote, F_role};
     for (int k = 0; k < 6; k++)
@@ -283,9 +308,6 @@ PyMODINIT_FUNC PyInit__record(void) {
         PyTuple_SET_ITEM(names, k, Py_NewRef(interned_names[k]));
     }
     s_data = PyUnicode_InternFromString("data");
-    for (size_t k = 0; k < N_CALL_ATTRS && s_data != NULL; k++)
-        if ((interned_call_attrs[k] = PyUnicode_InternFromString(call_attrs[k])) == NULL)
-            Py_CLEAR(s_data);
     if (s_data == NULL) {
         Py_DECREF(names);
         return NULL;

@@ -85,7 +85,7 @@ def test_for_call_copies_the_calls_fields_and_computes_the_rest() -> None:
     )  # fmt: skip
     call.len = 5
     assert not Record.for_call(call, 99, "c1", 3, e, None, "client").truncated
-    with pytest.raises(AttributeError):
+    with pytest.raises(TypeError, match="needs a TlsCall"):
         Record.for_call(object(), 99, "c1", 3, e, None, "client")
     with pytest.raises(TypeError):
         Record.for_call(call, 99, "c1", 3, e, None)
