@@ -146,8 +146,8 @@ def test_data_record_fields() -> None:
         )
     )
     rec = out[-1]
-    # The table builds data records positionally (for speed): every field must
-    # land where a keyword-built Record puts it.
+    # The table builds data records with Record.for_call (C, reading the call's
+    # slots): every field must be what a keyword-built Record holds.
     assert rec == Record(
         type="data",
         ts_ns=123_456 + WALL_SHIFT,
