@@ -60,7 +60,13 @@ SSL_WRITE_PROGRAMS = {
     "probe_ssl_write_ex_enter": "ssl_write_internal entry",
     "probe_tls_return": "return",
     "tracepoint__syscalls__sys_enter_write": "sys_enter_write",
+    "tracepoint__sock__sock_send_length": "sock_send_length",
 }
+
+
+def _ran(ns_per_run: float | None) -> bool:
+    """A program's --bpf-stats median exists (NaN: it never ran in any sample)."""
+    return ns_per_run is not None and ns_per_run == ns_per_run
 
 
 class FloorProbe(Protocol):
@@ -154,9 +160,11 @@ def one_sample(
     sample: dict = {"mode": mode, "loadavg": bl.loadavg()}
     try:
         if is_tlscap(mode):
-            bpf_dir = args.variants.get(mode.partition("@")[2]) if "@" in mode else None
+            name = mode.partition("@")[2]
+            bpf_dir = args.variants.get(name)
+            extra = [*args.agent_arg, *args.agent_variants.get(name, ())]
             with bl.running_agent(
-                workdir, pids=[run.pid], extra=args.agent_arg, bpf_dir=bpf_dir,
+                workdir, pids=[run.pid], extra=extra, bpf_dir=bpf_dir,
                 env=agent_env(mode),
             ) as agent:  # fmt: skip
                 own.add(agent.proc.pid)
@@ -272,8 +280,11 @@ def summarize(
             )
             for n in names
         }
-        if all(h in per_run[m] for h in hot_programs):
-            per_run[m]["per_call"] = sum(per_run[m][h] for h in hot_programs)
+        # Sum what ran: the placement decides which entry probe that is, and
+        # sock_send_length exists on 6.3+ kernels only.
+        ran = [per_run[m][h] for h in hot_programs if _ran(per_run[m].get(h))]
+        if ran:
+            per_run[m]["per_call"] = sum(ran)
     if any(per_run.values()):
         out["bpf_ns_per_run"] = per_run
         out["bpf_hot_programs"] = hot_programs
@@ -366,7 +377,9 @@ def print_table(result: dict, out=sys.stdout) -> None:
         hot = s.get("bpf_hot_programs", SSL_WRITE_PROGRAMS)
         for m, progs in s["bpf_ns_per_run"].items():
             parts = "  ".join(
-                f"{label} {progs.get(name, float('nan')):6.0f}" for name, label in hot.items()
+                f"{label} {progs[name]:6.0f}"
+                for name, label in hot.items()
+                if _ran(progs.get(name))
             )
             total = progs.get("per_call", float("nan"))
             p(f"  {m:<{w}} {parts}  = {total:6.0f} per {call}")
@@ -441,6 +454,7 @@ def run(args: argparse.Namespace) -> dict:
             "modes": modes,
             "agent_arg": args.agent_arg,
             "variants": {k: str(v) for k, v in args.variants.items()},
+            "agent_variants": {k: " ".join(v) for k, v in args.agent_variants.items()},
             "empty_emul_probe": (
                 f"SSL_write+{probe.emulated_offset:#x}: {probe.emulated_insn}"
                 if probe is not None and probe.emulated_offset is not None
@@ -494,6 +508,14 @@ def add_sample_args(
         help="also measure mode tlscap@NAME: the agent on the bpf/ copy in DIR",
     )
     p.add_argument(
+        "--agent-variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="also measure mode tlscap@NAME: the agent with these extra `tlscap run` "
+        "arguments (space-separated), e.g. ring2='--ringbuf-mb 2'",
+    )
+    p.add_argument(
         "--bpf-stats",
         action="store_true",
         help="record the kernel's run time of each agent BPF program (adds a little "
@@ -513,6 +535,13 @@ def check_sample_args(
         if not sep or not Path(path, "tlscap.h").exists():
             p.error(f"--variant {v!r}: want NAME=DIR with DIR a copy of bpf/")
         args.variants[name] = Path(path).resolve()
+        args.modes.append(f"tlscap@{name}")
+    args.agent_variants = {}
+    for v in args.agent_variant:
+        name, sep, extra = v.partition("=")
+        if not sep or not name or name in args.variants or name in args.agent_variants:
+            p.error(f"--agent-variant {v!r}: want NAME=ARGS with a new NAME")
+        args.agent_variants[name] = extra.split()
         args.modes.append(f"tlscap@{name}")
     bad = [m for m in args.modes if m not in all_modes and not m.startswith("tlscap@")]
     if bad:
