@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from agent.probes.elf_symbols import find_symbols
 from agent.probes.gnutls_worker import RECV_WRAPPERS, find_recv_worker
 from agent.probes.nss_methods import find_nss_ssl_methods
 from agent.probes.openssl_bio import find_ssl_bio_methods
@@ -83,6 +84,7 @@ NSS_METHOD_PROBES = (
 )
 # The file next to libnspr4.so whose SSL methods serve for the NSPR probes.
 NSS_SSL_LIBRARY = "libssl3.so"
+NSPR_LIBRARY = "libnspr4.so"
 
 PROBES_BY_KIND: dict[str, tuple[ProbePoint, ...]] = {
     "libssl": OPENSSL_PROBES,
@@ -333,9 +335,15 @@ def attach_library(
         for probe in plan:
             if probe.name in attached:
                 note(probe.single_stepped_uretprobe)
+    fallback = _nspr_fallback(program, library, plan, attached)
+    attached += fallback
     # A file whose functions other probes serve (libnspr4 beside a proved libssl3) is
     # handled, not failed: its names say so.
-    attached += [f"{probe.name}: covered" for probe in plan if not probe.attached]
+    attached += [
+        f"{probe.name}: covered"
+        for probe in plan
+        if not probe.attached and probe.name not in fallback
+    ]
     if attached and PROBES_BY_KIND.get(library.kind) is OPENSSL_PROBES:
         # The SSL BIO's methods have the SSL_*_ex shape: the _ex probes serve them.
         methods = find_ssl_bio_methods(path)
@@ -346,6 +354,44 @@ def attach_library(
                 ("ssl-bio-read", methods.read_addr, read_ex),
             ])  # fmt: skip
     return attached
+
+
+def _nspr_fallback(
+    program: Attacher, library: TlsLibrary, plan: list[PlannedProbe], attached: list[str]
+) -> list[str]:
+    """NSPR's PR_Write/PR_Send/PR_Read/PR_Recv, probed after all when an SSL-layer
+    method of this file did not attach: the plan left them unprobed ("covered") in this
+    file (NSPR and NSS folded into one) or in the libnspr4.so beside this libssl3
+    (nspr_covering_library), and without them the descriptors the method served would
+    not be captured at all.  The methods that did attach stay (nothing here detaches):
+    a call on them then hits PR_Write and the method it tail-jumps to, on the same frame,
+    so tls_call_open takes the second entry for the call (counting the first as stale)
+    and it is reported once.  Returns the names attached."""
+    failed = [p.name for p in plan if p.point in NSS_METHOD_PROBES and p.name not in attached]
+    if not failed:
+        return []
+    covered = [p for p in plan if p.point in NSPR_PROBES and not p.attached]
+    if covered:
+        where, targets = library.host_path, [(p.name, p.point.symbol, p.point) for p in covered]
+    else:
+        where = os.path.join(os.path.dirname(library.host_path), NSPR_LIBRARY)
+        try:
+            present = find_symbols(where, [p.symbol for p in NSPR_PROBES])
+        except Exception as exc:  # no libnspr4 beside it: its NSPR probes were not skipped
+            log.debug("%s: no NSPR fallback at %s: %s", library.host_path, where, exc)
+            return []
+        if os.path.realpath(where) == os.path.realpath(library.host_path) or not present:
+            return []
+        targets = [(f"{p.symbol} ({where})", p.symbol, p) for p in NSPR_PROBES
+                   if p.symbol in present]  # fmt: skip
+    log.warning("%s: %s not attached: probing NSPR's %s in %s instead", library.host_path,
+                ", ".join(failed), ", ".join(p.symbol for _, _, p in targets), where)  # fmt: skip
+    names = _attach_all(program, where, targets)
+    note = getattr(program, "note_placement", None)
+    if note is not None:
+        for _ in names:
+            note(True)  # entry + uretprobe on NSPR's first instruction: single-stepped
+    return names
 
 
 def _attach_all(

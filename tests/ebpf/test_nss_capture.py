@@ -13,6 +13,7 @@ import base64
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,31 @@ def test_tstclnt_exact_and_stdio_not_recorded(agent, truth_server, tmp_path, pla
     assert conn in {r["conn_id"] for r in cap.of_type("close")}
     assert cap.stats["lost"] == 0 and cap.stats["incomplete_calls"] == 0
     assert_placement_used(cap, placement)
+
+
+def test_nspr_takes_over_when_the_methods_do_not_attach(agent, truth_server, tmp_path, monkeypatch):
+    """The methods are proved but refused at attach (a wrapper makes bcc raise for them):
+    NSPR's PR_* beside libssl3, which the plan had left covered, are probed instead and
+    the connection is captured exactly, as with the entry placement."""
+    from tests.ebpf import conftest
+
+    monkeypatch.delenv("TLSCAP_PROBE_PLACEMENT", raising=False)
+    wrapper = Path(__file__).parent / "programs" / "agent_refusing_nss_methods.py"
+    monkeypatch.setattr(conftest, "TLSCAP", [sys.executable, str(wrapper)])
+    a = agent("--log-level", "debug")
+    server = truth_server(body_size=20_000)
+    client = tstclnt(server.port, tmp_path)
+    stdout, _ = client.communicate(timeout=30)
+    cap = a.stop()
+    assert cap.returncode == 0, cap.stderr
+    [truth] = server.result()
+    assert "not attached: probing NSPR's PR_Write, PR_Send, PR_Read, PR_Recv" in cap.stderr
+    conn = assert_client_capture(cap, "tstclnt", "nss", truth, server.port)
+    assert stdout == base64.b64decode(truth["sent_b64"])
+    assert {r["conn_id"] for r in cap.data(source="nss")} == {conn}
+    # NSPR's functions trap on stdin/stdout too, and leave them out.
+    assert cap.stats["kernel_nss_plain_calls"] >= 2
+    assert cap.stats["lost"] == 0 and cap.stats["incomplete_calls"] == 0
 
 
 def test_plaintext_nspr_sockets_are_not_tls(agent, tmp_path, placement):
