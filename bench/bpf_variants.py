@@ -38,17 +38,6 @@ VARIANTS: dict[str, tuple[str, list[Edit]]] = {
         "everything but the payload read + ring output (prices emit_payload)",
         [("calls.c", "    emit_payload(e, a->buf, captured);", "    (void)e;")],
     ),
-    "two_copies": (
-        "every payload read into the per-CPU scratch event, then copied into the ring by "
-        "bpf_ringbuf_output (the code before the size-class reservation)",
-        [
-            (
-                "calls.c",
-                "    if (captured <= CHUNK_SIZE) {\n        emit_one_chunk",
-                "    if (0) {\n        emit_one_chunk",
-            )
-        ],
-    ),
     "no_fd_tp": (
         "read/write-family syscall tracepoints return at once (prices learn_fd; fd unknown)",
         [

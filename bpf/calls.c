@@ -63,86 +63,9 @@ static __always_inline u8 shed_new_connection(u32 tgid, const char *comm) {
 #endif
 }
 
-// A call of at most one chunk (nearly all of them) is read from the process
-// straight into a ring slot: bpf_ringbuf_output would copy the payload a
-// second time, out of `scratch` (that copy cost the return probe 160-230 ns
-// of its ~1.2 us for 4 KiB, bench/README.md).  A slot's size must be a constant,
-// so it is reserved in power-of-two size classes from 256 B to CHUNK_SIZE: a
-// slot holds less than twice its payload, and exactly a payload of a class's
-// size (a 4 KiB write takes a 4 KiB slot).  A record is then longer than its
-// header + chunk_len; user space reads chunk_len (agent/events/decode.py and
-// _decode.c), never the record's length.  A reservation the ring refuses with
-// room to spare is tried once more, as in ring_output.
-static __always_inline void *ring_reserve(u64 size) {
-    void *r = events.ringbuf_reserve(size);
-    if (r)
-        return r;
-    if (ring_pending_bytes() + size + 8 > (u64)TLSCAP_RINGBUF_PAGES * PAGE_SIZE)
-        return NULL;
-    count(CNT_RING_RETRIED, 1);
-    return events.ringbuf_reserve(size);
-}
-
-// One size class: `cls` is a constant once inlined (the verifier wants the
-// reserve size and the read's bound constant), 1 <= n <= cls.  0 when sent,
-// -1 when the ring refused it, -2 when the payload was not readable.
-static __always_inline int emit_sized(struct data_event *e, u64 buf, u64 n, u64 cls) {
-    u64 size = DATA_HEADER_SIZE + cls;
-    struct data_event *r = ring_reserve(size);
-    if (!r)
-        return -1;
-    __builtin_memcpy(r, e, DATA_HEADER_SIZE);
-    u64 m = n - 1;
-    u64 mask = cls - 1;
-    // A no-op for the value (n <= cls), but an AND the verifier sees: it
-    // bounds the read to the slot, which clang would not keep in C.
-    asm volatile("%0 &= %1" : "+r"(m) : "r"(mask));
-    if (bpf_probe_read_user(r->data, m + 1, (void *)buf) != 0) {
-        events.ringbuf_discard(r, BPF_RB_NO_WAKEUP);
-        return -2;
-    }
-    events.ringbuf_submit(r, wake_flag(size));
-    return 0;
-}
-
-static __always_inline void emit_one_chunk(struct data_event *e, u64 buf, u32 captured) {
-    e->chunk_off = 0;
-    e->chunk_len = captured;
-    u64 n = captured;
-    int rc;
-    if (n <= 256)
-        rc = emit_sized(e, buf, n, 256);
-    else if (n <= 512)
-        rc = emit_sized(e, buf, n, 512);
-    else if (n <= 1024)
-        rc = emit_sized(e, buf, n, 1024);
-    else if (n <= 2048)
-        rc = emit_sized(e, buf, n, 2048);
-    else if (n <= 4096)
-        rc = emit_sized(e, buf, n, 4096);
-    else if (n <= 8192)
-        rc = emit_sized(e, buf, n, 8192);
-    else
-        rc = emit_sized(e, buf, n, CHUNK_SIZE);
-    if (rc == 0) {
-        count(CNT_CHUNKS, 1);
-        return;
-    }
-    count(rc == -2 ? CNT_READ_ERRORS : CNT_LOST_EVENTS, 1);
-    count(CNT_LOST_BYTES, captured);
-}
-
 // Send the call's payload in chunks; stop at the first chunk the ring refuses
 // (later ones would be refused too, and a gap-free prefix is easier to use).
-// Larger calls go through `scratch` and ring_output (a reservation per chunk
-// in this loop is more than the verifier will explore).
 static __always_inline void emit_payload(struct data_event *e, u64 buf, u32 captured) {
-    if (captured == 0)
-        return;
-    if (captured <= CHUNK_SIZE) {
-        emit_one_chunk(e, buf, captured);
-        return;
-    }
     for (u32 i = 0; i < MAX_CHUNKS; i++) {
         u32 off = i * CHUNK_SIZE;
         if (off >= captured)
