@@ -63,7 +63,10 @@ class Record(_record.Record):
 
     Storage and construction are C (agent/records/_record.c): one is made per TLS
     call, and the dataclass this was cost ~1 µs to construct (~4 µs with
-    keywords), a fifth of the whole capture path per call with no output.
+    keywords), a fifth of the whole capture path per call with no output.  The
+    flow table makes a call's data record with `Record.for_call(call, ts_ns,
+    conn_id, fd, local, remote, role)` (C too: it reads the TlsCall's slots).
+    The annotations below document the fields; tests hold them to the C order.
     """
 
     __slots__ = ()

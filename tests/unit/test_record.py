@@ -89,3 +89,9 @@ def test_for_call_copies_the_calls_fields_and_computes_the_rest() -> None:
         Record.for_call(object(), 99, "c1", 3, e, None, "client")
     with pytest.raises(TypeError):
         Record.for_call(call, 99, "c1", 3, e, None)
+
+
+def test_the_documented_fields_are_the_c_fields_in_order() -> None:
+    from agent.records._record import FIELDS
+
+    assert tuple(Record.__annotations__) == FIELDS
