@@ -176,8 +176,9 @@ class FlowTable:
         if call.offset != expected:
             self._offset_jump(call.offset, expected)
         conn.next_offset[call.direction] = call.offset + call.len
-        # The call's own fields are copied in C: one per TLS call, and passing its
-        # 23 fields through the interpreter cost twice as much.
+        # The call's own fields are copied in C (one record per TLS call: passing
+        # them through the interpreter as 23 arguments made on_call 9.3k
+        # instructions, this 7.9k).
         record = Record.for_call(
             call, self._wall(call.ts_mono_ns), conn.conn_id, conn.fd if fdless else call.fd,
             conn.local, conn.remote, conn.role,
