@@ -65,7 +65,9 @@ def tstclnt(port: int, tmp_path: Path) -> subprocess.Popen:
         )  # fmt: skip
 
 
-def test_tstclnt_exact_and_stdio_not_recorded(agent, truth_server, tmp_path, placement):
+def capture_tstclnt(agent, truth_server, tmp_path):
+    """tstclnt's request and a 20 kB response, captured: (the capture, the server's
+    truth, tstclnt's stdout, the server's port)."""
     a = agent("--log-level", "debug")
     server = truth_server(body_size=20_000)
     client = tstclnt(server.port, tmp_path)
@@ -73,8 +75,12 @@ def test_tstclnt_exact_and_stdio_not_recorded(agent, truth_server, tmp_path, pla
     cap = a.stop()
     assert cap.returncode == 0, cap.stderr
     [truth] = server.result()
+    return cap, truth, stdout, server.port
 
-    conn = assert_client_capture(cap, "tstclnt", "nss", truth, server.port)
+
+def test_tstclnt_exact_and_stdio_not_recorded(agent, truth_server, tmp_path, placement):
+    cap, truth, stdout, port = capture_tstclnt(agent, truth_server, tmp_path)
+    conn = assert_client_capture(cap, "tstclnt", "nss", truth, port)
     assert base64.b64decode(truth["received_b64"]) == REQUEST
     # tstclnt copied the response to its stdout with PR_Write, and read the request from
     # stdin with PR_Read: plain NSPR descriptors, left out. With NSPR's functions probed
@@ -99,15 +105,9 @@ def test_nspr_takes_over_when_the_methods_do_not_attach(agent, truth_server, tmp
     monkeypatch.delenv("TLSCAP_PROBE_PLACEMENT", raising=False)
     wrapper = Path(__file__).parent / "programs" / "agent_refusing_nss_methods.py"
     monkeypatch.setattr(conftest, "TLSCAP", [sys.executable, str(wrapper)])
-    a = agent("--log-level", "debug")
-    server = truth_server(body_size=20_000)
-    client = tstclnt(server.port, tmp_path)
-    stdout, _ = client.communicate(timeout=30)
-    cap = a.stop()
-    assert cap.returncode == 0, cap.stderr
-    [truth] = server.result()
+    cap, truth, stdout, port = capture_tstclnt(agent, truth_server, tmp_path)
     assert "not attached: probing NSPR's PR_Write, PR_Send, PR_Read, PR_Recv" in cap.stderr
-    conn = assert_client_capture(cap, "tstclnt", "nss", truth, server.port)
+    conn = assert_client_capture(cap, "tstclnt", "nss", truth, port)
     assert stdout == base64.b64decode(truth["sent_b64"])
     assert {r["conn_id"] for r in cap.data(source="nss")} == {conn}
     # NSPR's functions trap on stdin/stdout too, and leave them out.
