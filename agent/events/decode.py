@@ -92,17 +92,17 @@ _PROC_KINDS: dict[int, Literal["exec", "exec_map", "exit", "hold"]] = {
 # bpf/tlscap.h's structs as struct formats (layout.py's ctypes mirrors are the
 # reference; tests check that both agree).
 _KIND = struct.Struct("<I")
-_DATA = struct.Struct("<IIIiQQQQIIIBBBx16s48sQ")  # kind first
 _CONN = struct.Struct("<Q16s16sHHHBB")
 _CLOSE = struct.Struct("<4xIIiQQ")
 _PROC = struct.Struct("<4xIQ16s")
 _BIND = struct.Struct("<4xIIiQQ48s")
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
-assert _DATA.size == layout.DATA_HEADER_SIZE
+# Data events are decoded in C (struct data_header in _decode.c, offsets checked
+# there), against the same sizes as layout.py's mirror.
+_DATA_SIZE = layout.DATA_HEADER_SIZE
 _CHUNK_SIZE = layout.CHUNK_SIZE
-# The C decoder reads struct data_event at fixed offsets.
-assert (_DATA.size, _CHUNK_SIZE) == (_decode.HEADER_SIZE, _decode.CHUNK_SIZE)
+assert (_DATA_SIZE, _CHUNK_SIZE) == (_decode.HEADER_SIZE, _decode.CHUNK_SIZE)
 assert _CONN.size == 48
 assert _BIND.size == layout.BIND_EVENT_SIZE
 
@@ -169,7 +169,7 @@ def decode_other(raw: bytes) -> Event:
         raise DecodeError(f"ring-buffer record of {len(raw)} bytes is too short")
     (kind,) = _KIND.unpack_from(raw)
     if kind == layout.EV_DATA:  # decode_batch takes every data event long enough
-        raise DecodeError(f"data event needs {_DATA.size} bytes, got {len(raw)}")
+        raise DecodeError(f"data event needs {_DATA_SIZE} bytes, got {len(raw)}")
     if kind == layout.EV_CLOSE:
         tgid, tid, fd, ts_ns, gen = _unpack(_CLOSE, raw, "CloseEvent")
         return SocketClosed(tgid, tid, fd, ts_ns, gen)
@@ -185,9 +185,9 @@ def decode_other(raw: bytes) -> Event:
 def _bad_chunk(
     length: int, call_len: int, captured_len: int, chunk_off: int, chunk_len: int
 ) -> DecodeError:
-    if chunk_len > _CHUNK_SIZE or _DATA.size + chunk_len > length:
+    if chunk_len > _CHUNK_SIZE or _DATA_SIZE + chunk_len > length:
         return DecodeError(
-            f"data chunk claims {chunk_len} payload bytes, record has {length - _DATA.size}"
+            f"data chunk claims {chunk_len} payload bytes, record has {length - _DATA_SIZE}"
         )
     return DecodeError(
         f"inconsistent data chunk: off={chunk_off} len={chunk_len} "
