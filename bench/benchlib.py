@@ -43,6 +43,11 @@ class BenchError(RuntimeError):
     pass
 
 
+def comma_list(text: str) -> list[str]:
+    """An argparse type: "a,b,,c" -> ["a", "b", "c"] (--modes, --workloads, ...)."""
+    return [item for item in text.split(",") if item]
+
+
 def tlscap_command() -> list[str]:
     exe = VENV_BIN / "tlscap"
     if exe.exists():

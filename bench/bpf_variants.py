@@ -144,7 +144,7 @@ def build_variant(name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None)
+    p.add_argument("--only", type=bl.comma_list, default=None)
     p.add_argument("--list", action="store_true")
     ours, rest = p.parse_known_args(argv)
     if ours.list or "-h" in rest or "--help" in rest:

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
         "--modes",
-        type=lambda s: [m for m in s.split(",") if m],
+        type=bl.comma_list,
         default=list(ALL_MODES),
         help=f"comma-separated subset of {','.join(ALL_MODES)} (baseline is required)",
     )

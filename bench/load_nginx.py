@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--body-size", type=int, default=nginx_lab.BODY_SIZE)
     p.add_argument(
         "--modes",
-        type=lambda s: [m for m in s.split(",") if m],
+        type=bl.comma_list,
         default=list(DEFAULT_MODES),
         help=f"comma-separated subset of {','.join(MODES)} (none is needed for the ratios)",
     )

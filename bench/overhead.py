@@ -485,7 +485,7 @@ def add_sample_args(
     p.add_argument("--size", type=int, default=4096, help=f"bytes per {call}")
     p.add_argument(
         "--modes",
-        type=lambda s: [m for m in s.split(",") if m],
+        type=bl.comma_list,
         default=list(default_modes),
         help=f"comma-separated subset of {','.join(all_modes)} (baseline is needed for 'added')",
     )

@@ -271,8 +271,8 @@ def main_instructions(args: argparse.Namespace, workloads: list[str], modes: lis
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    modes = [m for m in args.modes.split(",") if m]
-    names = [w for w in args.workloads.split(",") if w]
+    modes = bl.comma_list(args.modes)
+    names = bl.comma_list(args.workloads)
     if args.child:
         workload, mode, what = args.child
         ring, size, producer = ring_bytes(workload_events(workload, args))

@@ -636,13 +636,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--body", type=int, default=1024, help="request body bytes (echoed back)")
     p.add_argument(
         "--modes",
-        type=lambda s: [m for m in s.split(",") if m],
+        type=bl.comma_list,
         default=list(ALL_MODES),
         help=f"comma-separated subset of {','.join(ALL_MODES)}",
     )
     p.add_argument(
         "--workloads",
-        type=lambda s: [w for w in s.split(",") if w],
+        type=bl.comma_list,
         default=list(WORKLOADS),
         help=f"comma-separated subset of {','.join(WORKLOADS)}",
     )
