@@ -4,6 +4,7 @@ cluster over plain TCP. Collectors run in-process with the JetStream backend."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -113,6 +114,11 @@ class NatsServer:
     def wait_healthy(self, timeout: float = 30.0) -> None:
         wait_for(self.healthy, timeout, f"nats-server {self.name} healthy")
 
+    def meta_group(self) -> dict:
+        """This server's view of the JetStream meta group (/jsz's meta_cluster)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/jsz", timeout=1) as r:
+            return json.load(r).get("meta_cluster") or {}
+
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
@@ -142,12 +148,31 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.stop()
 
 
-@pytest.fixture
-def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
-    """Three JetStream nodes clustered over plain TCP on loopback."""
+def meta_group_complete(servers: list[NatsServer]) -> bool:
+    """The meta leader counts every other server as a current, online peer.
+
+    /healthz turns 200 once a meta leader exists, which needs only a quorum; until the
+    last peer has joined, JetStream refuses to place an R3 stream ("no suitable peers
+    for placement, peer offline").
+    """
+    by_name = {s.name: s for s in servers}
+    try:
+        leader = by_name.get(servers[0].meta_group().get("leader", ""))
+        if leader is None:
+            return False
+        peers = leader.meta_group().get("replicas") or []
+    except OSError:
+        return False
+    return len(peers) == len(servers) - 1 and all(
+        p.get("current") and not p.get("offline") for p in peers
+    )
+
+
+def cluster_servers(tmp_path: Path) -> list[NatsServer]:
+    """Three JetStream nodes routed to each other on loopback, not started yet."""
     ports = free_ports(9)
     cluster_ports = ports[6:9]
-    servers = [
+    return [
         NatsServer(
             f"n{i + 1}",
             tmp_path / f"nats-n{i + 1}",
@@ -158,12 +183,24 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
         )
         for i in range(3)
     ]
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """Three JetStream nodes clustered over plain TCP on loopback, every one of them in
+    the meta group."""
+    servers = cluster_servers(tmp_path)
     try:
         for s in servers:
             s.start(wait=False)
         deadline = time.monotonic() + 60
         for s in servers:
             s.wait_healthy(max(1.0, deadline - time.monotonic()))
+        wait_for(
+            lambda: meta_group_complete(servers),
+            max(1.0, deadline - time.monotonic()),
+            "every nats-server in the JetStream meta group",
+        )
         yield servers
     finally:
         for s in servers:

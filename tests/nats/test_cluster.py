@@ -11,7 +11,7 @@ import time
 import nats
 
 from tests.grpc.conftest import insecure, make_records, wait_for
-from tests.nats.conftest import NatsServer
+from tests.nats.conftest import NatsServer, cluster_servers
 from tests.nats.test_jetstream import read_stream
 
 
@@ -62,3 +62,43 @@ def test_r3_stream_survives_a_killed_server(
     got = sub.records()
     assert len(got) == 1200 and sorted(r.seq for r in got) == [r.seq for r in records]
     assert exp.stats()["export_lost_records"] == 0
+
+
+def test_collector_waits_out_a_cluster_still_forming(tmp_path, nats_collector_process) -> None:
+    """Two of three servers up: a meta leader exists but an R3 stream cannot be placed.
+    The collector says so and keeps trying; once the third server joins it creates the
+    stream and becomes ready, instead of exiting on its first answer."""
+    servers = cluster_servers(tmp_path)
+    try:
+        for s in servers[:2]:
+            s.start(wait=False)
+        for s in servers[:2]:
+            s.wait_healthy()
+        collector = nats_collector_process(servers, "--replicas", "3").launch()
+        wait_for(
+            lambda: (
+                "cannot create stream TLSCAP yet" in collector.log.read_text()
+                or collector.proc.poll() is not None
+            ),
+            30,
+            "the collector to meet the forming cluster",
+        )
+        assert collector.proc.poll() is None, collector.log.read_text()
+        assert "no suitable peers" in collector.log.read_text()
+        servers[2].start()
+        collector.wait_ready(40)
+        assert stream_replicas(servers[0].url) == 3
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def stream_replicas(url: str) -> int:
+    async def replicas() -> int:
+        nc = await nats.connect(url)
+        try:
+            return (await nc.jetstream().stream_info("TLSCAP")).config.num_replicas
+        finally:
+            await nc.close()
+
+    return asyncio.run(replicas())

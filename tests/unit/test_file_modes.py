@@ -98,7 +98,7 @@ def test_export_output_is_private(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        preexec_fn=lambda: os.umask(0),
+        umask=0,  # not preexec_fn: Python code in a fork of this threaded process can hang or crash
         check=False,
     )
     assert proc.returncode == 0, proc.stderr

@@ -25,7 +25,7 @@ import contextlib
 import datetime
 import logging
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -55,6 +55,12 @@ from agent.schema import pb
 from agent.schema.convert import SchemaError, from_pb
 
 log = logging.getLogger(__name__)
+
+# How long stream setup waits out a JetStream cluster that is still forming.
+STREAM_SETUP_SECONDS = 30.0
+# JetStream's error codes for "the cluster cannot place this yet": no suitable peers
+# (10005), JetStream temporarily unavailable (10008).
+_FORMING_CODES = frozenset({10005, 10008})
 
 T = TypeVar("T")
 
@@ -95,7 +101,7 @@ class JetStreamBackend:
         try:
             budget = config.connect_timeout * (len(config.servers) + 1) + 5
             self._call(self._connect(), budget)
-            self._call(self._ensure_stream(), 30.0)
+            self._call(self._ensure_stream(), STREAM_SETUP_SECONDS + 10)
             self.maintain()  # the stream's state now: what it had dropped before we started
         except BackendUnavailable as exc:
             self.close()
@@ -205,10 +211,9 @@ class JetStreamBackend:
                 discard=api.DiscardPolicy.OLD,
                 **want,
             )
-            try:
-                await jsm.add_stream(config)
-            except Exception as exc:
-                raise BackendError(f"cannot create stream {c.stream}: {_describe(exc)}") from None
+            await _while_cluster_forms(
+                lambda: jsm.add_stream(config), f"cannot create stream {c.stream}"
+            )
             log.info("created JetStream stream %s (%s)", c.stream, _limits(want))
             return
         have = info.config
@@ -545,6 +550,35 @@ def _limits(want: dict[str, Any]) -> str:
         f"{want['max_bytes']}, max_msgs {want['max_msgs']}, duplicate window "
         f"{want['duplicate_window']:.0f}s"
     )
+
+
+async def _while_cluster_forms(attempt: Callable[[], Awaitable[Any]], failure: str) -> Any:
+    """Run `attempt`, again while JetStream answers that its cluster is still forming.
+
+    A collector often starts beside freshly started NATS servers (a Deployment next to
+    a StatefulSet): each server is healthy before the meta group has heard from every
+    peer, and replicated placement fails meanwhile ("no suitable peers", "temporarily
+    unavailable"). Those answers are retried with a warning for STREAM_SETUP_SECONDS;
+    anything else, or the same after that, is the BackendError the collector exits on.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STREAM_SETUP_SECONDS
+    delay = 0.25
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not _cluster_forming(exc) or loop.time() + delay > deadline:
+                raise BackendError(f"{failure}: {_describe(exc)}") from None
+            log.warning("%s yet: %s; retrying in %.2fs", failure, _describe(exc), delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def _cluster_forming(exc: BaseException) -> bool:
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _FORMING_CODES
 
 
 def _describe(exc: BaseException) -> str:
