@@ -314,12 +314,14 @@ static __always_inline u64 wake_flag(u64 size) {
     return BPF_RB_FORCE_WAKEUP;
 }
 
-// Submit a record: 0 when the ring took it (the caller counts a loss).  The ring
-// can refuse a record with room to spare: since Linux 6.15 its lock is a
+// Submit a record: 0 when the ring took it (the caller counts a loss).  A ring
+// with room to spare can still refuse a record: since Linux 6.15 its lock is a
 // resilient spinlock, which gives up (a timeout, a suspected deadlock) where a
-// plain one would spin on, and the refusal looks like a full ring.  Measured
-// here (bench/load_nginx.py, 6.18): a few records per run at 2% fill.  Such a
-// record is tried once more; one that does not fit is not.
+// plain one would spin on, and the refusal looks like a full ring.  Such a
+// record is tried once more (CNT_RING_RETRIED); one that does not fit is not.
+// (The refusals once seen here at 2% fill were ours: user space stored the
+// consumer position a byte at a time, see agent/probes/ring_reader.py.  Since
+// it stores it whole, bench/load_nginx.py has seen no retry.)
 static __always_inline int ring_output(void *data, u64 size, u64 flags) {
     if (events.ringbuf_output(data, size, flags) == 0)
         return 0;

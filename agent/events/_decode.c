@@ -542,8 +542,83 @@ fail:
     return NULL;
 }
 
+/* ---- the ring's two positions --------------------------------------------------- */
+
+/* The producer and consumer positions are 8-byte words that the kernel reads and
+ * writes on other CPUs at any moment, so each is loaded or stored here in one
+ * access.  Python's struct does neither: '<Q' goes through _PyLong_AsByteArray, one
+ * byte at a time, and a producer that read a half-written consumer position took the
+ * ring for full and refused a record (bench/README.md, "A torn consumer position"). */
+
+static int position_at(PyObject *buffer, PyObject *offset_obj, int flags, Py_buffer *view,
+                        uint64_t **word) {
+    Py_ssize_t offset = PyLong_AsSsize_t(offset_obj);
+    if (offset == -1 && PyErr_Occurred())
+        return -1;
+    if (PyObject_GetBuffer(buffer, view, flags) < 0)
+        return -1;
+    uintptr_t at = (uintptr_t)view->buf + (uintptr_t)offset;
+    if (offset < 0 || offset + 8 > view->len || at % 8 != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "a ring position is an aligned 8-byte word: offset %zd of a %zd-byte buffer",
+                     offset, view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    *word = (uint64_t *)at;
+    return 0;
+}
+
+PyDoc_STRVAR(load_position_doc,
+"load_position(buffer, offset) -> int\n"
+"\n"
+"The 8-byte ring position at `offset`, read in one access (acquire).");
+
+static PyObject *load_position(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "load_position(buffer, offset)");
+        return NULL;
+    }
+    Py_buffer view;
+    uint64_t *word;
+    if (position_at(args[0], args[1], PyBUF_SIMPLE, &view, &word) < 0)
+        return NULL;
+    uint64_t value = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(value);
+}
+
+PyDoc_STRVAR(store_position_doc,
+"store_position(buffer, offset, value)\n"
+"\n"
+"Store the 8-byte ring position at `offset` in one access (release): the kernel\n"
+"never sees part of it.");
+
+static PyObject *store_position(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "store_position(buffer, offset, value)");
+        return NULL;
+    }
+    unsigned long long value = PyLong_AsUnsignedLongLong(args[2]);
+    if (value == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    uint64_t *word;
+    if (position_at(args[0], args[1], PyBUF_WRITABLE, &view, &word) < 0)
+        return NULL;
+    __atomic_store_n(word, (uint64_t)value, __ATOMIC_RELEASE);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"walk_records", (PyCFunction)(void (*)(void))walk_records, METH_FASTCALL, walk_records_doc},
+    {"load_position", (PyCFunction)(void (*)(void))load_position, METH_FASTCALL,
+     load_position_doc},
+    {"store_position", (PyCFunction)(void (*)(void))store_position, METH_FASTCALL,
+     store_position_doc},
     {NULL},
 };
 

@@ -17,6 +17,11 @@ replaced cost ~7.9k instructions per record, the C one ~0.3k (callgrind).  A
 batch is the ring's bytes and where its records lie in them, not one object per
 record: the decoder reads each header in place and copies only the payload, so a
 record costs no slice object of its own (agent/events/decode.py).
+
+`load_position` and `store_position` (C too) read and store the two positions, each
+in one 8-byte access: the kernel reads the consumer position while we store it, and
+a half-stored one made it refuse records (bench/README.md, "A torn consumer
+position").
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The positions: each one 8-byte access (the kernel reads them on other CPUs).
+from agent.events._decode import load_position as load_position
+from agent.events._decode import store_position as store_position
 from agent.events._decode import walk_records
 
 BUSY_BIT = 1 << 31

@@ -6,11 +6,13 @@ twice in a row by the kernel - read-only), waits on the map's fd, and hands
 whole batches of records to a Python function.  No ctypes callback per event:
 that callback alone cost more than decoding the event.
 
-Memory ordering: x86-64 keeps loads in order and never moves a store before an
-earlier load, so reading the producer position, then the records, then storing
-the consumer position needs no fences here (libbpf's acquire/release are plain
-moves on x86 too).  The agent's probes are x86-64 only (bpf/gotls.c reads the
-amd64 register ABI), and so is this reader.
+The two positions are read and stored through agent/events/ring.py (C: an acquire
+load and a release store, each one 8-byte access), never with `struct`: its '<Q'
+writes a word one byte at a time, and a kernel producer that read a half-written
+consumer position saw a full ring and refused records (bench/README.md, "A torn
+consumer position").  The records' header words are loaded the same way
+(walk_records).  The agent's probes are x86-64 only (bpf/gotls.c reads the amd64
+register ABI), and so is this reader.
 """
 
 from __future__ import annotations
@@ -19,13 +21,11 @@ import mmap
 import os
 import platform
 import select
-import struct
 from collections.abc import Callable
 
-from agent.events.ring import RingBatch, take_records
+from agent.events.ring import RingBatch, load_position, store_position, take_records
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_POSITION = struct.Struct("<Q")
 
 # Records handed over per call of the handler, at most: the consumer position
 # advances after each batch, so the kernel gets room back while we work.
@@ -69,12 +69,12 @@ class RingReader:
         us must not keep the caller from its other duties (stop requests, the
         liveness beat, stale calls)."""
         total = 0
-        (producer,) = _POSITION.unpack_from(self._producer)
-        (consumer,) = _POSITION.unpack_from(self._consumer)
+        producer = load_position(self._producer, 0)
+        consumer = load_position(self._consumer, 0)
         if producer - consumer > self.peak_pending:
             self.peak_pending = producer - consumer
         while True:
-            (consumer,) = _POSITION.unpack_from(self._consumer)
+            consumer = load_position(self._consumer, 0)
             if consumer >= producer:
                 return total
             # The data area follows the producer page in the mapping; the mmap
@@ -88,7 +88,7 @@ class RingReader:
                 if batch.spans:
                     handle(batch)
             finally:
-                _POSITION.pack_into(self._consumer, 0, taken_to)
+                store_position(self._consumer, 0, taken_to)
             total += len(batch)
 
     def close(self) -> None:
