@@ -36,7 +36,13 @@ VARIANTS: dict[str, tuple[str, list[Edit]]] = {
     ),
     "no_payload": (
         "everything but the payload read + ring output (prices emit_payload)",
-        [("calls.c", "    emit_payload(e, a->buf, captured);", "    (void)e;")],
+        [
+            (
+                "calls.c",
+                ("#if TLSCAP_SHED_BYTES > 0\n    // The ring is full", "}\n\n// Open a call"),
+                "    (void)e;\n",
+            )
+        ],
     ),
     "no_fd_tp": (
         "read/write-family syscall tracepoints return at once (prices learn_fd; fd unknown)",

@@ -49,6 +49,9 @@ METRIC_KEYS = {
     # agent has it: absent (None) in older versions.
     "shed_connections": "tlscap_shed_connections_total",
     "shed_calls": "tlscap_shed_calls_total",
+    # Followed connections cut by a full ring until it drains (one gap each).
+    "shed_midstream": "tlscap_shed_midstream_total",
+    "flow_gaps": "tlscap_flow_gaps_total",
     # Records the ring refused with room to spare and took on a second try.
     "kernel_ring_retried": "tlscap_kernel_ring_retried_total",
     # How full the ring ever was at a drain: near ring_bytes, the agent itself fell
@@ -56,7 +59,7 @@ METRIC_KEYS = {
     "ring_peak_pending_bytes": "tlscap_ring_peak_pending_bytes",
     "ring_bytes": "tlscap_ring_bytes",
 }
-STATS_KEYS = (*METRIC_KEYS, "incomplete_calls", "flow_gaps", "l7_exchanges", "l7_gaps")
+STATS_KEYS = (*METRIC_KEYS, "incomplete_calls", "l7_exchanges", "l7_gaps")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -326,6 +329,7 @@ def sample_line(s: dict) -> str:
             f", agent {fmt(s.get('agent_us_per_req'), '.1f')} us/req, "
             f"lost {st.get('lost')}, ring retried {st.get('kernel_ring_retried')}, "
             f"peak {ring_peak(st)}, shed conns {st.get('shed_connections')}, "
+            f"cuts {st.get('shed_midstream')}, gaps {st.get('flow_gaps')}, "
             f"backlog {s['agent_backlog_s']:.1f} s"
         )
     if s["mode"].startswith("l7_jsonl"):

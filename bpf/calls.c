@@ -14,9 +14,13 @@ struct ssl_key {
     u32 tgid;
     u32 _pad;
 };
+// ssl_state.shed: why a connection sends no data.
+#define SHED_AT_START 1  // it started while the ring was above the high-water mark
+#define SHED_CUT 2       // the full ring refused one of its chunks; resumes below the mark
+
 struct ssl_state {
     s32 fd;
-    u8 shed;     // started while the ring was above the high-water mark
+    u8 shed;     // 0: followed; SHED_AT_START or SHED_CUT
     u8 fd_weak;  // fd not (yet) known to be a socket: see emit_call
     u8 membio;   // its socket was found by membio_bind: its close ends this state
     u8 _pad[1];
@@ -65,7 +69,8 @@ static __always_inline u8 shed_new_connection(u32 tgid, const char *comm) {
 
 // Send the call's payload in chunks; stop at the first chunk the ring refuses
 // (later ones would be refused too, and a gap-free prefix is easier to use).
-static __always_inline void emit_payload(struct data_event *e, u64 buf, u32 captured) {
+// 1 when the ring refused one.
+static __always_inline int emit_payload(struct data_event *e, u64 buf, u32 captured) {
     for (u32 i = 0; i < MAX_CHUNKS; i++) {
         u32 off = i * CHUNK_SIZE;
         if (off >= captured)
@@ -87,10 +92,11 @@ static __always_inline void emit_payload(struct data_event *e, u64 buf, u32 capt
         if (ring_output(e, size, wake_flag(size)) != 0) {
             count(CNT_LOST_EVENTS, 1);
             count(CNT_LOST_BYTES, captured - off);
-            break;
+            return 1;
         }
         count(CNT_CHUNKS, 1);
     }
+    return 0;
 }
 
 // Memory-BIO connections (asyncio's SSLObject, Node's TLSWrap, anything over
@@ -350,7 +356,7 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
         }
     }
     if (started)
-        st->shed = shed_new_connection(tgid, e->comm);
+        st->shed = shed_new_connection(tgid, e->comm) ? SHED_AT_START : 0;
     u32 dir = a->direction & 1;
     e->offset = st->off[dir];
     // A shed connection's offsets keep counting all the same: they stay true
@@ -364,9 +370,13 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
     }
 
     count(CNT_CALLS, 1);
+    // A cut connection asks how full the ring is (~400 ns, the consumer's cache
+    // line) on each of its calls: still cheaper than the payload it does not send.
+    if (st->shed == SHED_CUT && ring_pending_bytes() <= TLSCAP_SHED_BYTES)
+        st->shed = 0;  // resumes: its offsets, counted all along, show the gap
     if (st->shed) {
-        // No data at all for it, so the connections already followed keep the
-        // ring; its close is still reported (CONN_TLS_SEEN above).
+        // No data at all for it, so the connections followed keep the ring; its
+        // close is still reported (CONN_TLS_SEEN above).
         count(CNT_SHED_CALLS, 1);
         count(CNT_SHED_BYTES, len);
         return;
@@ -377,7 +387,17 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
         count(CNT_TRUNCATED, 1);
         count(CNT_TRUNCATED_BYTES, len - captured);
     }
+#if TLSCAP_SHED_BYTES > 0
+    // The ring is full: user space is behind.  Rather than lose a chunk here and
+    // there in every connection, this one stops sending until the ring drains,
+    // and the others keep what room comes free.
+    if (emit_payload(e, a->buf, captured)) {
+        st->shed = SHED_CUT;
+        count(CNT_SHED_MIDSTREAM, 1);
+    }
+#else
     emit_payload(e, a->buf, captured);
+#endif
 }
 
 // Open a call of a C TLS library whose data functions take (connection object,

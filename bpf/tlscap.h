@@ -11,7 +11,8 @@
 //   TLSCAP_RINGBUF_PAGES  ring buffer size in pages
 //   TLSCAP_WAKE_BYTES  wake the consumer once this much data is pending
 //   TLSCAP_SHED_BYTES  ring high-water mark: connections that start while more
-//                      than this is pending are shed (0: never shed)
+//                      than this is pending are shed, and a followed one cut by a
+//                      full ring resumes below it (0: never shed or cut)
 //   TLSCAP_SOCK_LENGTH_TP  1 when the kernel has sock:sock_{send,recv}_length (6.3+)
 //   TLSCAP_TASK_PT_REGS  1 when the kernel has bpf_task_pt_regs + bpf_get_current_task_btf
 //                      (5.15+, BTF): gotls.c finds a syscall's goroutine from its registers
@@ -121,7 +122,12 @@ enum counter {
     CNT_MEMBIO_STALE = 19,
     // Records the ring refused with room to spare, submitted again (ring_output).
     CNT_RING_RETRIED = 20,
-    CNT_MAX = 21,
+    // Followed connections cut when the full ring refused one of their chunks
+    // (calls.c): they send nothing more until it drains below TLSCAP_SHED_BYTES,
+    // so one refusal leaves one gap in one connection, not holes in all of them.
+    // Their calls meanwhile count in CNT_SHED_CALLS and CNT_SHED_BYTES.
+    CNT_SHED_MIDSTREAM = 21,
+    CNT_MAX = 22,
 };
 
 #define AF_INET_ 2

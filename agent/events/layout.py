@@ -49,6 +49,7 @@ COUNTERS = (
     "membio_refused",
     "membio_stale",
     "ring_retried",
+    "shed_midstream",
 )
 
 

@@ -162,6 +162,11 @@ METRICS: dict[str, MetricSpec] = {
         "shed_connections_unattributed",
         "Shed connections left out of the per-process counts (the kernel's table was full)",
     ),
+    "shed_midstream": _counter(
+        "shed_midstream",
+        "Followed connections cut when the full ring buffer refused their data; each "
+        "resumes, with a gap, once the ring has drained below the high-water mark",
+    ),
     "shed_processes": _gauge("shed_processes", "Processes that had connections shed"),
     # -- flow table (agent/flows/table.py FlowStats) --------------------------
     "flow_connections": _counter("flow_connections", "Connections tracked by the flow table"),

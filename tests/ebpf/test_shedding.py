@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.ebpf.conftest import REPO, TLSCAP, Capture, wait_for
@@ -47,6 +49,8 @@ AFTER_NEW = 32 << 10  # OLD goes on while NEW connections are being shed
 NEW_DURING_STALL = 4
 NEW_AFTER_STALL = 2
 NEW_REQUEST, NEW_REPLY = 2000, 3000
+OVERFLOW = 2 << 20  # sent on OLD during a stall: twice the ring, so it refuses OLD's data
+RESUME_SEND, RESUME_REPLY = 8 << 10, 1024  # OLD again, once the ring has drained
 SMALL_REPLY = 16
 HEADER = struct.Struct("!II")  # payload length, reply length
 
@@ -226,7 +230,12 @@ def assert_no_holes(cap: Capture) -> None:
             expected += length
 
 
-def test_new_connections_are_shed_whole_while_followed_ones_stay_complete(tls_cert, tmp_path):
+@contextlib.contextmanager
+def stalling_agent(
+    tls_cert, tmp_path: Path
+) -> Iterator[tuple[Traffic, subprocess.Popen, PipeReader]]:
+    """The traffic program and an agent on it (a 1 MiB ring) whose stdout the test can
+    stop reading; both are killed if the test fails."""
     cert, key = tls_cert
     traffic = Traffic(cert, key)
     ready = tmp_path / "ready"
@@ -240,7 +249,37 @@ def test_new_connections_are_shed_whole_while_followed_ones_stay_complete(tls_ce
         reader = PipeReader(agent.stdout)
         wait_for(lambda: ready.exists() or agent.poll() is not None, 60, "the agent to attach")
         assert agent.poll() is None, (tmp_path / "agent.stderr").read_text()
+        yield traffic, agent, reader
+    finally:
+        for proc in (agent, traffic.proc):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
+
+def stop(traffic: Traffic, agent: subprocess.Popen, reader: PipeReader, tmp_path: Path) -> dict:
+    """Quit the traffic program (returning what it sent and received per connection),
+    then stop the agent once the last events are in."""
+    truth = traffic.ask("quit")
+    traffic.proc.wait(timeout=10)
+    time.sleep(0.3)  # let the last events arrive
+    agent.send_signal(signal.SIGINT)
+    assert agent.wait(timeout=30) == 0, (tmp_path / "agent.stderr").read_text()
+    assert reader.eof.wait(10)
+    return truth
+
+
+def stall(traffic: Traffic, agent: subprocess.Popen, reader: PipeReader, conn: int) -> None:
+    """Stop reading until the agent is stuck writing to its stdout (`conn` sends what
+    fills the pipe, with a small reply: the server has read, and the kernel emitted, it
+    all)."""
+    reader.reading.clear()
+    traffic.ask("send", conn, STALL_FILL, SMALL_REPLY)
+    wait_for(lambda: agent_blocked_writing(agent.pid), 10, "the agent to block on its pipe")
+
+
+def test_new_connections_are_shed_whole_while_followed_ones_stay_complete(tls_cert, tmp_path):
+    with stalling_agent(tls_cert, tmp_path) as (traffic, agent, reader):
         # OLD starts while the agent keeps up: it is followed.
         old = traffic.ask("open", 1000, 1000)["conn"]
         wait_for(
@@ -248,11 +287,7 @@ def test_new_connections_are_shed_whole_while_followed_ones_stay_complete(tls_ce
             10, "OLD's first exchange to be captured",
         )  # fmt: skip
 
-        # Stall: stop reading until the agent is stuck writing to its stdout.
-        reader.reading.clear()
-        # A small reply each time: the server has read (and the kernel emitted) it all.
-        traffic.ask("send", old, STALL_FILL, SMALL_REPLY)
-        wait_for(lambda: agent_blocked_writing(agent.pid), 10, "the agent to block on its pipe")
+        stall(traffic, agent, reader, old)
         traffic.ask("send", old, PAST_MARK, SMALL_REPLY)
         # The ring is now above the mark and stays there: NEW connections are shed.
         shed_ports = traffic.ask("burst", NEW_DURING_STALL)["ports"]
@@ -269,19 +304,8 @@ def test_new_connections_are_shed_whole_while_followed_ones_stay_complete(tls_ce
             30, "OLD's traffic from the stall to be written",
         )  # fmt: skip
         followed_ports = traffic.ask("burst", NEW_AFTER_STALL)["ports"]
-        truth = traffic.ask("quit")[str(old)]
         comm = Path(f"/proc/{traffic.pid}/comm").read_text().strip()
-        traffic.proc.wait(timeout=10)
-
-        time.sleep(0.3)  # let the last events arrive
-        agent.send_signal(signal.SIGINT)
-        assert agent.wait(timeout=30) == 0, (tmp_path / "agent.stderr").read_text()
-        assert reader.eof.wait(10)
-    finally:
-        for proc in (agent, traffic.proc):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        truth = stop(traffic, agent, reader, tmp_path)[str(old)]
     cap = Capture(reader.records(), (tmp_path / "agent.stderr").read_text(), agent.returncode)
 
     # The ring never overflowed: every loss below would be shedding's fault.
@@ -319,6 +343,84 @@ def test_new_connections_are_shed_whole_while_followed_ones_stay_complete(tls_ce
             assert len(cap.stream(conn, "egress")) + len(cap.stream(conn, "ingress")) == per_conn
 
     assert_no_holes(cap)
+
+
+def records_settled(reader: PipeReader, agent: subprocess.Popen, quiet: float = 0.5) -> bool:
+    """The agent wrote nothing for `quiet` seconds and is not stuck writing: it has
+    drained the ring."""
+    before = len(reader.records())
+    time.sleep(quiet)
+    return len(reader.records()) == before and not agent_blocked_writing(agent.pid)
+
+
+def check_against_truth(cap: Capture, conn: str, direction: str, truth: bytes) -> list[int]:
+    """Every captured byte of one direction is the byte sent at its offset; returns where
+    the gaps are (offsets at which captured data resumes after a hole)."""
+    chunks = sorted(
+        (r["offset"], base64.b64decode(r["data_b64"]))
+        for r in cap.data(conn_id=conn, direction=direction)
+    )
+    gaps, expected = [], 0
+    for offset, payload in chunks:
+        assert payload == truth[offset : offset + len(payload)], f"{conn} {direction} @{offset}"
+        if offset != expected:
+            assert offset > expected, f"{conn} {direction}: overlap at {offset}"
+            gaps.append(offset)
+        expected = offset + len(payload)
+    return gaps
+
+
+def test_a_followed_connection_the_full_ring_refuses_is_cut_then_resumes(tls_cert, tmp_path):
+    """When the ring is full, a followed connection whose chunk it refuses stops sending
+    until it has drained below the high-water mark: one lost event and one gap per end,
+    instead of holes in every connection. A connection quiet meanwhile stays whole."""
+    with stalling_agent(tls_cert, tmp_path) as (traffic, agent, reader):
+        old = traffic.ask("open", 1000, 1000)["conn"]
+        other = traffic.ask("open", 1000, 1000)["conn"]
+        wait_for(
+            lambda: stream_bytes(reader.records(), old, "client", "ingress") == 1000
+            and stream_bytes(reader.records(), other, "client", "ingress") == 1000,
+            10, "the first exchanges to be captured",
+        )  # fmt: skip
+        stall(traffic, agent, reader, old)
+        traffic.ask("send", old, OVERFLOW, SMALL_REPLY)  # the ring refuses it: OLD is cut
+        traffic.ask("send", old, AFTER_NEW, SMALL_REPLY)  # still cut: sends nothing
+        reader.reading.set()
+        wait_for(lambda: records_settled(reader, agent), 30, "the agent to drain the ring")
+        traffic.ask("send", other, 1000, 1000)
+        traffic.ask("send", old, RESUME_SEND, RESUME_REPLY)  # below the mark: OLD resumes
+        truth = stop(traffic, agent, reader, tmp_path)
+    cap = Capture(reader.records(), (tmp_path / "agent.stderr").read_text(), agent.returncode)
+    stats = cap.stats
+
+    # Both ends of OLD (client and server SSL objects) were cut once each, each by the
+    # one chunk the ring refused: that is all that was lost.
+    assert stats["shed_midstream"] == 2, stats
+    assert stats["lost"] == stats["kernel_lost_events"] == 2, stats
+    assert stats["shed_calls"] >= 4 and stats["shed_bytes"] >= AFTER_NEW, stats
+    assert stats["shed_connections"] == 0, stats
+
+    # OLD: every byte captured is the byte sent, with one gap per direction that had
+    # traffic while cut, and everything after the drain captured to the end.
+    sent, received = (base64.b64decode(truth[str(old)][k]) for k in ("sent_b64", "received_b64"))
+    (client,) = {r["conn_id"] for r in cap.data(role="client") if port_of(r) == old}
+    (server,) = {r["conn_id"] for r in cap.data(role="server") if port_of(r) == old}
+    for conn, out, into in ((client, "egress", "ingress"), (server, "ingress", "egress")):
+        assert len(check_against_truth(cap, conn, out, sent)) == 1
+        assert len(check_against_truth(cap, conn, into, received)) == 1
+        assert stream_end(cap, conn, out) == len(sent)
+        assert stream_end(cap, conn, into) == len(received)
+
+    # OTHER, quiet while the ring was full, is whole both ways on both ends.
+    sent, received = (base64.b64decode(truth[str(other)][k]) for k in ("sent_b64", "received_b64"))
+    (client,) = {r["conn_id"] for r in cap.data(role="client") if port_of(r) == other}
+    (server,) = {r["conn_id"] for r in cap.data(role="server") if port_of(r) == other}
+    assert cap.stream(client, "egress") == cap.stream(server, "ingress") == sent
+    assert cap.stream(client, "ingress") == cap.stream(server, "egress") == received
+
+
+def stream_end(cap: Capture, conn: str, direction: str) -> int:
+    return max(r["offset"] + r["len"] for r in cap.data(conn_id=conn, direction=direction))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["traffic"]:

@@ -44,13 +44,14 @@ def test_fraction_out_of_range_is_refused(fraction: float) -> None:
 
 
 def test_shed_counters_follow_the_kernel_enum_order() -> None:
-    # enum counter in bpf/tlscap.h: CNT_SHED_CONNECTIONS = 10 ... CNT_MAX = 14.
+    # enum counter in bpf/tlscap.h: CNT_SHED_CONNECTIONS = 10 ... 13, CNT_SHED_MIDSTREAM = 21.
     assert layout.COUNTERS[10:14] == (
         "shed_connections",
         "shed_calls",
         "shed_bytes",
         "shed_connections_unattributed",
     )
+    assert layout.COUNTERS[21] == "shed_midstream"
 
 
 KERNEL = {
@@ -60,6 +61,7 @@ KERNEL = {
     "shed_calls": 30,
     "shed_bytes": 4096,
     "shed_connections_unattributed": 1,
+    "shed_midstream": 3,
 }
 
 
@@ -70,6 +72,7 @@ def test_shed_summary_names_the_kernel_counters_once_and_each_process() -> None:
         "shed_calls": 30,
         "shed_bytes": 4096,
         "shed_connections_unattributed": 1,
+        "shed_midstream": 3,
         "shed_processes": 2,
         "shed_connections_pid_4242_curl": 4,
         "shed_connections_pid_77_nginx": 2,
