@@ -101,36 +101,40 @@ class FlowTable:
     # -- events -------------------------------------------------------------
 
     def on_call(self, call: TlsCall) -> list[Record]:
+        # The hot path of the capture: every TLS call passes here, nearly all of them
+        # on a connection already in _by_fd (locals and the checks inlined for that).
         out: list[Record] = []
         facts = None
+        fd_key = (call.tgid, call.fd)
         fdless = call.fd < 0
         if not fdless and call.fd_weak and call.socket.gen == 0:
             # A guessed fd (a file read inside the call?): a connection on it
             # only if /proc says it is a socket; otherwise the object has no
             # socket yet, like a memory BIO's.
-            key = (call.tgid, call.ssl)
-            if key in self._by_ssl and (call.tgid, call.fd) not in self._by_fd:
+            if (call.tgid, call.ssl) in self._by_ssl and fd_key not in self._by_fd:
                 fdless = True
-            elif (call.tgid, call.fd) not in self._by_fd:
+            elif fd_key not in self._by_fd:
                 facts = self._resolver.resolve(call.tgid, call.fd)
                 fdless = facts is None
         if not fdless:
-            conn = self._by_fd.get((call.tgid, call.fd))
-            if conn is not None and not self._same_socket(conn, call.socket.gen):
+            conn = self._by_fd.get(fd_key)
+            gen = call.socket.gen
+            # A new socket on this fd? (_same_socket inline: gen 0 is not known yet.)
+            if conn is not None and gen != 0 and gen != conn.gen:
                 out.extend(self._close(conn, call.ts_mono_ns, call.tid))
-                del self._by_fd[(call.tgid, call.fd)]
+                del self._by_fd[fd_key]
                 self.stats.inferred_closes += 1
                 conn = None
             if conn is None:
-                swept = self._swept.pop((call.tgid, call.fd), None) if self._swept else None
-                if swept is not None and swept.gen and swept.gen == call.socket.gen:
+                swept = self._swept.pop(fd_key, None) if self._swept else None
+                if swept is not None and swept.gen and swept.gen == gen:
                     conn = self._sweep.reopen(swept, call)
                 else:
                     conn = self._open_socket_conn(
                         call.tgid, call.fd, call.socket, call.ts_mono_ns, call.comm,
                         call.source, call.cgroup_id, facts,
                     )  # fmt: skip
-                self._by_fd[(call.tgid, call.fd)] = conn
+                self._by_fd[fd_key] = conn
                 unbound = self._by_ssl.pop((call.tgid, call.ssl), None)
                 if unbound is not None:
                     # The same TLS object carried data before its socket was
