@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,47 @@ def test_every_request_under_load_is_an_exchange(agent, tmp_path: Path, workers:
         assert response["status"] == entry.status
         assert response["body_len"] == entry.body_bytes_sent == len(lab.body)
         assert base64.b64decode(response["body_b64"]) == lab.body
+
+
+def test_nothing_is_lost_at_full_speed_without_l7(agent, tmp_path: Path) -> None:
+    """wrk flat out, `--l7 off`, a ring that holds the whole run: nothing may be lost, not a
+    chunk nor a retry, and every request nginx served is in the bytes captured on nginx's
+    side.  (The torn consumer position that once made the kernel refuse records with room
+    to spare is guarded by tests/unit/test_ring_positions.py: with a ring this big its
+    torn values no longer look full.)"""
+    missing = nginx_lab.missing_tools()
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: run `make setup` (it installs them)")
+    lab = nginx_lab.start_nginx(tmp_path / "nginx")
+    try:
+        # A ring for the whole run: JSON lines flat out can fall seconds behind on this
+        # machine, and a full ring is not what this test is about.
+        a = agent("--comm", "nginx", "--comm", "wrk", "--l7", "off", "--ringbuf-mb", "512")
+        wrk = nginx_lab.run_wrk(lab.url, WRK_CONNECTIONS, WRK_SECONDS, tmp_path)
+        served = lab.served()
+        cap = a.stop(settle=1.0)
+    finally:
+        lab.stop()
+    assert cap.returncode == 0, cap.stderr
+    stats = cap.stats
+    numbers = (
+        f"wrk: {wrk.requests} requests ({wrk.req_per_s:.0f}/s); nginx served {len(served)}; "
+        f"agent: lost={stats.get('lost')} events={stats.get('events')} "
+        f"ring_retried={stats.get('kernel_ring_retried')} "
+        f"peak={stats.get('ring_peak_pending_bytes')} of {stats.get('ring_bytes')} "
+        f"flow_gaps={stats.get('flow_gaps')} shed={stats.get('shed_connections')}"
+        f"/{stats.get('shed_midstream')}"
+    )
+    print(numbers)
+    assert len(served) > 1000, numbers
+    assert stats["lost"] == 0 and stats["flow_gaps"] == 0, numbers
+    assert not stats.get("kernel_ring_retried"), numbers
+    # nginx's request bytes, whole: every served target's request line is in them.
+    received = b"".join(
+        base64.b64decode(r["data_b64"])
+        for r in sorted(cap.data(direction="ingress"), key=lambda r: (r["conn_id"], r["offset"]))
+        if r["pid"] in lab.pids
+    )
+    requested = {m.decode() for m in re.findall(rb"GET (\S+) HTTP/1\.1\r\n", received)}
+    missing_targets = [e.target for e in served if e.target not in requested]
+    assert not missing_targets, f"{len(missing_targets)} not captured: {numbers}"
