@@ -503,6 +503,25 @@ def test_decoder_caches_are_bounded_and_stay_correct() -> None:
             )  # fmt: skip
 
 
+def test_memo_collisions_never_hand_one_socket_the_others_object() -> None:
+    """Far more sockets and names than the memo's 256 slots, interleaved, twice: many
+    share a slot, and each event still gets the objects of its own raw bytes, the same
+    object every time they repeat."""
+    decoder = EventDecoder()
+    records, expected = [], []
+    for i in range(1500):
+        sock = conn_v4((f"10.{i >> 8}.{i & 255}.9", 1000 + i), ("10.0.1.1", 443), gen=1 + i)
+        records.append(data_record(b"x", socket=sock, comm=b"p%d" % (i % 700)))
+        expected.append((Endpoint(f"10.{i >> 8}.{i & 255}.9", 1000 + i), f"p{i % 700}"))
+    first = decoder.decode_batch(RingBatch.of(records))
+    again = decoder.decode_batch(RingBatch.of(records[::-1]))[::-1]
+    for ev, ev2, (remote, comm) in zip(first, again, expected, strict=True):
+        assert (ev.socket.remote, ev.comm) == (ev2.socket.remote, ev2.comm) == (remote, comm)
+        assert ev.socket.gen == ev2.socket.gen
+    # Repeats are the very objects decoded before (memo or dict).
+    assert all(a.socket is b.socket for a, b in zip(first, again, strict=True))
+
+
 def test_a_batch_keeps_order_with_errors_in_place() -> None:
     good = data_record(b"payload")
     bad = data_record(b"payload")[:-3]  # shorter than its chunk_len
