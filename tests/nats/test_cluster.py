@@ -9,21 +9,26 @@ import threading
 import time
 
 import nats
+import nats.js.api
 
 from tests.grpc.conftest import insecure, make_records, wait_for
 from tests.nats.conftest import NatsServer, cluster_servers
 from tests.nats.test_jetstream import read_stream
 
 
-def stream_leader(url: str) -> str:
-    async def leader() -> str:
+def stream_info(url: str) -> nats.js.api.StreamInfo:
+    async def info() -> nats.js.api.StreamInfo:
         nc = await nats.connect(url)
         try:
-            return (await nc.jetstream().stream_info("TLSCAP")).cluster.leader
+            return await nc.jetstream().stream_info("TLSCAP")
         finally:
             await nc.close()
 
-    return asyncio.run(leader())
+    return asyncio.run(info())
+
+
+def stream_leader(url: str) -> str:
+    return stream_info(url).cluster.leader
 
 
 def test_r3_stream_survives_a_killed_server(
@@ -87,18 +92,7 @@ def test_collector_waits_out_a_cluster_still_forming(tmp_path, nats_collector_pr
         assert "no suitable peers" in collector.log.read_text()
         servers[2].start()
         collector.wait_ready(40)
-        assert stream_replicas(servers[0].url) == 3
+        assert stream_info(servers[0].url).config.num_replicas == 3
     finally:
         for s in servers:
             s.stop()
-
-
-def stream_replicas(url: str) -> int:
-    async def replicas() -> int:
-        nc = await nats.connect(url)
-        try:
-            return (await nc.jetstream().stream_info("TLSCAP")).config.num_replicas
-        finally:
-            await nc.close()
-
-    return asyncio.run(replicas())
