@@ -21,6 +21,7 @@ setup(
         for name in (
             "events/_decode",
             "l7/_hpack",
+            "l7/_http1",
             "records/_record",
             "redact/_stream_masker",
         )

@@ -1,57 +1,55 @@
-"""HTTP/1.x exchanges from passively captured plaintext, parsed by llhttp (httptools).
+"""HTTP/1.x exchanges from passively captured plaintext, framed by agent/l7/_http1.c.
 
 Why this design:
 
-* llhttp (Node's HTTP/1 parser, in C, through httptools) does the byte work:
-  request/status lines, headers, Content-Length and chunked bodies, keep-alive.
-  Each connection runs two parsers: the client's bytes go into a request
-  parser, the server's into a response parser, and their callbacks build the
-  messages.  Pure-Python h11 did the same job at ~100 µs per exchange; this
-  is several times cheaper (bench/l7_cost.py).
-* A response parser cannot be told which request a response answers, yet
-  that decides its framing.  The pairing here knows, and decides:
-  - a response to HEAD has no body whatever its headers say: it ends at its
-    header block, where the parser is replaced by a fresh one.  To know where
-    that is in a chunk, while a HEAD request is unanswered each response chunk
-    is fed in pieces that end at blank lines (a header block ends at the first
-    one), so "headers complete" always falls at the end of a piece;
+* A small C parser (agent/l7/_http1.c, one per direction) does the byte work:
+  request/status lines, header blocks, Content-Length and chunked bodies (with
+  trailers), bodies read until the connection closes.  One call hands back a
+  whole message head as Python objects, one more the body's end with its
+  first body_limit bytes; a message costs a few C calls, not the ~18 Python
+  callbacks llhttp (through httptools) made, nor h11's pure-Python byte work.
+* The parser stops after every head, so the pairing here, which knows which
+  request a response answers, decides what framing alone cannot before the
+  next byte is read:
+  - a response to HEAD has no body whatever its headers say: no_body();
   - 1xx responses are noted and the exchange waits for the final response
-    (llhttp frames them as bodiless messages; so are 204 and 304);
+    (the parser frames 1xx, 204 and 304 as bodiless);
   - 101, and 2xx to CONNECT: the exchange ends and parsing stops (the rest of
     the connection is another protocol);
   - a response without Content-Length or chunked framing is read until the
-    connection closes; close() ends it (httptools has no end-of-input call).
-  On the request side llhttp itself pauses after a CONNECT or Upgrade request:
-  later bytes are held until the response says whether the protocol switched.
+    connection closes; close() ends it.
+  On the request side, after a CONNECT or Upgrade request (and its body, if it
+  announced one) later bytes are held until the response says whether the
+  protocol switched.
 * HTTP/1 has no stream ids: requests pair with responses first-in-first-out,
   so one lost message would shift every later pairing.  A gap therefore ends
   the message in progress and the side resyncs only at a chunk that starts a
   new message; pairings that may be off are said so in `notes`.
-* Timestamps: chunks are fed one at a time, so a callback dates its event by
-  the chunk being fed: a chunk that finishes one message and starts the next
-  dates both correctly.
+* Timestamps: chunks are fed one at a time; a head is dated by the chunk that
+  held its first byte, a message's end by the chunk that completed it.
+* An observer follows what the peers accepted rather than enforce the RFC: it
+  keeps parsing after "Connection: close" (or HTTP/1.0 without keep-alive),
+  joins obs-fold header lines with a space (as h11 did) and takes bare LF line
+  ends.  What llhttp refused is refused too (unknown methods, targets that are
+  not visible ASCII, a CR not before its LF), so a resync on bytes that only
+  look like a message fails rather than invents one.  A header block larger
+  than _MAX_HEAD is a parse error.
 * Notes and `failed` never quote captured bytes (they could carry a secret past
-  redaction): parse errors are llhttp's fixed reason texts.
-* Work is per event, never per byte; bodies keep only body_limit bytes.
+  redaction): parse errors are the C parser's fixed reason texts.
+* Work is per message, never per byte in Python; bodies keep only body_limit bytes.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections import deque
-from functools import partial
 
-import httptools
-
+from agent.l7._http1 import END, ERROR, HEAD, MAX_HEAD, MESSAGE, NEED, Http1Stream
 from agent.l7.exchange import Exchange, Headers, HttpMessage, Side
 
-_MAX_HEAD = 1 << 20  # largest header block followed
+_MAX_HEAD = MAX_HEAD  # largest header block followed (the C parser's bound)
 _MAX_PENDING = 512  # requests awaiting a response before the oldest is given up
 _PEEK = 16384
-# Distinct header names remembered lower-cased per stream (short ones: a few KiB at most).
-_NAME_CACHE = 64
-_NAME_CACHED_LEN = 64
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT",
             b"TRACE", b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK",
             b"UNLOCK", b"REPORT", b"SEARCH", b"MKCALENDAR", b"PURGE", b"QUERY")  # fmt: skip
@@ -63,16 +61,7 @@ _REQUEST_PREFIX = re.compile(
     rb"[A-Z][A-Z_-]{2,23} [!-~]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?\Z"
 )
 _RESPONSE_START = re.compile(rb"HTTP/1\.[01] [0-9]{3}")
-# Where a header block (or a chunked body's trailer section) can end.
-_BLANK_LINE = re.compile(rb"\n\r?\n")
-# An observer follows what the peers accepted rather than enforce the RFC: peers that
-# keep talking after "Connection: close" (or HTTP/1.0 without keep-alive), obs-fold
-# header lines (joined with a space, as h11 did) and bare LF line ends in header blocks.
-_LENIENCIES = {
-    "lenient_keep_alive": True,
-    "lenient_headers": True,
-    "lenient_optional_cr_before_lf": True,
-}
+_NO_BODY = (b"", 0, None)  # what the END of a bodiless message would say
 
 
 def looks_like_request_start(data: bytes) -> bool:
@@ -95,180 +84,51 @@ def _first(headers: Headers, name: str) -> str | None:
     return None
 
 
-def _framing(headers: Headers) -> bytes:
-    """The header that frames a message's body ("" if none): to prime a parser with."""
-    te = _first(headers, "transfer-encoding")
-    if te is not None:
-        return b"transfer-encoding: " + te.encode("latin-1")
-    cl = _first(headers, "content-length")
-    if cl is not None and cl.strip() not in ("", "0"):
-        return b"content-length: " + cl.encode("latin-1")
-    return b""
-
-
-def _until_close(headers: Headers) -> bool:
-    """Whether a response body with these headers runs to the connection's end (as llhttp
-    frames it: Transfer-Encoding not ending in chunked, or no framing header at all)."""
-    te = _first(headers, "transfer-encoding")
-    if te is not None:
-        return not te.rstrip(" \t").lower().endswith("chunked")
-    return _first(headers, "content-length") is None
-
-
-class _Stop(Exception):
-    """Raised by a callback to end llhttp's work on the piece being fed, right there."""
+def _upgrades(method: str, headers: Headers) -> bool:
+    """Whether a request may switch protocols (as llhttp decides): CONNECT, or an
+    Upgrade header with "upgrade" among the Connection options."""
+    if method == "CONNECT":
+        return True
+    if _first(headers, "upgrade") is None:
+        return False
+    return any(
+        "upgrade" in (o.strip(" \t").lower() for o in value.split(","))
+        for key, value in headers
+        if key == "connection"
+    )
 
 
 class _Ex:
     """An Exchange in the making, with what pairing needs."""
 
-    __slots__ = ("ex", "head", "method", "req_done", "resp_done")
+    __slots__ = ("ex", "head", "method", "req_done", "resp_done", "upgrade")
 
-    def __init__(self, ex: Exchange, method: str) -> None:
+    def __init__(self, ex: Exchange, method: str, upgrade: bool = False) -> None:
         self.ex = ex
         self.method = method  # of the request ("GET" when the request was not seen)
         self.head = method == "HEAD"
+        self.upgrade = upgrade  # a CONNECT/Upgrade request: what follows waits for the verdict
         self.req_done = ex.request is None
         self.resp_done = False
 
 
 class _Stream:
-    """One direction: its parser (the callbacks are these methods), message in progress,
-    resync state.  The request and response subclasses differ in their first line."""
+    """One direction: its C parser, the message in progress, resync state."""
 
-    name: Side
-    parser_type: type
-
-    def __init__(self, owner: Http1Parser) -> None:
-        self.owner = owner
-        self.parser = None  # None: out of sync, waiting for a chunk that starts a message
+    def __init__(self, name: Side, body_limit: int) -> None:
+        self.name: Side = name
+        self.parser = Http1Stream(name == "response", body_limit)
+        self.synced = True  # False: waiting for a chunk that starts a message
         self.ts = 0  # of the chunk being fed
         self.fed = 0  # bytes fed since the last resync
-        self.piece_start = 0  # `fed` before the piece being fed
-        self.tail = b""  # last bytes fed: a blank line can straddle two chunks
         self.cur: _Ex | None = None  # exchange whose message this side is parsing
         self.msg: HttpMessage | None = None  # ... once its head is parsed
-        self.in_head = False
-        self.head_from = 0  # `fed` at the start of the piece where the head began
-        self.head_bytes = 0  # its bytes in later pieces (llhttp does not bound heads)
-        self.begin_ts = 0
-        # The request target / reason phrase, as llhttp hands it.  One list for good:
-        # the subclasses hand llhttp its append as the on_url / on_status callback.
-        self.text: list[bytes] = []
-        self.headers: Headers = []
-        self.trailers: Headers = []
-        self.names: dict[bytes, str] = {}  # header names as sent -> lower-case
-        self.body = bytearray()
-        self.body_len = 0
-        self.until_close = False  # the response in progress ends with the connection
-        self.informational = False  # the response in progress is a 1xx
-        self.stopped = False  # a callback raised _Stop
         self.lost = self.dropped = 0  # bytes not captured / skipped while out of sync
         self.resynced = False  # notes owed to the next message
         self.fresh = False  # resynced, and no message head parsed since
-        self.bind_callbacks(owner)
-        self.restart()
-
-    def bind_callbacks(self, owner: Http1Parser) -> None:
-        """Set the callbacks that only hand over as attributes going to their target
-        directly: a Python call less each per message (llhttp looks them up when a
-        parser is made)."""
-        raise NotImplementedError
-
-    def restart(self, protocol: object | None = None) -> None:
-        self.parser = self.parser_type(protocol or self)
-        self.parser.set_dangerous_leniencies(**_LENIENCIES)
-        self.in_head = False
-
-    # -- llhttp callbacks -------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.in_head = True
-        self.head_from = self.piece_start
-        self.head_bytes = 0
-        self.begin_ts = self.ts
-        self.text.clear()
-        self.headers = []  # each message takes its list
-        if self.trailers:  # rare: a message took it
-            self.trailers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # A connection sends the same few names again and again: each is decoded and
-        # lower-cased once.
-        lower = self.names.get(name)
-        if lower is None:
-            lower = self._new_name(name)
-        # llhttp strips the whitespace before a value, not after it.
-        field = (lower, value.decode("latin-1").rstrip(" \t"))
-        (self.headers if self.in_head else self.trailers).append(field)
-
-    def _new_name(self, name: bytes) -> str:
-        lower = name.decode("latin-1").lower()
-        if len(self.names) < _NAME_CACHE and len(name) <= _NAME_CACHED_LEN:
-            self.names[name] = lower
-        return lower
-
-    def on_body(self, data: bytes) -> None:
-        if self.msg is None:  # a 1xx response's body: not framed by HTTP
-            return
-        self.body_len += len(data)
-        room = self.owner.body_limit - len(self.body)
-        if room > 0:
-            self.body += data if len(data) <= room else data[:room]
-
-
-class _RequestStream(_Stream):
-    name = "request"
-    parser_type = httptools.HttpRequestParser
-
-    def __init__(self, owner: Http1Parser) -> None:
-        self.held: list[tuple[bytes, int]] | None = None  # blocked behind Upgrade/CONNECT
+        # Requests only: bytes held behind a CONNECT/Upgrade request awaiting its verdict.
+        self.held: list[tuple[bytes, int]] | None = None
         self.held_size = 0
-        self.last: _Ex | None = None  # the request parsed last
-        self.body_reader: _UpgradeBody | None = None
-        super().__init__(owner)
-
-    def bind_callbacks(self, owner: Http1Parser) -> None:
-        self.on_url = self.text.append
-        self.on_headers_complete = partial(owner._request_head, self)
-        self.on_message_complete = partial(owner._request_end, self)
-
-
-class _ResponseStream(_Stream):
-    name = "response"
-    parser_type = httptools.HttpResponseParser
-
-    def bind_callbacks(self, owner: Http1Parser) -> None:
-        self.on_status = self.text.append
-        self.on_headers_complete = partial(owner._response_head, self)
-        self.on_message_complete = partial(owner._response_end, self)
-
-    def on_message_begin(self) -> None:
-        if self.cur is None:  # not the final response after a 1xx
-            self.owner._start_response(self)
-        _Stream.on_message_begin(self)
-
-
-class _UpgradeBody:
-    """Callbacks of a parser primed to read only the body of an Upgrade/CONNECT request.
-
-    llhttp stops at such a request's header block, but a body it announces is
-    sent before any switch (RFC 9110 7.8): it is read by a fresh parser given a
-    synthetic head with the same framing, which stops at the body's end.
-    """
-
-    def __init__(self, st: _RequestStream) -> None:
-        self.st = st
-        self.counted = 0  # body bytes of the piece being fed (Content-Length framing)
-        self.done = False
-
-    def on_body(self, data: bytes) -> None:
-        self.counted += len(data)
-        self.st.on_body(data)
-
-    def on_message_complete(self) -> None:
-        self.done = self.st.stopped = True
-        raise _Stop
 
 
 class Http1Parser:
@@ -281,11 +141,10 @@ class Http1Parser:
         self._queue: deque[_Ex] = deque()  # not yet emitted, in stream_id order
         self._await: deque[_Ex | None] = deque()  # awaiting a response; None: request gap
         self._blocked: _Ex | None = None  # Upgrade/CONNECT request awaiting its verdict
-        self._heads = 0  # HEAD exchanges not yet emitted: response chunks go in pieces
         self._next_id = 1
         self._out: list[Exchange] = []
-        self._req = _RequestStream(self)
-        self._resp = _ResponseStream(self)
+        self._req = _Stream("request", self.body_limit)
+        self._resp = _Stream("response", self.body_limit)
 
     # -- public API -----------------------------------------------------------
 
@@ -305,7 +164,7 @@ class Http1Parser:
             return []
         st = self._req if side == "request" else self._resp
         try:
-            if st.parser is None:
+            if not st.synced:
                 st.lost += length
             else:
                 self._desync(st, length)
@@ -324,7 +183,7 @@ class Http1Parser:
         self._closed = True
         try:
             st = self._resp
-            if st.parser is not None and st.msg is not None and st.until_close:
+            if st.synced and st.msg is not None and st.parser.until_close:
                 x = self._end(st, complete=True)
                 x.ex.notes.append("response body delimited by connection close")
                 self._response_done(x)
@@ -336,87 +195,49 @@ class Http1Parser:
     # -- feeding ----------------------------------------------------------------
 
     def _chunk(self, st: _Stream, data: bytes, ts: int) -> None:
-        if st.parser is None:  # out of sync: wait for a chunk that starts a message
+        if not st.synced:  # out of sync: wait for a chunk that starts a message
             start = looks_like_request_start if st is self._req else looks_like_response_start
             if not start(data):
                 st.dropped += len(data)
                 return
-            st.restart()
-            st.fed, st.tail, st.fresh, st.resynced = 0, b"", True, True
-        if st is self._req and st.held is not None:
+            st.parser.reset()
+            st.synced = st.fresh = st.resynced = True
+            st.fed = 0
+        if st.held is not None:
             self._hold(st, data, ts)
             return
-        if st is self._resp:
-            careful = self._heads or self._blocked is not None
-        else:
-            careful = st.body_reader is not None
-        if not careful:  # most chunks: fed whole
-            st.tail = data[-2:]
-            self._feed_piece(st, data, ts)
-            return
-        pieces = self._pieces(st, data)
-        st.tail = data[-2:]
-        for i, piece in enumerate(pieces):
-            if st is self._req and st.body_reader is not None:
-                st.body_reader.counted = 0
-            self._feed_piece(st, piece, ts)
-            if self.failed is not None or st.parser is None:
-                return
-            if st is self._req and st.held is not None:  # blocked part-way: the rest waits
-                for rest in pieces[i + 1 :]:
-                    self._hold(st, rest, ts)
-                return
-
-    @staticmethod
-    def _pieces(st: _Stream, data: bytes) -> list[bytes]:
-        """`data` cut after every blank line, so a header block (or a chunked body)
-        that ends in it ends at the end of a piece."""
-        shift = len(st.tail)
-        cuts = [m.end() - shift for m in _BLANK_LINE.finditer(st.tail + data)]
-        edges = [0, *(c for c in cuts if 0 < c < len(data)), len(data)]
-        return [data[a:b] for a, b in itertools.pairwise(edges)]
-
-    def _feed_piece(self, st: _Stream, piece: bytes, ts: int) -> None:
         st.ts = ts
-        st.piece_start = st.fed
-        st.fed += len(piece)
-        parser = st.parser
-        in_head = st.in_head
-        try:
-            parser.feed_data(piece)
-        except httptools.HttpParserUpgrade as up:  # after a CONNECT or Upgrade request
-            self._block(st, piece[up.args[0] :], ts)
-        except httptools.HttpParserCallbackError as exc:
-            if not st.stopped:
-                raise (exc.__context__ or exc) from None
-            st.stopped = False
-            self._stopped(st, parser, piece, ts)
-        except httptools.HttpParserError as exc:
-            self._parse_error(st, exc.args[0] if exc.args else "invalid HTTP/1")
-            return
-        if st.in_head and in_head:  # a head begun in an earlier piece goes on
-            st.head_bytes += len(piece)
-            if st.head_bytes > _MAX_HEAD:
-                self._parse_error(st, f"header block larger than {_MAX_HEAD} bytes")
+        st.fed += len(data)
+        feed = st.parser.feed
+        pos, end = 0, len(data)
+        request = st is self._req
+        while True:
+            event, pos, value = feed(data, pos, ts)
+            if event == NEED:
+                return
+            if event == END:
+                x = self._end(st, True, value)
+                if request:
+                    self._request_done(st, x, data, pos, ts)
+                else:
+                    self._response_done(x)
+            elif event in (HEAD, MESSAGE):
+                if not request:
+                    self._response_head(st, value, event == MESSAGE)
+                elif event == HEAD:
+                    self._request_head(value)
+                else:  # a request without a body: it ended too
+                    self._request_head(value)
+                    self._request_done(st, self._end(st, True, _NO_BODY), data, pos, ts)
+            elif event == ERROR:
+                self._parse_error(st, value)
+                return
+            if self.failed is not None or not st.synced or st.held is not None:
+                return
+            if pos == end:
+                return
 
-    def _stopped(self, st: _Stream, parser: object, piece: bytes, ts: int) -> None:
-        """A callback stopped llhttp at the end of `piece` (a head it must not frame), or
-        at the end of an Upgrade request's body."""
-        if self.failed is not None or st.parser is not parser:
-            return
-        reader = st.body_reader if st is self._req else None
-        if reader is None or not reader.done:  # a response to HEAD: next message afresh
-            st.restart()
-            return
-        # The Upgrade/CONNECT request's body ended: what follows waits for the verdict.
-        chunked = _first(st.last.ex.request.headers, "transfer-encoding") is not None
-        at = len(piece) if chunked else reader.counted  # chunked: ends at a blank line
-        st.body_reader = None
-        self._end(st, complete=True)
-        self._emit_ready()
-        self._block(st, piece[at:], ts, body_read=True)
-
-    def _hold(self, st: _RequestStream, data: bytes, ts: int) -> None:
+    def _hold(self, st: _Stream, data: bytes, ts: int) -> None:
         if data:
             st.held.append((data, ts))
             st.held_size += len(data)
@@ -425,68 +246,51 @@ class Http1Parser:
 
     # -- requests -----------------------------------------------------------------
 
-    def _request_head(self, st: _RequestStream) -> None:
-        p = st.parser
-        headers = st.headers
-        msg = HttpMessage(ts_ns=st.begin_ts, method=p.get_method().decode("latin-1"),
-                          target=b"".join(st.text).decode("latin-1"),
-                          version=p.get_http_version(), headers=headers)  # fmt: skip
+    def _request_head(self, head: tuple) -> None:
+        ts, method, target, version, headers = head
+        st = self._req
+        msg = HttpMessage(ts_ns=ts, method=method, target=target, version=version,
+                          headers=headers)  # fmt: skip
         msg.authority = _first(headers, "host") or ""
-        x = _Ex(Exchange("http1", request=msg, stream_id=self._next_id), msg.method)
+        x = _Ex(Exchange("http1", request=msg, stream_id=self._next_id), method,
+                _upgrades(method, headers))  # fmt: skip
         self._next_id += 1
-        self._heads += x.head
-        st.in_head = False
-        st.last = x
         self._begin(st, x, msg)
         self._queue.append(x)
         self._await.append(x)
         if len(self._queue) > _MAX_PENDING:
             self._limit_pending()
 
-    def _request_end(self, st: _RequestStream) -> None:
-        if st.parser.should_upgrade() and _framing(st.headers):
-            return  # its body is still to come: _block reads it
-        self._end(st, complete=True)
+    def _request_done(self, st: _Stream, x: _Ex, data: bytes, pos: int, ts: int) -> None:
         self._emit_ready()
-
-    def _block(self, st: _RequestStream, rest: bytes, ts: int, body_read: bool = False) -> None:
-        """llhttp paused after a CONNECT/Upgrade request: hold what follows (after the
-        request's body, if it announced one) until the response decides."""
-        if not body_read:
-            framing = _framing(st.last.ex.request.headers)
-            if framing:
-                st.body_reader = _UpgradeBody(st)
-                st.restart(st.body_reader)
-                st.parser.feed_data(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
-                st.tail = b""
-                if rest:
-                    self._chunk(st, rest, ts)
-                return
-        self._blocked = st.last
-        st.held, st.held_size = [], 0
-        self._hold(st, rest, ts)
+        if x.upgrade and self.failed is None and st.synced:
+            # What follows a CONNECT/Upgrade request waits for the response's verdict.
+            self._blocked = x
+            st.held, st.held_size = [], 0
+            self._hold(st, data[pos:], ts)
 
     def _unblock(self) -> None:
         """The Upgrade/CONNECT request was answered without switching: resume requests."""
         self._blocked = None
         st = self._req
         held, st.held = st.held, None
-        if st.parser is None or held is None:
+        if not st.synced or held is None:
             return
-        st.restart()
-        st.tail = b""
-        for data, ts in held:
+        for i, (data, ts) in enumerate(held):
             self._chunk(st, data, ts)
             if self.failed is not None:
+                return
+            if st.held is not None:  # blocked again: the rest waits too
+                for later, later_ts in held[i + 1 :]:
+                    self._hold(st, later, later_ts)
                 return
 
     # -- responses ----------------------------------------------------------------
 
-    def _start_response(self, st: _ResponseStream) -> None:
+    def _start_response(self, st: _Stream, ts: int) -> None:
         """Pair the response now starting with the request it answers."""
         aw = self._await
         notes = []
-        ts = st.ts
         if aw and aw[0] is None:  # requests may have been lost in a request-side gap
             nxt = aw[1] if len(aw) > 1 else None
             if nxt is not None and (nxt.ex.request is None or nxt.ex.request.ts_ns <= ts):
@@ -505,46 +309,32 @@ class Http1Parser:
             x.ex.notes.extend(n for n in notes if n not in x.ex.notes)  # x may be re-paired
         st.cur, st.msg = x, None
 
-    def _response_head(self, st: _ResponseStream) -> None:
-        p = st.parser
-        status = p.get_status_code()
-        reason = b"".join(st.text).decode("latin-1")
+    def _response_head(self, st: _Stream, head: tuple, bodiless: bool) -> None:
+        ts, status, reason, version, headers = head
+        if st.cur is None:  # not the final response after a 1xx
+            self._start_response(st, ts)
         x = st.cur
-        st.in_head = False
         if 100 <= status < 200 and status != 101:  # the final response is still to come
             x.ex.notes.append(f"{status} {reason}")
-            st.informational = True
             return
-        headers = st.headers
-        msg = HttpMessage(ts_ns=st.begin_ts, status=status, reason=reason,
-                          version=p.get_http_version(), headers=headers)  # fmt: skip
+        msg = HttpMessage(ts_ns=ts, status=status, reason=reason, version=version,
+                          headers=headers)  # fmt: skip
         x.ex.response = msg
         self._begin(st, x, msg)
         if status == 101 or (x.method == "CONNECT" and 200 <= status < 300):
             # Switched (to the Upgrade, or into a tunnel): no longer HTTP/1.
-            self._end(st, complete=True)
+            self._end(st, True, _NO_BODY)
             req = x.ex.request
             to = _first(headers, "upgrade") or (req.header("upgrade") if req else None)
             if to is None and req is not None and req.method == "CONNECT":
                 to = f"a CONNECT tunnel to {req.target}"
             self._emit_ready()
             self._fail(f"protocol switched to {to or 'another protocol'}", "protocol switched")
-            st.stopped = True
-            raise _Stop
-        if x.head:  # no body whatever the headers say; llhttp would wait for one
-            self._response_done(self._end(st, complete=True))
-            st.stopped = True
-            raise _Stop
-        st.until_close = status not in (204, 304) and _until_close(headers)
-
-    def _response_end(self, st: _ResponseStream) -> None:
-        if st.informational:
-            st.informational = False
             return
-        self._response_done(self._end(st, complete=True))
-        if self.failed is not None:  # while resuming the requests behind an Upgrade
-            st.stopped = True
-            raise _Stop
+        if bodiless or x.head:  # a response to HEAD has no body whatever the headers say
+            if not bodiless:
+                st.parser.no_body()
+            self._response_done(self._end(st, True, _NO_BODY))
 
     def _response_done(self, x: _Ex) -> None:
         if self._blocked is x:
@@ -555,8 +345,6 @@ class Http1Parser:
 
     def _begin(self, st: _Stream, x: _Ex, msg: HttpMessage) -> None:
         st.cur, st.msg = x, msg
-        st.body.clear()  # its bytes went to the last message as a copy
-        st.body_len = 0
         st.fresh = False
         if st.resynced:
             lost = [f"{st.lost} bytes not captured"] if st.lost else []
@@ -566,25 +354,29 @@ class Http1Parser:
             )
             st.resynced, st.lost, st.dropped = False, 0, 0
 
-    def _end(self, st: _Stream, complete: bool) -> _Ex:
-        """The message in progress ended: completely, or cut short."""
+    def _end(self, st: _Stream, complete: bool, done: tuple | None = None) -> _Ex:
+        """The message in progress ended: completely (`done`: its body, body length and
+        trailers as the parser reports them; None: what the parser holds), or cut short."""
         x, msg = st.cur, st.msg
         st.cur = st.msg = None
-        st.until_close = False
         if st is self._req:
             x.req_done = True
         else:
             x.resp_done = True
         if msg is not None:
-            if st.body:
-                msg.body = bytes(st.body)
-            msg.body_len = st.body_len
-            msg.body_truncated = st.body_len > len(msg.body)
+            if done is None:
+                body, body_len = st.parser.take_body()
+                trailers = None
+            else:
+                body, body_len, trailers = done
+            msg.body = body
+            msg.body_len = body_len
+            msg.body_truncated = body_len > len(body)
             if complete:
                 msg.complete = True
                 msg.end_ts_ns = st.ts
-                if st.trailers:
-                    msg.trailers, st.trailers = st.trailers, []
+                if trailers:
+                    msg.trailers = trailers
         return x
 
     # -- losing sync ------------------------------------------------------------------
@@ -592,7 +384,7 @@ class Http1Parser:
     def _parse_error(self, st: _Stream, reason: str) -> None:
         if st.fresh:  # a resync on something that only looked like a message
             st.dropped += st.fed
-            st.in_head = False  # all of it is counted already
+            st.parser.reset()  # its partial head is counted already
             self._desync(st, 0)
             return
         self._fail(f"HTTP/1 parse error in {st.name} stream: {reason}", f"parse error: {reason}")
@@ -603,21 +395,19 @@ class Http1Parser:
             self._end(st, complete=False).ex.notes.append(f"{lost} bytes not captured in {st.name}")
         else:
             st.lost += lost
-            if st.in_head:  # a partial head (counted from the piece it began in)
-                st.dropped += st.fed - st.head_from
+            st.dropped += st.parser.head_len  # a partial head
             if st.cur is not None:  # response head not seen: its request awaits again
                 self._await.appendleft(st.cur)
                 st.cur = None
-        st.informational = False
         if st is self._req:
             if st.held is not None:
                 st.dropped += st.held_size
                 st.held = None
-            st.body_reader = None
             self._blocked = None
             if not self._await or self._await[-1] is not None:
                 self._await.append(None)
-        st.parser = None
+        st.parser.reset()
+        st.synced = False
         st.resynced = True
         if self._blocked is not None and self._blocked.resp_done:
             self._unblock()  # its response was cut short: assume it did not switch
@@ -635,7 +425,6 @@ class Http1Parser:
     # -- emitting -------------------------------------------------------------
 
     def _emit(self, x: _Ex) -> None:
-        self._heads -= x.head
         self._out.append(x.ex)
 
     def _emit_ready(self) -> None:
@@ -662,7 +451,7 @@ class Http1Parser:
         if self.failed is None:
             self.failed = reason
             self._flush(why)
-            self._req.parser = self._resp.parser = None
+            self._req.synced = self._resp.synced = False
 
     def _internal_error(self, exc: BaseException) -> None:
         # The type only: an exception's text can quote captured bytes.
