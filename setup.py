@@ -24,6 +24,7 @@ setup(
             "l7/_http1",
             "records/_record",
             "redact/_stream_masker",
+            "sinks/_exchange_json",
         )
     ]
 )

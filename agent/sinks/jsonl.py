@@ -6,10 +6,13 @@ lines survive any consumer's decoding.
 
 Data and exchange records are most of what a busy node writes, so their lines
 are built for speed: the identity fields, which stay the same for every call of
-a connection, are encoded once per connection and kept, and a payload goes
-through SIMD base64 straight into the line.  Every other record is
+a connection, are encoded once per connection and kept, a payload goes through
+SIMD base64 straight into the line, and an HTTP exchange is encoded by one C
+call (agent/sinks/_exchange_json.c; gRPC exchanges, and anything it does not
+take, go through Exchange.to_json() and orjson).  Every other record is
 Record.to_json() through orjson.  tests/unit/test_sinks.py checks that both give
-the same objects.
+the same objects, tests/unit/test_exchange_json.py that the C encoder gives
+json.dumps' bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import orjson
 import pybase64
 
 from agent.records.record import Record
+from agent.sinks._exchange_json import exchange_json
 from agent.sinks.base import OutputError, PeriodicFlusher
 
 # Connections whose identity fragments are kept; past this the cache starts over.
@@ -77,11 +81,16 @@ class JsonLineEncoder:
             )  # fmt: skip
         if kind == "exchange" and record.exchange is not None:
             # One per HTTP exchange with L7 on: the connection's fragments again,
-            # and only the exchange itself built as an object.
+            # and the exchange in one C call; TypeError: one it does not take
+            # (gRPC, an odd field), which to_json() and a JSON encoder do.
             cached = self._identity(record)
+            try:
+                exchange = exchange_json(record.exchange)
+            except TypeError:
+                exchange = _ascii_json(record.exchange.to_json())
             return _EXCHANGE_LINE % (
                 record.ts_ns, cached[1], record.seq, record.tid, cached[2],
-                _ascii_json(record.protocol), _ascii_json(record.exchange.to_json()),
+                _ascii_json(record.protocol), exchange,
             )  # fmt: skip
         return _ascii_json(record.to_json()) + b"\n"
 

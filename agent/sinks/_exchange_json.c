@@ -1,0 +1,604 @@
+/* An HTTP exchange as one compact JSON object, in C: the "exchange" member of the
+ * JSON lines agent/sinks/jsonl.py writes.
+ *
+ * Why C: with HTTP parsing on, every exchange becomes a line, and building the nested
+ * dicts of Exchange.to_json() and orjson-encoding them cost ~4 us per exchange (about
+ * a fifth of the agent's instructions per HTTP exchange).  Here the fields are read
+ * from the objects' slots and written straight into the bytes object returned.
+ *
+ * The API: exchange_json(exchange) -> bytes, exactly what
+ *   json.dumps(exchange.to_json(), separators=(",", ":")).encode()
+ * gives (same keys in the same order, ASCII only, json.dumps' escapes byte for byte:
+ * \uXXXX in lower-case hex, astral code points as surrogate pairs, lone surrogates
+ * escaped as they are) for an agent.l7.exchange.Exchange, exact type, whose grpc is
+ * None and whose fields hold what the dataclasses declare (str, int that fits in a
+ * long long, bool, bytes, lists of str and of (str, str) pairs).  Anything else
+ * (a GrpcCall, a subclass, a huge int, a non-str header name, an unset slot) raises
+ * TypeError: the caller then takes the Python path, to_json() and a JSON encoder.
+ * (The only difference from that path for ASCII text: DEL (0x7f) is escaped
+ * "\u007f" as json.dumps does; orjson writes it raw.  Both are the same JSON.)
+ *
+ * The fields are read through the classes' slot member descriptors, resolved when
+ * the module loads (checked there to be object slots inside the instance), on
+ * instances of exactly those classes, so no attribute look-up or Python code runs
+ * while a line is built: the lists cannot change under us.  Every write reserves its
+ * room first (short ASCII text its worst case, other text its exact escaped length,
+ * measured first), every size is checked for overflow, nothing reads past a string's
+ * or a body's end, and the nesting is fixed (no recursion).
+ *
+ * Per exchange (a GET with 5 headers and a 1.5 KiB response body) this is ~11.5k
+ * instructions where to_json() and orjson were ~52k: the strings (8 characters at a
+ * time), the body's base64 (two characters per table look-up), the numbers and the
+ * object's fixed text.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+#include <structmember.h>
+
+/* Text and base64 are handled 8 bytes at a time in a uint64_t, loaded and stored
+ * with memcpy: the first byte in the low bits. */
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "_exchange_json.c assumes a little-endian CPU"
+#endif
+
+/* The slots read, by class: their offsets in the instance, found at load time. */
+#define EXCHANGE_FIELDS(X) X(protocol) X(request) X(response) X(stream_id) X(grpc) \
+    X(notes) X(redactions)
+#define MESSAGE_FIELDS(X) X(ts_ns) X(end_ts_ns) X(method) X(target) X(authority) X(status) \
+    X(reason) X(version) X(headers) X(trailers) X(body) X(body_len) X(body_truncated) \
+    X(complete)
+#define AS_ENUM(name) F_##name,
+#define AS_NAME(name) #name,
+
+enum { EXCHANGE_FIELDS(AS_ENUM) N_EXCHANGE_FIELDS };
+enum { MESSAGE_FIELDS(AS_ENUM) N_MESSAGE_FIELDS };
+static const char *const exchange_names[] = {EXCHANGE_FIELDS(AS_NAME)};
+static const char *const message_names[] = {MESSAGE_FIELDS(AS_NAME)};
+
+static PyTypeObject *ExchangeType, *MessageType;
+static Py_ssize_t exchange_at[N_EXCHANGE_FIELDS], message_at[N_MESSAGE_FIELDS];
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* A slot's value (borrowed), or NULL if unset. */
+#define SLOT(obj, at) (*(PyObject **)((char *)(obj) + (at)))
+
+/* Bytes a character of text takes once escaped: 1 (as is), 2 (\" \\ \n ...) or 6. */
+static unsigned char ascii_width[128];
+static const char HEX[] = "0123456789abcdef";
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/* Two base64 characters per 12 bits of input: half the table look-ups of one per 6. */
+static uint16_t b64_pairs[4096];
+
+/* -- the output: a bytes object grown as needed --------------------------------------- */
+
+typedef struct {
+    PyObject *bytes; /* its size is the capacity */
+    char *p;         /* PyBytes_AS_STRING(bytes) */
+    Py_ssize_t len, cap;
+} Out;
+
+/* Grows the output to hold n more bytes, or -1 (MemoryError). */
+static int grow(Out *o, Py_ssize_t n) {
+    if (n > PY_SSIZE_T_MAX - o->len) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t need = o->len + n;
+    Py_ssize_t cap = o->cap <= PY_SSIZE_T_MAX / 2 ? o->cap * 2 : PY_SSIZE_T_MAX;
+    if (cap < need)
+        cap = need;
+    if (_PyBytes_Resize(&o->bytes, cap) < 0) /* frees it and sets NULL on failure */
+        return -1;
+    o->p = PyBytes_AS_STRING(o->bytes);
+    o->cap = cap;
+    return 0;
+}
+
+/* Room for n more bytes.  Always inline, as put(): most writes are a few bytes of
+ * literal text, which then compile to a compare and a few moves, not a memcpy call. */
+INLINE int reserve(Out *o, Py_ssize_t n) {
+    return n <= o->cap - o->len ? 0 : grow(o, n);
+}
+
+INLINE int put(Out *o, const char *s, Py_ssize_t n) {
+    if (reserve(o, n) < 0)
+        return -1;
+    memcpy(o->p + o->len, s, (size_t)n);
+    o->len += n;
+    return 0;
+}
+
+/* A literal, e.g. PUT(o, ",\"ts_ns\":") */
+#define PUT(o, lit) put((o), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+static int unsupported(const char *what) {
+    PyErr_Format(PyExc_TypeError, "exchange_json: %s", what);
+    return -1;
+}
+
+/* -- values ------------------------------------------------------------------------- */
+
+/* A C long long from an exact int (bool and subclasses go to the Python path), or
+ * -1 with TypeError. */
+static int as_int64(PyObject *v, long long *x) {
+    if (v == NULL || !PyLong_CheckExact(v))
+        return unsupported("an int field holds something else");
+    int overflow = 0;
+    *x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow)
+        return unsupported("an int beyond 64 bits");
+    return *x == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* x in decimal, as int.__repr__: by hand, two digits at a time, straight into the
+ * output (snprintf cost ~0.1 us a number, a timestamp has 19 digits, and even a
+ * memcpy call from a digit buffer showed in profiles). */
+static char digit_pairs[200]; /* "00" "01" ... "99" */
+
+static int put_int64(Out *o, long long x) {
+    unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+    int len = 1; /* digits: at most 20 */
+    for (unsigned long long bound = 10; len < 20 && u >= bound; bound *= 10)
+        len++;
+    if (reserve(o, len + 1) < 0)
+        return -1;
+    char *w = o->p + o->len;
+    if (x < 0)
+        *w++ = '-';
+    o->len = w + len - o->p;
+    w += len; /* written backwards from here */
+    for (; u >= 100; u /= 100) {
+        w -= 2;
+        memcpy(w, digit_pairs + 2 * (u % 100), 2);
+    }
+    if (u >= 10) {
+        w -= 2;
+        memcpy(w, digit_pairs + 2 * u, 2);
+    } else {
+        *--w = (char)('0' + u);
+    }
+    return 0;
+}
+
+static int put_int(Out *o, PyObject *v) {
+    long long x;
+    return as_int64(v, &x) < 0 ? -1 : put_int64(o, x);
+}
+
+static int put_bool(Out *o, PyObject *v) {
+    if (v == Py_True)
+        return PUT(o, "true");
+    if (v == Py_False)
+        return PUT(o, "false");
+    return unsupported("a bool field holds something else");
+}
+
+/* Whether 8 ASCII bytes (all below 0x80: both callers read ASCII strings only) hold
+ * one that json.dumps escapes: a control character, a quote, a backslash or DEL.  In
+ * each term a byte's high bit comes on exactly when it is such a byte (below 0x20,
+ * equal to one of them, 0x7f + 1); a borrow only ever crosses out of a byte that is
+ * one already, so the answer for the word is exact. */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+INLINE int needs_escape(uint64_t x) {
+    return (((x - ONES * 0x20) | ((x ^ ONES * '"') - ONES) | ((x ^ ONES * '\\') - ONES) |
+             (x + ONES)) & HIGHS) != 0;
+}
+
+/* The escaped length of code point c (without the quotes). */
+static Py_ssize_t escaped_width(Py_UCS4 c) {
+    if (c < 128)
+        return ascii_width[c];
+    return c >= 0x10000 ? 12 : 6;
+}
+
+static char *put_u(char *w, Py_UCS4 c) {
+    w[0] = '\\';
+    w[1] = 'u';
+    w[2] = HEX[(c >> 12) & 0xf];
+    w[3] = HEX[(c >> 8) & 0xf];
+    w[4] = HEX[(c >> 4) & 0xf];
+    w[5] = HEX[c & 0xf];
+    return w + 6;
+}
+
+static inline char *put_escaped(char *w, Py_UCS4 c) {
+    if (c < 128 && ascii_width[c] == 1) {
+        *w++ = (char)c;
+        return w;
+    }
+    switch (c) {
+    case '"': *w++ = '\\'; *w++ = '"'; return w;
+    case '\\': *w++ = '\\'; *w++ = '\\'; return w;
+    case '\b': *w++ = '\\'; *w++ = 'b'; return w;
+    case '\f': *w++ = '\\'; *w++ = 'f'; return w;
+    case '\n': *w++ = '\\'; *w++ = 'n'; return w;
+    case '\r': *w++ = '\\'; *w++ = 'r'; return w;
+    case '\t': *w++ = '\\'; *w++ = 't'; return w;
+    default: break;
+    }
+    if (c >= 0x10000) { /* a surrogate pair, as json.dumps writes it */
+        Py_UCS4 v = c - 0x10000;
+        w = put_u(w, 0xd800 | ((v >> 10) & 0x3ff));
+        return put_u(w, 0xdc00 | (v & 0x3ff));
+    }
+    return put_u(w, c); /* control characters, DEL, the BMP (lone surrogates too) */
+}
+
+/* Short ASCII text (nearly every string here: header names and values, methods,
+ * targets) in one pass: room for the worst case (6 bytes a character) is reserved,
+ * and 8 characters at a time are copied while none needs escaping. */
+#define SHORT_TEXT 4096
+
+static int put_short_ascii(Out *o, const Py_UCS1 *s, Py_ssize_t n) {
+    /* the worst case, and 8 bytes for the store of a short last word */
+    if (reserve(o, n * 6 + 10) < 0)
+        return -1;
+    char *w = o->p + o->len;
+    *w++ = '"';
+    for (Py_ssize_t k = 0; k < n; k += 8) {
+        Py_ssize_t m = n - k;
+        uint64_t x;
+        if (m >= 8) {
+            m = 8;
+            memcpy(&x, s + k, 8);
+        } else if (n >= 8) { /* the last 8 bytes, shifted: the ones already done drop out */
+            memcpy(&x, s + n - 8, 8);
+            x = x >> (8 * (8 - m)) | (ONES * ' ') << (8 * m); /* padded with spaces */
+        } else { /* a string shorter than a word: byte by byte (no reading past its end) */
+            x = (ONES * ' ') << (8 * m);
+            for (Py_ssize_t j = 0; j < m; j++)
+                x |= (uint64_t)s[j] << (8 * j);
+        }
+        if (!needs_escape(x)) {
+            memcpy(w, &x, 8); /* a short word's padding lies past what is kept */
+            w += m;
+        } else {
+            for (Py_ssize_t j = 0; j < m; j++)
+                w = put_escaped(w, s[k + j]);
+        }
+    }
+    *w++ = '"';
+    o->len = w - o->p;
+    return 0;
+}
+
+/* Any other str (not ASCII, or long), in two passes: the escaped length first
+ * (exact, so a long string reserves what it needs and no more), then the bytes. */
+static int put_text(Out *o, PyObject *v) {
+#if PY_VERSION_HEX < 0x030C0000 /* legacy strings; 3.12 has none (and deprecates this) */
+    if (PyUnicode_READY(v) < 0)
+        return -1;
+#endif
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v);
+    int kind = PyUnicode_KIND(v);
+    const void *data = PyUnicode_DATA(v);
+    /* At most 12 bytes per code point: no overflow below this bound. */
+    if (n > (PY_SSIZE_T_MAX - 2) / 12)
+        return (PyErr_NoMemory(), -1);
+    Py_ssize_t width = 0;
+    if (kind == PyUnicode_1BYTE_KIND) {
+        const Py_UCS1 *s = data;
+        Py_ssize_t k = 0;
+        if (PyUnicode_IS_ASCII(v)) /* 8 characters at a time while none needs escaping */
+            for (; n - k >= 8; k += 8) {
+                uint64_t x;
+                memcpy(&x, s + k, 8);
+                if (needs_escape(x)) {
+                    for (int j = 0; j < 8; j++)
+                        width += ascii_width[s[k + j]];
+                } else {
+                    width += 8;
+                }
+            }
+        for (; k < n; k++)
+            width += s[k] < 128 ? ascii_width[s[k]] : 6;
+    } else {
+        for (Py_ssize_t k = 0; k < n; k++)
+            width += escaped_width(PyUnicode_READ(kind, data, k));
+    }
+    if (reserve(o, width + 2) < 0)
+        return -1;
+    char *w = o->p + o->len;
+    *w++ = '"';
+    if (width == n && kind == PyUnicode_1BYTE_KIND) { /* nothing to escape */
+        memcpy(w, data, (size_t)n);
+        w += n;
+    } else if (kind == PyUnicode_1BYTE_KIND) {
+        const Py_UCS1 *s = data;
+        for (Py_ssize_t k = 0; k < n; k++)
+            w = put_escaped(w, s[k]);
+    } else {
+        for (Py_ssize_t k = 0; k < n; k++)
+            w = put_escaped(w, PyUnicode_READ(kind, data, k));
+    }
+    *w++ = '"';
+    o->len = w - o->p;
+    return 0;
+}
+
+/* A str as a JSON string. */
+INLINE int put_str(Out *o, PyObject *v) {
+    if (v == NULL || !PyUnicode_Check(v))
+        return unsupported("a str field holds something else");
+    /* (a legacy string, possible before 3.12, is not compact: not IS_ASCII) */
+    if (PyUnicode_IS_COMPACT_ASCII(v) && PyUnicode_GET_LENGTH(v) <= SHORT_TEXT)
+        return put_short_ascii(o, PyUnicode_1BYTE_DATA(v), PyUnicode_GET_LENGTH(v));
+    return put_text(o, v);
+}
+
+/* A list of str as a JSON array. */
+static int put_str_list(Out *o, PyObject *v) {
+    if (v == NULL || !PyList_Check(v))
+        return unsupported("notes or redactions is not a list");
+    if (PUT(o, "[") < 0)
+        return -1;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(v); k++)
+        if ((k && PUT(o, ",") < 0) || put_str(o, PyList_GET_ITEM(v, k)) < 0)
+            return -1;
+    return PUT(o, "]");
+}
+
+/* Headers or trailers, (name, value) pairs, as an array of 2-element arrays. */
+static int put_pairs(Out *o, PyObject *v) {
+    if (v == NULL || !PyList_Check(v))
+        return unsupported("headers or trailers is not a list");
+    if (PUT(o, "[") < 0)
+        return -1;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(v); k++) {
+        PyObject *pair = PyList_GET_ITEM(v, k);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2)
+            return unsupported("a header is not a (name, value) tuple");
+        if ((k && PUT(o, ",") < 0) || PUT(o, "[") < 0 ||
+            put_str(o, PyTuple_GET_ITEM(pair, 0)) < 0 || PUT(o, ",") < 0 ||
+            put_str(o, PyTuple_GET_ITEM(pair, 1)) < 0 || PUT(o, "]") < 0)
+            return -1;
+    }
+    return PUT(o, "]");
+}
+
+/* bytes as a JSON string of standard base64 with padding (pybase64.b64encode's). */
+static int put_base64(Out *o, PyObject *v) {
+    if (v == NULL || !PyBytes_Check(v))
+        return unsupported("a body is not bytes");
+    Py_ssize_t n = PyBytes_GET_SIZE(v);
+    if (n > (PY_SSIZE_T_MAX / 4 - 3) * 3 - 2)
+        return (PyErr_NoMemory(), -1);
+    if (reserve(o, (n + 2) / 3 * 4 + 2) < 0)
+        return -1;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(v);
+    char *w = o->p + o->len;
+    *w++ = '"';
+    Py_ssize_t k = 0;
+    /* 6 bytes at a time from one 8-byte load (the 2 extra bytes are read, never
+     * used: hence >= 8): 4 look-ups, one 8-byte store. */
+    for (; n - k >= 8; k += 6) {
+        uint64_t x;
+        memcpy(&x, s + k, 8);
+        x = __builtin_bswap64(x) >> 16; /* the 6 bytes, big-endian, in the low 48 bits */
+        uint64_t out = (uint64_t)b64_pairs[(x >> 36) & 0xfff] |
+                       (uint64_t)b64_pairs[(x >> 24) & 0xfff] << 16 |
+                       (uint64_t)b64_pairs[(x >> 12) & 0xfff] << 32 |
+                       (uint64_t)b64_pairs[x & 0xfff] << 48;
+        memcpy(w, &out, 8);
+        w += 8;
+    }
+    for (; n - k >= 3; k += 3) {
+        uint32_t x = (uint32_t)s[k] << 16 | (uint32_t)s[k + 1] << 8 | s[k + 2];
+        uint16_t hi = b64_pairs[x >> 12], lo = b64_pairs[x & 0xfff];
+        memcpy(w, &hi, 2);
+        memcpy(w + 2, &lo, 2);
+        w += 4;
+    }
+    if (n - k == 1) {
+        uint32_t x = (uint32_t)s[k] << 16;
+        w[0] = B64[x >> 18];
+        w[1] = B64[(x >> 12) & 0x3f];
+        w[2] = w[3] = '=';
+        w += 4;
+    } else if (n - k == 2) {
+        uint32_t x = (uint32_t)s[k] << 16 | (uint32_t)s[k + 1] << 8;
+        w[0] = B64[x >> 18];
+        w[1] = B64[(x >> 12) & 0x3f];
+        w[2] = B64[(x >> 6) & 0x3f];
+        w[3] = '=';
+        w += 4;
+    }
+    *w++ = '"';
+    o->len = w - o->p;
+    return 0;
+}
+
+/* -- the objects ---------------------------------------------------------------------- */
+
+/* An HttpMessage (exact type) as Exchange.to_json()'s HttpMessage.to_json(). */
+static int put_message(Out *o, PyObject *m) {
+    if (!Py_IS_TYPE(m, MessageType))
+        return unsupported("a request or response is not an HttpMessage");
+#define F(name) SLOT(m, message_at[F_##name])
+    if (PUT(o, "{\"ts_ns\":") < 0 || put_int(o, F(ts_ns)) < 0 ||
+        PUT(o, ",\"end_ts_ns\":") < 0 || put_int(o, F(end_ts_ns)) < 0 ||
+        PUT(o, ",\"method\":") < 0 || put_str(o, F(method)) < 0 ||
+        PUT(o, ",\"target\":") < 0 || put_str(o, F(target)) < 0 ||
+        PUT(o, ",\"authority\":") < 0 || put_str(o, F(authority)) < 0 ||
+        PUT(o, ",\"status\":") < 0 || put_int(o, F(status)) < 0 ||
+        PUT(o, ",\"reason\":") < 0 || put_str(o, F(reason)) < 0 ||
+        PUT(o, ",\"version\":") < 0 || put_str(o, F(version)) < 0 ||
+        PUT(o, ",\"headers\":") < 0 || put_pairs(o, F(headers)) < 0 ||
+        PUT(o, ",\"trailers\":") < 0 || put_pairs(o, F(trailers)) < 0 ||
+        PUT(o, ",\"body_b64\":") < 0 || put_base64(o, F(body)) < 0 ||
+        PUT(o, ",\"body_len\":") < 0 || put_int(o, F(body_len)) < 0 ||
+        PUT(o, ",\"body_truncated\":") < 0 || put_bool(o, F(body_truncated)) < 0 ||
+        PUT(o, ",\"complete\":") < 0 || put_bool(o, F(complete)) < 0 || PUT(o, "}") < 0)
+        return -1;
+#undef F
+    return 0;
+}
+
+static int put_message_or_null(Out *o, PyObject *m) {
+    if (m == NULL)
+        return unsupported("request or response unset");
+    return m == Py_None ? PUT(o, "null") : put_message(o, m);
+}
+
+/* Exchange.latency_ns, computed as the property does. */
+static int put_latency(Out *o, PyObject *request, PyObject *response) {
+    if (request == NULL || response == NULL || request == Py_None || response == Py_None)
+        return PUT(o, "null");
+    if (!Py_IS_TYPE(request, MessageType) || !Py_IS_TYPE(response, MessageType))
+        return unsupported("a request or response is not an HttpMessage");
+    long long end, begin, latency;
+    if (as_int64(SLOT(response, message_at[F_end_ts_ns]), &end) < 0)
+        return -1;
+    if (end == 0)
+        return PUT(o, "null");
+    if (as_int64(SLOT(request, message_at[F_ts_ns]), &begin) < 0)
+        return -1;
+    if (__builtin_sub_overflow(end, begin, &latency))
+        return unsupported("a latency beyond 64 bits");
+    return put_int64(o, latency > 0 ? latency : 0);
+}
+
+static int put_exchange(Out *o, PyObject *ex) {
+#define F(name) SLOT(ex, exchange_at[F_##name])
+    PyObject *request = F(request), *response = F(response);
+    if (F(grpc) != Py_None)
+        return unsupported("a gRPC exchange (or grpc unset)");
+    if (PUT(o, "{\"protocol\":") < 0 || put_str(o, F(protocol)) < 0 ||
+        PUT(o, ",\"stream_id\":") < 0 || put_int(o, F(stream_id)) < 0 ||
+        PUT(o, ",\"latency_ns\":") < 0 || put_latency(o, request, response) < 0 ||
+        PUT(o, ",\"request\":") < 0 || put_message_or_null(o, request) < 0 ||
+        PUT(o, ",\"response\":") < 0 || put_message_or_null(o, response) < 0 ||
+        PUT(o, ",\"grpc\":null,\"notes\":") < 0 || put_str_list(o, F(notes)) < 0 ||
+        PUT(o, ",\"redactions\":") < 0 || put_str_list(o, F(redactions)) < 0 ||
+        PUT(o, "}") < 0)
+        return -1;
+#undef F
+    return 0;
+}
+
+/* A first guess at the size, so that a typical exchange needs no regrowth: the
+ * fixed text, the bodies' base64 and a head's worth of headers each. */
+static Py_ssize_t size_hint(PyObject *ex) {
+    Py_ssize_t hint = 1024;
+    PyObject *sides[2] = {SLOT(ex, exchange_at[F_request]), SLOT(ex, exchange_at[F_response])};
+    for (int k = 0; k < 2; k++) {
+        PyObject *m = sides[k];
+        if (m == NULL || !Py_IS_TYPE(m, MessageType))
+            continue;
+        PyObject *body = SLOT(m, message_at[F_body]);
+        if (body != NULL && PyBytes_Check(body) && PyBytes_GET_SIZE(body) < (1 << 24))
+            hint += PyBytes_GET_SIZE(body) / 3 * 4 + 4;
+    }
+    return hint;
+}
+
+PyDoc_STRVAR(exchange_json_doc,
+             "exchange_json(exchange) -> bytes\n\n"
+             "The compact, ASCII-only JSON object of an Exchange (exact type, grpc None):\n"
+             "json.dumps(exchange.to_json(), separators=(',', ':')).encode(), byte for\n"
+             "byte.  TypeError for anything it does not encode (a gRPC exchange, an int\n"
+             "beyond 64 bits, a field of another type): the caller takes the Python path.");
+
+static PyObject *exchange_json(PyObject *module, PyObject *ex) {
+    (void)module;
+    if (!Py_IS_TYPE(ex, ExchangeType))
+        return PyErr_Format(PyExc_TypeError, "exchange_json: not an Exchange: %.100s",
+                            Py_TYPE(ex)->tp_name);
+    Out o = {NULL, NULL, 0, size_hint(ex)};
+    o.bytes = PyBytes_FromStringAndSize(NULL, o.cap);
+    if (o.bytes == NULL)
+        return NULL;
+    o.p = PyBytes_AS_STRING(o.bytes);
+    if (put_exchange(&o, ex) < 0 || _PyBytes_Resize(&o.bytes, o.len) < 0) {
+        Py_XDECREF(o.bytes);
+        return NULL;
+    }
+    return o.bytes;
+}
+
+/* -- the module ------------------------------------------------------------------------ */
+
+/* The offset of slot `name` of `type`: it must be an object slot (what __slots__ and
+ * dataclass(slots=True) make) inside the instance, or the module refuses to load. */
+static int slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *at) {
+    /* A member descriptor looked up on its class gives itself back. */
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
+    if (descr == NULL)
+        return -1;
+    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type);
+    if (ok) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        ok = member->type == T_OBJECT_EX && member->offset >= (Py_ssize_t)sizeof(PyObject) &&
+             member->offset <= type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *);
+        *at = member->offset;
+    }
+    Py_DECREF(descr);
+    if (!ok) {
+        PyErr_Format(PyExc_ImportError, "_exchange_json: %s.%s is not an object slot",
+                     type->tp_name, name);
+        return -1;
+    }
+    return 0;
+}
+
+static int load_types(void) {
+    PyObject *mod = PyImport_ImportModule("agent.l7.exchange");
+    if (mod == NULL)
+        return -1;
+    ExchangeType = (PyTypeObject *)PyObject_GetAttrString(mod, "Exchange");
+    MessageType = (PyTypeObject *)PyObject_GetAttrString(mod, "HttpMessage");
+    Py_DECREF(mod);
+    if (ExchangeType == NULL || MessageType == NULL)
+        goto fail;
+    if (!PyType_Check(ExchangeType) || !PyType_Check(MessageType)) {
+        PyErr_SetString(PyExc_ImportError, "_exchange_json: Exchange or HttpMessage not a class");
+        goto fail;
+    }
+    for (int k = 0; k < N_EXCHANGE_FIELDS; k++)
+        if (slot_offset(ExchangeType, exchange_names[k], &exchange_at[k]) < 0)
+            goto fail;
+    for (int k = 0; k < N_MESSAGE_FIELDS; k++)
+        if (slot_offset(MessageType, message_names[k], &message_at[k]) < 0)
+            goto fail;
+    return 0; /* the two classes stay referenced: Py_IS_TYPE compares with them */
+fail:
+    Py_CLEAR(ExchangeType);
+    Py_CLEAR(MessageType);
+    return -1;
+}
+
+static PyMethodDef module_methods[] = {
+    {"exchange_json", (PyCFunction)exchange_json, METH_O, exchange_json_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "agent.sinks._exchange_json",
+    .m_doc = "Exchanges as compact JSON for agent/sinks/jsonl.py.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__exchange_json(void) {
+    for (int c = 0; c < 128; c++)
+        ascii_width[c] = c < 0x20 || c == 0x7f ? 6 : 1;
+    ascii_width['"'] = ascii_width['\\'] = ascii_width['\b'] = ascii_width['\f'] = 2;
+    ascii_width['\n'] = ascii_width['\r'] = ascii_width['\t'] = 2;
+    for (int k = 0; k < 100; k++) {
+        digit_pairs[2 * k] = (char)('0' + k / 10);
+        digit_pairs[2 * k + 1] = (char)('0' + k % 10);
+    }
+    for (int x = 0; x < 4096; x++) {
+        char pair[2] = {B64[x >> 6], B64[x & 0x3f]};
+        memcpy(&b64_pairs[x], pair, 2);
+    }
+    if (load_types() < 0)
+        return NULL;
+    return PyModule_Create(&module);
+}
