@@ -39,7 +39,7 @@ VARIANTS: dict[str, tuple[str, list[Edit]]] = {
         [
             (
                 "calls.c",
-                ("#if TLSCAP_SHED_BYTES > 0\n    // The ring is full", "}\n\n// Open a call"),
+                ("    // The ring is full: user space is behind.", "}\n\n// Open a call"),
                 "    (void)e;\n",
             )
         ],

@@ -387,17 +387,13 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
         count(CNT_TRUNCATED, 1);
         count(CNT_TRUNCATED_BYTES, len - captured);
     }
-#if TLSCAP_SHED_BYTES > 0
     // The ring is full: user space is behind.  Rather than lose a chunk here and
     // there in every connection, this one stops sending until the ring drains,
-    // and the others keep what room comes free.
-    if (emit_payload(e, a->buf, captured)) {
+    // and the others keep what room comes free (not with shedding off).
+    if (emit_payload(e, a->buf, captured) && TLSCAP_SHED_BYTES > 0) {
         st->shed = SHED_CUT;
         count(CNT_SHED_MIDSTREAM, 1);
     }
-#else
-    emit_payload(e, a->buf, captured);
-#endif
 }
 
 // Open a call of a C TLS library whose data functions take (connection object,

@@ -288,28 +288,6 @@ static int BatchDecoder_init(BatchDecoder *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *cached_in_dict(BatchDecoder *self, PyObject *cache, const char *raw,
-                                Py_ssize_t n, PyObject *make);
-
-/* The value cached under `raw[0..n)`, made by `make` on a miss (a new
- * reference): from the memo, else the dict.  A full dict starts over: a busy node
- * has many connections, but each is seen for many events. */
-static PyObject *cached(BatchDecoder *self, PyObject *cache, MemoSlot *memo, const char *raw,
-                        Py_ssize_t n, PyObject *make) {
-    MemoSlot *slot = NULL;
-    if (self->cache_size > 0 && n <= MEMO_KEY_MAX) { /* cache_size 0: nothing is kept */
-        slot = &memo[memo_index(raw, n)];
-        if (slot->value != NULL && memcmp(slot->raw, raw, (size_t)n) == 0)
-            return Py_NewRef(slot->value);
-    }
-    PyObject *value = cached_in_dict(self, cache, raw, n, make);
-    if (value != NULL && slot != NULL) {
-        Py_XSETREF(slot->value, Py_NewRef(value));
-        memcpy(slot->raw, raw, (size_t)n);
-    }
-    return value;
-}
-
-static PyObject *cached_in_dict(BatchDecoder *self, PyObject *cache, const char *raw,
                                 Py_ssize_t n, PyObject *make) {
     PyObject *key = PyBytes_FromStringAndSize(raw, n);
     if (key == NULL)
@@ -330,6 +308,25 @@ static PyObject *cached_in_dict(BatchDecoder *self, PyObject *cache, const char 
     if (failed) {
         Py_DECREF(value);
         return NULL;
+    }
+    return value;
+}
+
+/* The value cached under `raw[0..n)`, made by `make` on a miss (a new
+ * reference): from the memo, else the dict.  A full dict starts over: a busy node
+ * has many connections, but each is seen for many events. */
+static PyObject *cached(BatchDecoder *self, PyObject *cache, MemoSlot *memo, const char *raw,
+                        Py_ssize_t n, PyObject *make) {
+    MemoSlot *slot = NULL;
+    if (self->cache_size > 0 && n <= MEMO_KEY_MAX) { /* cache_size 0: nothing is kept */
+        slot = &memo[memo_index(raw, n)];
+        if (slot->value != NULL && memcmp(slot->raw, raw, (size_t)n) == 0)
+            return Py_NewRef(slot->value);
+    }
+    PyObject *value = cached_in_dict(self, cache, raw, n, make);
+    if (value != NULL && slot != NULL) {
+        Py_XSETREF(slot->value, Py_NewRef(value));
+        memcpy(slot->raw, raw, (size_t)n);
     }
     return value;
 }
@@ -609,7 +606,7 @@ static int position_at(PyObject *buffer, PyObject *offset_obj, int flags, Py_buf
     if (PyObject_GetBuffer(buffer, view, flags) < 0)
         return -1;
     uintptr_t at = (uintptr_t)view->buf + (uintptr_t)offset;
-    if (offset < 0 || offset + 8 > view->len || at % 8 != 0) {
+    if (offset < 0 || offset > view->len - 8 || at % 8 != 0) {
         PyErr_Format(PyExc_ValueError,
                      "a ring position is an aligned 8-byte word: offset %zd of a %zd-byte buffer",
                      offset, view->len);

@@ -34,12 +34,17 @@ WRK_DELAY_MS = 5  # per connection: about 8 * 1000 / 5 = 1600 requests/s at most
 SAMPLE = 200  # access log lines compared field by field with their exchange
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_every_request_under_load_is_an_exchange(agent, tmp_path: Path, workers: int) -> None:
+def start_nginx(tmp_path: Path) -> nginx_lab.Nginx:
+    """nginx, after checking that it and wrk are there (`make setup` installs them)."""
     missing = nginx_lab.missing_tools()
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed: run `make setup` (it installs them)")
-    lab = nginx_lab.start_nginx(tmp_path / "nginx")
+    return nginx_lab.start_nginx(tmp_path / "nginx")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_request_under_load_is_an_exchange(agent, tmp_path: Path, workers: int) -> None:
+    lab = start_nginx(tmp_path)
     try:
         a = agent("--comm", "nginx", "--comm", "wrk", "--workers", str(workers))
         wrk = nginx_lab.run_wrk(
@@ -106,10 +111,7 @@ def test_nothing_is_lost_at_full_speed_without_l7(agent, tmp_path: Path) -> None
     side.  (The torn consumer position that once made the kernel refuse records with room
     to spare is guarded by tests/unit/test_ring_positions.py: with a ring this big its
     torn values no longer look full.)"""
-    missing = nginx_lab.missing_tools()
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: run `make setup` (it installs them)")
-    lab = nginx_lab.start_nginx(tmp_path / "nginx")
+    lab = start_nginx(tmp_path)
     try:
         # A ring for the whole run: JSON lines flat out can fall seconds behind on this
         # machine, and a full ring is not what this test is about.
