@@ -23,8 +23,9 @@ setup(
             "l7/_hpack",
             "l7/_http1",
             "records/_record",
+            "redact/_headers",
             "redact/_stream_masker",
-            "sinks/_exchange_json",
+            "sinks/_json_lines",
         )
     ]
 )

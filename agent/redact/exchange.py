@@ -19,14 +19,12 @@ from "grpc-message").  Everything here is redacted in place:
 
 from __future__ import annotations
 
-from operator import itemgetter
-
 from agent.l7.exchange import Exchange, Headers, HttpMessage
+from agent.redact._headers import redact_header_values
 from agent.redact.payload import mask_regexes
 from agent.redact.rules import RedactionRules, RegexRule, header_rule_name, mask_query_values
 
 REDACTED = "[REDACTED]"
-_name_of = itemgetter(0)
 
 
 def _mask_text(text: str, regexes: tuple[RegexRule, ...], hits: set[str]) -> str:
@@ -50,28 +48,23 @@ def _redact_headers(headers: Headers, rules: RedactionRules, hits: set[str]) -> 
     """`headers` with sensitive values redacted and regex matches masked: a new list
     when anything changed, else `headers` itself (most headers match no rule)."""
     names = rules.header_names
+    if names:
+        headers, found = redact_header_values(headers, names, REDACTED)
+        for name in found:
+            hits.add(header_rule_name(name))
     regexes = rules.regexes
-    if not regexes and names.isdisjoint(map(str.lower, map(_name_of, headers))):
-        return headers  # nothing sensitive (the usual case), found in C
+    if not regexes:
+        return headers
     out: Headers | None = None
     for i, (name, value) in enumerate(headers):
-        # Parsers hand names lower-case, but an HTTP/2 peer may send upper case
-        # (against the RFC): only such a name is lowered to be looked up.
-        lname = name if name.islower() else name.lower()
-        if lname in names:
-            if value == REDACTED:
-                continue
-            hits.add(header_rule_name(lname))
-            new = REDACTED
-        elif regexes:
-            new = _mask_text(value, regexes, hits)
-            if new is value:
-                continue
-        else:
+        # A sensitive value is "[REDACTED]" by now, and not masked further.
+        if (name if name.islower() else name.lower()) in names:
             continue
-        if out is None:
-            out = list(headers)
-        out[i] = (name, new)
+        new = _mask_text(value, regexes, hits)
+        if new is not value:
+            if out is None:
+                out = list(headers)
+            out[i] = (name, new)
     return headers if out is None else out
 
 
