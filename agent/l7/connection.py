@@ -41,7 +41,7 @@ from agent.redact.exchange import redact_exchange
 from agent.redact.http1_masker import Http1HeaderMasker
 from agent.redact.http2_masker import Http2HeaderMasker
 from agent.redact.payload import mask_regexes
-from agent.redact.rules import DEFAULT_RULES, RedactionRules, RegexRule
+from agent.redact.rules import DEFAULT_RULES, RedactionRules
 
 # Records of a connection whose start we did not see are tried for an HTTP/1
 # request line this many times before the connection is left raw.
@@ -192,6 +192,7 @@ class ConnectionL7:
         out.extend(self._release())
         if self._queue:  # cannot happen after flush(); never keep a record back
             out.extend(self._force_release())
+        self._count_parse_failure()
         if self.parser is not None:
             ts = record.ts_ns if record is not None else (self.last.ts_ns if self.last else 0)
             out.extend(self._exchange_records(self.parser.close(ts)))
@@ -366,7 +367,10 @@ class ConnectionL7:
 
     def _process(self, r: Record) -> list[Record]:
         state = self._dirs[r.direction or "egress"]
-        side = self._side(r)
+        request_direction = self.request_direction
+        side: Side | None = None
+        if request_direction is not None:
+            side = "request" if r.direction == request_direction else "response"
         parser = self.parser if side is not None else None
         exchanges: list[Exchange] = []
         data = r.data
@@ -382,18 +386,33 @@ class ConnectionL7:
             exchanges += parser.feed(side, data, r.ts_ns)
         masker = state.masker
         if masker is not None:
-            state.add(*masker.feed(r.data))
+            masked, hits = masker.feed(r.data)
             if masker.unknown_blocks != state.unknown_counted:
                 self._count_unknown_blocks()
         else:
-            state.add(bytes(r.data), _NO_HITS)  # a copy only if not bytes already
+            masked, hits = bytes(r.data), _NO_HITS  # a copy only if not bytes already
         if r.len > r.captured_len:
             exchanges += self._gap(state, side, r.len - r.captured_len, r.ts_ns)
-        self._queue.append(r)
-        out = self._release()
+        if not self._queue and not state.decided_len and len(masked) == r.captured_len:
+            # Decided at once, nothing held before it (always so for HTTP/1, whose
+            # masker holds nothing back): the record goes out now, past the queue.
+            state.hits = hits
+            self._finish(r, state, masked)
+            out = [r]
+        else:
+            state.add(masked, hits)
+            self._queue.append(r)
+            out = self._release()
+        if parser is not None and parser.failed:
+            self._count_parse_failure()
         if exchanges:
             out += self._exchange_records(exchanges)
         return out
+
+    def _count_parse_failure(self) -> None:
+        if self.parser is not None and self.parser.failed and not self._parse_failed_counted:
+            self._parse_failed_counted = True
+            self.counters.parse_failures += 1
 
     def _gap(self, state: _DirectionState, side: Side | None, length: int, ts: int) -> list:
         self.counters.gaps += 1
@@ -405,10 +424,8 @@ class ConnectionL7:
 
     def _release(self) -> list[Record]:
         out = []
-        regexes = self.options.rules.regexes
         queue = self._queue
         dirs = self._dirs
-        protocol = self.protocol
         while queue:
             r = queue[0]
             state = dirs[r.direction or "egress"]
@@ -416,23 +433,18 @@ class ConnectionL7:
             if masked is None:
                 break
             queue.popleft()
-            if state.hits or regexes:
-                self._note_redactions(r, state, masked, regexes)
-            else:  # nothing masked: the bytes that came in go out
-                r.data = masked
-            r.protocol = protocol
+            self._finish(r, state, masked)
             out.append(r)
-        parser = self.parser
-        if parser is not None and parser.failed and not self._parse_failed_counted:
-            self._parse_failed_counted = True
-            self.counters.parse_failures += 1
         return out
 
-    def _note_redactions(
-        self, r: Record, state: _DirectionState, masked: bytes, regexes: tuple[RegexRule, ...]
-    ) -> None:
+    def _finish(self, r: Record, state: _DirectionState, masked: bytes) -> None:
         """Give `r` its masked bytes, the payload regexes applied, and name the rules
         that changed any of them."""
+        r.protocol = self.protocol
+        regexes = self.options.rules.regexes
+        if not (state.hits or regexes):  # nothing masked: the bytes that came in go out
+            r.data = masked
+            return
         redactions: set[str] = set()
         if state.hits:
             if masked != r.data:
@@ -444,7 +456,7 @@ class ConnectionL7:
             redactions |= hits
         if redactions:
             self.counters.redacted_records += 1
-            r.redactions = sorted(redactions | set(r.redactions))
+            r.redactions = sorted(redactions.union(r.redactions))
         r.data = masked
 
     def _force_release(self) -> list[Record]:

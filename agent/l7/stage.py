@@ -31,8 +31,14 @@ class L7Stage:
 
     def process(self, record: Record) -> list[Record]:
         """The records to emit now, in order (held ones may come out later)."""
-        if record.type == "data" and record.conn_id:
-            out = self._conn(record.conn_id).on_data(record)
+        conn_id = record.conn_id
+        if record.type == "data" and conn_id:
+            conn = self._conns.get(conn_id)
+            if conn is None:
+                conn = self._new_conn(conn_id)
+            else:
+                self._conns.move_to_end(conn_id)  # the least recently used go first
+            out = conn.on_data(record)
             if len(self._conns) > self.options.max_connections:
                 out.extend(self.evict_overflow())
             return out
@@ -56,14 +62,9 @@ class L7Stage:
         out["l7_connections_tracked"] = len(self._conns)
         return out
 
-    def _conn(self, conn_id: str) -> ConnectionL7:
-        conn = self._conns.get(conn_id)
-        if conn is None:
-            previous = self._evicted.pop(conn_id, "")
-            conn = ConnectionL7(self.options, self.counters, previous_protocol=previous)
-            self._conns[conn_id] = conn
-        else:
-            self._conns.move_to_end(conn_id)
+    def _new_conn(self, conn_id: str) -> ConnectionL7:
+        previous = self._evicted.pop(conn_id, "")
+        conn = self._conns[conn_id] = ConnectionL7(self.options, self.counters, previous)
         return conn
 
     def evict_overflow(self) -> list[Record]:
