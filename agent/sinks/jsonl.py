@@ -5,14 +5,14 @@ undecodable bytes (surrogate escapes) that a UTF-8 file cannot hold, and ASCII
 lines survive any consumer's decoding.
 
 Data and exchange records are most of what a busy node writes, so their lines
-are built for speed: the identity fields, which stay the same for every call of
-a connection, are encoded once per connection and kept, a payload goes through
-SIMD base64 straight into the line, and an HTTP exchange is encoded by one C
-call (agent/sinks/_exchange_json.c; gRPC exchanges, and anything it does not
-take, go through Exchange.to_json() and orjson).  Every other record is
-Record.to_json() through orjson.  tests/unit/test_sinks.py checks that both give
-the same objects, tests/unit/test_exchange_json.py that the C encoder gives
-json.dumps' bytes.
+are built in C, one call a line (agent/sinks/_json_lines.c): the identity fields,
+which stay the same for every call of a connection, are encoded here once per
+connection and kept (the C call checks they still match the record), a payload
+goes through pybase64's SIMD base64 straight into the line, and an HTTP exchange
+is encoded in the same call (gRPC exchanges, and anything it does not take, go
+through Exchange.to_json() and orjson).  Every other record is Record.to_json()
+through orjson.  tests/unit/test_sinks.py checks that both give the same objects,
+tests/unit/test_exchange_json.py that the C encoder gives json.dumps' bytes.
 """
 
 from __future__ import annotations
@@ -20,27 +20,23 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
+from operator import attrgetter
 from typing import Any, BinaryIO
 
 import orjson
-import pybase64
 
 from agent.records.record import Record
-from agent.sinks._exchange_json import exchange_json
+from agent.sinks._json_lines import IDENTITY_FIELDS, data_line, exchange_line
 from agent.sinks.base import OutputError, PeriodicFlusher
 
 # Connections whose identity fragments are kept; past this the cache starts over.
 IDENTITY_CACHE_SIZE = 16384
 WRITE_BUFFER = 1 << 20
 
-_DATA_LINE = (
-    b'{"type":"data","ts_ns":%d,%s,"seq":%d,"tid":%d,%s,"direction":"%s","offset":%d,'
-    b'"len":%d,"captured_len":%d,"truncated":%s,"data_b64":"%s","protocol":"%s",'
-    b'"redactions":%s}\n'
-)
-_EXCHANGE_LINE = (
-    b'{"type":"exchange","ts_ns":%d,%s,"seq":%d,"tid":%d,%s,"protocol":%s,"exchange":%s}\n'
-)
+_identity_of = attrgetter(*IDENTITY_FIELDS)
+# No connection's identity (equal to no field): a first record misses the cache.
+_NO_IDENTITY: tuple[tuple, bytes, bytes] = ((object(),) * len(IDENTITY_FIELDS), b"", b"")
 
 
 def _ascii_json(obj: Any) -> bytes:
@@ -70,46 +66,27 @@ class JsonLineEncoder:
     def encode(self, record: Record) -> bytes:
         kind = record.type
         if kind == "data":
-            cached = self._identity(record)
-            redactions = _ascii_json(record.redactions) if record.redactions else b"[]"
-            return _DATA_LINE % (
-                record.ts_ns, cached[1], record.seq, record.tid, cached[2],
-                record.direction.encode() if record.direction else b"egress",
-                record.offset, record.len, record.captured_len,
-                b"true" if record.truncated else b"false",
-                pybase64.b64encode(record.data), record.protocol.encode(), redactions,
-            )  # fmt: skip
+            return self._line(data_line, record)
         if kind == "exchange" and record.exchange is not None:
-            # One per HTTP exchange with L7 on: the connection's fragments again,
-            # and the exchange in one C call; TypeError: one it does not take
-            # (gRPC, an odd field), which to_json() and a JSON encoder do.
-            cached = self._identity(record)
+            # One per HTTP exchange with L7 on, encoded in the same C call; TypeError:
+            # one it does not take (gRPC, an odd field), whose member to_json() and a
+            # JSON encoder make.
             try:
-                exchange = exchange_json(record.exchange)
+                return self._line(exchange_line, record, None)
             except TypeError:
-                exchange = _ascii_json(record.exchange.to_json())
-            return _EXCHANGE_LINE % (
-                record.ts_ns, cached[1], record.seq, record.tid, cached[2],
-                _ascii_json(record.protocol), exchange,
-            )  # fmt: skip
+                return self._line(exchange_line, record, _ascii_json(record.exchange.to_json()))
         return _ascii_json(record.to_json()) + b"\n"
 
-    def _identity(self, record: Record) -> tuple[tuple, bytes, bytes]:
-        """The record's connection identity, encoded: from the cache while it
-        still matches the record."""
-        identity = (
-            record.node, record.agent_id, record.pid, record.comm, record.cgroup_id,
-            record.container_id, record.pod, record.source, record.fd, record.local,
-            record.remote, record.role,
-        )  # fmt: skip
-        cached = self._identities.get(record.conn_id)
-        # Tuple comparison checks identity before equality: cheap when, as
-        # usual, the record holds the very objects the connection holds.
-        if cached is None or cached[0] != identity:
-            cached = self._identity_fragments(record, identity)
-        return cached
+    def _line(self, encode: Callable[..., bytes | None], record: Record, *member: Any) -> bytes:
+        cached = self._identities.get(record.conn_id, _NO_IDENTITY)
+        line = encode(record, cached, *member)
+        if line is None:  # a new connection, or its identity changed
+            line = encode(record, self._identity_fragments(record), *member)
+        return line  # type: ignore[return-value]
 
-    def _identity_fragments(self, record: Record, identity: tuple) -> tuple[tuple, bytes, bytes]:
+    def _identity_fragments(self, record: Record) -> tuple[tuple, bytes, bytes]:
+        """The record's identity (IDENTITY_FIELDS) and its two encoded fragments,
+        kept for its connection."""
         full = record.to_json()
         run = _fragment({"node": full["node"], "agent_id": full["agent_id"]})
         conn = _fragment(
@@ -118,7 +95,7 @@ class JsonLineEncoder:
         )  # fmt: skip
         if len(self._identities) >= IDENTITY_CACHE_SIZE:
             self._identities.clear()
-        entry = self._identities[record.conn_id] = (identity, run, conn)
+        entry = self._identities[record.conn_id] = (_identity_of(record), run, conn)
         return entry
 
     def forget(self, conn_id: str) -> None:

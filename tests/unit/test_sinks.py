@@ -400,3 +400,16 @@ def test_jsonl_exchange_lines_share_the_fragments_and_equal_to_json() -> None:
         line = enc.encode(rec)
         assert line.isascii() and line.count(b"\n") == 1
         assert json.loads(line) == rec.to_json()
+
+
+def test_jsonl_data_line_of_any_buffer_and_of_equal_identities() -> None:
+    """A payload may be any buffer (a memoryview of the ring); a record whose identity
+    fields are equal to, not the same objects as, the cached ones reuses them."""
+    from agent.sinks.jsonl import JsonLineEncoder
+
+    enc = JsonLineEncoder()
+    for data in (b"abc", bytearray(b"abcd"), memoryview(b"xabcdex")[1:6], b""):
+        rec = _rec(data=data, len=len(data), captured_len=len(data), pid=int("70000"))
+        rec.node, rec.agent_id = "node-a", "agent-1"
+        assert json.loads(enc.encode(rec)) == rec.to_json()
+    assert len(enc._identities) == 1
