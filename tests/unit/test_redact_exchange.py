@@ -151,3 +151,22 @@ def test_header_lists_are_replaced_not_changed_and_kept_when_nothing_matched() -
     assert ex.request.header("authorization") == REDACTED
     assert ex.response.headers is plain  # nothing to redact: the same list
     assert plain == [("content-type", "json"), ("x-note", "fine")]
+
+
+def test_header_values_in_c_take_any_case_and_refuse_what_is_not_a_header() -> None:
+    """agent/redact/_headers.c: names of any case (non-ASCII ones lowered as str.lower
+    does), repeats reported in order, a value already redacted not again; a header
+    that is not a (str, str) tuple is a TypeError, never a header let through."""
+    import pytest
+
+    from agent.redact._headers import redact_header_values
+
+    names = frozenset({"cookie", "x-t\u00f6ken"})
+    headers = [("Cookie", "a"), ("X-T\u00d6KEN", "b"), ("cookie", REDACTED), ("COOKIE", "c")]
+    out, found = redact_header_values(headers, names, REDACTED)
+    assert [v for _, v in out] == [REDACTED] * 4
+    assert [n for n, _ in out] == [n for n, _ in headers]
+    assert found == ["cookie", "x-t\u00f6ken", "cookie"]
+    for bad in ([("cookie",)], [["cookie", "a"]], [(b"cookie", "a")], [("cookie", None)]):
+        with pytest.raises(TypeError):
+            redact_header_values(bad, names, REDACTED)
