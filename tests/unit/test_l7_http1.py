@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.l7.exchange import Exchange
+from agent.l7.exchange import Exchange, HttpMessage
 from agent.l7.http1 import Http1Parser, looks_like_request_start, looks_like_response_start
 
 # A step: (side, bytes or gap length, ts_ns).
@@ -621,3 +623,65 @@ def test_valid_streams_split_arbitrarily_parse_identically(name: str, data: st.D
         data.draw(st.lists(st.integers(1, max(1, len(d) - 1)), max_size=8)) for _, d, _ in steps
     ]
     assert as_json(run(split(steps, cuts))[1]) == as_json(run(steps)[1])
+
+
+# -- the C implementation's own risks ----------------------------------------------
+
+
+def test_exchanges_are_plain_dataclass_instances() -> None:
+    """The parser fills HttpMessage's and Exchange's slots itself: what it makes equals
+    what their constructors make, and is as mutable (redaction edits it)."""
+    _, out = run(KEEPALIVE[:2])
+    ex = out[0]
+    made = Exchange(
+        "http1",
+        request=HttpMessage(ts_ns=1_000, end_ts_ns=1_000, method="GET", target="/api/users",
+                            authority="api.example.com", version="1.1",
+                            headers=[("host", "api.example.com"), ("user-agent", "curl/8.5.0"),
+                                     ("accept", "*/*")], complete=True),
+        response=HttpMessage(ts_ns=3_000, end_ts_ns=3_000, status=200, reason="OK",
+                             version="1.1", headers=[("content-length", str(len(USERS)))],
+                             body=USERS, body_len=len(USERS), complete=True),
+        stream_id=1,
+    )  # fmt: skip
+    assert ex == made and repr(ex) == repr(made)
+    assert ex.request.trailers is not ex.response.trailers  # fresh lists, as default_factory
+    assert ex.notes is not ex.redactions
+    ex.response.body = b""
+    ex.notes.append("edited")
+    assert dataclasses.replace(ex, stream_id=2).notes == ["edited"]
+
+
+def test_internal_error_fails_without_raising() -> None:
+    p = Http1Parser()
+    assert p.feed("request", req("GET", "/a"), 1) == []
+    out = p.feed("request", "GET / HTTP/1.1\r\n\r\n", 2)  # type: ignore[arg-type]
+    assert p.failed == "internal error in HTTP/1 parser: TypeError"
+    assert [(e.request.target, e.notes) for e in out] == [("/a", ["no response: parser error"])]
+    assert p.feed("request", req("GET", "/b"), 3) == [] and p.close(4) == []
+
+
+def test_no_reference_leaks_over_many_exchanges() -> None:
+    """Shared objects the parser hands out (interned names, versions, singletons) keep
+    their reference counts once its exchanges are dropped: no reference is lost."""
+    shared = [sys.intern(s) for s in ("http1", "1.1", "GET", "host", "content-length", "")]
+    shared += [b"", None, True, False]
+    chunked = resp("200 OK", "Transfer-Encoding: chunked\r\n", CHUNKED_BODY)
+    steps: list[Step] = []
+    for i in range(300):
+        steps += [("request", req("GET", f"/{i}", CURL), i), ("response", chunked, i)]
+        if i % 50 == 0:  # gaps, resyncs, a CONNECT that does not switch, held requests
+            steps += [("request", 7, i), ("response", 9, i), ("request", b"junk", i)]
+            steps += [("request", req("CONNECT", "db:5432") + req("GET", "/held"), i)]
+            steps += [("response", resp("407 No", "Content-Length: 0\r\n"), i)]
+            steps += [("response", resp("200 OK", "Content-Length: 0\r\n"), i)]
+
+    def counts() -> list[int]:
+        for limit in (0, 5, 4096):
+            p, out = run(steps, body_limit=limit)
+            assert p.failed is None and len(out) > 300
+            del p, out
+        return [sys.getrefcount(o) for o in shared]
+
+    warm = counts()  # the first pass fills caches
+    assert counts() == warm

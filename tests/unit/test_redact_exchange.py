@@ -158,7 +158,6 @@ def test_header_values_in_c_take_any_case_and_refuse_what_is_not_a_header() -> N
     does), repeats reported in order, a value already redacted not again; a header
     that is not a (str, str) tuple is a TypeError, never a header let through."""
     import pytest
-
     from agent.redact._headers import redact_header_values
 
     names = frozenset({"cookie", "x-t\u00f6ken"})
