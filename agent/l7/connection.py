@@ -490,14 +490,5 @@ class ConnectionL7:
                     ts = msg.end_ts_ns or msg.ts_ns
                     if ts:
                         break
-            # Made positionally, the identity set after: with 15 keywords the call
-            # costs more (~0.8-1.4 µs against ~0.6 µs here).
-            rec = Record("exchange", ts or last.ts_ns)
-            rec.pid, rec.tid, rec.comm = last.pid, last.tid, last.comm
-            rec.cgroup_id, rec.container_id, rec.pod = last.cgroup_id, last.container_id, last.pod
-            rec.source, rec.conn_id, rec.fd = last.source, last.conn_id, last.fd
-            rec.local, rec.remote, rec.role = last.local, last.remote, last.role
-            rec.protocol = ex.protocol
-            rec.exchange = ex
-            out.append(rec)
+            out.append(Record.for_exchange(last, ts or last.ts_ns, ex))
         return out

@@ -147,7 +147,7 @@ static const int call_to_record[][2] = {
     {C_cgroup_id, F_cgroup_id}, {C_source, F_source}, {C_direction, F_direction},
     {C_offset, F_offset},  {C_len, F_len},       {C_data, F_data},
 };
-static PyObject *s_data;
+static PyObject *s_data, *s_exchange;
 
 /* Whether `obj` is a TlsCall: its type is found by name, once (this module
  * does not import agent.events). */
@@ -216,8 +216,53 @@ fail:
     return NULL;
 }
 
+static PyTypeObject RecordType;
+
+PyDoc_STRVAR(for_exchange_doc,
+"for_exchange(last, ts_ns, exchange) -> Record\n"
+"\n"
+"The exchange record of a parsed exchange (agent/l7): its connection's identity\n"
+"(pid, tid, comm, cgroup_id, container_id, pod, source, conn_id, fd, local,\n"
+"remote, role) from `last`, the connection's latest record; protocol from the\n"
+"exchange; every other field at its default.");
+
+static PyObject *for_exchange(PyTypeObject *cls, PyObject *const *args, Py_ssize_t nargs) {
+    static const int identity[] = {F_pid, F_tid, F_comm, F_cgroup_id, F_container_id, F_pod,
+                                   F_source, F_conn_id, F_fd, F_local, F_remote, F_role};
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "for_exchange takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(args[0], &RecordType)) {
+        PyErr_Format(PyExc_TypeError, "for_exchange needs a Record, not %.100s",
+                     Py_TYPE(args[0])->tp_name);
+        return NULL;
+    }
+    PyObject *protocol = PyObject_GetAttrString(args[2], "protocol");
+    if (protocol == NULL)
+        return NULL;
+    RecordObject *last = (RecordObject *)args[0];
+    RecordObject *self = (RecordObject *)cls->tp_alloc(cls, 0);
+    if (self == NULL) {
+        Py_DECREF(protocol);
+        return NULL;
+    }
+    for (size_t k = 0; k < sizeof(identity) / sizeof(identity[0]); k++)
+        self->slot[identity[k]] = Py_XNewRef(last->slot[identity[k]]);
+    self->type = Py_NewRef(s_exchange);
+    self->ts_ns = Py_NewRef(args[1]);
+    self->exchange = Py_NewRef(args[2]);
+    self->protocol = protocol;
+    if (fill_defaults(self) == 0)
+        return (PyObject *)self;
+    Py_DECREF(self);
+    return NULL;
+}
+
 static PyMethodDef Record_methods[] = {
     {"for_call", (PyCFunction)(void (*)(void))for_call, METH_FASTCALL | METH_CLASS, for_call_doc},
+    {"for_exchange", (PyCFunction)(void (*)(void))for_exchange, METH_FASTCALL | METH_CLASS,
+     for_exchange_doc},
     {NULL},
 };
 
@@ -308,7 +353,8 @@ PyMODINIT_FUNC PyInit__record(void) {
         PyTuple_SET_ITEM(names, k, Py_NewRef(interned_names[k]));
     }
     s_data = PyUnicode_InternFromString("data");
-    if (s_data == NULL) {
+    s_exchange = PyUnicode_InternFromString("exchange");
+    if (s_data == NULL || s_exchange == NULL) {
         Py_DECREF(names);
         return NULL;
     }

@@ -91,6 +91,29 @@ def test_for_call_copies_the_calls_fields_and_computes_the_rest() -> None:
         Record.for_call(call, 99, "c1", 3, e, None)
 
 
+def test_for_exchange_takes_the_connections_identity_and_nothing_else() -> None:
+    from agent.l7.exchange import Exchange
+
+    e = Endpoint("10.0.0.1", 443)
+    last = Record(
+        "data", 5, "a", "n", 7, 100, 101, "curl", 9, "cid", None, "openssl", "c1", 4, e, None,
+        "client", "ingress", 10, 20, 20, False, b"xy", "http1", ["header:cookie"],
+    )  # fmt: skip
+    ex = Exchange("http2")
+    record = Record.for_exchange(last, 77, ex)
+    assert type(record) is Record
+    assert record == Record(
+        "exchange", 77, pid=100, tid=101, comm="curl", cgroup_id=9, container_id="cid",
+        source="openssl", conn_id="c1", fd=4, local=e, role="client", protocol="http2",
+        exchange=ex,
+    )  # fmt: skip
+    assert record.redactions == [] and record.redactions is not last.redactions
+    with pytest.raises(TypeError, match="needs a Record"):
+        Record.for_exchange(object(), 1, ex)
+    with pytest.raises(AttributeError):
+        Record.for_exchange(last, 1, object())
+
+
 def test_the_documented_fields_are_the_c_fields_in_order() -> None:
     from agent.records._record import FIELDS
 
