@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.capture import heap
 from agent.events.calls import CallAssembler
 from agent.events.decode import EventDecoder, ProcessEvent, SocketBound, SocketClosed, TlsCall
 from agent.events.ring import RingBatch
@@ -81,6 +82,7 @@ class EventPipeline:
                 log.warning("dropping undecodable event: %s", event)
         self._write_all(out)
         self.push_kernel_registrations()
+        heap.collect_between_batches()  # the batch's objects are gone now
 
     def flush_calls(self, older_than_mono_ns: int | None = None) -> None:
         """Release partial calls whose missing chunks will not come, and records

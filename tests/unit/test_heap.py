@@ -14,7 +14,7 @@ def test_settle_freezes_start_up_and_spaces_young_collections() -> None:
     try:
         heap.settle_after_startup()
         assert gc.get_freeze_count() >= len(start_up_objects)
-        assert gc.get_threshold() == (heap.YOUNG_THRESHOLD, *before[1:])
+        assert gc.get_threshold() == (heap.AUTOMATIC_THRESHOLD, *before[1:])
         # Later garbage cycles are still collected, only less often.
         cycle: list = []
         cycle.append(cycle)
@@ -22,6 +22,33 @@ def test_settle_freezes_start_up_and_spaces_young_collections() -> None:
         assert gc.collect() >= 1
     finally:
         gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_young_collections_run_between_batches_once_enough_is_added() -> None:
+    """collect_between_batches() collects only past YOUNG_THRESHOLD net new
+    containers, and then an older generation as often as the thresholds say."""
+    before = gc.get_threshold()
+    gc.collect()
+    try:
+        gc.set_threshold(heap.AUTOMATIC_THRESHOLD, 2, 1000)
+        kept = [[] for _ in range(heap.YOUNG_THRESHOLD // 2)]
+        cycle: list = []
+        cycle.append(cycle)
+        del cycle
+        heap.collect_between_batches()
+        assert gc.get_count()[0] >= heap.YOUNG_THRESHOLD // 2  # not yet
+        kept += [[] for _ in range(heap.YOUNG_THRESHOLD)]
+        heap.collect_between_batches()
+        assert gc.get_count()[:2] == (0, 1)  # a young collection
+        assert gc.garbage == [] and gc.collect(0) == 0  # the cycle went with it
+        kept += [[] for _ in range(heap.YOUNG_THRESHOLD)]
+        heap.collect_between_batches()
+        assert gc.get_count()[1] == 2
+        kept += [[] for _ in range(heap.YOUNG_THRESHOLD)]
+        heap.collect_between_batches()
+        assert gc.get_count()[:2] == (0, 0)  # the second generation's turn
+    finally:
         gc.set_threshold(*before)
 
 
