@@ -1429,15 +1429,16 @@ static void aw_remove(Http1Parser *p, Ex *x) {
     for (Py_ssize_t k = i; k + 1 < p->aw_len; k++)
         *aw_slot(p, k) = aw_at(p, k + 1);
     p->aw_len--;
-    /* the run of gaps around position i, if any */
+    /* Gaps that x stood between are one gap now: two side by side would stop pairing
+     * for good (start_response looks one entry past a gap for the request after it). */
     Py_ssize_t a = i, b = i;
     while (a > 0 && aw_at(p, a - 1) == NULL)
         a--;
     while (b < p->aw_len && aw_at(p, b) == NULL)
         b++;
-    Py_ssize_t extra = b - a - 2;
+    Py_ssize_t extra = b - a - 1;
     if (extra > 0) {
-        for (Py_ssize_t k = a + 2; k + extra < p->aw_len; k++)
+        for (Py_ssize_t k = a + 1; k + extra < p->aw_len; k++)
             *aw_slot(p, k) = aw_at(p, k + extra);
         p->aw_len -= extra;
     }

@@ -572,6 +572,22 @@ def test_too_many_unanswered_requests_are_given_up() -> None:
     assert "no response seen (too many unanswered requests)" in out[0].notes
 
 
+def test_requests_given_up_between_two_gaps_leave_one_gap_and_pairing_goes_on() -> None:
+    """A request given up for the pending limit while it stood between two request-side
+    gaps: the gaps become one, and the next response pairs with the request after them
+    (two gaps side by side once stopped every later pairing)."""
+    p = Http1Parser()
+    p.feed("request", req("GET", "/a"), 1)
+    p.gap("request", 10, 2)
+    p.feed("request", req("GET", "/b"), 3)
+    p.gap("request", 10, 4)
+    out = p.feed("request", b"".join(req("GET", f"/{i}") for i in range(512)), 5)
+    assert [x.request.target for x in out] == ["/a", "/b"]
+    out = p.feed("response", resp("200 OK", "Content-Length: 0\r\n"), 6)
+    assert len(out) == 1 and out[0].request is not None and out[0].request.target == "/0"
+    assert "request side had a gap before this request; pairing may be off" in out[0].notes
+
+
 def test_looks_like_request_start() -> None:
     yes_ = [b"GET / HTTP/1.1\r\n", b"PROPFIND /d HTTP/1.1\r\nDepth: 1", b"M-SEARCH * HTTP/1.1\r\n"]
     yes_ += [b"POST /api", b"GET ", b"GE", b"OPTIONS * HTTP/1.", b"DELETE /x HTTP/1.0\r"]
