@@ -20,7 +20,7 @@ from "grpc-message").  Everything here is redacted in place:
 from __future__ import annotations
 
 from agent.l7.exchange import Exchange, Headers, HttpMessage
-from agent.redact._headers import redact_header_values
+from agent.redact._headers import redact_message_names
 from agent.redact.payload import mask_regexes
 from agent.redact.rules import RedactionRules, RegexRule, header_rule_name, mask_query_values
 
@@ -44,23 +44,15 @@ def _mask_text(text: str, regexes: tuple[RegexRule, ...], hits: set[str]) -> str
     return "".join(chars)
 
 
-def _redact_headers(headers: Headers, rules: RedactionRules, hits: set[str]) -> Headers:
-    """`headers` with sensitive values redacted and regex matches masked: a new list
-    when anything changed, else `headers` itself (most headers match no rule)."""
+def _mask_header_regexes(headers: Headers, rules: RedactionRules, hits: set[str]) -> Headers:
+    """`headers` with regex matches masked in the values of headers that are not
+    sensitive (those are "[REDACTED]" already): a new list when anything changed."""
     names = rules.header_names
-    if names:
-        headers, found = redact_header_values(headers, names, REDACTED)
-        for name in found:
-            hits.add(header_rule_name(name))
-    regexes = rules.regexes
-    if not regexes:
-        return headers
     out: Headers | None = None
     for i, (name, value) in enumerate(headers):
-        # A sensitive value is "[REDACTED]" by now, and not masked further.
         if (name if name.islower() else name.lower()) in names:
             continue
-        new = _mask_text(value, regexes, hits)
+        new = _mask_text(value, rules.regexes, hits)
         if new is not value:
             if out is None:
                 out = list(headers)
@@ -69,12 +61,8 @@ def _redact_headers(headers: Headers, rules: RedactionRules, hits: set[str]) -> 
 
 
 def _redact_message(msg: HttpMessage, rules: RedactionRules, hits: set[str]) -> None:
-    msg.headers = _redact_headers(msg.headers, rules, hits)
-    if msg.trailers:
-        msg.trailers = _redact_headers(msg.trailers, rules, hits)
-    names = rules.header_names
     # Credential query values, same length ("=" first: most targets have no query).
-    if msg.target and rules.query_params and "=" in msg.target:
+    if rules.query_params and "=" in msg.target:
         raw = msg.target.encode("latin-1", errors="replace")
         masked, found = mask_query_values(raw, rules.query_params)
         if found:
@@ -82,14 +70,16 @@ def _redact_message(msg: HttpMessage, rules: RedactionRules, hits: set[str]) -> 
             msg.target = "".join(
                 "*" if a != b else c for a, b, c in zip(raw, masked, msg.target, strict=True)
             )
-    if msg.target and ":path" in names:
-        msg.target = REDACTED
-        hits.add(header_rule_name(":path"))
-    if msg.authority and (":authority" in names or "host" in names):
-        msg.authority = REDACTED
-        hits.add(header_rule_name(":authority" if ":authority" in names else "host"))
+    # Sensitive headers and trailers, and the target and authority when their header
+    # (":path", ":authority", "host") is sensitive, in C.
+    if rules.header_names:
+        for name in redact_message_names(msg, rules.header_names, REDACTED):
+            hits.add(header_rule_name(name))
     regexes = rules.regexes
     if regexes:
+        msg.headers = _mask_header_regexes(msg.headers, rules, hits)
+        if msg.trailers:
+            msg.trailers = _mask_header_regexes(msg.trailers, rules, hits)
         msg.target = _mask_text(msg.target, regexes, hits)
         msg.authority = _mask_text(msg.authority, regexes, hits)
         msg.reason = _mask_text(msg.reason, regexes, hits)

@@ -3,6 +3,8 @@ bodies and gRPC messages, derived fields, and the rule names recorded."""
 
 from __future__ import annotations
 
+import pytest
+
 from agent.l7.exchange import Exchange, GrpcCall, GrpcMessage, HttpMessage
 from agent.redact.exchange import REDACTED, redact_exchange
 from agent.redact.rules import DEFAULT_RULES, build_rules
@@ -155,17 +157,19 @@ def test_header_lists_are_replaced_not_changed_and_kept_when_nothing_matched() -
 
 def test_header_values_in_c_take_any_case_and_refuse_what_is_not_a_header() -> None:
     """agent/redact/_headers.c: names of any case (non-ASCII ones lowered as str.lower
-    does), repeats reported in order, a value already redacted not again; a header
-    that is not a (str, str) tuple is a TypeError, never a header let through."""
-    import pytest
-    from agent.redact._headers import redact_header_values
+    does), repeats reported in order, a value already redacted not again, the derived
+    fields last; a header that is not a (str, str) tuple is a TypeError, never a
+    header let through."""
+    from agent.redact._headers import redact_message_names
 
-    names = frozenset({"cookie", "x-t\u00f6ken"})
+    names = frozenset({"cookie", "x-t\u00f6ken", ":path", "host"})
     headers = [("Cookie", "a"), ("X-T\u00d6KEN", "b"), ("cookie", REDACTED), ("COOKIE", "c")]
-    out, found = redact_header_values(headers, names, REDACTED)
-    assert [v for _, v in out] == [REDACTED] * 4
-    assert [n for n, _ in out] == [n for n, _ in headers]
-    assert found == ["cookie", "x-t\u00f6ken", "cookie"]
+    msg = HttpMessage(target="/x", authority="h", headers=headers, trailers=[("cookie", "t")])
+    found = redact_message_names(msg, names, REDACTED)
+    assert [v for _, v in msg.headers] == [REDACTED] * 4
+    assert [n for n, _ in msg.headers] == [n for n, _ in headers]
+    assert msg.trailers == [("cookie", REDACTED)] and (msg.target, msg.authority) == (REDACTED,) * 2
+    assert found == ["cookie", "x-t\u00f6ken", "cookie", "cookie", ":path", "host"]
     for bad in ([("cookie",)], [["cookie", "a"]], [(b"cookie", "a")], [("cookie", None)]):
         with pytest.raises(TypeError):
-            redact_header_values(bad, names, REDACTED)
+            redact_message_names(HttpMessage(headers=bad), names, REDACTED)
