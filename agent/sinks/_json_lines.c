@@ -67,8 +67,8 @@ static Py_ssize_t exchange_at[N_EXCHANGE_FIELDS], message_at[N_MESSAGE_FIELDS];
 #define IDENTITY_FIELDS(X) X(node) X(agent_id) X(pid) X(comm) X(cgroup_id) X(container_id) \
     X(pod) X(source) X(fd) X(local) X(remote) X(role)
 /* The Record fields a line reads beyond its identity. */
-#define LINE_FIELDS(X) X(ts_ns) X(seq) X(tid) X(direction) X(offset) X(len) X(captured_len) \
-    X(truncated) X(data) X(protocol) X(redactions) X(exchange)
+#define LINE_FIELDS(X) X(type) X(conn_id) X(ts_ns) X(seq) X(tid) X(direction) X(offset) \
+    X(len) X(captured_len) X(truncated) X(data) X(protocol) X(redactions) X(exchange)
 #define AS_RECORD_ENUM(name) R_##name,
 enum { IDENTITY_FIELDS(AS_RECORD_ENUM) N_IDENTITY_FIELDS };
 enum { LINE_FIELDS(AS_RECORD_ENUM) N_LINE_FIELDS };
@@ -608,19 +608,17 @@ static int put_exchange_line(Out *o, PyObject *record, PyObject *run, PyObject *
     return 0;
 }
 
-static PyObject *record_line(PyObject *const *args, Py_ssize_t nargs, int exchange) {
-    if (nargs != (exchange ? 3 : 2))
-        return PyErr_Format(PyExc_TypeError, "expected %d arguments", exchange ? 3 : 2);
-    PyObject *record = args[0], *run, *conn;
-    if (!PyObject_TypeCheck(record, RecordType))
-        return PyErr_Format(PyExc_TypeError, "not a Record: %.100s", Py_TYPE(record)->tp_name);
-    int fresh = cached_identity(record, args[1], &run, &conn);
+/* The line of `record` (a Record), a new reference; None if `cached` no longer holds
+ * its identity; NULL on error.  `member`: for an exchange line, as exchange_line(). */
+static PyObject *line_of(PyObject *record, PyObject *cached, PyObject *member, int exchange) {
+    PyObject *run, *conn;
+    int fresh = cached_identity(record, cached, &run, &conn);
     if (fresh <= 0)
         return fresh < 0 ? NULL : Py_NewRef(Py_None);
     Py_ssize_t cap = 512 + PyBytes_GET_SIZE(run) + PyBytes_GET_SIZE(conn);
     if (exchange) {
         PyObject *ex = SLOT(record, line_at[R_exchange]);
-        cap += args[2] != Py_None && PyBytes_Check(args[2]) ? PyBytes_GET_SIZE(args[2])
+        cap += member != Py_None && PyBytes_Check(member) ? PyBytes_GET_SIZE(member)
                : ex != NULL && Py_IS_TYPE(ex, ExchangeType) ? size_hint(ex)
                                                              : 0;
     } else {
@@ -633,13 +631,100 @@ static PyObject *record_line(PyObject *const *args, Py_ssize_t nargs, int exchan
     if (o.bytes == NULL)
         return NULL;
     o.p = PyBytes_AS_STRING(o.bytes);
-    int err = exchange ? put_exchange_line(&o, record, run, conn, args[2])
+    int err = exchange ? put_exchange_line(&o, record, run, conn, member)
                        : put_data_line(&o, record, run, conn);
     if (err < 0 || _PyBytes_Resize(&o.bytes, o.len) < 0) {
         Py_XDECREF(o.bytes);
         return NULL;
     }
     return o.bytes;
+}
+
+static PyObject *record_line(PyObject *const *args, Py_ssize_t nargs, int exchange) {
+    if (nargs != (exchange ? 3 : 2))
+        return PyErr_Format(PyExc_TypeError, "expected %d arguments", exchange ? 3 : 2);
+    if (!PyObject_TypeCheck(args[0], RecordType))
+        return PyErr_Format(PyExc_TypeError, "not a Record: %.100s", Py_TYPE(args[0])->tp_name);
+    return line_of(args[0], args[1], exchange ? args[2] : Py_None, exchange);
+}
+
+/* The line of a data or HTTP exchange record whose connection's identity `identities`
+ * holds still, a new reference; None for any other (the caller's Python path encodes
+ * it: a new connection, another record type, an exchange this module does not take);
+ * NULL on error. */
+static PyObject *line_of_known(PyObject *record, PyObject *identities) {
+    if (!PyObject_TypeCheck(record, RecordType))
+        return Py_NewRef(Py_None);
+    PyObject *type = SLOT(record, line_at[R_type]), *conn_id = SLOT(record, line_at[R_conn_id]);
+    if (type == NULL || conn_id == NULL || !PyUnicode_Check(type))
+        return Py_NewRef(Py_None);
+    int exchange;
+    if (PyUnicode_CompareWithASCIIString(type, "data") == 0)
+        exchange = 0;
+    else if (PyUnicode_CompareWithASCIIString(type, "exchange") == 0)
+        exchange = 1;
+    else
+        return Py_NewRef(Py_None);
+    PyObject *ex = SLOT(record, line_at[R_exchange]);
+    if (exchange && (ex == NULL || !Py_IS_TYPE(ex, ExchangeType)))
+        return Py_NewRef(Py_None);
+    PyObject *cached = PyDict_GetItemWithError(identities, conn_id); /* borrowed */
+    if (cached == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    Py_INCREF(cached); /* nothing below runs Python code, but the dict is the caller's */
+    PyObject *line = line_of(record, cached, Py_None, exchange);
+    Py_DECREF(cached);
+    if (line == NULL && exchange && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear(); /* one exchange_json() does not take: the Python path's */
+        return Py_NewRef(Py_None);
+    }
+    return line;
+}
+
+PyDoc_STRVAR(encode_lines_doc,
+             "encode_lines(records, identities, encode) -> lines\n\n"
+             "The JSON lines of a batch of records, in order: a data or exchange record's\n"
+             "as data_line() or exchange_line(record, cached, None) make it with cached =\n"
+             "identities[record.conn_id]; encode(record) for any other (another record\n"
+             "type, a connection not in `identities` or whose identity changed, an\n"
+             "exchange those do not take), which may add its connection to `identities`\n"
+             "for the records after it.");
+
+static PyObject *encode_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyDict_Check(args[1]))
+        return PyErr_Format(PyExc_TypeError, "encode_lines(records: list, identities: dict, "
+                                             "encode)");
+    PyObject *records = args[0];
+    Py_ssize_t n = PyList_GET_SIZE(records);
+    PyObject *lines = PyList_New(n);
+    if (lines == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* encode() is Python code: the list is checked, and its item held, around it. */
+        if (i >= PyList_GET_SIZE(records)) {
+            PyErr_SetString(PyExc_RuntimeError, "records changed during encode_lines");
+            goto fail;
+        }
+        PyObject *record = Py_NewRef(PyList_GET_ITEM(records, i));
+        PyObject *line = line_of_known(record, args[1]);
+        if (line == Py_None) {
+            Py_DECREF(line);
+            line = PyObject_CallOneArg(args[2], record);
+            if (line != NULL && !PyBytes_Check(line)) {
+                PyErr_SetString(PyExc_TypeError, "encode() must return bytes");
+                Py_CLEAR(line);
+            }
+        }
+        Py_DECREF(record);
+        if (line == NULL)
+            goto fail;
+        PyList_SET_ITEM(lines, i, line);
+    }
+    return lines;
+fail:
+    Py_DECREF(lines); /* its unset items are NULL, which list dealloc skips */
+    return NULL;
 }
 
 PyDoc_STRVAR(data_line_doc,
@@ -738,6 +823,7 @@ static PyMethodDef module_methods[] = {
     {"data_line", (PyCFunction)(void (*)(void))data_line, METH_FASTCALL, data_line_doc},
     {"exchange_line", (PyCFunction)(void (*)(void))exchange_line, METH_FASTCALL,
      exchange_line_doc},
+    {"encode_lines", (PyCFunction)(void (*)(void))encode_lines, METH_FASTCALL, encode_lines_doc},
     {NULL, NULL, 0, NULL},
 };
 

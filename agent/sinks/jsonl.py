@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from agent.records.record import Record
-from agent.sinks._json_lines import IDENTITY_FIELDS, data_line, exchange_line
+from agent.sinks._json_lines import IDENTITY_FIELDS, data_line, encode_lines, exchange_line
 from agent.sinks.base import OutputError, PeriodicFlusher
 
 # Connections whose identity fragments are kept; past this the cache starts over.
@@ -76,6 +76,11 @@ class JsonLineEncoder:
             except TypeError:
                 return self._line(exchange_line, record, _ascii_json(record.exchange.to_json()))
         return _ascii_json(record.to_json()) + b"\n"
+
+    def encode_many(self, records: list[Record]) -> list[bytes]:
+        """encode() for each of `records`, in one C call: data and exchange records of
+        connections already seen are encoded there, encode() is called for the rest."""
+        return encode_lines(records, self._identities, self.encode)
 
     def _line(self, encode: Callable[..., bytes | None], record: Record, *member: Any) -> bytes:
         cached = self._identities.get(record.conn_id, _NO_IDENTITY)
@@ -150,8 +155,7 @@ class JsonlSink:
         """The records' lines, one lock and clock read per batch; each line goes into
         the stream's buffer whole (a buffer flush never splits one, which keeps
         capture workers' appends to one file line by line)."""
-        encode = self._encoder.encode
-        self._out.write_lines([encode(r) for r in records])
+        self._out.write_lines(self._encoder.encode_many(records))
         for record in records:
             if record.type == "close":
                 self._encoder.forget(record.conn_id)

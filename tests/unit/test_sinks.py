@@ -413,3 +413,32 @@ def test_jsonl_data_line_of_any_buffer_and_of_equal_identities() -> None:
         rec.node, rec.agent_id = "node-a", "agent-1"
         assert json.loads(enc.encode(rec)) == rec.to_json()
     assert len(enc._identities) == 1
+
+
+def test_jsonl_a_batch_is_encoded_as_record_by_record() -> None:
+    """encode_many (one C call per batch) gives each record the line encode() gives it:
+    new connections and changed identities in the middle of a batch, lifecycle
+    records, a gRPC exchange the C encoder leaves to the Python path."""
+    from agent.l7.exchange import Exchange, GrpcCall, HttpMessage
+    from agent.sinks.jsonl import JsonLineEncoder
+
+    http = Exchange("http1", request=HttpMessage(method="GET", target="/"), stream_id=1)
+    grpc = Exchange("grpc", request=HttpMessage(method="POST"), grpc=GrpcCall(service="s"))
+    batch = [
+        _rec("open", conn_id="a"),
+        _rec(conn_id="a", data=b"x" * 100),
+        _rec(conn_id="a", data=b"y"),
+        _rec("exchange", conn_id="a", protocol="http1", exchange=http),
+        _rec(conn_id="b", comm="wget"),
+        _rec(conn_id="a", comm="curl2", data=b"z"),  # the identity changed
+        _rec("exchange", conn_id="b", protocol="grpc", exchange=grpc),
+        _rec("close", conn_id="a"),
+        _rec(conn_id="a", comm="curl2"),
+    ]
+    for i, rec in enumerate(batch):
+        rec.seq, rec.node, rec.agent_id = i, "node-a", "agent-1"
+    batched = JsonLineEncoder()
+    lines = batched.encode_many(batch)
+    assert lines == [JsonLineEncoder().encode(r) for r in batch]
+    assert lines == batched.encode_many(batch)  # every connection cached now
+    assert [json.loads(line) for line in lines] == [r.to_json() for r in batch]
