@@ -1349,17 +1349,24 @@ static Ex *ex_new(Http1Parser *p) {
     return x;
 }
 
+/* Takes x out of the queue. */
+static void queue_unlink(Http1Parser *p, Ex *x) {
+    if (x->prev)
+        x->prev->next = x->next;
+    else
+        p->first = x->next;
+    if (x->next)
+        x->next->prev = x->prev;
+    else
+        p->last = x->prev;
+    x->prev = x->next = NULL;
+    p->queued--;
+}
+
 static Ex *queue_pop(Http1Parser *p) {
     Ex *x = p->first;
-    if (x == NULL)
-        return NULL;
-    p->first = x->next;
-    if (p->first)
-        p->first->prev = NULL;
-    else
-        p->last = NULL;
-    x->next = NULL;
-    p->queued--;
+    if (x != NULL)
+        queue_unlink(p, x);
     return x;
 }
 
@@ -1814,6 +1821,8 @@ static int start_response(Http1Parser *p, Side *st, long long ts) {
     }
     st->cur = x;
     st->has_msg = 0;
+    if (p->queued > MAX_PENDING && limit_pending(p) < 0) /* responses without requests */
+        return -1;
     for (int k = 0; k < n_notes; k++) { /* x may be paired again after a response gap */
         int seen = 0;
         for (Py_ssize_t i = 0; x->notes && i < PyList_GET_SIZE(x->notes) && !seen; i++)
@@ -1916,13 +1925,25 @@ static int parse_error(Http1Parser *p, Side *st, const char *why) {
                 text);
 }
 
-/* Gives up on the oldest requests while too many await a response (sync was lost). */
+/* Gives up on the oldest exchanges while too many are queued: requests awaiting a
+ * response that will not come (sync was lost), or exchanges waiting behind one whose
+ * response is read until the connection closes while the client goes on sending.  The
+ * oldest that neither side is parsing goes, past the queue's head if need be (it is
+ * then emitted ahead of that one), so the queue stays bounded whatever the peers do. */
 static int limit_pending(Http1Parser *p) {
-    while (p->queued > MAX_PENDING && p->first != p->resp.cur && p->first != p->req.cur) {
-        Ex *x = queue_pop(p);
+    while (p->queued > MAX_PENDING) {
+        Ex *x = p->first;
+        while (x != NULL && (x == p->resp.cur || x == p->req.cur))
+            x = x->next;
+        if (x == NULL)
+            return 0;
+        queue_unlink(p, x);
         if (x->awaiting)
             aw_remove(p, x);
-        int r = note(x, PyUnicode_FromString("no response seen (too many unanswered requests)"));
+        int r = x->resp.seen
+                    ? 0
+                    : note(x, PyUnicode_FromString(
+                                  "no response seen (too many unanswered requests)"));
         if (emit(p, x) < 0 || r < 0) /* emitted (and freed) also after an error */
             return -1;
     }

@@ -588,6 +588,41 @@ def test_requests_given_up_between_two_gaps_leave_one_gap_and_pairing_goes_on() 
     assert "request side had a gap before this request; pairing may be off" in out[0].notes
 
 
+def test_exchanges_behind_a_response_read_until_close_stay_bounded() -> None:
+    """A response without framing is read until the close; a client pipelining behind
+    it (or a peer that only looks like one) must not grow the parser without bound:
+    past the pending limit the oldest requests nobody is parsing are given up, ahead
+    of the one still being read, which completes at the close."""
+    p = Http1Parser()
+    p.feed("request", req("GET", "/stream"), 1)
+    assert p.feed("response", resp("200 OK", "Content-Type: text/plain\r\n"), 2) == []
+    out = []
+    for i in range(1000):
+        out += p.feed("request", req("GET", f"/{i}"), 3 + i)
+        out += p.feed("response", b"more body ", 3 + i)
+    assert len(out) == 1000 - 511 and out[0].request.target == "/0"
+    assert all(x.response is None for x in out)
+    assert all("no response seen (too many unanswered requests)" in x.notes for x in out)
+    rest = p.close(10**6)
+    assert rest[0].request.target == "/stream" and rest[0].response.body_len == 10 * 1000
+    assert len(rest) == 1 + 511
+
+
+def test_responses_without_requests_stay_bounded_behind_an_unfinished_request() -> None:
+    """Responses whose requests were never seen, queued behind a request whose body is
+    still coming: past the pending limit they are given up (they are complete) ahead
+    of it, so the queue stays bounded."""
+    p = Http1Parser()
+    p.feed("request", req("POST", "/upload", "Content-Length: 1000000000\r\n", b"x" * 100), 1)
+    out = []
+    for i in range(700):
+        out += p.feed("response", resp("204 No Content"), 2 + i)
+    assert len(out) == 700 - 1 - 511
+    assert all(x.request is None and x.response.status == 204 for x in out)
+    rest = p.close(10**6)
+    assert rest[0].request.target == "/upload" and len(rest) == 1 + 511
+
+
 def test_looks_like_request_start() -> None:
     yes_ = [b"GET / HTTP/1.1\r\n", b"PROPFIND /d HTTP/1.1\r\nDepth: 1", b"M-SEARCH * HTTP/1.1\r\n"]
     yes_ += [b"POST /api", b"GET ", b"GE", b"OPTIONS * HTTP/1.", b"DELETE /x HTTP/1.0\r"]
