@@ -38,7 +38,7 @@
  * Content-Length and chunk sizes are checked for overflow, a head (or trailer section)
  * larger than MAX_HEAD is an error, a body keeps at most body_limit bytes (all are
  * counted), request bytes held behind an Upgrade at most MAX_HEAD, and more than
- * MAX_PENDING requests awaiting a response give up the oldest.
+ * MAX_PENDING exchanges queued give up the oldest that neither side is parsing.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1132,7 +1132,7 @@ static PyTypeObject Http1StreamType = {
  * cannot be part of a reference cycle, so it does not take part in the garbage
  * collector. */
 
-#define MAX_PENDING 512 /* requests awaiting a response before the oldest is given up */
+#define MAX_PENDING 512 /* exchanges queued before the oldest not being parsed is given up */
 #define NOTE_MAX 320    /* a note made here (numbers and fixed texts) fits */
 
 /* One side of an exchange. */

@@ -47,8 +47,9 @@ Why this design:
   tunnel's target.  Parse errors are the C parser's fixed reason texts, and no
   header value or body byte is ever quoted (the regex rules mask notes too).
 * Bounded: bodies keep only body_limit bytes, bytes held behind an Upgrade at
-  most MAX_HEAD, and more than MAX_PENDING (512) requests awaiting a response
-  give up the oldest.
+  most MAX_HEAD, and more than MAX_PENDING (512) exchanges queued (requests
+  awaiting a response, exchanges waiting behind one still being read) give up
+  the oldest that neither side is parsing.
 """
 
 from __future__ import annotations
