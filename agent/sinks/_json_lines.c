@@ -379,10 +379,10 @@ static int put_pairs(Out *o, PyObject *v) {
 }
 
 /* bytes as a JSON string of standard base64 with padding (pybase64.b64encode's). */
-static int put_base64(Out *o, PyObject *v) {
-    if (v == NULL || !PyBytes_Check(v))
-        return unsupported("a body is not bytes");
-    if (PyBytes_GET_SIZE(v) == 0)
+/* Any buffer (a body is bytes, a payload maybe a memoryview of the ring) as a JSON
+ * string of pybase64's base64 (an empty bytes, every GET's body, without the call). */
+static int put_payload(Out *o, PyObject *v) {
+    if (PyBytes_Check(v) && PyBytes_GET_SIZE(v) == 0)
         return PUT(o, "\"\"");
     PyObject *encoded = PyObject_CallOneArg(b64encode, v);
     if (encoded == NULL)
@@ -398,6 +398,13 @@ static int put_base64(Out *o, PyObject *v) {
     }
     Py_DECREF(encoded);
     return err;
+}
+
+/* A message body: bytes as a JSON string of standard base64 with padding. */
+static int put_base64(Out *o, PyObject *v) {
+    if (v == NULL || !PyBytes_Check(v))
+        return unsupported("a body is not bytes");
+    return put_payload(o, v);
 }
 
 /* -- the objects ---------------------------------------------------------------------- */
@@ -548,17 +555,6 @@ static int put_line_start(Out *o, PyObject *record, const char *start, Py_ssize_
                ? -1
                : 0;
 #undef F
-}
-
-/* Any buffer (a payload is bytes, or a memoryview of the ring) as a JSON string of
- * pybase64's base64. */
-static int put_payload(Out *o, PyObject *v) {
-    PyObject *encoded = PyObject_CallOneArg(b64encode, v);
-    if (encoded == NULL)
-        return -1;
-    int err = PUT(o, "\"") < 0 || put_bytes(o, encoded) < 0 || PUT(o, "\"") < 0 ? -1 : 0;
-    Py_DECREF(encoded);
-    return err;
 }
 
 static int put_data_line(Out *o, PyObject *record, PyObject *run, PyObject *conn) {
