@@ -367,10 +367,7 @@ class ConnectionL7:
 
     def _process(self, r: Record) -> list[Record]:
         state = self._dirs[r.direction or "egress"]
-        request_direction = self.request_direction
-        side: Side | None = None
-        if request_direction is not None:
-            side = "request" if r.direction == request_direction else "response"
+        side = self._side(r)
         parser = self.parser if side is not None else None
         exchanges: list[Exchange] = []
         data = r.data
