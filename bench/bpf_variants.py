@@ -44,6 +44,10 @@ VARIANTS: dict[str, tuple[str, list[Edit]]] = {
             )
         ],
     ),
+    "no_cut_check": (
+        "no ring query after each chunk (prices the cut mark: TLSCAP_CUT_BYTES 0)",
+        [("calls.c", "#if TLSCAP_CUT_BYTES > 0\n", "#if 0\n")],
+    ),
     "no_fd_tp": (
         "read/write-family syscall tracepoints return at once (prices learn_fd; fd unknown)",
         [

@@ -67,9 +67,14 @@ static __always_inline u8 shed_new_connection(u32 tgid, const char *comm) {
 #endif
 }
 
+// What emit_payload did: every chunk sent, or it stopped the connection's data.
+#define EMIT_ALL 0
+#define EMIT_REFUSED 1  // the full ring refused a chunk: lost, counted as such
+#define EMIT_CUT 2      // a chunk left the ring past the cut mark: the rest is shed
+
 // Send the call's payload in chunks; stop at the first chunk the ring refuses
-// (later ones would be refused too, and a gap-free prefix is easier to use).
-// 1 when the ring refused one.
+// (later ones would be refused too, and a gap-free prefix is easier to use), or
+// after the chunk that leaves the ring above the cut mark.
 static __always_inline int emit_payload(struct data_event *e, u64 buf, u32 captured) {
     for (u32 i = 0; i < MAX_CHUNKS; i++) {
         u32 off = i * CHUNK_SIZE;
@@ -92,11 +97,20 @@ static __always_inline int emit_payload(struct data_event *e, u64 buf, u32 captu
         if (ring_output(e, size, wake_flag(size)) != 0) {
             count(CNT_LOST_EVENTS, 1);
             count(CNT_LOST_BYTES, captured - off);
-            return 1;
+            return EMIT_REFUSED;
         }
         count(CNT_CHUNKS, 1);
+#if TLSCAP_CUT_BYTES > 0
+        // Asked right after the output, whose reserve has just read both ring
+        // positions: their cache lines are still here, unlike on a cold query.
+        if (ring_pending_bytes() > TLSCAP_CUT_BYTES) {
+            if (captured > off + n)
+                count(CNT_SHED_BYTES, captured - off - n);
+            return EMIT_CUT;
+        }
+#endif
     }
-    return 0;
+    return EMIT_ALL;
 }
 
 // Memory-BIO connections (asyncio's SSLObject, Node's TLSWrap, anything over
@@ -387,10 +401,10 @@ static __always_inline void emit_call(struct active_call *a, u32 tgid, u32 tid, 
         count(CNT_TRUNCATED, 1);
         count(CNT_TRUNCATED_BYTES, len - captured);
     }
-    // The ring is full: user space is behind.  Rather than lose a chunk here and
-    // there in every connection, this one stops sending until the ring drains,
-    // and the others keep what room comes free (not with shedding off).
-    if (emit_payload(e, a->buf, captured) && TLSCAP_SHED_BYTES > 0) {
+    // The ring is nearly full: user space is behind.  Rather than lose a chunk
+    // here and there in every connection, this one stops sending until the ring
+    // drains, and the others keep what room comes free (not with shedding off).
+    if (emit_payload(e, a->buf, captured) != EMIT_ALL && TLSCAP_SHED_BYTES > 0) {
         st->shed = SHED_CUT;
         count(CNT_SHED_MIDSTREAM, 1);
     }

@@ -11,8 +11,10 @@
 //   TLSCAP_RINGBUF_PAGES  ring buffer size in pages
 //   TLSCAP_WAKE_BYTES  wake the consumer once this much data is pending
 //   TLSCAP_SHED_BYTES  ring high-water mark: connections that start while more
-//                      than this is pending are shed, and a followed one cut by a
-//                      full ring resumes below it (0: never shed or cut)
+//                      than this is pending are shed, and a followed one cut
+//                      resumes below it (0: never shed or cut)
+//   TLSCAP_CUT_BYTES   a followed connection whose chunk leaves more than this
+//                      pending is cut (above TLSCAP_SHED_BYTES; 0: only a full ring cuts)
 //   TLSCAP_SOCK_LENGTH_TP  1 when the kernel has sock:sock_{send,recv}_length (6.3+)
 //   TLSCAP_TASK_PT_REGS  1 when the kernel has bpf_task_pt_regs + bpf_get_current_task_btf
 //                      (5.15+, BTF): gotls.c finds a syscall's goroutine from its registers
@@ -59,6 +61,9 @@
 #endif
 #ifndef TLSCAP_SHED_BYTES
 #define TLSCAP_SHED_BYTES (TLSCAP_RINGBUF_PAGES * 2048)  // half the ring (4 KiB pages)
+#endif
+#ifndef TLSCAP_CUT_BYTES
+#define TLSCAP_CUT_BYTES (TLSCAP_RINGBUF_PAGES * 3584)  // 7/8 of the ring
 #endif
 
 // One ring-buffer record carries at most CHUNK_SIZE payload bytes; a call that
@@ -122,10 +127,13 @@ enum counter {
     CNT_MEMBIO_STALE = 19,
     // Records the ring refused with room to spare, submitted again (ring_output).
     CNT_RING_RETRIED = 20,
-    // Followed connections cut when the full ring refused one of their chunks
-    // (calls.c): they send nothing more until it drains below TLSCAP_SHED_BYTES,
-    // so one refusal leaves one gap in one connection, not holes in all of them.
-    // Their calls meanwhile count in CNT_SHED_CALLS and CNT_SHED_BYTES.
+    // Followed connections cut because their chunk left the ring above
+    // TLSCAP_CUT_BYTES (or, past that, the full ring refused it; calls.c): they
+    // send nothing more until it drains below TLSCAP_SHED_BYTES, so user space
+    // falling behind leaves one gap in a few connections, not holes in all of
+    // them, and the room above the cut mark keeps every other event (closes,
+    // connects, execs) from being refused.  Their calls meanwhile count in
+    // CNT_SHED_CALLS and CNT_SHED_BYTES.
     CNT_SHED_MIDSTREAM = 21,
     CNT_MAX = 22,
 };
@@ -227,8 +235,10 @@ __attribute__((section("maps/ringbuf")))
 struct events_table_t events = {.max_entries = TLSCAP_RINGBUF_PAGES * PAGE_SIZE};
 #define bpf_perf_event_read(map, flags) bpf_ringbuf_query(map, flags)
 
-// Bytes submitted and not yet consumed.  It reads the consumer's cache line:
-// ~+400 ns (bench/README.md), so ask once per connection, never per event.
+// Bytes submitted and not yet consumed.  Asked cold, it reads the consumer's
+// cache line: ~+400 ns (bench/README.md), so not on its own once per event.
+// Right after a ring output, whose reserve has just read the same positions,
+// it costs nothing measurable (the cut mark in emit_payload).
 static __always_inline u64 ring_pending_bytes(void) {
     return events.perf_read(BPF_RB_AVAIL_DATA);
 }

@@ -164,8 +164,9 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "shed_midstream": _counter(
         "shed_midstream",
-        "Followed connections cut when the full ring buffer refused their data; each "
-        "resumes, with a gap, once the ring has drained below the high-water mark",
+        "Followed connections cut when their data took the ring buffer past its cut mark "
+        "(or it refused their data); each resumes, with a gap, once the ring has drained "
+        "below the high-water mark",
     ),
     "shed_processes": _gauge("shed_processes", "Processes that had connections shed"),
     # -- flow table (agent/flows/table.py FlowStats) --------------------------

@@ -46,6 +46,11 @@ BPF_SOURCES = (
 )
 
 
+# The least room kept above the cut mark (bpf/tlscap.h TLSCAP_CUT_BYTES): chunks of
+# 16 KiB in flight on every connection writing when the mark is passed.
+CUT_HEADROOM_MIN = 256 << 10
+
+
 def bpf_source_dir() -> Path:
     env = os.environ.get("TLSCAP_BPF_DIR")
     if env:
@@ -88,6 +93,19 @@ class ProbeSettings:
         return max(1, int(self.ring_pages * PAGE_SIZE * self.shed_fraction))
 
     @property
+    def cut_bytes(self) -> int:
+        """The ring's cut mark (TLSCAP_CUT_BYTES): a followed connection whose chunk
+        leaves more than this pending stops sending until the ring is back under
+        `shed_bytes`.  The room above it takes what is in flight when the mark is
+        passed (a chunk per connection writing at that moment) and every other event,
+        so the ring itself never has to refuse one; 0 with shedding off."""
+        shed = self.shed_bytes
+        if not shed:
+            return 0
+        ring = self.ring_pages * PAGE_SIZE
+        return max(shed, ring - max(ring // 8, CUT_HEADROOM_MIN))
+
+    @property
     def ring_pages(self) -> int:
         """The ring's real size in pages: the kernel wants a power of two."""
         return _power_of_two_at_least(max(self.ringbuf_bytes // PAGE_SIZE, 16))
@@ -102,6 +120,7 @@ class ProbeSettings:
             f"-DTLSCAP_RINGBUF_PAGES={pages}",
             f"-DTLSCAP_WAKE_BYTES={wake}",
             f"-DTLSCAP_SHED_BYTES={self.shed_bytes}",
+            f"-DTLSCAP_CUT_BYTES={self.cut_bytes}",
             f"-DTLSCAP_SOCK_LENGTH_TP={1 if self.sock_length_tracepoints else 0}",
             f"-DTLSCAP_HOLD={1 if self.hold_new_libraries else 0}",
             *self.kernel.cflags(),

@@ -1,5 +1,5 @@
-"""Load shedding, the parts without a kernel: the high-water mark the BPF
-program is built with, and how the shed counters reach the stats and /metrics."""
+"""Load shedding, the parts without a kernel: the high-water and cut marks the
+BPF program is built with, and how the shed counters reach the stats and /metrics."""
 
 from __future__ import annotations
 
@@ -31,10 +31,21 @@ def test_shed_fraction_sets_the_mark() -> None:
     assert cflag(settings, "TLSCAP_SHED_BYTES") == 48 << 20
 
 
+def test_cut_mark_keeps_an_eighth_of_the_ring_free_and_at_least_256_kib() -> None:
+    big = ProbeSettings(self_tgid=1, ringbuf_bytes=64 << 20)
+    assert cflag(big, "TLSCAP_CUT_BYTES") == 56 << 20
+    small = ProbeSettings(self_tgid=1, ringbuf_bytes=1 << 20)
+    assert cflag(small, "TLSCAP_CUT_BYTES") == (1 << 20) - (256 << 10)
+    # Never below the high-water mark, where cut connections resume.
+    high = ProbeSettings(self_tgid=1, ringbuf_bytes=1 << 20, shed_fraction=0.9)
+    assert cflag(high, "TLSCAP_CUT_BYTES") == cflag(high, "TLSCAP_SHED_BYTES")
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_zero_or_one_turns_shedding_off(fraction: float) -> None:
     settings = ProbeSettings(self_tgid=1, shed_fraction=fraction)
     assert cflag(settings, "TLSCAP_SHED_BYTES") == 0
+    assert cflag(settings, "TLSCAP_CUT_BYTES") == 0
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.5])
