@@ -20,7 +20,7 @@ from "grpc-message").  Everything here is redacted in place:
 from __future__ import annotations
 
 from agent.l7.exchange import Exchange, Headers, HttpMessage
-from agent.redact._headers import redact_message_names
+from agent.redact._headers import redact_exchange_names
 from agent.redact.payload import mask_regexes
 from agent.redact.rules import RedactionRules, RegexRule, header_rule_name, mask_query_values
 
@@ -60,57 +60,67 @@ def _mask_header_regexes(headers: Headers, rules: RedactionRules, hits: set[str]
     return headers if out is None else out
 
 
-def _redact_message(msg: HttpMessage, rules: RedactionRules, hits: set[str]) -> None:
-    # Credential query values, same length ("=" first: most targets have no query).
-    if rules.query_params and "=" in msg.target:
-        raw = msg.target.encode("latin-1", errors="replace")
-        masked, found = mask_query_values(raw, rules.query_params)
-        if found:
-            hits |= found
-            msg.target = "".join(
-                "*" if a != b else c for a, b, c in zip(raw, masked, msg.target, strict=True)
-            )
-    # Sensitive headers and trailers, and the target and authority when their header
-    # (":path", ":authority", "host") is sensitive, in C.
-    if rules.header_names:
-        for name in redact_message_names(msg, rules.header_names, REDACTED):
-            hits.add(header_rule_name(name))
+def _mask_query(msg: HttpMessage, params: frozenset[str], hits: set[str]) -> None:
+    """Credential query values in the target, same length."""
+    raw = msg.target.encode("latin-1", errors="replace")
+    masked, found = mask_query_values(raw, params)
+    if found:
+        hits |= found
+        msg.target = "".join(
+            "*" if a != b else c for a, b, c in zip(raw, masked, msg.target, strict=True)
+        )
+
+
+def _mask_message_regexes(msg: HttpMessage, rules: RedactionRules, hits: set[str]) -> None:
     regexes = rules.regexes
-    if regexes:
-        msg.headers = _mask_header_regexes(msg.headers, rules, hits)
-        if msg.trailers:
-            msg.trailers = _mask_header_regexes(msg.trailers, rules, hits)
-        msg.target = _mask_text(msg.target, regexes, hits)
-        msg.authority = _mask_text(msg.authority, regexes, hits)
-        msg.reason = _mask_text(msg.reason, regexes, hits)
-        if msg.body:
-            msg.body, found = mask_regexes(msg.body, regexes)
-            hits |= found
+    msg.headers = _mask_header_regexes(msg.headers, rules, hits)
+    if msg.trailers:
+        msg.trailers = _mask_header_regexes(msg.trailers, rules, hits)
+    msg.target = _mask_text(msg.target, regexes, hits)
+    msg.authority = _mask_text(msg.authority, regexes, hits)
+    msg.reason = _mask_text(msg.reason, regexes, hits)
+    if msg.body:
+        msg.body, found = mask_regexes(msg.body, regexes)
+        hits |= found
 
 
 def redact_exchange(ex: Exchange, rules: RedactionRules) -> None:
     """Redact `ex` in place by `rules` and record which rules changed it."""
-    if not rules.enabled:
+    names, regexes, params = rules.header_names, rules.regexes, rules.query_params
+    if not (names or regexes or params):
         return
     hits: set[str] = set()
-    for msg in (ex.request, ex.response):
-        if msg is not None:
-            _redact_message(msg, rules, hits)
+    request, response = ex.request, ex.response
+    # Query values first ("=" first: most targets have no query), then sensitive
+    # headers and trailers, and the target and authority when their header
+    # (":path", ":authority", "host") is sensitive, in C; the regexes last.
+    if params:
+        if request is not None and "=" in request.target:
+            _mask_query(request, params, hits)
+        if response is not None and "=" in response.target:
+            _mask_query(response, params, hits)
+    if names:
+        found = redact_exchange_names(ex, names, REDACTED)
+        if found:
+            hits.update(found)
+    if regexes:
+        for msg in (request, response):
+            if msg is not None:
+                _mask_message_regexes(msg, rules, hits)
     grpc = ex.grpc
     if grpc is not None:
-        names = rules.header_names
         if grpc.message and "grpc-message" in names:
             grpc.message = REDACTED
             hits.add(header_rule_name("grpc-message"))
         if ":path" in names and (grpc.service or grpc.method):
             grpc.service = grpc.method = REDACTED
             hits.add(header_rule_name(":path"))
-        grpc.message = _mask_text(grpc.message, rules.regexes, hits)
-        if rules.regexes:
+        grpc.message = _mask_text(grpc.message, regexes, hits)
+        if regexes:
             for m in (*grpc.request_messages, *grpc.response_messages):
-                m.data, found = mask_regexes(m.data, rules.regexes)
+                m.data, found = mask_regexes(m.data, regexes)
                 hits |= found
-    if rules.regexes and ex.notes:
-        ex.notes = [_mask_text(note, rules.regexes, hits) for note in ex.notes]
+    if regexes and ex.notes:
+        ex.notes = [_mask_text(note, regexes, hits) for note in ex.notes]
     if hits:
         ex.redactions = sorted(set(ex.redactions) | hits)

@@ -157,19 +157,31 @@ def test_header_lists_are_replaced_not_changed_and_kept_when_nothing_matched() -
 
 def test_header_values_in_c_take_any_case_and_refuse_what_is_not_a_header() -> None:
     """agent/redact/_headers.c: names of any case (non-ASCII ones lowered as str.lower
-    does), repeats reported in order, a value already redacted not again, the derived
-    fields last; a header that is not a (str, str) tuple is a TypeError, never a
-    header let through."""
-    from agent.redact._headers import redact_message_names
+    does), each rule reported once in the order first met, a value already redacted
+    not again, the derived fields last, both messages; a header that is not a
+    (str, str) tuple is a TypeError, never a header let through."""
+    from agent.redact._headers import redact_exchange_names
 
-    names = frozenset({"cookie", "x-t\u00f6ken", ":path", "host"})
+    names = frozenset({"cookie", "x-t\u00f6ken", ":path", "host", "set-cookie"})
     headers = [("Cookie", "a"), ("X-T\u00d6KEN", "b"), ("cookie", REDACTED), ("COOKIE", "c")]
     msg = HttpMessage(target="/x", authority="h", headers=headers, trailers=[("cookie", "t")])
-    found = redact_message_names(msg, names, REDACTED)
+    response = HttpMessage(status=200, headers=[("Set-Cookie", "s"), ("cookie", "r")])
+    found = redact_exchange_names(
+        Exchange("http1", request=msg, response=response), names, REDACTED
+    )
     assert [v for _, v in msg.headers] == [REDACTED] * 4
     assert [n for n, _ in msg.headers] == [n for n, _ in headers]
     assert msg.trailers == [("cookie", REDACTED)] and (msg.target, msg.authority) == (REDACTED,) * 2
-    assert found == ["cookie", "x-t\u00f6ken", "cookie", "cookie", ":path", "host"]
+    assert response.headers == [("Set-Cookie", REDACTED), ("cookie", REDACTED)]
+    assert found == [
+        "header:cookie", "header:x-t\u00f6ken", "header::path", "header:host", "header:set-cookie"
+    ]  # fmt: skip
+    # Nothing sensitive, or no messages at all: nothing reported, nothing replaced.
+    plain = [("accept", "*/*")]
+    ex = Exchange("http1", request=HttpMessage(headers=plain), response=None)
+    assert redact_exchange_names(ex, frozenset({"cookie"}), REDACTED) == []
+    assert ex.request.headers is plain
+    assert redact_exchange_names(Exchange("http1"), names, REDACTED) == []
     for bad in ([("cookie",)], [["cookie", "a"]], [(b"cookie", "a")], [("cookie", None)]):
         with pytest.raises(TypeError):
-            redact_message_names(HttpMessage(headers=bad), names, REDACTED)
+            redact_exchange_names(Exchange("http1", HttpMessage(headers=bad)), names, REDACTED)
