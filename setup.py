@@ -20,6 +20,7 @@ setup(
         )
         for name in (
             "events/_decode",
+            "flows/_known_calls",
             "l7/_hpack",
             "l7/_http1",
             "records/_record",

@@ -59,7 +59,18 @@ class EventPipeline:
         extend = out.extend
         on_call = self.flows.on_call
         calls = self.calls
-        for event in self._decoder.decode_batch(batch):
+        events = self._decoder.decode_batch(batch)
+        on_known_calls = self.flows.on_known_calls
+        i, n = 0, len(events)
+        while i < n:
+            if not calls.holds_pieces:
+                # The usual event, a whole call on a connection already followed,
+                # a run of them at a time in C; the others one by one below.
+                i = on_known_calls(events, i, out)
+                if i == n:
+                    break
+            event = events[i]
+            i += 1
             kind = type(event)
             if kind is TlsCall:
                 if calls.passes_through(event):  # type: ignore[arg-type]

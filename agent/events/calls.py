@@ -22,6 +22,11 @@ class CallAssembler:
         self.incomplete_calls = 0
         self.out_of_order_chunks = 0
 
+    @property
+    def holds_pieces(self) -> bool:
+        """Some call is still in pieces: every chunk must come here, in order."""
+        return bool(self._pending)
+
     def passes_through(self, chunk: TlsCall) -> bool:
         """The common case: a whole call in one chunk, nothing pending - the
         chunk is the call, and feed() need not be asked."""

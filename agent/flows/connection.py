@@ -41,7 +41,7 @@ class KernelRegistration:
     forget: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Connection:
     conn_id: str
     tgid: int

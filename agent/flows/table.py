@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from agent.events.decode import KernelSocket, SocketBound, SocketClosed, TlsCall
+from agent.flows._known_calls import KnownCalls
 from agent.flows.connection import (
     Connection,
     FlowStats,
@@ -74,6 +75,9 @@ class FlowTable:
         self._resolver = resolver
         self._wall = mono_to_wall
         self._by_fd: dict[tuple[int, int], Connection] = {}
+        # A call on a connection already followed: its step (offsets, the record) in
+        # C, for on_call and, a batch's run of such calls at a time, for the pipeline.
+        self._known = KnownCalls(self._by_fd, mono_to_wall, Record.for_call, TlsCall)
         self._by_ssl: dict[tuple[int, int], Connection] = {}
         self._user_gens = itertools.count(1)
         # Sockets adopted at start-up, by (tgid, fd): a call that was already in
@@ -172,21 +176,11 @@ class FlowTable:
                     out, conn, self._lifecycle_record("open", conn, call.ts_mono_ns, call.tid)
                 )
                 self._keep_bound(out, conn, call.ts_mono_ns)
-        conn.last_used = call.ts_mono_ns
-        conn.comm = call.comm or conn.comm
-        conn.cgroup_id = call.cgroup_id or conn.cgroup_id
-        # Offsets, checked for gaps (inline: this runs for every call).
+        # Offsets, checked for gaps; take() moves them on, and makes the record.
         expected = conn.next_offset[call.direction]
         if call.offset != expected:
             self._offset_jump(call.offset, expected)
-        conn.next_offset[call.direction] = call.offset + call.len
-        # The call's own fields are copied in C (one record per TLS call: passing
-        # them through the interpreter as 23 arguments made on_call 9.3k
-        # instructions, this 7.9k).
-        record = Record.for_call(
-            call, self._wall(call.ts_mono_ns), conn.conn_id, conn.fd if fdless else call.fd,
-            conn.local, conn.remote, conn.role,
-        )  # fmt: skip
+        record = self._known.take(conn, call, conn.fd if fdless else call.fd)
         if conn.held is None:
             if fdless:
                 self.stats.unbound_records += 1
@@ -204,6 +198,14 @@ class FlowTable:
         ):
             out.extend(self._release(next(iter(self._holding.values()))))
         return out
+
+    def on_known_calls(self, events: list, start: int, out: list[Record]) -> int:
+        """The records of the run of `events` from `start` that are whole calls on
+        connections followed under their socket, not holding and without an offset
+        jump (nearly all of them), appended to `out`, exactly as on_call would make
+        them; returns the index of the first event left for on_call and the rest.
+        Only while the call assembler holds no call in pieces."""
+        return self._known.records(events, start, out)
 
     def on_bind(self, ev: SocketBound) -> list[Record]:
         """The kernel found the socket of a TLS object that had none: its

@@ -260,3 +260,55 @@ def test_sweep_recovers_a_lost_close_a_sweep_later_and_keeps_the_process() -> No
     assert [r.type for r in sink.records] == ["open", "data", "close"]
     assert pipeline.flows.stats.closes_recovered == 1
     assert forgotten == []  # the process lives on
+
+
+def mixed_traffic() -> list[bytes]:
+    """Ring records that take every turn out of the run of known calls and back:
+    new connections, a second socket on a reused fd, a gap, a call in chunks with
+    whole calls of another thread between them, a call without an fd, a comm that
+    changes, a call of generation 0, closes."""
+    a = conn_v4(("10.0.0.1", 443), ("10.0.0.9", 40000), gen=5)
+    b = conn_v4(("10.0.0.2", 443), ("10.0.0.9", 40001), gen=6)
+    a2 = conn_v4(("10.0.0.3", 443), ("10.0.0.9", 40002), gen=9)  # fd 7 again, later
+    big = bytes(range(256)) * 100  # two chunks
+    first, second = call_records(big, socket=b, fd=8, tid=51, ts_ns=40, offset=3)
+    return [
+        data_record(b"GET", socket=a, ts_ns=10),
+        data_record(b"abc", socket=a, ts_ns=11, offset=3),
+        data_record(b"xyz", socket=b, fd=8, tid=51, ts_ns=12),
+        data_record(b"reply", socket=a, ts_ns=13, direction=layout.DIR_INGRESS),
+        data_record(b"more", socket=a, ts_ns=14, offset=6, comm=b"curl-2"),
+        first,
+        data_record(b"between", socket=a, ts_ns=41, offset=10),  # while b's call is in pieces
+        second,
+        data_record(b"after", socket=a, ts_ns=42, offset=17 + 50),  # a gap of 50
+        data_record(b"gen0", socket={"gen": 0}, ts_ns=43, offset=72),  # the kernel did not know it
+        data_record(b"nofd", fd=-1, ssl=0x77, ts_ns=44),
+        close_record(gen=5, ts_ns=50),
+        data_record(b"new socket", socket=a2, ts_ns=60),
+        data_record(b"on it", socket=a2, ts_ns=61, offset=10),
+        data_record(b"b again", socket=b, fd=8, tid=51, ts_ns=62, offset=3 + len(big)),
+    ]
+
+
+def test_calls_on_known_connections_in_c_make_what_on_call_makes() -> None:
+    """The run of calls on followed connections (agent/flows/_known_calls.c) gives the
+    same records and counters as the general path given every event one by one."""
+    results = []
+    for short_way in (True, False):
+        pipeline, sink, _, _ = make_pipeline()
+        if not short_way:
+            pipeline.flows.on_known_calls = lambda events, start, out: start  # type: ignore[method-assign]
+        for batch in (mixed_traffic()[:7], mixed_traffic()[7:]):
+            pipeline.handle_batch(RingBatch.of(batch))
+        results.append(([r.to_json() for r in sink.records], pipeline.summary()))
+    (records, summary), (expected_records, expected_summary) = results
+    assert records == expected_records
+    assert summary == expected_summary
+    assert summary["flow_gaps"] == 1 and summary["flow_inferred_closes"] == 0
+    # Every call but the fd-less one (held for its socket) is a record, the call in
+    # chunks whole, once its last chunk came.
+    lens = [r["len"] for r in records if r["type"] == "data"]
+    assert lens == [3, 3, 3, 5, 4, 7, 25600, 5, 4, 10, 5, 7]
+    assert [r["comm"] for r in records if r["type"] == "data"][4] == "curl-2"
+    assert [r["type"] for r in records].count("open") == 3
