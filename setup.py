@@ -23,6 +23,7 @@ setup(
             "flows/_known_calls",
             "l7/_hpack",
             "l7/_http1",
+            "l7/_record_path",
             "records/_record",
             "redact/_headers",
             "redact/_stream_masker",

@@ -17,14 +17,21 @@ Each data record of a connection passes, in order:
 Records are released in the order they came (per connection), each once every
 byte in it is decided.  Nothing is dropped here: at close or exit whatever is held
 goes out, fail-closed where a header block never completed.
+
+Detection is here, in Python (a few records per connection).  Everything else a
+record goes through -- the stream position, the parser's and the masker's feeds,
+holding and releasing, the payload regexes, the counters -- is one record path in
+C (agent/l7/_record_path.c, ConnectionL7's base), taken by every protocol: once a
+connection is decided, each of its data records costs one call from the stage.
+The exchanges the parser finishes come back here (_exchange_records), per exchange.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from dataclasses import dataclass, field
 
+from agent.l7._record_path import Connection
 from agent.l7.detect import (
     Verdict,
     classify_request_start,
@@ -35,18 +42,16 @@ from agent.l7.exchange import Exchange, Side
 from agent.l7.header_blocks import HeaderBlockDecoder
 from agent.l7.http1 import Http1Parser
 from agent.l7.http2 import Http2Parser
-from agent.l7.http2_frames import find_frame_run, starts_frame_run
+from agent.l7.http2_frames import find_frame_run
 from agent.records.record import Record
 from agent.redact.exchange import redact_exchange
 from agent.redact.http1_masker import Http1HeaderMasker
 from agent.redact.http2_masker import Http2HeaderMasker
-from agent.redact.payload import mask_regexes
 from agent.redact.rules import DEFAULT_RULES, RedactionRules
 
 # Records of a connection whose start we did not see are tried for an HTTP/1
 # request line this many times before the connection is left raw.
 MIDSTREAM_TRIES = 16
-_NO_HITS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -82,45 +87,11 @@ class L7Counters:
 
 
 @dataclass
-class _DirectionState:
-    next_offset: int | None = None  # where the next byte of this direction belongs
-    first: bytearray = field(default_factory=bytearray)  # first bytes, for detection
+class _Opening:
+    """A direction's first bytes, for detection."""
+
+    first: bytearray = field(default_factory=bytearray)
     first_offset: int | None = None
-    masker: Http1HeaderMasker | Http2HeaderMasker | None = None
-    # Masked bytes not yet in a record, in the pieces the masker returned them: mostly
-    # one record's worth each, which a record then takes as it is, without a copy.
-    decided: deque[bytes] = field(default_factory=deque)
-    decided_len: int = 0
-    hits: set[str] = field(default_factory=set)  # rules behind `decided`
-    unknown_counted: int = 0  # the masker's unknown_blocks already counted
-
-    def add(self, data: bytes, hits: set[str] | frozenset[str]) -> None:
-        if data:
-            self.decided.append(data)
-            self.decided_len += len(data)
-        if hits:
-            self.hits |= hits
-
-    def take(self, n: int) -> bytes | None:
-        """The next `n` decided bytes, or None while fewer are decided."""
-        if self.decided_len < n:
-            return None
-        if n == 0:
-            return b""
-        self.decided_len -= n
-        pieces = self.decided
-        data = pieces.popleft()
-        if len(data) == n:
-            return data
-        parts = [data]
-        have = len(data)
-        while have < n:
-            parts.append(pieces.popleft())
-            have += len(parts[-1])
-        data = b"".join(parts)
-        if have > n:
-            pieces.appendleft(data[n:])
-        return data[:n]
 
 
 def side_of(role: str, direction: str) -> Side | None:
@@ -132,49 +103,62 @@ def side_of(role: str, direction: str) -> Side | None:
     return None
 
 
-class ConnectionL7:
+class ConnectionL7(Connection):
+    """One connection: detection here, the record path in its C base (the offset
+    check, parser and masker feeds, holding and releasing, the payload regexes,
+    the counters): a data record of a decided connection is one call, on_data()."""
+
     def __init__(
         self, options: L7Options, counters: L7Counters, previous_protocol: str = ""
     ) -> None:
         """`previous_protocol`: what the connection was known to speak when the
         stage last let it go (evicted): its framing is picked up fail-closed."""
+        super().__init__(counters, options.rules.regexes, options.rules.enabled)
         self.options = options
-        self.counters = counters
-        self.protocol = ""  # "", "http1", "http2" once decided
         self.decided = False
-        self.request_direction: str | None = None  # "egress" / "ingress"
-        self.parser: Http1Parser | Http2Parser | None = None
-        self.last: Record | None = None  # identity for exchange records
-        self._dirs = {"egress": _DirectionState(), "ingress": _DirectionState()}
-        self._queue: deque[Record] = deque()  # released in order, once decided
+        # The C base's: protocol ("", "http1", "http2" once decided), parser,
+        # request_direction ("egress" / "ingress"), last (identity for exchange
+        # records), the maskers (masker(), set_masker()) and the held records.
+        self._dirs = {"egress": _Opening(), "ingress": _Opening()}
         self._undetected: list[Record] = []  # held while detection needs more bytes
         self._midstream_tries = 0
-        self._parse_failed_counted = False
         if previous_protocol == "http2":
             self.decided = True
             self._start_midstream_http2()
+        self._update_detecting()
 
     # -- input -------------------------------------------------------------
 
-    def on_data(self, record: Record) -> list[Record]:
-        self.last = record
+    # on_data(record) is the C base's: records of a decided connection go down the
+    # record path (process()) at once, the others come here first.
+
+    def _detect_data(self, record: Record) -> list[Record]:
+        """A data record while the protocol is not decided, or is unknown and the
+        first records are still searched for a start (C's on_data calls this)."""
         if not self.decided:
             self._undetected.append(record)
             self._note_first_bytes(record)
             if not self._try_detect(final=False):
                 return []
             held, self._undetected = self._undetected, []
+            self._update_detecting()
             out: list[Record] = []
             for r in held:
-                out.extend(self._process(r))
+                out.extend(self.process(r))
             return out
-        if self.protocol == "":
-            searching = self._midstream_tries < MIDSTREAM_TRIES
-            if self.options.rules.enabled and self._frames_in(record.data, searching):
-                self._start_midstream_http2()
-            elif searching:
-                self._try_midstream_http1(record)
-        return self._process(record)
+        if self.options.rules.enabled and self._frames_in(record.data):
+            self._start_midstream_http2()
+        else:
+            self._try_midstream_http1(record)
+        self._update_detecting()
+        return self.process(record)
+
+    def _update_detecting(self) -> None:
+        """Whether records must come to _detect_data: past it, an unknown protocol
+        is only checked for HTTP/2 frames at each record's start (in C)."""
+        self.detecting = not self.decided or (
+            self.protocol == "" and self._midstream_tries < MIDSTREAM_TRIES
+        )
 
     def on_close(self, record: Record | None) -> list[Record]:
         """Finish the connection: everything held goes out, then pending exchanges,
@@ -184,15 +168,8 @@ class ConnectionL7:
             self._try_detect(final=True)
             held, self._undetected = self._undetected, []
             for r in held:
-                out.extend(self._process(r))
-        for state in self._dirs.values():
-            if state.masker is not None:
-                state.add(*state.masker.flush())
-        self._count_unknown_blocks()
-        out.extend(self._release())
-        if self._queue:  # cannot happen after flush(); never keep a record back
-            out.extend(self._force_release())
-        self._count_parse_failure()
+                out.extend(self.process(r))
+        out.extend(self.drain())
         if self.parser is not None:
             ts = record.ts_ns if record is not None else (self.last.ts_ns if self.last else 0)
             out.extend(self._exchange_records(self.parser.close(ts)))
@@ -236,7 +213,7 @@ class ConnectionL7:
         if request_dir is None and self.options.rules.enabled:
             # HTTP/2 frames that are not the connection's start: followed fail-closed.
             for r in self._undetected:
-                if self._frames_in(r.data, search=True):
+                if self._frames_in(r.data):
                     self._decided_midstream_http2(role)
                     return True
         if request_dir is None:
@@ -256,11 +233,12 @@ class ConnectionL7:
         return True
 
     @staticmethod
-    def _frames_in(data: bytes, search: bool) -> bool:
-        """Whether `data` holds a run of HTTP/2 frames: anywhere in it while the
-        connection's first records are searched (a record may start inside a large
-        frame), later only from its first byte (a cheap test on every record)."""
-        return find_frame_run(data) is not None if search else starts_frame_run(data)
+    def _frames_in(data: bytes) -> bool:
+        """Whether `data` holds a run of HTTP/2 frames anywhere in it (a record may
+        start inside a large frame): the test while a connection's first records are
+        searched.  Past them the C record path tests each record of a connection of
+        unknown protocol from its first byte only (starts_frame_run, cheap)."""
+        return find_frame_run(data) is not None
 
     def _server_spoke_http2_first(self, request_dirs: list[str]) -> bool:
         """An HTTP/2 server may send its SETTINGS before the client's preface is read:
@@ -281,21 +259,17 @@ class ConnectionL7:
         self.protocol = "http2"
         self.counters.midstream_http2_connections += 1
         rules = self.options.rules
-        for state in self._dirs.values():
+        for direction in self._dirs:
             # The previous masker (HTTP/1, line-based) holds nothing back.
-            state.unknown_counted = 0
-            state.masker = Http2HeaderMasker(
-                rules.header_names, preface=False, query_params=rules.query_params, midstream=True
+            self.set_masker(
+                direction,
+                Http2HeaderMasker(
+                    rules.header_names,
+                    preface=False,
+                    query_params=rules.query_params,
+                    midstream=True,
+                ),
             )
-
-    def _count_unknown_blocks(self) -> None:
-        for state in self._dirs.values():
-            masker = state.masker
-            if masker is not None and masker.unknown_blocks > state.unknown_counted:
-                self.counters.header_blocks_masked_unknown += (
-                    masker.unknown_blocks - state.unknown_counted
-                )
-                state.unknown_counted = masker.unknown_blocks
 
     def _decide(self, verdict: Verdict, request_dir: str | None, role: str) -> None:
         self.decided = True
@@ -308,12 +282,15 @@ class ConnectionL7:
             names = self.options.rules.header_names
             # One HPACK decoding per direction, read by both the masker and the parser.
             blocks = {d: HeaderBlockDecoder() for d in self._dirs}
-            for direction, state in self._dirs.items():
-                state.masker = Http2HeaderMasker(
-                    names,
-                    preface=direction == request_dir,
-                    blocks=blocks[direction],
-                    query_params=self.options.rules.query_params,
+            for direction in self._dirs:
+                self.set_masker(
+                    direction,
+                    Http2HeaderMasker(
+                        names,
+                        preface=direction == request_dir,
+                        blocks=blocks[direction],
+                        query_params=self.options.rules.query_params,
+                    ),
                 )
             if self.options.parse:
                 response_dir = "ingress" if request_dir == "egress" else "egress"
@@ -331,12 +308,13 @@ class ConnectionL7:
         )
         if midline:
             self.counters.midstream_unknown_connections += 1
-        for state in self._dirs.values():
-            if state.masker is None and (rules.header_names or rules.query_params):
-                state.masker = Http1HeaderMasker(rules.header_names, rules.query_params)
+        for direction, state in self._dirs.items():
+            if self.masker(direction) is None and (rules.header_names or rules.query_params):
+                masker = Http1HeaderMasker(rules.header_names, rules.query_params)
                 if midline and (state.first_offset or 0) > 0:
                     # Past the start: the first line may be the rest of a header value.
-                    state.masker.start_midline()
+                    masker.start_midline()
+                self.set_masker(direction, masker)
 
     def _start_http1(self) -> None:
         self.protocol = "http1"
@@ -346,7 +324,7 @@ class ConnectionL7:
 
     def _try_midstream_http1(self, r: Record) -> None:
         self._midstream_tries += 1
-        side = self._side(r)
+        side = self.side(r.direction)
         verdict = (
             classify_request_start(r.data, False)
             if side in ("request", None)
@@ -358,117 +336,11 @@ class ConnectionL7:
             self._start_http1()
             self._midstream_tries = MIDSTREAM_TRIES
 
-    # -- the record path ---------------------------------------------------
-
-    def _side(self, r: Record) -> Side | None:
-        if self.request_direction is None:
-            return None
-        return "request" if r.direction == self.request_direction else "response"
-
-    def _process(self, r: Record) -> list[Record]:
-        state = self._dirs[r.direction or "egress"]
-        side = self._side(r)
-        parser = self.parser if side is not None else None
-        exchanges: list[Exchange] = []
-        data = r.data
-        if state.next_offset is not None and r.offset != state.next_offset:
-            if r.offset > state.next_offset:
-                exchanges += self._gap(state, side, r.offset - state.next_offset, r.ts_ns)
-            else:
-                # Bytes we already had (a re-read cannot happen at this layer; a reused
-                # conn id could): parse only what is new.
-                data = data[min(len(data), state.next_offset - r.offset) :]
-        state.next_offset = r.offset + r.len
-        if parser is not None and parser.failed is None:
-            exchanges += parser.feed(side, data, r.ts_ns)
-        masker = state.masker
-        if masker is not None:
-            masked, hits = masker.feed(r.data)
-            if masker.unknown_blocks != state.unknown_counted:
-                self._count_unknown_blocks()
-        else:
-            masked, hits = bytes(r.data), _NO_HITS  # a copy only if not bytes already
-        if r.len > r.captured_len:
-            exchanges += self._gap(state, side, r.len - r.captured_len, r.ts_ns)
-        if not self._queue and not state.decided_len and len(masked) == r.captured_len:
-            # Decided at once, nothing held before it (always so for HTTP/1, whose
-            # masker holds nothing back): the record goes out now, past the queue.
-            state.hits = hits
-            self._finish(r, state, masked)
-            out = [r]
-        else:
-            state.add(masked, hits)
-            self._queue.append(r)
-            out = self._release()
-        if parser is not None and parser.failed:
-            self._count_parse_failure()
-        if exchanges:
-            out += self._exchange_records(exchanges)
-        return out
-
-    def _count_parse_failure(self) -> None:
-        if self.parser is not None and self.parser.failed and not self._parse_failed_counted:
-            self._parse_failed_counted = True
-            self.counters.parse_failures += 1
-
-    def _gap(self, state: _DirectionState, side: Side | None, length: int, ts: int) -> list:
-        self.counters.gaps += 1
-        if state.masker is not None:
-            state.masker.gap(length)
-        if self.parser is not None and side is not None and self.parser.failed is None:
-            return self.parser.gap(side, length, ts)
-        return []
-
-    def _release(self) -> list[Record]:
-        out = []
-        queue = self._queue
-        dirs = self._dirs
-        while queue:
-            r = queue[0]
-            state = dirs[r.direction or "egress"]
-            masked = state.take(r.captured_len)
-            if masked is None:
-                break
-            queue.popleft()
-            self._finish(r, state, masked)
-            out.append(r)
-        return out
-
-    def _finish(self, r: Record, state: _DirectionState, masked: bytes) -> None:
-        """Give `r` its masked bytes, the payload regexes applied, and name the rules
-        that changed any of them."""
-        r.protocol = self.protocol
-        regexes = self.options.rules.regexes
-        if not (state.hits or regexes):  # nothing masked: the bytes that came in go out
-            r.data = masked
-            return
-        redactions: set[str] = set()
-        if state.hits:
-            if masked != r.data:
-                redactions |= state.hits
-            if not state.decided_len:
-                state.hits = set()
-        if regexes:
-            masked, hits = mask_regexes(masked, regexes)
-            redactions |= hits
-        if redactions:
-            self.counters.redacted_records += 1
-            r.redactions = sorted(redactions.union(r.redactions))
-        r.data = masked
-
-    def _force_release(self) -> list[Record]:
-        """Fail closed: a record whose bytes were never decided leaves fully masked."""
-        out = []
-        while self._queue:
-            r = self._queue.popleft()
-            r.data = b"\x00" * r.captured_len
-            r.redactions = sorted({*r.redactions, "undecided"})
-            r.protocol = self.protocol
-            self.counters.redacted_records += 1
-            out.append(r)
-        return out
+    # -- exchanges ----------------------------------------------------------
 
     def _exchange_records(self, exchanges: list[Exchange]) -> list[Record]:
+        """The exchange records of what the parser finished (the C record path hands
+        them here; per exchange, not per record)."""
         # Exchanges only come from a parser, which exists once a data record came.
         last = self.last
         assert last is not None or not exchanges

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from agent.l7._record_path import Dispatch
 from agent.l7.connection import ConnectionL7, L7Counters, L7Options
 from agent.records.record import Record
 
 
-class L7Stage:
+class L7Stage(Dispatch):
+    """process(record) is the C base's: a data record of a tracked connection goes
+    to its on_data() in the same call (the least recently used connections go
+    first); new connections, closes and eviction are here."""
+
+    _conns: OrderedDict[str, ConnectionL7]  # the C base's, given at __init__
+
     def __init__(self, options: L7Options) -> None:
+        super().__init__(OrderedDict(), options.max_connections)
         self.options = options
         self.counters = L7Counters()
-        self._conns: OrderedDict[str, ConnectionL7] = OrderedDict()
         # Protocols of connections evicted while open, so that their later records
         # are followed fail-closed (an HTTP/2 stream's framing is picked up again, its
         # header blocks masked) rather than taken for a new, unknown connection.
@@ -29,19 +36,8 @@ class L7Stage:
         """Anything to do at all (parsing on, or a redaction rule)."""
         return self.options.parse or self.options.rules.enabled
 
-    def process(self, record: Record) -> list[Record]:
-        """The records to emit now, in order (held ones may come out later)."""
-        conn_id = record.conn_id
-        if record.type == "data" and conn_id:
-            conn = self._conns.get(conn_id)
-            if conn is None:
-                conn = self._new_conn(conn_id)
-            else:
-                self._conns.move_to_end(conn_id)  # the least recently used go first
-            out = conn.on_data(record)
-            if len(self._conns) > self.options.max_connections:
-                out.extend(self.evict_overflow())
-            return out
+    def _other(self, record: Record) -> list[Record]:
+        """Any record but a data record of a connection (process() hands it here)."""
         if record.type == "close" and record.conn_id:
             self._evicted.pop(record.conn_id, None)
             conn = self._conns.pop(record.conn_id, None)

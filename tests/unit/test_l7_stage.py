@@ -7,10 +7,11 @@ import h2.config
 import h2.connection
 import h2.events
 import hpack
+from agent.l7._record_path import Connection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.l7.connection import L7Options
+from agent.l7.connection import L7Counters, L7Options
 from agent.l7.stage import L7Stage
 from agent.records.record import Record
 from agent.records.writer import RecordWriter
@@ -226,19 +227,39 @@ def test_fuzz_every_record_leaves_once_with_its_length(parts, role) -> None:
     assert [r.type for r in out].count("close") == 1
 
 
-def test_decided_bytes_are_handed_out_across_and_within_pieces() -> None:
-    from agent.l7.connection import _DirectionState
+class _ScriptedMasker:
+    """Hands back the (masked bytes, rules) it is given per feed, whatever came in:
+    a masker that holds bytes back and releases them in pieces of its own."""
 
-    state = _DirectionState()
-    state.add(b"abc", set())
-    assert state.take(4) is None  # not decided yet
-    state.add(b"", {"header:cookie"})
-    state.add(b"defgh", set())
-    assert state.hits == {"header:cookie"}
-    assert state.take(0) == b""
-    assert state.take(4) == b"abcd"  # joined across two pieces, the rest kept
-    assert state.take(2) == b"ef"
-    assert state.take(2) == b"gh"
-    assert state.decided_len == 0 and not state.decided
-    state.add(b"ijk", set())
-    assert state.take(3) == b"ijk"
+    unknown_blocks = 0
+
+    def __init__(self, script: list[tuple[bytes, set[str]]]) -> None:
+        self.script = script
+
+    def feed(self, data: bytes) -> tuple[bytes, set[str]]:
+        return self.script.pop(0)
+
+    def flush(self) -> tuple[bytes, set[str]]:
+        return b"", set()
+
+
+def test_decided_bytes_are_handed_out_across_and_within_pieces() -> None:
+    conn = Connection(L7Counters(), (), False)
+    conn.detecting = False
+    script = [(b"abc", set()), (b"", {"header:cookie"}), (b"defgh", set()), (b"", set())]
+    conn.set_masker("egress", _ScriptedMasker([*script, (b"ijk", set())]))
+    c = Conn()
+    r1, r2, r3, r4 = (c.data("egress", p) for p in (b"1234", b"", b"56", b"78"))
+    assert conn.on_data(r1) == []  # not decided yet
+    assert conn.on_data(r2) == []  # in order, behind r1
+    assert conn.held == 2 and conn.decided_bytes == (3, 0)
+    # Joined across two pieces, the rest kept; then nothing; then within a piece.
+    assert conn.on_data(r3) == [r1, r2, r3]
+    assert (r1.data, r2.data, r3.data) == (b"abcd", b"", b"ef")
+    # The rules stay with the decided bytes until they are all handed out.
+    assert r1.redactions == r3.redactions == ["header:cookie"] and r2.redactions == []
+    assert conn.on_data(r4) == [r4] and r4.data == b"gh"
+    assert r4.redactions == ["header:cookie"]
+    assert conn.held == 0 and conn.decided_bytes == (0, 0)
+    r5 = c.data("egress", b"9ab")
+    assert conn.on_data(r5) == [r5] and (r5.data, r5.redactions) == (b"ijk", [])
