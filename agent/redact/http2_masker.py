@@ -130,7 +130,8 @@ class Http2HeaderMasker:
         self.unknown_blocks = 0  # header blocks wiped because the HPACK state is unknown
         if midstream:
             self._mode = _DESYNC_MODE
-            self._blocks.close()
+            if self._blocks is not None:  # None without rules: nothing is decoded
+                self._blocks.close()
         else:
             self._mode = _PREFACE_MODE if preface else _HEADER_MODE
         self._preface_pos = 0

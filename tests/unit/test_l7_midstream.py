@@ -17,7 +17,7 @@ from agent.l7.http2_frames import find_frame_run, starts_frame_run
 from agent.l7.stage import L7Stage
 from agent.records.record import Record
 from agent.redact.http2_masker import Http2HeaderMasker
-from agent.redact.rules import DEFAULT_HEADERS, DEFAULT_QUERY_PARAMS, DEFAULT_RULES
+from agent.redact.rules import DEFAULT_HEADERS, DEFAULT_QUERY_PARAMS, DEFAULT_RULES, NO_RULES
 from tests.unit.l7build import Conn, run
 
 SECRET = b"Bearer s3cr3t-midstream-token-0123456789"
@@ -237,6 +237,22 @@ def test_evicted_http2_connection_is_picked_up_fail_closed() -> None:
     stats = stage.stats()
     assert stats["l7_connections_evicted"] >= 1
     assert stats["l7_midstream_http2_connections"] == 1
+
+
+def test_evicted_http2_connection_without_rules_passes_its_bytes_on() -> None:
+    """With redaction off there is nothing to mask: a connection evicted while it spoke
+    HTTP/2 goes on as raw bytes (its masker once failed to start: no HPACK reader)."""
+    c = Conn("c1")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    records = [c.data("egress", client.data_to_send() + _request(client, b"Bearer one"))]
+    records.append(Conn("c2").data("egress", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))  # evicts c1
+    later = _request(client, SECRET)
+    records.append(c.data("egress", later))
+    stage = L7Stage(L7Options(max_connections=1, rules=NO_RULES))
+    out = run(stage, records)
+    assert _egress(out).endswith(later)
+    assert stage.stats()["l7_midstream_http2_connections"] == 1
 
 
 def test_evicted_http1_connection_masks_the_line_it_resumes_in() -> None:
