@@ -97,6 +97,10 @@ def starts_frame_run(data: bytes | bytearray | memoryview, min_frames: int = 1) 
     least `min_frames` frames, or at least two (and `min_frames`) whole frames
     before a frame the record cuts."""
     n = len(data)
+    if n >= HEADER and (data[0] or data[1] > 0x40 or data[3] >= KNOWN_TYPES):
+        # The first header's length or type is out of bounds: the usual answer for
+        # the records of other protocols, on each of which this runs, so at once.
+        return False
     pos = whole = 0
     while n - pos >= HEADER:
         header = data[pos : pos + HEADER]
