@@ -13,8 +13,9 @@
 //   TLSCAP_SHED_BYTES  ring high-water mark: connections that start while more
 //                      than this is pending are shed, and a followed one cut
 //                      resumes below it (0: never shed or cut)
-//   TLSCAP_CUT_BYTES   a followed connection whose chunk leaves more than this
-//                      pending is cut (above TLSCAP_SHED_BYTES; 0: only a full ring cuts)
+//   TLSCAP_CUT_BYTES   a followed connection whose call leaves more than this
+//                      pending is cut, or whose call of several chunks would
+//                      (above TLSCAP_SHED_BYTES; 0: only a full ring cuts)
 //   TLSCAP_SOCK_LENGTH_TP  1 when the kernel has sock:sock_{send,recv}_length (6.3+)
 //   TLSCAP_TASK_PT_REGS  1 when the kernel has bpf_task_pt_regs + bpf_get_current_task_btf
 //                      (5.15+, BTF): gotls.c finds a syscall's goroutine from its registers
@@ -127,8 +128,8 @@ enum counter {
     CNT_MEMBIO_STALE = 19,
     // Records the ring refused with room to spare, submitted again (ring_output).
     CNT_RING_RETRIED = 20,
-    // Followed connections cut because their chunk left the ring above
-    // TLSCAP_CUT_BYTES (or, past that, the full ring refused it; calls.c): they
+    // Followed connections cut because their call left the ring above
+    // TLSCAP_CUT_BYTES, or would have (or the full ring refused it; calls.c): they
     // send nothing more until it drains below TLSCAP_SHED_BYTES, so user space
     // falling behind leaves one gap in a few connections, not holes in all of
     // them, and the room above the cut mark keeps every other event (closes,
@@ -238,7 +239,7 @@ struct events_table_t events = {.max_entries = TLSCAP_RINGBUF_PAGES * PAGE_SIZE}
 // Bytes submitted and not yet consumed.  Asked cold, it reads the consumer's
 // cache line: ~+400 ns (bench/README.md), so not on its own once per event.
 // Right after a ring output, whose reserve has just read the same positions,
-// it costs nothing measurable (the cut mark in emit_payload).
+// it costs nothing measurable (the cut mark, calls.c past_cut_mark).
 static __always_inline u64 ring_pending_bytes(void) {
     return events.perf_read(BPF_RB_AVAIL_DATA);
 }

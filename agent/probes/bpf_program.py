@@ -94,11 +94,12 @@ class ProbeSettings:
 
     @property
     def cut_bytes(self) -> int:
-        """The ring's cut mark (TLSCAP_CUT_BYTES): a followed connection whose chunk
-        leaves more than this pending stops sending until the ring is back under
-        `shed_bytes`.  The room above it takes what is in flight when the mark is
-        passed (a chunk per connection writing at that moment) and every other event,
-        so the ring itself never has to refuse one; 0 with shedding off."""
+        """The ring's cut mark (TLSCAP_CUT_BYTES): a followed connection whose call
+        leaves more than this pending (or whose call of several chunks would) stops
+        sending until the ring is back under `shed_bytes`.  The room above it takes
+        what is in flight when the mark is passed (a chunk per connection writing at
+        that moment) and every other event, so the ring itself need not refuse one;
+        0 with shedding off."""
         shed = self.shed_bytes
         if not shed:
             return 0

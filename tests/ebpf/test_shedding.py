@@ -371,10 +371,11 @@ def check_against_truth(cap: Capture, conn: str, direction: str, truth: bytes) -
 
 
 def test_a_followed_connection_is_cut_before_the_ring_is_full_then_resumes(tls_cert, tmp_path):
-    """When the ring passes its cut mark (7/8 full), a followed connection whose chunk
-    took it there stops sending until it has drained below the high-water mark: one
-    gap per end and nothing refused by the ring, instead of holes in every connection.
-    A connection quiet meanwhile stays whole."""
+    """When the ring passes its cut mark (7/8 full), a followed connection whose call
+    took it there, or would have (OLD's 2 MiB write, checked before it is sent), stops
+    sending until it has drained below the high-water mark: one gap per end and nothing
+    refused by the ring, instead of holes in every connection. A connection quiet
+    meanwhile stays whole."""
     with stalling_agent(tls_cert, tmp_path) as (traffic, agent, reader):
         old = traffic.ask("open", 1000, 1000)["conn"]
         other = traffic.ask("open", 1000, 1000)["conn"]
