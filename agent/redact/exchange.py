@@ -86,9 +86,9 @@ def _mask_message_regexes(msg: HttpMessage, rules: RedactionRules, hits: set[str
 
 def redact_exchange(ex: Exchange, rules: RedactionRules) -> None:
     """Redact `ex` in place by `rules` and record which rules changed it."""
-    names, regexes, params = rules.header_names, rules.regexes, rules.query_params
-    if not (names or regexes or params):
+    if not rules.enabled:
         return
+    names, regexes, params = rules.header_names, rules.regexes, rules.query_params
     hits: set[str] = set()
     request, response = ex.request, ex.response
     # Query values first ("=" first: most targets have no query), then sensitive
