@@ -77,14 +77,15 @@ set_if_true(PyObject *conn, PyObject *attr, PyObject *value)
     return truth <= 0 ? truth : PyObject_SetAttr(conn, attr, value);
 }
 
+/* `next_offset`: conn.next_offset when the caller has it already, else NULL. */
 static PyObject *
-take(KnownCalls *self, PyObject *conn, TlsCall *call, PyObject *fd)
+take(KnownCalls *self, PyObject *conn, TlsCall *call, PyObject *fd, PyObject *next_offset)
 {
     if (PyObject_SetAttr(conn, s_last_used, call->ts_mono_ns) < 0 ||
         set_if_true(conn, s_comm, call->comm) < 0 ||
         set_if_true(conn, s_cgroup_id, call->cgroup_id) < 0)
         return NULL;
-    PyObject *next_offset = PyObject_GetAttr(conn, s_next_offset);
+    next_offset = next_offset ? Py_NewRef(next_offset) : PyObject_GetAttr(conn, s_next_offset);
     if (next_offset == NULL)
         return NULL;
     PyObject *end = PyNumber_Add(call->offset, call->len);
@@ -114,15 +115,16 @@ KnownCalls_take(KnownCalls *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "take(conn, call, fd) with a TlsCall");
         return NULL;
     }
-    return take(self, args[0], (TlsCall *)args[1], args[2]);
+    return take(self, args[0], (TlsCall *)args[1], args[2], NULL);
 }
 
-/* 1: `call` takes the short way (its connection in *conn, a new reference); 0: it
- * goes to on_call; -1: an error. */
+/* 1: `call` takes the short way (its connection in *conn and the connection's
+ * next_offset in *offsets, new references, for take()); 0: it goes to on_call; -1: an
+ * error. */
 static int
-on_known_connection(KnownCalls *self, TlsCall *call, PyObject **conn)
+on_known_connection(KnownCalls *self, TlsCall *call, PyObject **conn, PyObject **offsets)
 {
-    *conn = NULL;
+    *conn = *offsets = NULL;
     long long chunk_off = PyLong_AsLongLong(call->chunk_off);
     Py_ssize_t have = PyObject_Length(call->data);
     Py_ssize_t captured = PyLong_AsSsize_t(call->captured_len);
@@ -158,12 +160,14 @@ done:
     Py_XDECREF(gen);
     Py_XDECREF(conn_gen);
     Py_XDECREF(held);
-    Py_XDECREF(next_offset);
     Py_XDECREF(expected);
-    if (verdict == 1)
+    if (verdict == 1) {
         *conn = found;
-    else
+        *offsets = next_offset;
+    } else {
         Py_DECREF(found);
+        Py_XDECREF(next_offset);
+    }
     return verdict;
 }
 
@@ -186,14 +190,15 @@ KnownCalls_records(KnownCalls *self, PyObject *const *args, Py_ssize_t nargs)
         if (Py_TYPE(event) != self->tls_call_type)
             break;
         TlsCall *call = (TlsCall *)event;
-        PyObject *conn;
-        int known = on_known_connection(self, call, &conn);
+        PyObject *conn, *offsets;
+        int known = on_known_connection(self, call, &conn, &offsets);
         if (known < 0)
             return NULL;
         if (!known)
             break;
-        PyObject *record = take(self, conn, call, call->fd);
+        PyObject *record = take(self, conn, call, call->fd, offsets);
         Py_DECREF(conn);
+        Py_DECREF(offsets);
         if (record == NULL)
             return NULL;
         int appended = PyList_Append(out, record);
