@@ -4,8 +4,10 @@ encoder's fallback to that Python path for what the C encoder does not take."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import random
 
 import pytest
 from agent.sinks._json_lines import exchange_json
@@ -274,3 +276,28 @@ def test_every_ascii_character_at_every_position_of_a_word() -> None:
         for n in range(1, 20):
             for at in range(n):
                 check(Exchange("http1", notes=["a" * at + c + "b" * (n - at - 1)]))
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["avx2", "table"])
+def test_base64_in_the_line_is_the_standard_librarys(simd: bool) -> None:
+    """Both encoders, every length around the vector step (24 bytes in, 28 read) and
+    its tail, and buffers that are not bytes (a payload can be a memoryview)."""
+    from agent.sinks._json_lines import _base64
+
+    rng = random.Random(7)
+    for n in [*range(0, 130), 4095, 4096, 4097, 16384, 65537]:
+        data = rng.randbytes(n)
+        assert _base64(data, simd) == base64.b64encode(data), n
+        assert _base64(memoryview(data)[1:], simd) == base64.b64encode(data[1:]), n
+
+
+def test_data_line_payload_is_base64_of_a_memoryview() -> None:
+    """The first line of a connection goes through Record.to_json(), the next ones
+    through the C encoder: both give the payload's base64."""
+    data = bytes(range(256)) * 7
+    record = _record(Exchange("http1")).replace(
+        type="data", exchange=None, direction="egress", offset=0, len=len(data),
+        captured_len=len(data), truncated=False, data=memoryview(data),
+    )  # fmt: skip
+    lines = JsonLineEncoder().encode_many([record, record.replace(offset=len(data))])
+    assert [json.loads(line)["data_b64"] for line in lines] == [base64.b64encode(data).decode()] * 2
