@@ -934,16 +934,13 @@ typedef struct {
     Py_ssize_t max_connections;
 } Dispatch;
 
-PyDoc_STRVAR(dispatch_process_doc,
-"process(record) -> list[Record]\n"
-"\n"
-"The records to emit now, in order (held ones may come out later).  A data record\n"
-"of a connection goes to its on_data() (a new connection from _new_conn(conn_id),\n"
-"then evict_overflow() past max_connections); any other record to _other(record).");
-
-static PyObject *Dispatch_process(Dispatch *self, PyObject *record) {
+/* One record's output, appended to `out`: a data record of a connection goes to its
+ * on_data() (a new connection from _new_conn(conn_id), then evict_overflow() past
+ * max_connections); any other record to _other(record). */
+static int dispatch(Dispatch *self, PyObject *record, PyObject *out) {
     PyObject *type = PyObject_GetAttr(record, s_type), *conn_id = NULL, *conn = NULL;
-    PyObject *out = NULL;
+    PyObject *found = NULL;
+    int err = -1;
     if (type == NULL || (conn_id = PyObject_GetAttr(record, s_conn_id)) == NULL)
         goto done;
     int data = is_str(type, s_data);
@@ -951,7 +948,8 @@ static PyObject *Dispatch_process(Dispatch *self, PyObject *record) {
     if (has_id < 0)
         goto done;
     if (!has_id) {
-        out = PyObject_CallMethodOneArg((PyObject *)self, s__other, record);
+        found = PyObject_CallMethodOneArg((PyObject *)self, s__other, record);
+        err = found == NULL ? -1 : extend(out, found);
         goto done;
     }
     conn = PyDict_GetItemWithError(self->conns, conn_id);
@@ -967,24 +965,64 @@ static PyObject *Dispatch_process(Dispatch *self, PyObject *record) {
                    NULL) {
         goto done;
     }
-    out = PyObject_TypeCheck(conn, &ConnectionType)
-              ? on_data((Connection *)conn, record)
-              : PyObject_CallMethodOneArg(conn, s_on_data, record);
-    if (out == NULL)
+    found = PyObject_TypeCheck(conn, &ConnectionType)
+                ? on_data((Connection *)conn, record)
+                : PyObject_CallMethodOneArg(conn, s_on_data, record);
+    if (found == NULL || extend(out, found) < 0)
         goto done;
     Py_ssize_t tracked = PyObject_Size(self->conns);
     if (tracked < 0)
-        Py_CLEAR(out);
-    else if (tracked > self->max_connections) {
+        goto done;
+    if (tracked > self->max_connections) {
         PyObject *evicted = PyObject_CallMethodNoArgs((PyObject *)self, s_evict_overflow);
-        if (evicted == NULL || extend(out, evicted) < 0)
-            Py_CLEAR(out);
-        Py_XDECREF(evicted);
+        if (evicted == NULL || extend(out, evicted) < 0) {
+            Py_XDECREF(evicted);
+            goto done;
+        }
+        Py_DECREF(evicted);
     }
+    err = 0;
 done:
     Py_XDECREF(type);
     Py_XDECREF(conn_id);
     Py_XDECREF(conn);
+    Py_XDECREF(found);
+    return err;
+}
+
+PyDoc_STRVAR(dispatch_process_doc,
+"process(record) -> list[Record]\n"
+"\n"
+"The records to emit now, in order (held ones may come out later).  A data record\n"
+"of a connection goes to its on_data() (a new connection from _new_conn(conn_id),\n"
+"then evict_overflow() past max_connections); any other record to _other(record).");
+
+static PyObject *Dispatch_process(Dispatch *self, PyObject *record) {
+    PyObject *out = PyList_New(0);
+    if (out != NULL && dispatch(self, record, out) < 0)
+        Py_CLEAR(out);
+    return out;
+}
+
+PyDoc_STRVAR(dispatch_process_many_doc,
+"process_many(records) -> list[Record]\n"
+"\n"
+"process() of each of `records` (a list), their outputs in one list: a batch from\n"
+"the ring is one call.");
+
+static PyObject *Dispatch_process_many(Dispatch *self, PyObject *records) {
+    if (!PyList_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "process_many() takes a list of records");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    /* Index by index: a connection's code may run Python, which could change the list. */
+    for (Py_ssize_t k = 0; out != NULL && k < PyList_GET_SIZE(records); k++) {
+        PyObject *record = Py_NewRef(PyList_GET_ITEM(records, k));
+        if (dispatch(self, record, out) < 0)
+            Py_CLEAR(out);
+        Py_DECREF(record);
+    }
     return out;
 }
 
@@ -1024,6 +1062,7 @@ static PyMemberDef Dispatch_members[] = {
 
 static PyMethodDef Dispatch_methods[] = {
     {"process", (PyCFunction)Dispatch_process, METH_O, dispatch_process_doc},
+    {"process_many", (PyCFunction)Dispatch_process_many, METH_O, dispatch_process_many_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -82,15 +82,10 @@ class RecordWriter:
         if attribution is None and l7 is None:
             self._emit_many(records)
             return
-        ready: list[Record] = []
-        for record in records:
-            if attribution is not None and not attribution.apply(record):
-                continue  # left out by the tlscap.io/capture policy (counted there)
-            if l7 is None:
-                ready.append(record)
-            else:
-                ready.extend(l7.process(record))
-        self._emit_many(ready)
+        if attribution is not None:
+            # Left out by the tlscap.io/capture policy (counted there).
+            records = [record for record in records if attribution.apply(record)]
+        self._emit_many(records if l7 is None else l7.process_many(records))
 
     def _emit_many(self, records: list[Record]) -> None:
         if not records:

@@ -765,7 +765,34 @@ PyDoc_STRVAR(encode_lines_doc,
              "identities[record.conn_id]; encode(record) for any other (another record\n"
              "type, a connection not in `identities` or whose identity changed, an\n"
              "exchange those do not take), which may add its connection to `identities`\n"
-             "for the records after it.");
+             "for the records after it.  A close record's connection leaves `identities`.");
+
+/* After a close record: its connection's identity is not needed again (a reused
+ * conn_id is a new connection); 0 or -1. */
+static int forget_if_closed(PyObject *record, PyObject *identities) {
+    PyObject *type, *conn_id;
+    if (PyObject_TypeCheck(record, RecordType)) {
+        type = Py_XNewRef(SLOT(record, line_at[R_type]));
+        conn_id = Py_XNewRef(SLOT(record, line_at[R_conn_id]));
+    } else {
+        type = PyObject_GetAttrString(record, "type");
+        conn_id = type == NULL ? NULL : PyObject_GetAttrString(record, "conn_id");
+        if (conn_id == NULL) {
+            Py_XDECREF(type);
+            return -1;
+        }
+    }
+    int err = 0;
+    if (type != NULL && conn_id != NULL && PyUnicode_Check(type) &&
+        PyUnicode_CompareWithASCIIString(type, "close") == 0) {
+        err = PyDict_Contains(identities, conn_id);
+        if (err > 0)
+            err = PyDict_DelItem(identities, conn_id);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(conn_id);
+    return err;
+}
 
 static PyObject *encode_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
@@ -793,6 +820,8 @@ static PyObject *encode_lines(PyObject *module, PyObject *const *args, Py_ssize_
                 Py_CLEAR(line);
             }
         }
+        if (line != NULL && forget_if_closed(record, args[1]) < 0)
+            Py_CLEAR(line);
         Py_DECREF(record);
         if (line == NULL)
             goto fail;

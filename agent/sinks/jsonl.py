@@ -79,7 +79,8 @@ class JsonLineEncoder:
 
     def encode_many(self, records: list[Record]) -> list[bytes]:
         """encode() for each of `records`, in one C call: data and exchange records of
-        connections already seen are encoded there, encode() is called for the rest."""
+        connections already seen are encoded there, encode() is called for the rest;
+        a close record's connection is forgotten."""
         return encode_lines(records, self._identities, self.encode)
 
     def _line(self, encode: Callable[..., bytes | None], record: Record, *member: Any) -> bytes:
@@ -102,9 +103,6 @@ class JsonLineEncoder:
             self._identities.clear()
         entry = self._identities[record.conn_id] = (_identity_of(record), run, conn)
         return entry
-
-    def forget(self, conn_id: str) -> None:
-        self._identities.pop(conn_id, None)
 
 
 def encode_record(record: Record) -> bytes:
@@ -156,9 +154,6 @@ class JsonlSink:
         the stream's buffer whole (a buffer flush never splits one, which keeps
         capture workers' appends to one file line by line)."""
         self._out.write_lines(self._encoder.encode_many(records))
-        for record in records:
-            if record.type == "close":
-                self._encoder.forget(record.conn_id)
 
     def flush(self) -> None:
         self._out.flush()

@@ -263,3 +263,30 @@ def test_decided_bytes_are_handed_out_across_and_within_pieces() -> None:
     assert conn.held == 0 and conn.decided_bytes == (0, 0)
     r5 = c.data("egress", b"9ab")
     assert conn.on_data(r5) == [r5] and (r5.data, r5.redactions) == (b"ijk", [])
+
+
+def test_a_batch_in_one_call_is_record_by_record() -> None:
+    """process_many (the writer's one call per batch) gives what process() gives one
+    record at a time: HTTP/1 and HTTP/2 connections interleaved, a close, and a
+    connection evicted past max_connections in the middle of the batch."""
+
+    def batch() -> list[Record]:  # fresh records for each run: the stage masks them
+        h1, h2c, other = Conn("h1"), Conn("h2", role="server"), Conn("other")
+        return [
+            h2c.data("ingress", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            h1.data("egress", REQUEST[:10]),
+            h1.data("egress", REQUEST[10:]),
+            h1.data("ingress", RESPONSE),
+            other.data("egress", b"\x16\x03\x01 not http"),  # the third: h2 is evicted
+            other.close(),
+            h1.close(),
+        ]
+
+    one_by_one = stage(max_connections=2)
+    expected = run(one_by_one, batch())
+    batched = stage(max_connections=2)
+    out = batched.process_many(batch()) + batched.flush()
+    assert [r.to_json() for r in out] == [r.to_json() for r in expected]
+    assert batched.counters.as_dict() == one_by_one.counters.as_dict()
+    assert batched.counters.connections_evicted == 1
+    assert [r.type for r in out].count("exchange") == 1

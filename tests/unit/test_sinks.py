@@ -415,6 +415,23 @@ def test_jsonl_data_line_of_any_buffer_and_of_equal_identities() -> None:
     assert len(enc._identities) == 1
 
 
+def test_jsonl_a_close_forgets_its_connections_identity() -> None:
+    """A batch's close record drops its connection's cached identity (a reused conn_id
+    is a new connection), and only that one."""
+    from agent.sinks.jsonl import JsonLineEncoder
+
+    enc = JsonLineEncoder()
+    first, second = _rec(conn_id="c1"), _rec(conn_id="c2")
+    for rec in (first, second):
+        rec.node, rec.agent_id = "node-a", "agent-1"
+    close = first.replace(type="close", data=b"", len=0, captured_len=0)
+    enc.encode_many([first, second])
+    assert set(enc._identities) == {"c1", "c2"}
+    lines = enc.encode_many([first, close])
+    assert [json.loads(line)["type"] for line in lines] == ["data", "close"]
+    assert set(enc._identities) == {"c2"}
+
+
 def test_jsonl_a_batch_is_encoded_as_record_by_record() -> None:
     """encode_many (one C call per batch) gives each record the line encode() gives it:
     new connections and changed identities in the middle of a batch, lifecycle
