@@ -28,6 +28,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "../records/_record.h"
+
 /* -- a first-in-first-out queue of objects ---------------------------------------- */
 
 /* An object and a number that goes with it: a decided piece and its length, or a
@@ -129,14 +131,43 @@ static int is_str(PyObject *obj, PyObject *name) {
     return obj == name || (PyUnicode_Check(obj) && PyUnicode_Compare(obj, name) == 0);
 }
 
-static int get_ll(PyObject *obj, PyObject *name, long long *value) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+/* An int's value; `v` (stolen) NULL: the error of what gave it. */
+static int as_ll(PyObject *v, long long *value) {
     if (v == NULL)
         return -1;
     *value = PyLong_AsLongLong(v);
     Py_DECREF(v);
     return *value == -1 && PyErr_Occurred() ? -1 : 0;
 }
+
+static int get_ll(PyObject *obj, PyObject *name, long long *value) {
+    return as_ll(PyObject_GetAttr(obj, name), value);
+}
+
+/* A record's fields by slot (agent/records/_record.h): the base type Record, found
+ * when the module loads.  Anything else (no caller passes one) goes by name. */
+static PyTypeObject *RecordBase;
+
+/* r.<field> (a new reference), AttributeError when unset, as getattr. */
+static PyObject *record_get(PyObject *r, int k, PyObject *name) {
+    if (!PyObject_TypeCheck(r, RecordBase))
+        return PyObject_GetAttr(r, name);
+    PyObject *v = ((RecordObject *)r)->slot[k];
+    if (v == NULL)
+        PyErr_SetObject(PyExc_AttributeError, name);
+    return Py_XNewRef(v);
+}
+
+static int record_set(PyObject *r, int k, PyObject *name, PyObject *v) {
+    if (!PyObject_TypeCheck(r, RecordBase))
+        return PyObject_SetAttr(r, name, v);
+    Py_XSETREF(((RecordObject *)r)->slot[k], Py_NewRef(v));
+    return 0;
+}
+
+#define GET(r, name) record_get(r, F_##name, s_##name)
+#define SET(r, name, v) record_set(r, F_##name, s_##name, v)
+#define GET_LL(r, name, value) as_ll(GET(r, name), value)
 
 /* obj.name(args...), the method looked up by name. */
 static PyObject *call_method(PyObject *obj, PyObject *name, PyObject *const *args,
@@ -376,7 +407,7 @@ static PyObject *take(Direction *st, Py_ssize_t n) {
 
 /* sorted(redactions | set(r.redactions)) into r.redactions; steals `redactions`. */
 static int set_redactions(PyObject *r, PyObject *redactions) {
-    PyObject *old = PyObject_GetAttr(r, s_redactions), *it = NULL, *item, *list = NULL;
+    PyObject *old = GET(r, redactions), *it = NULL, *item, *list = NULL;
     int result = -1;
     if (old == NULL || (it = PyObject_GetIter(old)) == NULL)
         goto done;
@@ -389,7 +420,7 @@ static int set_redactions(PyObject *r, PyObject *redactions) {
     if (PyErr_Occurred() || (list = PySequence_List(redactions)) == NULL ||
         PyList_Sort(list) < 0)
         goto done;
-    result = PyObject_SetAttr(r, s_redactions, list);
+    result = SET(r, redactions, list);
 done:
     Py_XDECREF(old);
     Py_XDECREF(it);
@@ -402,10 +433,10 @@ done:
  * and name the rules that changed any of them. */
 static int finish(Connection *self, PyObject *r, Direction *st, PyObject *masked) {
     PyObject *redactions = NULL;
-    if (PyObject_SetAttr(r, s_protocol, self->protocol) < 0)
+    if (SET(r, protocol, self->protocol) < 0)
         goto fail;
     if (st->hits != NULL) {
-        PyObject *data = PyObject_GetAttr(r, s_data);
+        PyObject *data = GET(r, data);
         if (data == NULL)
             goto fail;
         int changed = PyObject_RichCompareBool(masked, data, Py_NE);
@@ -445,7 +476,7 @@ static int finish(Connection *self, PyObject *r, Direction *st, PyObject *masked
             goto fail;
     }
     Py_XDECREF(redactions);
-    int result = PyObject_SetAttr(r, s_data, masked);
+    int result = SET(r, data, masked);
     Py_DECREF(masked);
     return result;
 fail:
@@ -460,7 +491,7 @@ static int release(Connection *self, PyObject *out) {
     while ((front = fifo_front(&self->queue)) != NULL) {
         Direction *st = &self->dirs[front->aux];
         long long n;
-        if (get_ll(front->obj, s_captured_len, &n) < 0)
+        if (GET_LL(front->obj, captured_len, &n) < 0)
             return -1;
         if (n < 0 || n > PY_SSIZE_T_MAX) {
             PyErr_SetString(PyExc_ValueError, "a record's captured_len is out of range");
@@ -486,16 +517,16 @@ static int force_release(Connection *self, PyObject *out) {
         Item item = fifo_pop(&self->queue);
         PyObject *r = item.obj, *redactions = NULL, *zeros = NULL;
         long long n;
-        int ok = get_ll(r, s_captured_len, &n) == 0 && n >= 0 && n <= PY_SSIZE_T_MAX;
+        int ok = GET_LL(r, captured_len, &n) == 0 && n >= 0 && n <= PY_SSIZE_T_MAX;
         if (ok && (zeros = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n)) != NULL)
             memset(PyBytes_AS_STRING(zeros), 0, (size_t)n);
-        ok = zeros != NULL && PyObject_SetAttr(r, s_data, zeros) == 0 &&
+        ok = zeros != NULL && SET(r, data, zeros) == 0 &&
              (redactions = PySet_New(NULL)) != NULL && PySet_Add(redactions, s_undecided) == 0;
         if (ok) {
             ok = set_redactions(r, redactions) == 0;
             redactions = NULL;
         }
-        ok = ok && PyObject_SetAttr(r, s_protocol, self->protocol) == 0 &&
+        ok = ok && SET(r, protocol, self->protocol) == 0 &&
              count(self, s_redacted_records, 1) == 0 && PyList_Append(out, r) == 0;
         Py_XDECREF(redactions);
         Py_XDECREF(zeros);
@@ -516,16 +547,16 @@ static int process(Connection *self, PyObject *r, PyObject *out) {
     PyObject *pair = NULL, *masked = NULL, *hits = NULL, *side;
     int result = -1;
     long long offset, length, captured;
-    if ((direction = PyObject_GetAttr(r, s_direction)) == NULL)
+    if ((direction = GET(r, direction)) == NULL)
         goto done;
     int d = direction_index(direction);
     if (d < 0 || side_of(self, direction, &side) < 0)
         goto done;
     Direction *st = &self->dirs[d];
     PyObject *parser = side != NULL && self->parser != Py_None ? self->parser : NULL;
-    if (get_ll(r, s_offset, &offset) < 0 || get_ll(r, s_len, &length) < 0 ||
-        get_ll(r, s_captured_len, &captured) < 0 || (ts = PyObject_GetAttr(r, s_ts_ns)) == NULL ||
-        (data = PyObject_GetAttr(r, s_data)) == NULL)
+    if (GET_LL(r, offset, &offset) < 0 || GET_LL(r, len, &length) < 0 ||
+        GET_LL(r, captured_len, &captured) < 0 || (ts = GET(r, ts_ns)) == NULL ||
+        (data = GET(r, data)) == NULL)
         goto done;
     fed = Py_NewRef(data);
     if (st->has_next && offset != st->next_offset) {
@@ -650,7 +681,7 @@ static PyObject *Connection_process(Connection *self, PyObject *record) {
 /* Whether a connection of unknown protocol turns out to carry HTTP/2 frames from
  * this record on (its start was not seen): then _start_midstream_http2. */
 static int pick_up_http2(Connection *self, PyObject *record) {
-    PyObject *data = PyObject_GetAttr(record, s_data);
+    PyObject *data = GET(record, data);
     if (data == NULL)
         return -1;
     PyObject *found = PyObject_CallOneArg(starts_frame_run, data);
@@ -938,10 +969,10 @@ typedef struct {
  * on_data() (a new connection from _new_conn(conn_id), then evict_overflow() past
  * max_connections); any other record to _other(record). */
 static int dispatch(Dispatch *self, PyObject *record, PyObject *out) {
-    PyObject *type = PyObject_GetAttr(record, s_type), *conn_id = NULL, *conn = NULL;
+    PyObject *type = GET(record, type), *conn_id = NULL, *conn = NULL;
     PyObject *found = NULL;
     int err = -1;
-    if (type == NULL || (conn_id = PyObject_GetAttr(record, s_conn_id)) == NULL)
+    if (type == NULL || (conn_id = GET(record, conn_id)) == NULL)
         goto done;
     int data = is_str(type, s_data);
     int has_id = data ? PyObject_IsTrue(conn_id) : 0;
@@ -1105,7 +1136,13 @@ static PyObject *import_attr(const char *module_name, const char *name) {
 
 PyMODINIT_FUNC PyInit__record_path(void) {
     NAMES(AS_INTERN)
-    if ((mask_regexes = import_attr("agent.redact.payload", "mask_regexes")) == NULL ||
+    RecordBase = (PyTypeObject *)import_attr(RECORD_MODULE, "Record");
+    if (RecordBase != NULL && !PyType_Check(RecordBase)) {
+        PyErr_SetString(PyExc_ImportError, "_record_path: " RECORD_MODULE ".Record not a class");
+        Py_CLEAR(RecordBase);
+    }
+    if (RecordBase == NULL ||
+        (mask_regexes = import_attr("agent.redact.payload", "mask_regexes")) == NULL ||
         (starts_frame_run = import_attr("agent.l7.http2_frames", "starts_frame_run")) == NULL)
         return NULL;
     if (PyType_Ready(&ConnectionType) < 0 || PyType_Ready(&DispatchType) < 0)

@@ -18,32 +18,9 @@
 #include <structmember.h>
 
 #include "../events/_tls_call.h"
+#include "_record.h"
 
-/* Field order is the positional order (what the dataclass declared). */
-#define FIELDS(X)                                                                              \
-    X(type) X(ts_ns) X(agent_id) X(node) X(seq) X(pid) X(tid) X(comm) X(cgroup_id)             \
-    X(container_id) X(pod) X(source) X(conn_id) X(fd) X(local) X(remote) X(role) X(direction)  \
-    X(offset) X(len) X(captured_len) X(truncated) X(data) X(protocol) X(redactions)            \
-    X(exchange) X(stats)
-
-#define AS_SLOT(name) PyObject *name;
-#define AS_INDEX(name) F_##name,
 #define AS_NAME(name) #name,
-
-enum { FIELDS(AS_INDEX) N_FIELDS };
-
-typedef struct {
-    PyObject_HEAD
-    union {
-        struct {
-            FIELDS(AS_SLOT)
-        };
-        PyObject *slot[N_FIELDS];
-    };
-} RecordObject;
-
-_Static_assert(sizeof(((RecordObject *)0)->slot) == N_FIELDS * sizeof(PyObject *),
-               "the named fields and the slot array overlap exactly");
 
 static const char *field_names[N_FIELDS] = {FIELDS(AS_NAME)};
 static PyObject *interned_names[N_FIELDS];
