@@ -11,6 +11,10 @@ in one run:
               no-uretprobe technique every Go TLS capture has to use)
   empty_emul  (optional) the empty uprobe on the first instruction of Write the kernel
               emulates instead of single-stepping (after the stack-bound check)
+  empty_emul_rets  (optional) that one and every RET: the floor of the jbe placement
+  empty_emul_done  (optional) that one, Write's completion points and the RETs that
+              keep a probe (agent/probes/go_write_completion.py): the floor of
+              tlscap's placement since issue 23's Go part
   tlscap      the real agent: `tlscap run --output jsonl --pid <load generator>`
 
 Each sample is one go_tls_write_loop process (GOMAXPROCS 1 by default, see --procs) doing
@@ -37,7 +41,8 @@ import overhead as ov
 
 CALL = "crypto/tls.(*Conn).Write"
 ALL_MODES = (
-    "baseline", "empty", "empty_rets", "empty_emul", "empty_emul_rets", "tlscap", "tlscap_entry"
+    "baseline", "empty", "empty_rets", "empty_emul", "empty_emul_rets", "empty_emul_done",
+    "tlscap", "tlscap_entry",
 )  # fmt: skip
 DEFAULT_MODES = ("baseline", "empty", "empty_rets", "tlscap")
 FLOORS = ("empty", "empty_rets")
@@ -46,6 +51,7 @@ FLOORS = ("empty", "empty_rets")
 GO_WRITE_PROGRAMS = {
     "probe_gotls_write_enter": "Write entry",
     "probe_gotls_return": "RET",
+    "probe_gotls_write_done": "completion point",
     "tracepoint__syscalls__sys_enter_write": "sys_enter_write",
 }
 
@@ -70,6 +76,9 @@ class GoEmptyProbe:
         self.returns = tuple(self.target.write_returns)
         if not self.returns:
             raise bl.BenchError(f"{binary}: the analysis found no RET in {CALL}")
+        from agent.probes.gotls import go_write_completion
+
+        self.completion, self.completion_reason = go_write_completion(self.binary, self.target)
         self.bpf = BPF(text=ov.EMPTY_PROBE)
         self.attached: list[int] = []
         self.entry_insn = first_instruction(self.binary, self.entry)
@@ -86,6 +95,11 @@ class GoEmptyProbe:
             if self.emulated_offset is None:
                 raise bl.BenchError(f"no emulated instruction found near the start of {CALL}")
             return [*self.returns, self.entry + self.emulated_offset]
+        if mode == "empty_emul_done":
+            if self.emulated_offset is None or self.completion is None:
+                raise bl.BenchError(f"no emulated entry or no completion points in {CALL}")
+            points = [p.address for p in self.completion.points]
+            return [*self.completion.kept_returns, *points, self.entry + self.emulated_offset]
         if mode == "empty_rets":
             # RETs first, as the agent does: no entry hit without its return probe.
             return [*self.returns, self.entry]
@@ -113,6 +127,7 @@ class GoEmptyProbe:
             "write_size": self.target.write.size,
             "write_rets": len(self.returns),
             "write_first_insn": self.entry_insn,
+            "write_completion": self.completion_reason,
             "empty_emul_probe": (
                 f"Write+{self.emulated_offset:#x}: {self.emulated_insn}"
                 if self.emulated_offset is not None

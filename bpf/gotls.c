@@ -17,6 +17,13 @@
 //
 //   entry:  RAX = *tls.Conn, RBX = b.ptr, RCX = b.len
 //   RET:    RAX = n (bytes written / read), RBX:RCX = error
+//
+// Write is closed earlier where user space proved it can be (non-PIE binaries;
+// agent/probes/go_write_completion.py): at the first emulated instruction after
+// each call of writeRecordLocked(23, b), a "completion point", which knows that
+// call's n and whether its error is nil.  Write's RETs reached only through
+// such a point then carry no probe: a RET is single-stepped (~5 µs), the point
+// is emulated.
 #include "tlscap.h"
 
 struct go_call_key {
@@ -108,6 +115,7 @@ static __always_inline int go_tls_enter(struct pt_regs *ctx, u8 direction) {
     c.ssl = ctx->ax;
     c.buf = ctx->bx;
     c.fd = go_conn_fd(PT_REGS_IP(ctx), ctx->ax);
+    c.len_ptr = ctx->cx;  // b.len: a completion point tells the last call by it
     c.depth = 1;
     c.direction = direction;
     c.source = SRC_GOTLS;
@@ -149,6 +157,56 @@ int probe_gotls_return(struct pt_regs *ctx) {
     s64 n = (s64)ctx->ax;
     if (n > 0)
         emit_call(&call, tgid, (u32)id, (u64)n);
+    return 0;
+}
+
+// Per completion point of Write (runtime address == file address: non-PIE
+// binaries only): where writeRecordLocked's results are when it runs.
+struct go_write_point {
+    s32 n_sp_off;    // -1: n is in RAX; else at [rsp + n_sp_off]
+    s32 err_sp_off;  // -1: the error's itab word is in RBX; else at [rsp + err_sp_off]
+};
+BPF_HASH(go_write_points, u64, struct go_write_point, 4096);
+
+// At a completion point of Write: one writeRecordLocked(23, ...) call returned
+// n and err.  Write returns (the bytes of earlier calls) + n, so the call ends
+// here, exactly as its RET would end it, unless this was TLS 1.0 CBC's
+// first-byte call (no error, fewer bytes than b.len so far): then the count is
+// kept and the next point (the call with the rest of b) ends the call.
+int probe_gotls_write_done(struct pt_regs *ctx) {
+    u64 ip = PT_REGS_IP(ctx);
+    struct go_write_point *pt = go_write_points.lookup(&ip);
+    if (!pt)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    struct go_call_key key = {.g = ctx->r14, .tgid = tgid};
+    struct active_call *a = go_calls.lookup(&key);
+    if (!a)
+        return 0;
+    u64 n = ctx->ax;
+    u64 err = ctx->bx;
+    int bad = 0;
+    if (pt->n_sp_off >= 0)
+        bad |= bpf_probe_read_user(&n, sizeof(n), (void *)(ctx->sp + pt->n_sp_off));
+    if (pt->err_sp_off >= 0)
+        bad |= bpf_probe_read_user(&err, sizeof(err), (void *)(ctx->sp + pt->err_sp_off));
+    if (bad) {  // the stack is mapped: not expected; the call is dropped, counted
+        go_calls.delete(&key);
+        count(CNT_READ_ERRORS, 1);
+        return 0;
+    }
+    if ((s64)n < 0)
+        n = 0;
+    u64 done = a->go_done + n;
+    if (!err && done < a->len_ptr && done <= 0xffffffffULL) {
+        a->go_done = (u32)done;
+        return 0;
+    }
+    struct active_call call = *a;
+    go_calls.delete(&key);
+    if (done > 0)
+        emit_call(&call, tgid, (u32)id, done);
     return 0;
 }
 

@@ -282,14 +282,14 @@ BPF_HASH(allowed_comms, struct comm_key, u8, 64);
 struct active_call {
     u64 ssl;      // the connection object: SSL* or Go *tls.Conn
     u64 buf;
-    u64 len_ptr;  // SSL_*_ex: where the library stores the byte count
+    u64 len_ptr;  // SSL_*_ex: where the library stores the byte count; Go: b.len
     s32 fd;       // learned from a syscall inside the call, -1 until then
     u32 depth;    // >1 while a traced SSL function calls another one
     u8 direction;
     u8 ex;
     u8 source;
     u8 fd_weak;   // fd came from read/write on an fd not known as a socket
-    u8 _pad[4];
+    u32 go_done;  // Go Write: bytes of b already written (TLS 1.0 CBC's first byte)
     u64 sp;       // stack pointer at entry: tells a nested call from a stale entry
     u64 ts;       // entry time (CLOCK_MONOTONIC)
 };

@@ -26,6 +26,7 @@ from agent.probes.ring_reader import PAGE_SIZE, BatchHandler, RingReader
 
 if TYPE_CHECKING:
     from agent.probes.go_binary import GoTlsTarget
+    from agent.probes.go_write_completion import CompletionPoint
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,26 @@ class BpfProgram:
         config.fd_off = offsets.tcpconn_fd
         config.sysfd_off = offsets.netfd_sysfd
         table[table.Key(entry_address)] = config
+
+    def set_go_write_point(self, point: CompletionPoint) -> None:
+        """Tell gotls.c where n and err are at this completion point of Write (its
+        address is the runtime one: non-PIE binaries only).
+
+        ValueError when another binary already has a point at this address with other
+        locations: the key cannot tell them apart (non-PIE Go binaries all load at the
+        same base), so that binary's Write keeps its RET probes instead.
+        """
+        # The proof tracks n only in RAX and err only in RBX (or stack slots).
+        assert point.n.register in (None, "rax") and point.err.register in (None, "rbx")
+        table = self._bpf["go_write_points"]
+        key = table.Key(point.address)
+        leaf = table.Leaf()
+        leaf.n_sp_off = -1 if point.n.register else point.n.sp_offset
+        leaf.err_sp_off = -1 if point.err.register else point.err.sp_offset
+        old = table.get(key)
+        if old is not None and (old.n_sp_off, old.err_sp_off) != (leaf.n_sp_off, leaf.err_sp_off):
+            raise ValueError(f"{point.address:#x} is another binary's completion point")
+        table[key] = leaf
 
     def kernel_feature_stats(self) -> dict[str, int]:
         """kernel_features_missing and kernel_feature_<name> (1 = in use) gauges."""

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 TLS_WRITE = "crypto/tls.(*Conn).Write"
 TLS_READ = "crypto/tls.(*Conn).Read"
+# Write's completion points follow its calls of this (agent/probes/go_write_completion.py).
+TLS_WRITE_RECORD = "crypto/tls.(*Conn).writeRecordLocked"
 TCPCONN_CLOSE = "net.(*TCPConn).Close"
 
 GO_SECTIONS = frozenset({".go.buildinfo", ".note.go.buildid", *go_pclntab.SECTION_NAMES})
@@ -136,6 +138,7 @@ class GoTlsTarget:
     tcpconn_close: GoFunction | None  # verifies that a net.Conn's itab is *net.TCPConn's
     offsets: GoStructOffsets
     functions_from: str  # "symtab" or "pclntab"
+    write_record: GoFunction | None = None  # (*Conn).writeRecordLocked, which Write calls
 
 
 # -- public API -------------------------------------------------------------------------
@@ -228,7 +231,9 @@ def analyze_go_tls(path: str) -> GoTlsTarget:
             raise GoBinaryError(f"{path}: not a Go binary")
         version = _read_version(elf)
         check_supported(version, elf.machine, path)
-        functions, source = _find_functions(elf, [TLS_WRITE, TLS_READ, TCPCONN_CLOSE], True)
+        functions, source = _find_functions(
+            elf, [TLS_WRITE, TLS_READ, TCPCONN_CLOSE, TLS_WRITE_RECORD], True
+        )
         if TLS_WRITE not in functions and TLS_READ not in functions:
             raise GoBinaryError(f"{path}: no crypto/tls.(*Conn).Write/Read: does not use TLS")
         write, read = functions.get(TLS_WRITE), functions.get(TLS_READ)
@@ -246,6 +251,7 @@ def analyze_go_tls(path: str) -> GoTlsTarget:
         tcpconn_close=functions.get(TCPCONN_CLOSE),
         offsets=read_struct_offsets(path),
         functions_from=source,
+        write_record=functions.get(TLS_WRITE_RECORD),
     )
 
 

@@ -44,10 +44,14 @@ def _c_library(kind: str, host_path: str) -> list[dict[str, object]]:
 
 def _go(host_path: str) -> list[dict[str, object]]:
     from agent.probes.go_binary import analyze_go_tls
-    from agent.probes.gotls import go_entry_placement
+    from agent.probes.gotls import go_entry_placement, go_write_completion
 
     target = analyze_go_tls(host_path)
     out = []
+    every_ret = (
+        "a probe on every RET (single-stepped: no emulated instruction is "
+        "common to all return paths)"
+    )
     for fn, returns in ((target.write, target.write_returns), (target.read, target.read_returns)):
         if fn is None:
             continue
@@ -56,8 +60,29 @@ def _go(host_path: str) -> list[dict[str, object]]:
         entry["returns"] = {
             "placement": "ret",
             "addresses": [f"{r:#x}" for r in returns],
-            "reason": "a probe on every RET (single-stepped: no emulated instruction is "
-            "common to all return paths)",
+            "reason": every_ret,
         }
+        if fn is target.write:
+            completion, why = go_write_completion(host_path, target)
+            if completion is None:
+                entry["returns"]["reason"] = f"{every_ret}; completion points not used: {why}"
+            else:
+                entry["returns"] = {
+                    "placement": "completion",
+                    "addresses": [f"{r:#x}" for r in completion.kept_returns],
+                    "unprobed_returns": [f"{r:#x}" for r in completion.dropped_returns],
+                    "points": [
+                        {
+                            "address": f"{p.address:#x}",
+                            "offset": p.address - fn.address,
+                            "call": f"{p.call:#x}",
+                            "instruction": p.instruction,
+                            "n": str(p.n),
+                            "err": str(p.err),
+                        }
+                        for p in completion.points
+                    ],
+                    "reason": why,
+                }
         out.append(entry)
     return out

@@ -155,12 +155,16 @@ def test_nonblocking_want_read_and_want_write_captured_once(agent, tls_cert, tmp
 
 
 def test_go_capture_exact_with_both_placements(agent, go_programs, go_https, placement):  # noqa: F811
-    a, programs, server = agent_then_server(agent, go_programs, go_https)
+    debug_agent = lambda: agent("--log-level", "debug")  # noqa: E731
+    a, programs, server = agent_then_server(debug_agent, go_programs, go_https)
     client = programs.client(server, workers=2, requests=3, size=200_000)
     programs.stop()
     cap = a.stop()
     assert cap.returncode == 0, cap.stderr
     assert cap.stats["lost"] == 0
+    # Write closed at its completion points (go_write_completion.py) unless forced.
+    used = "crypto/tls.(*Conn).Write completion points: writeRecordLocked(23)" in cap.stderr
+    assert used == (placement != "entry"), cap.stderr[-3000:]
     assert_fd_walk_works(cap, [client["pid"], server.pid])  # config keyed by the probe's address
     assert_matches_recordings(cap, client["pid"], programs.recordings("client"), "client")
     assert_matches_recordings(cap, server.pid, programs.recordings("server"), "server")
@@ -172,7 +176,15 @@ def test_go_placement_reported_by_targets(go_https, placement):  # noqa: F811
     got = {p["function"].rsplit(".", 1)[1]: p for p in placements("go", str(go_https))}
     if placement == "entry":
         assert {p["placement"] for p in got.values()} == {"entry"}
+        assert got["Write"]["returns"]["placement"] == "ret"
+        assert "forced: TLSCAP_PROBE_PLACEMENT=entry" in got["Write"]["returns"]["reason"]
     else:
+        # Write's hot return loses its probe to two emulated completion points.
+        returns = got["Write"]["returns"]
+        assert returns["placement"] == "completion", returns
+        assert len(returns["points"]) == 2 and len(returns["unprobed_returns"]) == 2
+        assert returns["reason"].startswith("writeRecordLocked(23) completion at")
+        assert got["Read"]["returns"]["placement"] == "ret"
         assert (got["Write"]["placement"], got["Write"]["offset"]) == ("moved-entry", 9)
         assert (got["Read"]["placement"], got["Read"]["offset"]) == ("moved-entry", 4)
         assert got["Write"]["reason"].startswith("jbe")

@@ -127,3 +127,6 @@ GNUTLS_RECV_CALLEES = {
     ),
 }
 GNUTLS_IMPORTS = {0x381A0: "_gnutls_log", 0x37ED0: "gnutls_alert_send"}
+# crypto/tls.(*Conn).writeRecordLocked in the same builds (the calls Write's completion
+# points follow, for test_go_write_completion.py)
+GO_WRITE_RECORD = {"go1.19.8": 5917408, "go1.27.3": 6004768}
