@@ -7,7 +7,8 @@
  *   are decided, and the parser and maskers the Python side chose.  on_data() is
  *   one data record: the offset check (gap, overlap), parser.feed, masker.feed, the
  *   short-capture gap, the record straight out or queued and released, the payload
- *   regexes, and the parsed exchanges handed to ConnectionL7._exchange_records.
+ *   regexes, and the parsed exchanges made records (_exchange_records: each
+ *   redacted, counted and given the connection's identity).
  *   While the protocol is being detected (`detecting`), on_data() hands the record
  *   to ConnectionL7._detect_data, which calls process() once it knows.
  * - Dispatch (the base of L7Stage): process() finds a data record's connection (the
@@ -119,12 +120,15 @@ static void fifo_free(Fifo *q) {
     X(move_to_end) X(on_data) X(evict_overflow) X(gaps) X(parse_failures)                 \
     X(redacted_records) X(header_blocks_masked_unknown) X(egress) X(ingress) X(request)    \
     X(response) X(undecided) X(_detect_data) X(_start_midstream_http2)                    \
-    X(_exchange_records) X(_new_conn) X(_other)
+    X(_new_conn) X(_other) X(exchanges) X(redacted_exchanges) X(end_ts_ns) X(enabled)     \
+    X(regexes)
 
 #define AS_STATIC(name) static PyObject *s_##name;
 NAMES(AS_STATIC)
 static PyObject *mask_regexes;     /* agent.redact.payload.mask_regexes */
 static PyObject *starts_frame_run; /* agent.l7.http2_frames.starts_frame_run */
+static PyObject *redact_exchange;  /* agent.redact.exchange.redact_exchange */
+static PyObject *for_exchange;     /* agent.records.record.Record.for_exchange */
 
 /* Whether `obj` is the str `name` (interned: mostly the same object). */
 static int is_str(PyObject *obj, PyObject *name) {
@@ -217,9 +221,12 @@ typedef struct {
     PyObject *request_direction; /* "egress", "ingress" or None */
     PyObject *last;              /* the latest data record, or None */
     PyObject *counters;          /* L7Counters */
-    PyObject *regexes;           /* the payload regex rules (a tuple) */
+    PyObject *rules;             /* the RedactionRules */
+    PyObject *regexes;           /* rules.regexes: the payload regex rules (a tuple) */
     int has_regexes;
-    int pickup;    /* unknown protocol: look for HTTP/2 frames at each record's start */
+    /* rules.enabled: exchanges are redacted, and a connection of unknown protocol
+     * is looked at for HTTP/2 frames at each record's start (to mask their headers). */
+    int redacting;
     char detecting; /* each data record goes to _detect_data first */
     int parse_failure_counted;
     Direction dirs[2]; /* egress, ingress */
@@ -540,6 +547,87 @@ static int force_release(Connection *self, PyObject *out) {
     return 0;
 }
 
+/* When an exchange happened (the ts of its record): its response's end, or start,
+ * else its request's end, or start, else (no message has a time) the ts of
+ * `fallback`, the connection's latest record.  A new reference. */
+static PyObject *exchange_ts(PyObject *ex, PyObject *fallback) {
+    PyObject *sides[2] = {s_response, s_request};
+    for (int k = 0; k < 2; k++) {
+        PyObject *msg = PyObject_GetAttr(ex, sides[k]);
+        if (msg == NULL)
+            return NULL;
+        if (msg == Py_None) {
+            Py_DECREF(msg);
+            continue;
+        }
+        PyObject *ts = PyObject_GetAttr(msg, s_end_ts_ns);
+        int set = ts == NULL ? -1 : PyObject_IsTrue(ts);
+        if (set == 0) {
+            Py_SETREF(ts, PyObject_GetAttr(msg, s_ts_ns));
+            set = ts == NULL ? -1 : PyObject_IsTrue(ts);
+        }
+        Py_DECREF(msg);
+        if (set < 0) {
+            Py_XDECREF(ts);
+            return NULL;
+        }
+        if (set)
+            return ts;
+        Py_DECREF(ts);
+    }
+    return PyObject_GetAttr(fallback, s_ts_ns);
+}
+
+/* The exchange records of the parser's `exchanges`, appended to `out`: each
+ * exchange redacted (when there are rules) and counted, its record given the
+ * connection's identity from its latest record (Record.for_exchange). */
+static int exchange_records(Connection *self, PyObject *exchanges, PyObject *out) {
+    PyObject *it = PyObject_GetIter(exchanges), *ex = NULL;
+    if (it == NULL)
+        return -1;
+    /* Exchanges only come from a parser, which exists once a data record came; the
+     * reference held: redaction runs Python (regex rules), which could set `last`. */
+    PyObject *last = Py_NewRef(self->last);
+    int result = -1;
+    while ((ex = PyIter_Next(it)) != NULL) {
+        if (last == Py_None) {
+            PyErr_SetString(PyExc_AssertionError, "an exchange before any data record");
+            goto done;
+        }
+        if (self->redacting) {
+            PyObject *args[2] = {ex, self->rules};
+            PyObject *none = PyObject_Vectorcall(redact_exchange, args, 2, NULL);
+            if (none == NULL)
+                goto done;
+            Py_DECREF(none);
+            PyObject *redactions = PyObject_GetAttr(ex, s_redactions);
+            int redacted = redactions == NULL ? -1 : PyObject_IsTrue(redactions);
+            Py_XDECREF(redactions);
+            if (redacted < 0 || (redacted && count(self, s_redacted_exchanges, 1) < 0))
+                goto done;
+        }
+        if (count(self, s_exchanges, 1) < 0)
+            goto done;
+        PyObject *ts = exchange_ts(ex, last);
+        if (ts == NULL)
+            goto done;
+        PyObject *args[3] = {last, ts, ex};
+        PyObject *record = PyObject_Vectorcall(for_exchange, args, 3, NULL);
+        Py_DECREF(ts);
+        int appended = record == NULL ? -1 : PyList_Append(out, record);
+        Py_XDECREF(record);
+        if (appended < 0)
+            goto done;
+        Py_CLEAR(ex);
+    }
+    result = PyErr_Occurred() ? -1 : 0;
+done:
+    Py_XDECREF(ex);
+    Py_DECREF(last);
+    Py_DECREF(it);
+    return result;
+}
+
 /* The records it releases now, then the exchange records of what the parser
  * finished: appended to `out`. */
 static int process(Connection *self, PyObject *r, PyObject *out) {
@@ -632,15 +720,8 @@ static int process(Connection *self, PyObject *r, PyObject *out) {
     }
     if (parser != NULL && count_parse_failure(self) < 0)
         goto done;
-    if (exchanges != NULL) {
-        PyObject *records = PyObject_CallMethodOneArg((PyObject *)self, s__exchange_records,
-                                                      exchanges);
-        if (records == NULL || extend(out, records) < 0) {
-            Py_XDECREF(records);
-            goto done;
-        }
-        Py_DECREF(records);
-    }
+    if (exchanges != NULL && exchange_records(self, exchanges, out) < 0)
+        goto done;
     result = 0;
 done:
     Py_XDECREF(direction);
@@ -663,7 +744,8 @@ PyDoc_STRVAR(process_doc,
 
 /* 0, or -1 with an error if the cycle collector cleared the connection. */
 static int intact(Connection *self) {
-    if (self->protocol && self->parser && self->request_direction && self->counters)
+    if (self->protocol && self->parser && self->request_direction && self->last &&
+        self->counters && self->rules)
         return 0;
     PyErr_SetString(PyExc_RuntimeError, "the connection was cleared");
     return -1;
@@ -701,7 +783,7 @@ static PyObject *on_data(Connection *self, PyObject *record) {
     Py_XSETREF(self->last, Py_NewRef(record));
     if (self->detecting)
         return PyObject_CallMethodOneArg((PyObject *)self, s__detect_data, record);
-    if (self->pickup && PyUnicode_Check(self->protocol) &&
+    if (self->redacting && PyUnicode_Check(self->protocol) &&
         PyUnicode_GET_LENGTH(self->protocol) == 0 && pick_up_http2(self, record) < 0)
         return NULL;
     return Connection_process(self, record);
@@ -750,6 +832,23 @@ static PyObject *Connection_drain(Connection *self, PyObject *unused) {
 fail:
     Py_DECREF(out);
     return NULL;
+}
+
+PyDoc_STRVAR(exchange_records_doc,
+"_exchange_records(exchanges) -> list[Record]\n"
+"\n"
+"The exchange records of what the parser finished, in order: each exchange\n"
+"redacted by the rules (when enabled), counted (exchanges, redacted_exchanges)\n"
+"and given the connection's identity from `last`.  The record path calls this\n"
+"itself; ConnectionL7.on_close for what the parser's close() finishes.");
+
+static PyObject *Connection_exchange_records(Connection *self, PyObject *exchanges) {
+    if (intact(self) < 0)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out != NULL && exchange_records(self, exchanges, out) < 0)
+        Py_CLEAR(out);
+    return out;
 }
 
 PyDoc_STRVAR(side_doc,
@@ -805,6 +904,7 @@ static int Connection_traverse(Connection *self, visitproc visit, void *arg) {
     Py_VISIT(self->request_direction);
     Py_VISIT(self->last);
     Py_VISIT(self->counters);
+    Py_VISIT(self->rules);
     Py_VISIT(self->regexes);
     for (int d = 0; d < 2; d++) {
         Py_VISIT(self->dirs[d].masker);
@@ -821,6 +921,7 @@ static int Connection_clear(Connection *self) {
     Py_CLEAR(self->request_direction);
     Py_CLEAR(self->last);
     Py_CLEAR(self->counters);
+    Py_CLEAR(self->rules);
     Py_CLEAR(self->regexes);
     for (int d = 0; d < 2; d++) {
         Py_CLEAR(self->dirs[d].masker);
@@ -854,6 +955,7 @@ static PyObject *Connection_new(PyTypeObject *type, PyObject *args, PyObject *kw
     self->request_direction = Py_NewRef(Py_None);
     self->last = Py_NewRef(Py_None);
     self->counters = Py_NewRef(Py_None);
+    self->rules = Py_NewRef(Py_None);
     self->regexes = PyTuple_New(0);
     self->detecting = 1;
     if (self->protocol == NULL || self->regexes == NULL) {
@@ -864,16 +966,31 @@ static PyObject *Connection_new(PyTypeObject *type, PyObject *args, PyObject *kw
 }
 
 static int Connection_init(Connection *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"counters", "regexes", "pickup", NULL};
-    PyObject *counters, *regexes;
-    int pickup;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!p", kwlist, &counters, &PyTuple_Type,
-                                     &regexes, &pickup))
+    static char *kwlist[] = {"counters", "rules", NULL};
+    PyObject *counters, *rules;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &counters, &rules))
         return -1;
+    /* The rules are frozen: what they say is read once. */
+    PyObject *regexes = PyObject_GetAttr(rules, s_regexes);
+    if (regexes == NULL)
+        return -1;
+    if (!PyTuple_Check(regexes)) {
+        Py_DECREF(regexes);
+        PyErr_SetString(PyExc_TypeError, "rules.regexes must be a tuple");
+        return -1;
+    }
+    PyObject *enabled = PyObject_GetAttr(rules, s_enabled);
+    int redacting = enabled == NULL ? -1 : PyObject_IsTrue(enabled);
+    Py_XDECREF(enabled);
+    if (redacting < 0) {
+        Py_DECREF(regexes);
+        return -1;
+    }
     Py_XSETREF(self->counters, Py_NewRef(counters));
-    Py_XSETREF(self->regexes, Py_NewRef(regexes));
+    Py_XSETREF(self->rules, Py_NewRef(rules));
+    Py_XSETREF(self->regexes, regexes);
     self->has_regexes = PyTuple_GET_SIZE(regexes) > 0;
-    self->pickup = pickup;
+    self->redacting = redacting;
     return 0;
 }
 
@@ -934,6 +1051,8 @@ static PyMethodDef Connection_methods[] = {
     {"on_data", (PyCFunction)on_data, METH_O, on_data_doc},
     {"process", (PyCFunction)Connection_process, METH_O, process_doc},
     {"drain", (PyCFunction)Connection_drain, METH_NOARGS, drain_doc},
+    {"_exchange_records", (PyCFunction)Connection_exchange_records, METH_O,
+     exchange_records_doc},
     {"side", (PyCFunction)Connection_side, METH_O, side_doc},
     {"masker", (PyCFunction)Connection_masker, METH_O, masker_doc},
     {"set_masker", (PyCFunction)(void (*)(void))Connection_set_masker, METH_FASTCALL,
@@ -943,7 +1062,7 @@ static PyMethodDef Connection_methods[] = {
 
 static PyTypeObject ConnectionType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "agent.l7._record_path.Connection",
-    .tp_doc = PyDoc_STR("Connection(counters, regexes, pickup): one connection's record path "
+    .tp_doc = PyDoc_STR("Connection(counters, rules): one connection's record path "
                         "(agent/l7/connection.py builds ConnectionL7 on it)."),
     .tp_basicsize = sizeof(Connection),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -1143,7 +1262,16 @@ PyMODINIT_FUNC PyInit__record_path(void) {
     }
     if (RecordBase == NULL ||
         (mask_regexes = import_attr("agent.redact.payload", "mask_regexes")) == NULL ||
-        (starts_frame_run = import_attr("agent.l7.http2_frames", "starts_frame_run")) == NULL)
+        (starts_frame_run = import_attr("agent.l7.http2_frames", "starts_frame_run")) == NULL ||
+        (redact_exchange = import_attr("agent.redact.exchange", "redact_exchange")) == NULL)
+        return NULL;
+    /* The Python subclass's (for_exchange makes an instance of the class it is called on). */
+    PyObject *record_type = import_attr("agent.records.record", "Record");
+    if (record_type == NULL)
+        return NULL;
+    for_exchange = PyObject_GetAttrString(record_type, "for_exchange");
+    Py_DECREF(record_type);
+    if (for_exchange == NULL)
         return NULL;
     if (PyType_Ready(&ConnectionType) < 0 || PyType_Ready(&DispatchType) < 0)
         return NULL;

@@ -23,7 +23,9 @@ record goes through -- the stream position, the parser's and the masker's feeds,
 holding and releasing, the payload regexes, the counters -- is one record path in
 C (agent/l7/_record_path.c, ConnectionL7's base), taken by every protocol: once a
 connection is decided, each of its data records costs one call from the stage.
-The exchanges the parser finishes come back here (_exchange_records), per exchange.
+The exchanges the parser finishes become records there too (_exchange_records:
+redacted by agent/redact/exchange.py's redact_exchange, counted, given the
+connection's identity), per exchange.
 """
 
 from __future__ import annotations
@@ -38,13 +40,12 @@ from agent.l7.detect import (
     classify_response_start,
     looks_like_settings_frame,
 )
-from agent.l7.exchange import Exchange, Side
+from agent.l7.exchange import Side
 from agent.l7.header_blocks import HeaderBlockDecoder
 from agent.l7.http1 import Http1Parser
 from agent.l7.http2 import Http2Parser
 from agent.l7.http2_frames import find_frame_run
 from agent.records.record import Record
-from agent.redact.exchange import redact_exchange
 from agent.redact.http1_masker import Http1HeaderMasker
 from agent.redact.http2_masker import Http2HeaderMasker
 from agent.redact.rules import DEFAULT_RULES, RedactionRules
@@ -106,14 +107,15 @@ def side_of(role: str, direction: str) -> Side | None:
 class ConnectionL7(Connection):
     """One connection: detection here, the record path in its C base (the offset
     check, parser and masker feeds, holding and releasing, the payload regexes,
-    the counters): a data record of a decided connection is one call, on_data()."""
+    the exchange records, the counters): a data record of a decided connection is
+    one call, on_data()."""
 
     def __init__(
         self, options: L7Options, counters: L7Counters, previous_protocol: str = ""
     ) -> None:
         """`previous_protocol`: what the connection was known to speak when the
         stage last let it go (evicted): its framing is picked up fail-closed."""
-        super().__init__(counters, options.rules.regexes, options.rules.enabled)
+        super().__init__(counters, options.rules)
         self.options = options
         self.decided = False
         # The C base's: protocol ("", "http1", "http2" once decided), parser,
@@ -335,29 +337,3 @@ class ConnectionL7(Connection):
                 self.request_direction = r.direction
             self._start_http1()
             self._midstream_tries = MIDSTREAM_TRIES
-
-    # -- exchanges ----------------------------------------------------------
-
-    def _exchange_records(self, exchanges: list[Exchange]) -> list[Record]:
-        """The exchange records of what the parser finished (the C record path hands
-        them here; per exchange, not per record)."""
-        # Exchanges only come from a parser, which exists once a data record came.
-        last = self.last
-        assert last is not None or not exchanges
-        rules = self.options.rules
-        counters = self.counters
-        out = []
-        for ex in exchanges:
-            if rules.enabled:
-                redact_exchange(ex, rules)
-                if ex.redactions:
-                    counters.redacted_exchanges += 1
-            counters.exchanges += 1
-            ts = 0
-            for msg in (ex.response, ex.request):
-                if msg is not None:
-                    ts = msg.end_ts_ns or msg.ts_ns
-                    if ts:
-                        break
-            out.append(Record.for_exchange(last, ts or last.ts_ns, ex))
-        return out

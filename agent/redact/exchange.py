@@ -15,16 +15,23 @@ from "grpc-message").  Everything here is redacted in place:
   for byte with "*", so lengths (body_len vs. body) stay consistent;
 - the names of the rules that changed anything are added to `ex.redactions`
   (sorted, no duplicates).
+
+`redact_exchange(ex, rules)` is C (agent/redact/_headers.c; the L7 record path
+calls it per exchange): the sensitive names, the derived fields and
+`ex.redactions`.  What needs `re`, and the gRPC fields, are the helpers below,
+which it calls only when they apply: `_mask_query` (query params configured and a
+"=" in the target), `_mask_message_regexes` and `_mask_notes` (regex rules),
+`_redact_grpc` (a gRPC exchange).  Each adds the rules it applied to `hits`.
 """
 
 from __future__ import annotations
 
-from agent.l7.exchange import Exchange, Headers, HttpMessage
-from agent.redact._headers import redact_exchange_names
+from agent.l7.exchange import Exchange, GrpcCall, Headers, HttpMessage
+from agent.redact._headers import REDACTED, redact_exchange
 from agent.redact.payload import mask_regexes
 from agent.redact.rules import RedactionRules, RegexRule, header_rule_name, mask_query_values
 
-REDACTED = "[REDACTED]"
+__all__ = ["REDACTED", "redact_exchange"]
 
 
 def _mask_text(text: str, regexes: tuple[RegexRule, ...], hits: set[str]) -> str:
@@ -84,43 +91,23 @@ def _mask_message_regexes(msg: HttpMessage, rules: RedactionRules, hits: set[str
         hits |= found
 
 
-def redact_exchange(ex: Exchange, rules: RedactionRules) -> None:
-    """Redact `ex` in place by `rules` and record which rules changed it."""
-    if not rules.enabled:
-        return
-    names, regexes, params = rules.header_names, rules.regexes, rules.query_params
-    hits: set[str] = set()
-    request, response = ex.request, ex.response
-    # Query values first ("=" first: most targets have no query), then sensitive
-    # headers and trailers, and the target and authority when their header
-    # (":path", ":authority", "host") is sensitive, in C; the regexes last.
-    if params:
-        if request is not None and "=" in request.target:
-            _mask_query(request, params, hits)
-        if response is not None and "=" in response.target:
-            _mask_query(response, params, hits)
-    if names:
-        found = redact_exchange_names(ex, names, REDACTED)
-        if found:
-            hits.update(found)
+def _redact_grpc(grpc: GrpcCall, rules: RedactionRules, hits: set[str]) -> None:
+    """The gRPC fields derived from sensitive headers ("grpc-message", ":path"), and
+    the regexes in the gRPC message and the messages' data."""
+    names, regexes = rules.header_names, rules.regexes
+    if grpc.message and "grpc-message" in names:
+        grpc.message = REDACTED
+        hits.add(header_rule_name("grpc-message"))
+    if ":path" in names and (grpc.service or grpc.method):
+        grpc.service = grpc.method = REDACTED
+        hits.add(header_rule_name(":path"))
+    grpc.message = _mask_text(grpc.message, regexes, hits)
     if regexes:
-        for msg in (request, response):
-            if msg is not None:
-                _mask_message_regexes(msg, rules, hits)
-    grpc = ex.grpc
-    if grpc is not None:
-        if grpc.message and "grpc-message" in names:
-            grpc.message = REDACTED
-            hits.add(header_rule_name("grpc-message"))
-        if ":path" in names and (grpc.service or grpc.method):
-            grpc.service = grpc.method = REDACTED
-            hits.add(header_rule_name(":path"))
-        grpc.message = _mask_text(grpc.message, regexes, hits)
-        if regexes:
-            for m in (*grpc.request_messages, *grpc.response_messages):
-                m.data, found = mask_regexes(m.data, regexes)
-                hits |= found
-    if regexes and ex.notes:
-        ex.notes = [_mask_text(note, regexes, hits) for note in ex.notes]
-    if hits:
-        ex.redactions = sorted(set(ex.redactions) | hits)
+        for m in (*grpc.request_messages, *grpc.response_messages):
+            m.data, found = mask_regexes(m.data, regexes)
+            hits |= found
+
+
+def _mask_notes(ex: Exchange, rules: RedactionRules, hits: set[str]) -> None:
+    """The regexes in the parser's notes."""
+    ex.notes = [_mask_text(note, rules.regexes, hits) for note in ex.notes]

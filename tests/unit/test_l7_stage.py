@@ -7,15 +7,17 @@ import h2.config
 import h2.connection
 import h2.events
 import hpack
+import pytest
 from agent.l7._record_path import Connection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.l7.connection import L7Counters, L7Options
+from agent.l7.exchange import Exchange, HttpMessage
 from agent.l7.stage import L7Stage
 from agent.records.record import Record
 from agent.records.writer import RecordWriter
-from agent.redact.rules import build_rules
+from agent.redact.rules import NO_RULES, build_rules
 from tests.unit.l7build import Conn, run
 
 SECRET = b"Bearer abc.def-123"
@@ -244,7 +246,7 @@ class _ScriptedMasker:
 
 
 def test_decided_bytes_are_handed_out_across_and_within_pieces() -> None:
-    conn = Connection(L7Counters(), (), False)
+    conn = Connection(L7Counters(), NO_RULES)
     conn.detecting = False
     script = [(b"abc", set()), (b"", {"header:cookie"}), (b"defgh", set()), (b"", set())]
     conn.set_masker("egress", _ScriptedMasker([*script, (b"ijk", set())]))
@@ -290,3 +292,43 @@ def test_a_batch_in_one_call_is_record_by_record() -> None:
     assert batched.counters.as_dict() == one_by_one.counters.as_dict()
     assert batched.counters.connections_evicted == 1
     assert [r.type for r in out].count("exchange") == 1
+
+
+def test_exchange_records_in_c_redact_count_and_time_each_exchange() -> None:
+    """Connection._exchange_records (C: the record path's, and ConnectionL7.on_close's):
+    each exchange redacted by the rules (through exchange.py's helpers too: a query,
+    a regex in the notes), counted, and timed by its response's end, else start,
+    else its request's, else the connection's latest record; an error in redaction
+    reaches the caller."""
+    counters = L7Counters()
+    conn = Connection(counters, build_rules([], [], [r"card=\d{16}"]))
+    last = Conn().data("egress", b"x")
+    conn.last = last
+    exchanges = [
+        Exchange("http1", HttpMessage(ts_ns=5, end_ts_ns=6, target="/?token=abc"),
+                 HttpMessage(ts_ns=7, end_ts_ns=8)),
+        Exchange("http1", HttpMessage(ts_ns=5, end_ts_ns=6), HttpMessage(ts_ns=7)),
+        Exchange("http1", HttpMessage(ts_ns=5, end_ts_ns=6), HttpMessage()),
+        Exchange("http1", HttpMessage(ts_ns=5)),
+        Exchange("http1", HttpMessage(), HttpMessage(), notes=["card=4111111111111111"]),
+    ]  # fmt: skip
+    records = conn._exchange_records(exchanges)
+    assert [r.ts_ns for r in records] == [8, 7, 6, 5, last.ts_ns]
+    assert [r.exchange for r in records] == exchanges
+    assert all(r.type == "exchange" and r.conn_id == last.conn_id for r in records)
+    assert exchanges[0].request is not None and exchanges[0].request.target == "/?token=***"
+    assert exchanges[4].notes == ["card=****************"]
+    assert (counters.exchanges, counters.redacted_exchanges) == (5, 2)
+    # No rules: counted, not redacted.
+    plain = Connection(L7Counters(), NO_RULES)
+    plain.last = last
+    ex = Exchange("http1", HttpMessage(target="/?token=abc", headers=[("cookie", "a")]))
+    assert len(plain._exchange_records([ex])) == 1
+    assert ex.request is not None and ex.request.target == "/?token=abc" and ex.redactions == []
+    assert (plain.counters.exchanges, plain.counters.redacted_exchanges) == (1, 0)
+    # An error inside redaction (a body that is not bytes, for the regex) propagates.
+    with pytest.raises(TypeError):
+        conn._exchange_records([Exchange("http1", HttpMessage(body="text"))])  # type: ignore[arg-type]
+    # No data record yet: nothing to take an exchange record's identity from.
+    with pytest.raises(AssertionError):
+        Connection(L7Counters(), NO_RULES)._exchange_records([Exchange("http1")])

@@ -7,7 +7,7 @@ import pytest
 
 from agent.l7.exchange import Exchange, GrpcCall, GrpcMessage, HttpMessage
 from agent.redact.exchange import REDACTED, redact_exchange
-from agent.redact.rules import DEFAULT_RULES, build_rules
+from agent.redact.rules import DEFAULT_RULES, RedactionRules, build_rules
 
 
 def http1_exchange() -> Exchange:
@@ -157,31 +157,66 @@ def test_header_lists_are_replaced_not_changed_and_kept_when_nothing_matched() -
 
 def test_header_values_in_c_take_any_case_and_refuse_what_is_not_a_header() -> None:
     """agent/redact/_headers.c: names of any case (non-ASCII ones lowered as str.lower
-    does), each rule reported once in the order first met, a value already redacted
-    not again, the derived fields last, both messages; a header that is not a
-    (str, str) tuple is a TypeError, never a header let through."""
-    from agent.redact._headers import redact_exchange_names
-
+    does), each rule reported once, a value already redacted not again, the derived
+    fields too, both messages; a header that is not a (str, str) tuple is a
+    TypeError, never a header let through."""
     names = frozenset({"cookie", "x-t\u00f6ken", ":path", "host", "set-cookie"})
+    rules = RedactionRules(header_names=names)
     headers = [("Cookie", "a"), ("X-T\u00d6KEN", "b"), ("cookie", REDACTED), ("COOKIE", "c")]
     msg = HttpMessage(target="/x", authority="h", headers=headers, trailers=[("cookie", "t")])
     response = HttpMessage(status=200, headers=[("Set-Cookie", "s"), ("cookie", "r")])
-    found = redact_exchange_names(
-        Exchange("http1", request=msg, response=response), names, REDACTED
-    )
+    ex = Exchange("http1", request=msg, response=response, redactions=["regex:earlier"])
+    redact_exchange(ex, rules)
     assert [v for _, v in msg.headers] == [REDACTED] * 4
     assert [n for n, _ in msg.headers] == [n for n, _ in headers]
     assert msg.trailers == [("cookie", REDACTED)] and (msg.target, msg.authority) == (REDACTED,) * 2
     assert response.headers == [("Set-Cookie", REDACTED), ("cookie", REDACTED)]
-    assert found == [
-        "header:cookie", "header:x-t\u00f6ken", "header::path", "header:host", "header:set-cookie"
+    assert ex.redactions == [
+        "header::path", "header:cookie", "header:host", "header:set-cookie",
+        "header:x-t\u00f6ken", "regex:earlier",
     ]  # fmt: skip
     # Nothing sensitive, or no messages at all: nothing reported, nothing replaced.
     plain = [("accept", "*/*")]
     ex = Exchange("http1", request=HttpMessage(headers=plain), response=None)
-    assert redact_exchange_names(ex, frozenset({"cookie"}), REDACTED) == []
-    assert ex.request.headers is plain
-    assert redact_exchange_names(Exchange("http1"), names, REDACTED) == []
+    redact_exchange(ex, RedactionRules(header_names=frozenset({"cookie"})))
+    assert ex.request is not None and ex.request.headers is plain and ex.redactions == []
+    ex = Exchange("http1")
+    redact_exchange(ex, rules)
+    assert ex.redactions == []
     for bad in ([("cookie",)], [["cookie", "a"]], [(b"cookie", "a")], [("cookie", None)]):
         with pytest.raises(TypeError):
-            redact_exchange_names(Exchange("http1", HttpMessage(headers=bad)), names, REDACTED)
+            redact_exchange(Exchange("http1", HttpMessage(headers=bad)), rules)
+
+
+def test_python_helpers_run_only_when_they_apply_and_their_errors_propagate() -> None:
+    """The C redact_exchange calls exchange.py's helpers for query values (a "=" in
+    the target), regexes and gRPC: each one's work shows, and an error inside one
+    (here a body that is not bytes, or gRPC data that is not) reaches the caller."""
+    rules = build_rules([], [], [r"card=\d{16}"])
+    # Query values and the regexes together; the notes too.
+    ex = http1_exchange()
+    assert ex.request is not None
+    ex.request.target = "/login?access_token=abc&card=4111111111111111"
+    ex.notes = ["saw card=4111111111111111"]
+    redact_exchange(ex, rules)
+    assert ex.request.target == "/login?access_token=***&card=****************"
+    assert ex.notes == ["saw card=****************"]
+    assert "query:access_token" in ex.redactions and "regex:card" in ex.redactions
+    # A gRPC exchange: its fields derived from sensitive headers.
+    grpc = GrpcCall(service="pkg.S", method="M", message="card=4111111111111111")
+    ex = Exchange("grpc", request=HttpMessage(target="/pkg.S/M"), grpc=grpc)
+    redact_exchange(ex, build_rules([":path", "grpc-message"], [], []))
+    assert (grpc.service, grpc.method, grpc.message) == (REDACTED,) * 3
+    assert ex.redactions == ["header::path", "header:grpc-message"]
+    # Errors inside the helpers propagate.
+    ex = http1_exchange()
+    assert ex.request is not None
+    ex.request.body = "not bytes"  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        redact_exchange(ex, rules)
+    grpc = GrpcCall(request_messages=[GrpcMessage(False, 3, "abc")])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        redact_exchange(Exchange("grpc", grpc=grpc), rules)
+    # A target that is not text: the query check's own error.
+    with pytest.raises(TypeError):
+        redact_exchange(Exchange("http1", HttpMessage(target=None)), DEFAULT_RULES)  # type: ignore[arg-type]
