@@ -63,7 +63,7 @@ class L7Options:
     max_connections: int = 16384  # tracked at once; the least recently used go first
 
 
-@dataclass
+@dataclass(slots=True)  # the record path (C) counts into these: slots are read and set fastest
 class L7Counters:
     exchanges: int = 0
     parse_failures: int = 0  # connections whose parser gave up (protocol error, gap in HTTP/2)
