@@ -215,7 +215,7 @@ static PyObject *for_exchange(PyTypeObject *cls, PyObject *const *args, Py_ssize
                      Py_TYPE(args[0])->tp_name);
         return NULL;
     }
-    PyObject *protocol = PyObject_GetAttrString(args[2], "protocol");
+    PyObject *protocol = PyObject_GetAttr(args[2], interned_names[F_protocol]);
     if (protocol == NULL)
         return NULL;
     RecordObject *last = (RecordObject *)args[0];
