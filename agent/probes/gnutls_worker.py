@@ -53,9 +53,9 @@ from agent.probes.prologue import (
     Instruction,
     Placement,
     WrapperCode,
-    _family,
     decode,
     is_emulated,
+    register_family,
 )
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def _step(insn, regs: dict[str, Value]) -> int | None:
 
     mn = insn.mnemonic
     ops = insn.operands
-    reg = [(_family(insn.reg_name(o.reg)), o.size) if o.type == x86.X86_OP_REG else None
+    reg = [(register_family(insn.reg_name(o.reg)), o.size) if o.type == x86.X86_OP_REG else None
            for o in ops]  # fmt: skip
     if mn == "push":
         return -8
@@ -281,7 +281,7 @@ def _step(insn, regs: dict[str, Value]) -> int | None:
         _, written = insn.regs_access()
     except capstone.CsError:
         written = []
-    families = {_family(insn.reg_name(r)) for r in written} - {"rflags", "rip", None}
+    families = {register_family(insn.reg_name(r)) for r in written} - {"rflags", "rip", None}
     if "rsp" in families:
         return None
     value: Value | None = None
@@ -382,7 +382,7 @@ def proves_no_data(address: int, read_code: ReadCode, import_name: ImportName) -
             continue
         for op in insn.operands:
             if op.type == x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE:
-                base = _family(insn.reg_name(op.mem.base)) if op.mem.base else None
+                base = register_family(insn.reg_name(op.mem.base)) if op.mem.base else None
                 if base != "rsp" or op.mem.index:
                     return f"writes memory at {pc:#x} ({mn} {insn.op_str})"
         if mn.startswith(("rep", "movs", "stos")):

@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.probes.prologue import Instruction, _family, decode, is_emulated
+from agent.probes.prologue import Instruction, decode, is_emulated, register_family
 
 __all__ = [
     "CompletionPoint",
@@ -150,11 +150,11 @@ def _details(code: bytes, address: int) -> dict[int, _Detail]:
         ops = insn.operands
         for op in ops:
             if op.type == x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE:
-                base = _family(insn.reg_name(op.mem.base)) if op.mem.base else None
+                base = register_family(insn.reg_name(op.mem.base)) if op.mem.base else None
                 if base == "rsp" and not op.mem.index and not op.mem.segment:
                     src = None
                     if insn.mnemonic == "mov" and len(ops) == 2 and ops[1].type == x86.X86_OP_REG:
-                        src = _family(insn.reg_name(ops[1].reg)) if op.size == 8 else None
+                        src = register_family(insn.reg_name(ops[1].reg)) if op.size == 8 else None
                     store = (op.mem.disp, op.size, src)
                 else:
                     other = True
@@ -164,7 +164,7 @@ def _details(code: bytes, address: int) -> dict[int, _Detail]:
             and ops[0].type == x86.X86_OP_REG
             and ops[1].type == x86.X86_OP_IMM
         ):
-            imm_to = (_family(insn.reg_name(ops[0].reg)) or "", ops[1].imm)
+            imm_to = (register_family(insn.reg_name(ops[0].reg)) or "", ops[1].imm)
         out[insn.address] = _Detail(store, other, imm_to)
     return out
 

@@ -225,9 +225,9 @@ def methods_from_setup(
     sp = 0
 
     def family(reg: int) -> str:
-        from agent.probes.prologue import _family
+        from agent.probes.prologue import register_family
 
-        return _family(insn.reg_name(reg)) or ""
+        return register_family(insn.reg_name(reg)) or ""
 
     def where(op) -> tuple[str, int] | None:
         m = op.mem
@@ -383,9 +383,9 @@ def methods_from_setup(
 
 
 def _family_name(name: str | None) -> str:
-    from agent.probes.prologue import _family
+    from agent.probes.prologue import register_family
 
-    return _family(name) or ""
+    return register_family(name) or ""
 
 
 def _value_at(stores: list[tuple[int, int, Value]], address: int, size: int) -> Value:

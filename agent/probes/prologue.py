@@ -125,7 +125,7 @@ def decode(code: bytes, address: int, limit: int | None = None) -> list[Instruct
         except capstone.CsError:
             written = []
         families = frozenset(
-            f for f in (_family(insn.reg_name(r)) for r in written) if f and f != "rflags"
+            f for f in (register_family(insn.reg_name(r)) for r in written) if f and f != "rflags"
         )
         writes_mem = False
         base = None
@@ -133,7 +133,7 @@ def decode(code: bytes, address: int, limit: int | None = None) -> list[Instruct
         for op in insn.operands:
             if op.type == x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE:
                 writes_mem = True
-                base = _family(insn.reg_name(op.mem.base)) if op.mem.base else None
+                base = register_family(insn.reg_name(op.mem.base)) if op.mem.base else None
             if op.type == x86.X86_OP_IMM and (
                 insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL)
             ):
@@ -180,7 +180,9 @@ _FAMILIES = {
 }  # fmt: skip
 
 
-def _family(name: str | None) -> str | None:
+def register_family(name: str | None) -> str | None:
+    """The 64-bit register a register name is part of ("ebx", "bl" -> "rbx"; "r8d" ->
+    "r8"; the flags -> "rflags"), None for no name; other names as they are."""
     if not name:
         return None
     if name in _FAMILIES:
