@@ -87,6 +87,10 @@ typedef struct {
     long long body_len;        /* bytes seen */
     long long remaining;       /* of the Content-Length body or the chunk */
     int chunk_digits;          /* in the chunk-size line */
+    /* Per common header name (COMMON_NAMES), the last field of a head parsed here, or
+     * NULL: the next head's field with the same bytes is that same tuple (see
+     * header_field).  NULL until a head has such a field. */
+    PyObject **fields;
 } Framer;
 
 /* llhttp's HTTP methods, the common first: an unknown token is taken for garbage (a
@@ -379,11 +383,20 @@ static const char *const COMMON_NAMES[] = {
     "via", "accept-ranges", "expect", "te", "trailer"};
 #define N_NAMES ((int)(sizeof COMMON_NAMES / sizeof COMMON_NAMES[0]))
 static PyObject *s_names[N_NAMES];
+/* Names whose last field a connection keeps for reuse (header_field): not those that
+ * carry credentials or URLs (a token in a Location or Referer), so no secret outlives
+ * its exchange in a parser; values up to MAX_REUSED_VALUE bytes. */
+static const char *const NOT_REUSED[] = {"authorization", "cookie", "set-cookie", "location",
+                                         "origin", "referer", "x-forwarded-for"};
+enum { MAX_REUSED_VALUE = 256 };
+static char reusable[N_NAMES];
 /* indices in COMMON_NAMES by length, -1 after the last */
 static signed char names_by_len[MAX_NAME_LEN + 1][NAMES_PER_LEN + 1];
 
-static PyObject *lower_name(const char *p, Py_ssize_t n) {
+/* The lower-case name; *common: its index in COMMON_NAMES, else -1. */
+static PyObject *lower_name(const char *p, Py_ssize_t n, int *common) {
     char small[128];
+    *common = -1;
     char *buf = n <= (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)n);
     if (buf == NULL)
         return PyErr_NoMemory();
@@ -391,8 +404,10 @@ static PyObject *lower_name(const char *p, Py_ssize_t n) {
         buf[i] = (p[i] >= 'A' && p[i] <= 'Z') ? (char)(p[i] - 'A' + 'a') : p[i];
     for (int j = 0; n <= MAX_NAME_LEN && names_by_len[n][j] >= 0; j++) {
         int k = names_by_len[n][j];
-        if (memcmp(COMMON_NAMES[k], buf, (size_t)n) == 0)
+        if (memcmp(COMMON_NAMES[k], buf, (size_t)n) == 0) {
+            *common = k;
             return Py_NewRef(s_names[k]);
+        }
     }
     PyObject *name = PyUnicode_DecodeLatin1(buf, n, NULL);
     if (buf != small)
@@ -404,7 +419,7 @@ static PyObject *lower_name(const char *p, Py_ssize_t n) {
  * starting at p, `n` bytes with their line ends).  The joined value is built in
  * `scratch` (room for n bytes) only when there are folds. */
 static PyObject *header_field(const char *p, Py_ssize_t n, Py_ssize_t name_len, char *scratch,
-                              Framing *f, const char **why) {
+                              Framing *f, Framer *cache, const char **why) {
     Py_ssize_t first_n = (const char *)memchr(p, '\n', (size_t)n) - p + 1;
     Py_ssize_t len = line_content(p, first_n);
     const char *v = p + name_len + 1;
@@ -436,7 +451,8 @@ static PyObject *header_field(const char *p, Py_ssize_t n, Py_ssize_t name_len, 
         v = scratch;
         vn = at;
     }
-    PyObject *name = lower_name(p, name_len);
+    int common;
+    PyObject *name = lower_name(p, name_len, &common);
     if (name == NULL)
         return NULL;
     /* both are common names: lower_name hands back the one object for each */
@@ -448,6 +464,20 @@ static PyObject *header_field(const char *p, Py_ssize_t n, Py_ssize_t name_len, 
     } else if (f != NULL && name == s_names[NAME_TRANSFER_ENCODING]) {
         f->has_te = 1;
         f->chunked = ends_chunked(v, vn);
+    }
+    /* A connection repeats most of its header fields head after head (Host, Accept,
+     * Server, Content-Type, ...): a field byte-equal to the last one of its name is
+     * that same tuple (immutable; redaction replaces fields, never edits them), with
+     * no new strings. */
+    int cached = cache != NULL && common >= 0 && reusable[common] && first_n == n &&
+                 vn <= MAX_REUSED_VALUE;
+    PyObject *last = cached && cache->fields ? cache->fields[common] : NULL;
+    if (last != NULL) {
+        PyObject *lv = PyTuple_GET_ITEM(last, 1);
+        if (PyUnicode_GET_LENGTH(lv) == vn && memcmp(PyUnicode_DATA(lv), v, (size_t)vn) == 0) {
+            Py_DECREF(name);
+            return Py_NewRef(last);
+        }
     }
     PyObject *value = PyUnicode_DecodeLatin1(v, vn, NULL);
     if (value == NULL) {
@@ -462,13 +492,21 @@ static PyObject *header_field(const char *p, Py_ssize_t n, Py_ssize_t name_len, 
     }
     PyTuple_SET_ITEM(field, 0, name);
     PyTuple_SET_ITEM(field, 1, value);
+    if (cached && cache->fields == NULL &&
+        (cache->fields = PyMem_Calloc(N_NAMES, sizeof(PyObject *))) == NULL) {
+        Py_DECREF(field);
+        return PyErr_NoMemory();
+    }
+    if (cached)
+        Py_XSETREF(cache->fields[common], Py_NewRef(field));
     return field;
 }
 
 /* The header fields of lines p[:n] (complete lines, the blank line excluded); framing
  * into f (NULL: trailers, which frame nothing).  NULL with *why set on a parse error,
  * NULL alone on a Python error. */
-static PyObject *header_list(const char *p, Py_ssize_t n, Framing *f, const char **why) {
+static PyObject *header_list(const char *p, Py_ssize_t n, Framing *f, Framer *cache,
+                             const char **why) {
     PyObject *list = PyList_New(0);
     char *scratch = NULL;
     if (list == NULL)
@@ -509,7 +547,7 @@ static PyObject *header_list(const char *p, Py_ssize_t n, Framing *f, const char
             PyErr_NoMemory();
             goto fail;
         }
-        PyObject *field = header_field(p + i, end - i, name_len, scratch, f, why);
+        PyObject *field = header_field(p + i, end - i, name_len, scratch, f, cache, why);
         if (field == NULL)
             goto fail;
         int err = PyList_Append(list, field);
@@ -580,7 +618,7 @@ static int build_head(Framer *s, const char *block, Py_ssize_t n, Event *e, cons
     if (fields_end > first_n && block[fields_end - 1] == '\r')
         fields_end--;
     Framing f = {0, 0, 0, 0};
-    e->headers = header_list(block + first_n, fields_end - first_n, &f, why);
+    e->headers = header_list(block + first_n, fields_end - first_n, &f, s, why);
     if (e->headers == NULL)
         return *why ? -1 : -2;
     int status = 0;
@@ -724,12 +762,22 @@ static int read_section(Framer *s, const char *data, Py_ssize_t n, Py_ssize_t *p
 
 /* -- stepping the framing ------------------------------------------------------------ */
 
+static void fields_clear(Framer *s) {
+    if (s->fields == NULL)
+        return;
+    for (int k = 0; k < N_NAMES; k++)
+        Py_CLEAR(s->fields[k]);
+    PyMem_Free(s->fields);
+    s->fields = NULL;
+}
+
 static void framer_init(Framer *s, int response, Py_ssize_t body_limit) {
     s->response = response;
     s->body_limit = body_limit > 0 ? body_limit : 0;
     s->state = S_IDLE;
     head_clear(s);
     body_clear(s);
+    fields_clear(s);
 }
 
 /* Forget everything (also frees what it held): the next byte starts a message. */
@@ -737,6 +785,7 @@ static void framer_reset(Framer *s) {
     s->state = S_IDLE;
     head_clear(s);
     body_clear(s);
+    fields_clear(s);
 }
 
 /* The message whose head was just reported has no body (a response to HEAD). */
@@ -818,7 +867,7 @@ static int step(Framer *s, const char *data, Py_ssize_t n, Py_ssize_t *at, long 
                     fields_end--;
                 PyObject *trailers = NULL;
                 if (fields_end > 0)
-                    trailers = header_list(block, fields_end, NULL, &why);
+                    trailers = header_list(block, fields_end, NULL, NULL, &why);
                 head_clear(s);
                 if (fields_end > 0 && trailers == NULL) {
                     event = why != NULL ? framer_fail(s, e, why) : -2;
@@ -2394,6 +2443,10 @@ PyMODINIT_FUNC PyInit__http1(void) {
         names_by_len[len][j] = (signed char)k;
         if ((s_names[k] = PyUnicode_InternFromString(COMMON_NAMES[k])) == NULL)
             return NULL;
+        reusable[k] = 1;
+        for (size_t i = 0; i < sizeof NOT_REUSED / sizeof NOT_REUSED[0]; i++)
+            if (strcmp(COMMON_NAMES[k], NOT_REUSED[i]) == 0)
+                reusable[k] = 0;
     }
     if ((s_name_host = common_name("host")) == NULL ||
         (s_name_upgrade = common_name("upgrade")) == NULL ||

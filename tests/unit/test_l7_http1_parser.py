@@ -129,6 +129,35 @@ def test_values_are_latin1_and_names_lower_case() -> None:
     assert value == (7, 404, "Nicht Gefünden", "1.0", [("content-length", "0"), ("x-v", "café")])
 
 
+def test_a_repeated_field_is_the_same_tuple_unless_it_may_hold_a_secret() -> None:
+    """Head after head on one connection, a common header field with the same bytes is
+    the tuple parsed before; a changed value, a folded one, a long one, a name that may
+    carry a credential or a URL, and an uncommon name are parsed anew."""
+    long = b"a" * 300
+    head = (
+        b"GET / HTTP/1.1\r\nHost: h\r\nUser-Agent: wrk\r\nAuthorization: Bearer t\r\n"
+        b"Referer: /x?t=1\r\nAccept: " + long + b"\r\nX-Id: 7\r\nCache-Control: a,\r\n b\r\n\r\n"
+    )
+    parser = Http1Stream(False, 4096)
+    (_, first), (_, second) = run(parser, [head, head.replace(b"wrk", b"curl")])
+    assert first[4] == [*second[4][:1], ("user-agent", "wrk"), *second[4][2:]]
+    same = [a is b for a, b in zip(first[4], second[4], strict=True)]
+    # host, user-agent, authorization, referer, accept (long), x-id, cache-control (folded)
+    assert same == [True, False, False, False, False, False, False]
+    ((_, third),) = run(parser, [head.replace(b"wrk", b"curl")])
+    assert third[4][1] is second[4][1]  # the new value is the one kept now
+    ((_, fresh),) = run(Http1Stream(False, 4096), [head])
+    assert fresh[4][0] is not first[4][0] and fresh[4] == first[4]  # per parser
+
+
+def test_a_reset_forgets_the_kept_fields() -> None:
+    parser = Http1Stream(False, 4096)
+    ((_, first),) = run(parser, [GET])
+    parser.reset()
+    ((_, second),) = run(parser, [GET])
+    assert second[4] == first[4] and second[4][0] is not first[4][0]
+
+
 def test_response_framing() -> None:
     def kinds(head: bytes) -> list[int]:
         return [e for e, _ in responses([head])]

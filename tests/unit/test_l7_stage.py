@@ -332,3 +332,23 @@ def test_exchange_records_in_c_redact_count_and_time_each_exchange() -> None:
     # No data record yet: nothing to take an exchange record's identity from.
     with pytest.raises(AssertionError):
         Connection(L7Counters(), NO_RULES)._exchange_records([Exchange("http1")])
+
+
+def test_a_kept_header_field_is_redacted_in_every_exchange() -> None:
+    """The HTTP/1 parser hands a connection's repeated fields out as the same tuples;
+    redacting one exchange must not change what the next one is given, so a
+    sensitive field is redacted in each exchange, and a connection's records never
+    carry its value."""
+    c = Conn()
+    request = b"GET /a HTTP/1.1\r\nHost: example\r\nUser-Agent: secret-agent/1.0\r\n\r\n"
+    records = []
+    for _ in range(3):
+        records += [c.data("egress", request), c.data("ingress", RESPONSE)]
+    out = run(stage(rules=build_rules(["user-agent"], [], [])), records)
+    exchanges = [r.exchange for r in out if r.type == "exchange"]
+    assert len(exchanges) == 3
+    for ex in exchanges:
+        assert ex.request.header("user-agent") == "[REDACTED]"
+        assert ex.request.header("host") == "example"
+        assert "header:user-agent" in ex.redactions
+    assert all(b"secret-agent" not in r.data for r in out if r.type == "data")
