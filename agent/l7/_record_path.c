@@ -30,6 +30,7 @@
 #include <structmember.h>
 
 #include "../records/_record.h"
+#include "../redact/_rule_names.h"
 
 /* -- a first-in-first-out queue of objects ---------------------------------------- */
 
@@ -414,23 +415,10 @@ static PyObject *take(Direction *st, Py_ssize_t n) {
 
 /* sorted(redactions | set(r.redactions)) into r.redactions; steals `redactions`. */
 static int set_redactions(PyObject *r, PyObject *redactions) {
-    PyObject *old = GET(r, redactions), *it = NULL, *item, *list = NULL;
-    int result = -1;
-    if (old == NULL || (it = PyObject_GetIter(old)) == NULL)
-        goto done;
-    while ((item = PyIter_Next(it)) != NULL) {
-        int k = PySet_Add(redactions, item);
-        Py_DECREF(item);
-        if (k < 0)
-            goto done;
-    }
-    if (PyErr_Occurred() || (list = PySequence_List(redactions)) == NULL ||
-        PyList_Sort(list) < 0)
-        goto done;
-    result = SET(r, redactions, list);
-done:
+    PyObject *old = GET(r, redactions);
+    PyObject *list = old == NULL ? NULL : sorted_rule_names(redactions, old);
+    int result = list == NULL ? -1 : SET(r, redactions, list);
     Py_XDECREF(old);
-    Py_XDECREF(it);
     Py_XDECREF(list);
     Py_DECREF(redactions);
     return result;

@@ -30,6 +30,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_rule_names.h"
+
 /* `name` lower-cased (a new reference); itself when it has no upper-case letter. */
 static PyObject *
 lower_name(PyObject *name)
@@ -214,40 +216,15 @@ has_equals(PyObject *msg)
     return found;
 }
 
-/* ex.redactions = sorted(set(ex.redactions) | hits), `hits` (ours) emptied on the
- * way: the old names join it (mostly there are none) and it is popped into the list,
- * a third of what the set and list copies of the expression cost. */
+/* ex.redactions = sorted(set(ex.redactions) | hits), `hits` (ours) emptied on the way. */
 static int
 set_redactions(PyObject *ex, PyObject *hits)
 {
-    PyObject *old = PyObject_GetAttr(ex, s_redactions), *list = NULL;
-    if (old == NULL)
-        return -1;
-    PyObject *it = PyObject_GetIter(old), *item;
-    Py_DECREF(old);
-    if (it == NULL)
-        return -1;
-    while ((item = PyIter_Next(it)) != NULL) {
-        int added = PySet_Add(hits, item);
-        Py_DECREF(item);
-        if (added < 0)
-            break;
-    }
-    Py_DECREF(it);
-    if (PyErr_Occurred())
-        return -1;
-    Py_ssize_t n = PySet_GET_SIZE(hits);
-    if ((list = PyList_New(n)) == NULL)
-        return -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if ((item = PySet_Pop(hits)) == NULL) {
-            Py_DECREF(list); /* its unset items are NULL, which it skips */
-            return -1;
-        }
-        PyList_SET_ITEM(list, i, item);
-    }
-    int err = PyList_Sort(list) < 0 || PyObject_SetAttr(ex, s_redactions, list) < 0;
-    Py_DECREF(list);
+    PyObject *old = PyObject_GetAttr(ex, s_redactions);
+    PyObject *list = old == NULL ? NULL : sorted_rule_names(hits, old);
+    int err = list == NULL || PyObject_SetAttr(ex, s_redactions, list) < 0;
+    Py_XDECREF(old);
+    Py_XDECREF(list);
     return err ? -1 : 0;
 }
 
