@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.probes.prologue import Instruction, decode, is_emulated, register_family
+from agent.probes.prologue import Instruction, decode, is_emulated
 
 __all__ = [
     "CompletionPoint",
@@ -111,14 +111,13 @@ def prove_write_completion(code: bytes, address: int, write_record: int) -> Writ
         raise ProofFailed("indirect jump in Write")
     # Call targets too: a call into Write itself would be a way in as well.
     targets = {i.target for i in insns if i.target is not None}
-    details = _details(code, address)
     calls = [k for k, i in enumerate(insns) if i.group == "call" and i.target == write_record]
     if not calls:
         raise ProofFailed(f"no direct call of writeRecordLocked ({write_record:#x}) in Write")
     points = []
     for k in calls:
-        _check_record_type(insns, k, targets, details)
-        points.append(_completion_after(insns, k, targets, details))
+        _check_record_type(insns, k, targets)
+        points.append(_completion_after(insns, k, targets))
     kept, dropped = _returns(insns, targets, {p.address for p in points}, address, end)
     return WriteCompletion(tuple(points), kept, dropped)
 
@@ -126,52 +125,7 @@ def prove_write_completion(code: bytes, address: int, write_record: int) -> Writ
 # -- the proof's steps ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Detail:
-    """What prologue.Instruction does not keep: a store's slot and source, a move's
-    immediate."""
-
-    store: tuple[int, int, str | None] | None  # (rsp displacement, size, source family)
-    store_via_other: bool  # writes memory through something other than a plain [rsp+d]
-    imm_to: tuple[str, int] | None  # ("rbx", 23) for mov $23 into a register
-
-
-def _details(code: bytes, address: int) -> dict[int, _Detail]:
-    import capstone
-    from capstone import x86
-
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    out = {}
-    for insn in md.disasm(code, address):
-        store = None
-        other = False
-        imm_to = None
-        ops = insn.operands
-        for op in ops:
-            if op.type == x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE:
-                base = register_family(insn.reg_name(op.mem.base)) if op.mem.base else None
-                if base == "rsp" and not op.mem.index and not op.mem.segment:
-                    src = None
-                    if insn.mnemonic == "mov" and len(ops) == 2 and ops[1].type == x86.X86_OP_REG:
-                        src = register_family(insn.reg_name(ops[1].reg)) if op.size == 8 else None
-                    store = (op.mem.disp, op.size, src)
-                else:
-                    other = True
-        if (
-            insn.mnemonic == "mov"
-            and len(ops) == 2
-            and ops[0].type == x86.X86_OP_REG
-            and ops[1].type == x86.X86_OP_IMM
-        ):
-            imm_to = (register_family(insn.reg_name(ops[0].reg)) or "", ops[1].imm)
-        out[insn.address] = _Detail(store, other, imm_to)
-    return out
-
-
-def _check_record_type(
-    insns: Sequence[Instruction], k: int, targets: set[int], details: dict[int, _Detail]
-) -> None:
+def _check_record_type(insns: Sequence[Instruction], k: int, targets: set[int]) -> None:
     """The call at ``insns[k]`` passes typ 23: the last RBX write before it, in its own
     straight-line block, is ``mov $23``."""
     call = insns[k]
@@ -185,15 +139,13 @@ def _check_record_type(
         if insn.group:
             break
         if "rbx" in insn.regs_written:
-            if details[insn.address].imm_to == ("rbx", RECORD_TYPE_APPLICATION_DATA):
+            if insn.imm_to == ("rbx", RECORD_TYPE_APPLICATION_DATA):
                 return
             raise ProofFailed(f"call at {call.address:#x}: typ comes from {insn.text}, not 23")
     raise ProofFailed(f"call at {call.address:#x}: typ not set to 23 in its block")
 
 
-def _completion_after(
-    insns: Sequence[Instruction], k: int, targets: set[int], details: dict[int, _Detail]
-) -> CompletionPoint:
+def _completion_after(insns: Sequence[Instruction], k: int, targets: set[int]) -> CompletionPoint:
     call = insns[k]
     n: set[Location] = {Location("rax")}
     err: set[Location] = {Location("rbx")}
@@ -208,11 +160,10 @@ def _completion_after(
         kept_regs = insn.regs_written & {"rsp", "r14"}  # the stack slots' base; g, the key
         if kept_regs:
             raise ProofFailed(f"{where} writes {', '.join(sorted(kept_regs))}")
-        detail = details[insn.address]
-        if detail.store_via_other:
+        if insn.writes_other_memory:
             raise ProofFailed(f"{where} writes memory outside the stack frame")
-        if detail.store is not None:
-            disp, size, src = detail.store
+        if insn.stack_store is not None:
+            disp, size, src = insn.stack_store
             for locs in (n, err):
                 for loc in [x for x in locs if x.sp_offset is not None]:
                     if loc.sp_offset < disp + size and disp < loc.sp_offset + 8:

@@ -102,6 +102,11 @@ class Instruction:
     memory_base: str | None  # base register of a memory operand written
     group: str  # "jump", "call", "ret", "int", "" (capstone groups of interest)
     target: int | None  # direct branch/call target
+    # A memory operand written as a plain [rsp+disp] (no index, no segment): (disp, its
+    # size, the register a two-operand 8-byte mov stores there, else None).
+    stack_store: tuple[int, int, str | None] | None = None
+    writes_other_memory: bool = False  # a memory operand written through anything else
+    imm_to: tuple[str, int] | None = None  # `mov $imm, reg`: (its register family, imm)
 
     @property
     def mnemonic(self) -> str:
@@ -130,10 +135,20 @@ def decode(code: bytes, address: int, limit: int | None = None) -> list[Instruct
         writes_mem = False
         base = None
         target = None
-        for op in insn.operands:
+        stack_store = None
+        other_memory = False
+        ops = insn.operands
+        for op in ops:
             if op.type == x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE:
                 writes_mem = True
                 base = register_family(insn.reg_name(op.mem.base)) if op.mem.base else None
+                if base == "rsp" and not op.mem.index and not op.mem.segment:
+                    src = None
+                    if insn.mnemonic == "mov" and len(ops) == 2 and ops[1].type == x86.X86_OP_REG:
+                        src = register_family(insn.reg_name(ops[1].reg)) if op.size == 8 else None
+                    stack_store = (op.mem.disp, op.size, src)
+                else:
+                    other_memory = True
             if op.type == x86.X86_OP_IMM and (
                 insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL)
             ):
@@ -150,6 +165,14 @@ def decode(code: bytes, address: int, limit: int | None = None) -> list[Instruct
                 break
         if insn.mnemonic in ("syscall", "sysenter", "ud2", "hlt", "iretq"):
             group = "int"
+        imm_to = None
+        if (
+            insn.mnemonic == "mov"
+            and len(ops) == 2
+            and ops[0].type == x86.X86_OP_REG
+            and ops[1].type == x86.X86_OP_IMM
+        ):
+            imm_to = (register_family(insn.reg_name(ops[0].reg)) or "", ops[1].imm)
         # push/call write below the stack pointer: memory of the frame being built.
         if insn.mnemonic.startswith("push") or group == "call":
             writes_mem, base = True, "rsp"
@@ -164,6 +187,9 @@ def decode(code: bytes, address: int, limit: int | None = None) -> list[Instruct
                 memory_base=base,
                 group=group,
                 target=target,
+                stack_store=stack_store,
+                writes_other_memory=other_memory,
+                imm_to=imm_to,
             )
         )
         if limit is not None and len(out) >= limit:
