@@ -724,6 +724,15 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs so far, from /proc/stat: busy is all but
+    idle and iowait (steal, time the hypervisor gave another guest, counts as busy: the
+    CPU was not ours to use)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    total = sum(fields)
+    return total - fields[3] - fields[4], total
+
+
 def loadavg() -> float:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -144,18 +145,35 @@ def wait_until_idle(pid: int, limit: float, interval: float = 0.25, busy: float 
     return time.monotonic() - t0
 
 
+def measured_wrk(
+    url: str, args: argparse.Namespace, workdir: Path, sample: dict
+) -> nginx_lab.WrkResult:
+    """wrk's run, with its own CPU (it is the one child of ours that exits meanwhile)
+    and the host's busy share over it put in `sample`: what nginx and the agent left
+    of the two CPUs says whether the agent is what holds nginx back."""
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, total0 = bl.host_cpu_ticks()
+    wrk = nginx_lab.run_wrk(url, args.wrk_connections, args.seconds, workdir, args.wrk_threads)
+    busy1, total1 = bl.host_cpu_ticks()
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sample["wrk_cpu_s"] = (children1.ru_utime + children1.ru_stime) - (
+        children0.ru_utime + children0.ru_stime
+    )
+    sample["host_busy"] = (busy1 - busy0) / (total1 - total0) if total1 > total0 else None
+    return wrk
+
+
 def one_sample(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
     workdir.mkdir(parents=True)
     sample: dict = {"mode": mode, "loadavg": bl.loadavg()}
     own = {os.getpid()}
     lab = nginx_lab.start_nginx(workdir / "nginx", args.body_size)
     (worker,) = lab.workers
-    conns, secs, threads = args.wrk_connections, args.seconds, args.wrk_threads
     try:
         if mode == "none":
             worker_cpu0 = bl.process_cpu_seconds(worker)
             with bl.ForeignProbeMonitor(own) as monitor:
-                wrk = nginx_lab.run_wrk(lab.url, conns, secs, workdir, threads)
+                wrk = measured_wrk(lab.url, args, workdir, sample)
             worker_cpu1 = bl.process_cpu_seconds(worker)
         else:
             output = workdir / "capture.jsonl"
@@ -167,7 +185,7 @@ def one_sample(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
                 cpu_before_wrk = agent.cpu_seconds()
                 worker_cpu0 = bl.process_cpu_seconds(worker)
                 with bl.ForeignProbeMonitor(own) as monitor:
-                    wrk = nginx_lab.run_wrk(lab.url, conns, secs, workdir, threads)
+                    wrk = measured_wrk(lab.url, args, workdir, sample)
                 worker_cpu1 = bl.process_cpu_seconds(worker)
                 cpu_after_wrk = agent.cpu_seconds()
                 sample["agent_backlog_s"] = wait_until_idle(agent.proc.pid, args.idle_limit)
@@ -219,6 +237,7 @@ def one_sample(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
         served=served,
         log_req_per_s=served / wrk.duration_s,
         nginx_worker_us_per_req=(worker_cpu1 - worker_cpu0) / served * 1e6 if served else None,
+        wrk_us_per_req=sample["wrk_cpu_s"] / served * 1e6 if served else None,
         foreign=sorted(monitor.seen),
         contaminated=bool(monitor.seen),
     )
@@ -288,6 +307,8 @@ def summarize(samples: list[dict], modes: list[str]) -> dict:
             "log_req_per_s": med("log_req_per_s"),
             "ratio_to_none": med("ratio_to_none"),
             "nginx_worker_us_per_req": med("nginx_worker_us_per_req"),
+            "wrk_us_per_req": med("wrk_us_per_req"),
+            "host_busy": med("host_busy"),
         }
         if m != "none":
             row["agent_us_per_req"] = med("agent_us_per_req")
@@ -310,6 +331,10 @@ def summarize(samples: list[dict], modes: list[str]) -> dict:
 
 def fmt(x: float | None, spec: str = ".0f") -> str:
     return "-" if x is None or x != x else format(x, spec)
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def ring_peak(stats: dict) -> str:
@@ -346,7 +371,8 @@ def print_table(result: dict) -> None:
     )
     head = (
         f"{'rnd':>3} {'mode':<9} {'wrk req/s':>9} {'log req/s':>9} {'ratio':>5} "
-        f"{'agent us/req':>12} {'(wrk win)':>9} {'nginx us/req':>12} {'lost':>8} "
+        f"{'agent us/req':>12} {'(wrk win)':>9} {'nginx us/req':>12} {'wrk us/req':>10} "
+        f"{'host busy':>9} {'lost':>8} "
         f"{'k_lost':>8} {'ring peak':>9} {'backlog s':>9} {'exch nginx/served':>18} "
         f"{'exch wrk/wrk reqs':>18}"
     )
@@ -363,6 +389,7 @@ def print_table(result: dict) -> None:
             f"{fmt(s.get('agent_us_per_req'), '.1f'):>12} "
             f"{fmt(s.get('agent_us_per_req_wrk_window'), '.1f'):>9} "
             f"{fmt(s['nginx_worker_us_per_req'], '.1f'):>12} "
+            f"{fmt(s.get('wrk_us_per_req'), '.1f'):>10} {pct(s.get('host_busy')):>9} "
             f"{fmt(st.get('lost')):>8} {fmt(st.get('kernel_lost_events')):>8} "
             f"{ring_peak(st):>9} {fmt(s.get('agent_backlog_s'), '.1f'):>9} {srv:>18} {cli:>18}"
             + ("  CONTAMINATED" if s["contaminated"] else "")
@@ -372,7 +399,8 @@ def print_table(result: dict) -> None:
         line = (
             f"  {m:<9} wrk {v['wrk_req_per_s']:.0f} req/s, log {v['log_req_per_s']:.0f} req/s, "
             f"ratio {fmt(v['ratio_to_none'], '.2f')}, "
-            f"nginx {fmt(v['nginx_worker_us_per_req'], '.1f')} us/req"
+            f"nginx {fmt(v['nginx_worker_us_per_req'], '.1f')} us/req, "
+            f"wrk {fmt(v['wrk_us_per_req'], '.1f')} us/req, host busy {pct(v['host_busy'])}"
         )
         if m != "none":
             line += (
