@@ -517,11 +517,13 @@ def running_agent_command(
     run_args: list[str],
     command: AgentCommand | None = None,
     ready_timeout: float = 90.0,
+    bpf_dir: Path | None = None,
 ) -> Iterator[AgentRun]:
     """`tlscap run --ready-file … RUN_ARGS` (any output) until the with-block ends.
 
     Like running_agent, for callers that choose the output and the tlscap to run.
     `AgentRun.output` is workdir/capture.jsonl: pass it in run_args if it is wanted.
+    bpf_dir: a modified copy of bpf/ (TLSCAP_BPF_DIR), as running_agent's.
     """
     command = command or AgentCommand()
     output = workdir / "capture.jsonl"
@@ -530,6 +532,8 @@ def running_agent_command(
         p.unlink(missing_ok=True)
     cmd = [*command.argv(), "run", "--ready-file", str(ready), *run_args]
     env = dict(os.environ)
+    if bpf_dir is not None:
+        env["TLSCAP_BPF_DIR"] = str(bpf_dir)
     cwd = REPO
     if command.pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(

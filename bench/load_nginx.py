@@ -7,6 +7,10 @@ Modes, run round-robin in one run (the order rotates every round):
   raw_none   tlscap run --comm nginx --comm wrk --l7 off --output none
   l7_jsonl_w2, raw_none_w2   the same with --workers 2 (the pipeline in two processes;
              the agent's CPU is then its own and its workers')
+  probes_only  raw_none on bpf_variants.py's `no_emit` copy of bpf/: every probe fires
+             and tracks its call, but no call reaches the ring, so the agent has
+             nothing to do.  Not a capture: the floor any capture's probes put under
+             nginx and wrk, whatever the agent costs.
 
 Per sample: nginx started, then the agent (ready file waited for), then
 `wrk -t1 -c<N> -d<S>` with a unique target per request (tests/ebpf/nginx_lab.py).
@@ -33,10 +37,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl
+import bpf_variants
 
 from tests.ebpf import nginx_lab
 
-MODES = ("none", "l7_jsonl", "raw_none", "l7_jsonl_w2", "raw_none_w2")
+MODES = ("none", "l7_jsonl", "raw_none", "l7_jsonl_w2", "raw_none_w2", "probes_only")
 DEFAULT_MODES = ("none", "l7_jsonl", "raw_none")
 COMMS = ["--comm", "nginx", "--comm", "wrk"]
 # /metrics names of the stats keys reported here (agent/health/metrics.py).
@@ -126,7 +131,7 @@ def agent_run_args(mode: str, output: Path, health_port: int) -> list[str]:
         return [*agent_run_args(mode[:-3], output, health_port), "--workers", "2"]
     if mode == "l7_jsonl":
         return [*COMMS, "--output", "jsonl", "--output-file", str(output), *health]
-    if mode == "raw_none":
+    if mode in ("raw_none", "probes_only"):
         return [*COMMS, "--l7", "off", "--output", "none", *health]
     raise ValueError(mode)
 
@@ -179,7 +184,9 @@ def one_sample(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
             output = workdir / "capture.jsonl"
             health_port = nginx_lab.free_port()
             run_args = [*agent_run_args(mode, output, health_port), *args.agent_arg]
-            with bl.running_agent_command(workdir, run_args, args.command) as agent:
+            bpf_dir = bpf_variants.build_variant("no_emit") if mode == "probes_only" else None
+            launch = bl.running_agent_command(workdir, run_args, args.command, bpf_dir=bpf_dir)
+            with launch as agent:
                 own.add(agent.proc.pid)
                 own.update(bl.child_pids(agent.proc.pid))  # --workers: its capture workers
                 cpu_before_wrk = agent.cpu_seconds()
