@@ -150,7 +150,7 @@ def bench_pipeline(mode: str, out_path: Path) -> tuple[EventPipeline, L7Stage | 
         sinks.append(JsonlSink.open(str(out_path)))
     l7 = L7Stage(L7Options()) if mode == "jsonl_l7" else None
     writer = RecordWriter(sinks, "bench-agent", "bench-node", None, l7)
-    flows = FlowTable(resolver=_NoProc(), mono_to_wall=lambda ns: ns)
+    flows = FlowTable(resolver=_NoProc(), mono_to_wall=_wall_clock())
     pipeline = EventPipeline(writer, flows, on_exec=lambda pid: None, register_socket=print)
     return pipeline, l7
 
@@ -227,6 +227,16 @@ def run_workers(
         raise bl.BenchError(f"workers handled {summary['events']} of {events} events: {summary}")
     return {"events": events, "cpu_s": cpu, "wall_s": wall,
             "exchanges": summary.get("l7_exchanges", 0)}  # fmt: skip
+
+
+def _wall_clock():
+    """The agent's kind of clock (a WallClock, which the flow table's C step adds
+    itself), at offset 0; a plain function in an older checkout (PYTHONPATH=...)."""
+    try:
+        from agent.flows.connection import WallClock
+    except ImportError:
+        return lambda ns: ns
+    return WallClock(0)
 
 
 class _NoProc:

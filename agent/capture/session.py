@@ -30,7 +30,7 @@ from agent.capture.pipeline import EventPipeline
 from agent.capture.shards import ShardRouter
 from agent.capture.workers import PipelineWorker, WorkerPool
 from agent.events.ring import RingBatch
-from agent.flows.connection import KernelRegistration
+from agent.flows.connection import KernelRegistration, WallClock
 from agent.flows.resolve import SocketResolver
 from agent.flows.table import FlowTable
 from agent.health.liveness import Liveness
@@ -81,10 +81,9 @@ class CaptureOptions:
         )
 
 
-def mono_to_wall_clock() -> Callable[[int], int]:
+def mono_to_wall_clock() -> WallClock:
     """Kernel timestamps are CLOCK_MONOTONIC; records carry wall-clock ns."""
-    offset = time.time_ns() - time.monotonic_ns()
-    return lambda mono_ns: mono_ns + offset
+    return WallClock(time.time_ns() - time.monotonic_ns())
 
 
 def pids_with_comm(comms: Iterable[str], proc_root: str = "/proc") -> list[int]:

@@ -7,11 +7,15 @@
  * around it, that was ~9k CPU instructions per event, most of the agent's cost with
  * no output at all.  Here it is one C loop over a batch's decoded events.
  *
- * KnownCalls(by_fd, wall, for_call, tls_call_type)
+ * KnownCalls(by_fd, wall, for_call, tls_call_type, conn_type, socket_type, wall_offset=None)
  *   by_fd     FlowTable._by_fd: (tgid, fd) -> Connection;
  *   wall      monotonic ns -> wall-clock ns;
  *   for_call  Record.for_call;
- *   tls_call_type  agent.events.decode.TlsCall (its layout is _tls_call.h's).
+ *   tls_call_type  agent.events.decode.TlsCall (its layout is _tls_call.h's);
+ *   conn_type, socket_type  Connection and KernelSocket, whose fields this reads and
+ *             writes by slot;
+ *   wall_offset  an int when `wall` is mono_ns + it (a WallClock): added here instead
+ *             of a call into Python per record.
  *
  * known.take(conn, call, fd) -> Record
  *   The connection's side of a call (last use, comm, cgroup, the offset its direction
@@ -33,28 +37,71 @@
 #include <Python.h>
 
 #include <stddef.h>
+#include <structmember.h>
 
 #include "../events/_tls_call.h"
 
-static PyObject *s_last_used, *s_comm, *s_cgroup_id, *s_next_offset, *s_conn_id, *s_local,
-    *s_remote, *s_role, *s_gen, *s_held;
+/* The Connection fields (agent/flows/connection.py) this step reads or writes: by
+ * slot, where PyObject_GetAttr and PyObject_SetAttr find the member descriptor by
+ * name each time (~120 instructions each, ten per call). */
+#define CONN_FIELDS(X)                                                                         \
+    X(conn_id) X(gen) X(comm) X(local) X(remote) X(role) X(cgroup_id) X(next_offset)           \
+    X(last_used) X(held)
+#define CONN_AS_INDEX(name) K_##name,
+#define CONN_AS_NAME(name) #name,
+enum { CONN_FIELDS(CONN_AS_INDEX) N_CONN_FIELDS };
+static const char *conn_field_names[N_CONN_FIELDS] = {CONN_FIELDS(CONN_AS_NAME)};
 
 typedef struct {
     PyObject_HEAD
     PyObject *by_fd;
     PyObject *wall;
+    PyObject *wall_offset; /* an int: wall = mono + it, without calling `wall`; or NULL */
     PyObject *for_call;
     PyTypeObject *tls_call_type;
+    PyTypeObject *conn_type;
+    PyTypeObject *socket_type;
+    Py_ssize_t conn_at[N_CONN_FIELDS]; /* each field's offset in a Connection */
+    Py_ssize_t socket_gen_at;          /* KernelSocket.gen's */
 } KnownCalls;
+
+/* The offset of the object slot `name` of `type` (a class with __slots__, as
+ * dataclass(slots=True) makes): a member descriptor, looked up on its class, gives
+ * itself back.  As agent/sinks/_json_lines.c's slot_offset(). */
+static int
+slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *at)
+{
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
+    if (descr == NULL)
+        return -1;
+    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type);
+    if (ok) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        ok = member->type == T_OBJECT_EX && !(member->flags & READONLY) &&
+             member->offset >= (Py_ssize_t)sizeof(PyObject) &&
+             member->offset <= type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *);
+        *at = member->offset;
+    }
+    Py_DECREF(descr);
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "KnownCalls: %s.%s is not an object slot", type->tp_name,
+                     name);
+        return -1;
+    }
+    return 0;
+}
 
 static int
 KnownCalls_init(KnownCalls *self, PyObject *args, PyObject *kwargs)
 {
-    PyObject *by_fd, *wall, *for_call;
-    PyTypeObject *type;
-    static char *names[] = {"by_fd", "wall", "for_call", "tls_call_type", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!:KnownCalls", names, &PyDict_Type,
-                                     &by_fd, &wall, &for_call, &PyType_Type, &type))
+    PyObject *by_fd, *wall, *for_call, *wall_offset = Py_None;
+    PyTypeObject *type, *conn_type, *socket_type;
+    static char *names[] = {"by_fd",     "wall",        "for_call", "tls_call_type",
+                            "conn_type", "socket_type", "wall_offset", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!O!O!|O:KnownCalls", names,
+                                     &PyDict_Type, &by_fd, &wall, &for_call, &PyType_Type, &type,
+                                     &PyType_Type, &conn_type, &PyType_Type, &socket_type,
+                                     &wall_offset))
         return -1;
     if (strcmp(type->tp_name, TLS_CALL_TYPE_NAME) != 0 ||
         type->tp_basicsize != (Py_ssize_t)sizeof(TlsCall)) {
@@ -62,93 +109,146 @@ KnownCalls_init(KnownCalls *self, PyObject *args, PyObject *kwargs)
                      TLS_CALL_TYPE_NAME);
         return -1;
     }
+    if (wall_offset != Py_None && !PyLong_CheckExact(wall_offset)) {
+        PyErr_SetString(PyExc_TypeError, "wall_offset must be an int or None");
+        return -1;
+    }
+    for (int k = 0; k < N_CONN_FIELDS; k++)
+        if (slot_offset(conn_type, conn_field_names[k], &self->conn_at[k]) < 0)
+            return -1;
+    if (slot_offset(socket_type, "gen", &self->socket_gen_at) < 0)
+        return -1;
     Py_XSETREF(self->by_fd, Py_NewRef(by_fd));
     Py_XSETREF(self->wall, Py_NewRef(wall));
+    Py_XSETREF(self->wall_offset, wall_offset == Py_None ? NULL : Py_NewRef(wall_offset));
     Py_XSETREF(self->for_call, Py_NewRef(for_call));
     Py_XSETREF(self->tls_call_type, (PyTypeObject *)Py_NewRef(type));
+    Py_XSETREF(self->conn_type, (PyTypeObject *)Py_NewRef(conn_type));
+    Py_XSETREF(self->socket_type, (PyTypeObject *)Py_NewRef(socket_type));
     return 0;
 }
 
-/* `value` if true, else conn.<attr> kept: conn.<attr> = value or conn.<attr>. */
-static int
-set_if_true(PyObject *conn, PyObject *attr, PyObject *value)
+static inline PyObject **
+conn_slot(KnownCalls *self, PyObject *conn, int k)
 {
-    int truth = PyObject_IsTrue(value);
-    return truth <= 0 ? truth : PyObject_SetAttr(conn, attr, value);
+    return (PyObject **)((char *)conn + self->conn_at[k]);
 }
 
-/* `next_offset`: conn.next_offset when the caller has it already, else NULL. */
+/* conn.<field> (borrowed), or NULL with AttributeError as the member descriptor
+ * would raise for a slot never set. */
 static PyObject *
-take(KnownCalls *self, PyObject *conn, TlsCall *call, PyObject *fd, PyObject *next_offset)
+conn_get(KnownCalls *self, PyObject *conn, int k)
 {
-    if (PyObject_SetAttr(conn, s_last_used, call->ts_mono_ns) < 0 ||
-        set_if_true(conn, s_comm, call->comm) < 0 ||
-        set_if_true(conn, s_cgroup_id, call->cgroup_id) < 0)
+    PyObject *value = *conn_slot(self, conn, k);
+    if (value == NULL)
+        PyErr_Format(PyExc_AttributeError, "'%.50s' object has no attribute '%s'",
+                     Py_TYPE(conn)->tp_name, conn_field_names[k]);
+    return value;
+}
+
+static inline void
+conn_set(KnownCalls *self, PyObject *conn, int k, PyObject *value)
+{
+    Py_XSETREF(*conn_slot(self, conn, k), Py_NewRef(value));
+}
+
+/* conn.<field> = value or conn.<field>. */
+static int
+set_if_true(KnownCalls *self, PyObject *conn, int k, PyObject *value)
+{
+    int truth = PyObject_IsTrue(value);
+    if (truth > 0)
+        conn_set(self, conn, k, value);
+    return truth < 0 ? -1 : 0;
+}
+
+/* `conn` must be a Connection (conn_type itself). */
+static PyObject *
+take(KnownCalls *self, PyObject *conn, TlsCall *call, PyObject *fd)
+{
+    conn_set(self, conn, K_last_used, call->ts_mono_ns);
+    if (set_if_true(self, conn, K_comm, call->comm) < 0 ||
+        set_if_true(self, conn, K_cgroup_id, call->cgroup_id) < 0)
         return NULL;
-    next_offset = next_offset ? Py_NewRef(next_offset) : PyObject_GetAttr(conn, s_next_offset);
+    PyObject *next_offset = conn_get(self, conn, K_next_offset);
     if (next_offset == NULL)
         return NULL;
+    Py_INCREF(next_offset);
     PyObject *end = PyNumber_Add(call->offset, call->len);
     int err = end == NULL || PyObject_SetItem(next_offset, call->direction, end) < 0;
     Py_XDECREF(end);
     Py_DECREF(next_offset);
     if (err)
         return NULL;
-    PyObject *args[7] = {(PyObject *)call, NULL, NULL, fd, NULL, NULL, NULL};
+    PyObject *ts_ns = self->wall_offset ? PyNumber_Add(call->ts_mono_ns, self->wall_offset)
+                                        : PyObject_CallOneArg(self->wall, call->ts_mono_ns);
+    if (ts_ns == NULL)
+        return NULL;
+    /* Read after `wall`, which may be any Python code; held while for_call runs. */
+    PyObject *args[7] = {(PyObject *)call, ts_ns, NULL, fd, NULL, NULL, NULL};
+    static const int from_conn[][2] = {{2, K_conn_id}, {4, K_local}, {5, K_remote}, {6, K_role}};
     PyObject *record = NULL;
-    if ((args[1] = PyObject_CallOneArg(self->wall, call->ts_mono_ns)) != NULL &&
-        (args[2] = PyObject_GetAttr(conn, s_conn_id)) != NULL &&
-        (args[4] = PyObject_GetAttr(conn, s_local)) != NULL &&
-        (args[5] = PyObject_GetAttr(conn, s_remote)) != NULL &&
-        (args[6] = PyObject_GetAttr(conn, s_role)) != NULL)
+    int k = 0;
+    for (; k < 4; k++) {
+        PyObject *value = conn_get(self, conn, from_conn[k][1]);
+        if (value == NULL)
+            break;
+        args[from_conn[k][0]] = Py_NewRef(value);
+    }
+    if (k == 4)
         record = PyObject_Vectorcall(self->for_call, args, 7, NULL);
-    for (int k = 1; k < 7; k++)
-        if (k != 3)
-            Py_XDECREF(args[k]);
+    Py_DECREF(ts_ns);
+    while (k-- > 0)
+        Py_DECREF(args[from_conn[k][0]]);
     return record;
 }
 
 static PyObject *
 KnownCalls_take(KnownCalls *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || Py_TYPE(args[1]) != self->tls_call_type) {
-        PyErr_SetString(PyExc_TypeError, "take(conn, call, fd) with a TlsCall");
+    if (nargs != 3 || Py_TYPE(args[0]) != self->conn_type ||
+        Py_TYPE(args[1]) != self->tls_call_type) {
+        PyErr_SetString(PyExc_TypeError, "take(conn, call, fd) with a Connection and a TlsCall");
         return NULL;
     }
-    return take(self, args[0], (TlsCall *)args[1], args[2], NULL);
+    return take(self, args[0], (TlsCall *)args[1], args[2]);
 }
 
-/* 1: `call` takes the short way (its connection in *conn and the connection's
- * next_offset in *offsets, new references, for take()); 0: it goes to on_call; -1: an
- * error. */
-static int
-on_known_connection(KnownCalls *self, TlsCall *call, PyObject **conn, PyObject **offsets)
+/* The connection (a new reference) if `call` takes the short way; NULL if it goes
+ * to on_call (no error set) or on an error. */
+static PyObject *
+known_connection(KnownCalls *self, TlsCall *call)
 {
-    *conn = *offsets = NULL;
     long long chunk_off = PyLong_AsLongLong(call->chunk_off);
     Py_ssize_t have = PyObject_Length(call->data);
     Py_ssize_t captured = PyLong_AsSsize_t(call->captured_len);
     long fd = PyLong_AsLong(call->fd);
     if (PyErr_Occurred() || have < 0)
-        return -1;
-    if (chunk_off != 0 || have < captured || fd < 0)
-        return 0;
+        return NULL;
+    /* Another socket type than the decoder's: on_call's (it reads any .gen). */
+    if (chunk_off != 0 || have < captured || fd < 0 || Py_TYPE(call->socket) != self->socket_type)
+        return NULL;
     PyObject *key = PyTuple_Pack(2, call->tgid, call->fd);
     if (key == NULL)
-        return -1;
-    PyObject *found = PyDict_GetItemWithError(self->by_fd, key); /* borrowed */
+        return NULL;
+    PyObject *conn = PyDict_GetItemWithError(self->by_fd, key); /* borrowed */
     Py_DECREF(key);
-    if (found == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    Py_INCREF(found);
+    if (conn == NULL || Py_TYPE(conn) != self->conn_type)
+        return NULL;
+    Py_INCREF(conn);
     /* The same socket (a call's generation 0: the kernel did not know it), not
-     * holding, and no offset jump (on_call counts those). */
-    PyObject *gen = PyObject_GetAttr(call->socket, s_gen), *conn_gen = NULL, *held = NULL,
-             *next_offset = NULL, *expected = NULL;
+     * holding, and no offset jump (on_call counts those).  What the comparisons use
+     * is held: they may run Python code. */
+    PyObject *gen = Py_XNewRef(*(PyObject **)((char *)call->socket + self->socket_gen_at)),
+             *conn_gen = NULL, *held, *next_offset = NULL, *expected = NULL;
     int verdict = -1;
-    if (gen == NULL || (conn_gen = PyObject_GetAttr(found, s_gen)) == NULL ||
-        (held = PyObject_GetAttr(found, s_held)) == NULL ||
-        (next_offset = PyObject_GetAttr(found, s_next_offset)) == NULL ||
+    if (gen == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the call's socket has no gen");
+        goto done;
+    }
+    if ((conn_gen = Py_XNewRef(conn_get(self, conn, K_gen))) == NULL ||
+        (held = conn_get(self, conn, K_held)) == NULL ||
+        (next_offset = Py_XNewRef(conn_get(self, conn, K_next_offset))) == NULL ||
         (expected = PyObject_GetItem(next_offset, call->direction)) == NULL)
         goto done;
     int unknown = PyObject_Not(gen), same = PyObject_RichCompareBool(gen, conn_gen, Py_EQ);
@@ -159,16 +259,11 @@ on_known_connection(KnownCalls *self, TlsCall *call, PyObject **conn, PyObject *
 done:
     Py_XDECREF(gen);
     Py_XDECREF(conn_gen);
-    Py_XDECREF(held);
+    Py_XDECREF(next_offset);
     Py_XDECREF(expected);
-    if (verdict == 1) {
-        *conn = found;
-        *offsets = next_offset;
-    } else {
-        Py_DECREF(found);
-        Py_XDECREF(next_offset);
-    }
-    return verdict;
+    if (verdict != 1)
+        Py_CLEAR(conn);
+    return conn;
 }
 
 static PyObject *
@@ -190,15 +285,14 @@ KnownCalls_records(KnownCalls *self, PyObject *const *args, Py_ssize_t nargs)
         if (Py_TYPE(event) != self->tls_call_type)
             break;
         TlsCall *call = (TlsCall *)event;
-        PyObject *conn, *offsets;
-        int known = on_known_connection(self, call, &conn, &offsets);
-        if (known < 0)
-            return NULL;
-        if (!known)
+        PyObject *conn = known_connection(self, call);
+        if (conn == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
             break;
-        PyObject *record = take(self, conn, call, call->fd, offsets);
+        }
+        PyObject *record = take(self, conn, call, call->fd);
         Py_DECREF(conn);
-        Py_DECREF(offsets);
         if (record == NULL)
             return NULL;
         int appended = PyList_Append(out, record);
@@ -214,8 +308,11 @@ KnownCalls_traverse(KnownCalls *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->by_fd);
     Py_VISIT(self->wall);
+    Py_VISIT(self->wall_offset);
     Py_VISIT(self->for_call);
     Py_VISIT(self->tls_call_type);
+    Py_VISIT(self->conn_type);
+    Py_VISIT(self->socket_type);
     return 0;
 }
 
@@ -224,8 +321,11 @@ KnownCalls_clear(KnownCalls *self)
 {
     Py_CLEAR(self->by_fd);
     Py_CLEAR(self->wall);
+    Py_CLEAR(self->wall_offset);
     Py_CLEAR(self->for_call);
     Py_CLEAR(self->tls_call_type);
+    Py_CLEAR(self->conn_type);
+    Py_CLEAR(self->socket_type);
     return 0;
 }
 
@@ -266,14 +366,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__known_calls(void)
 {
-    struct { PyObject **where; const char *text; } strings[] = {
-        {&s_last_used, "last_used"}, {&s_comm, "comm"}, {&s_cgroup_id, "cgroup_id"},
-        {&s_next_offset, "next_offset"}, {&s_conn_id, "conn_id"}, {&s_local, "local"},
-        {&s_remote, "remote"}, {&s_role, "role"}, {&s_gen, "gen"}, {&s_held, "held"},
-    };
-    for (size_t k = 0; k < sizeof strings / sizeof strings[0]; k++)
-        if ((*strings[k].where = PyUnicode_InternFromString(strings[k].text)) == NULL)
-            return NULL;
     if (PyType_Ready(&KnownCallsType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -1,10 +1,11 @@
 """What the flow table keeps, and what it asks of the world outside it.
 
 A Connection is one TLS connection as the table follows it; FlowStats its
-counters.  The table asks the shell for two things: a socket's endpoints from
-/proc when the kernel did not see it made (SocketLookup, agent/flows/resolve.py
-answers), and that the kernel track a socket it found that way
-(KernelRegistration, carried out by agent/probes/bpf_program.py).
+counters.  The table turns kernel time into wall-clock time with the clock it is
+given (a WallClock in the agent).  It asks the shell for two things: a socket's
+endpoints from /proc when the kernel did not see it made (SocketLookup,
+agent/flows/resolve.py answers), and that the kernel track a socket it found that
+way (KernelRegistration, carried out by agent/probes/bpf_program.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ class SocketFacts(Protocol):
 
 class SocketLookup(Protocol):
     def resolve(self, pid: int, fd: int) -> SocketFacts | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WallClock:
+    """Kernel time (CLOCK_MONOTONIC ns) to wall-clock ns by a fixed offset.
+
+    Any callable does as the flow table's clock; this one the table's C step for
+    known connections (agent/flows/_known_calls.c) adds itself, where another costs
+    it a call into Python per record."""
+
+    offset: int
+
+    def __call__(self, mono_ns: int) -> int:
+        return mono_ns + self.offset
 
 
 @dataclass(frozen=True)

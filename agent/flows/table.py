@@ -32,6 +32,7 @@ from agent.flows.connection import (
     KernelRegistration,
     SocketFacts,
     SocketLookup,
+    WallClock,
 )
 from agent.flows.sweep import Sweeper
 from agent.records.record import Record
@@ -77,7 +78,10 @@ class FlowTable:
         self._by_fd: dict[tuple[int, int], Connection] = {}
         # A call on a connection already followed: its step (offsets, the record) in
         # C, for on_call and, a batch's run of such calls at a time, for the pipeline.
-        self._known = KnownCalls(self._by_fd, mono_to_wall, Record.for_call, TlsCall)
+        self._known = KnownCalls(
+            self._by_fd, mono_to_wall, Record.for_call, TlsCall, Connection, KernelSocket,
+            mono_to_wall.offset if type(mono_to_wall) is WallClock else None,
+        )  # fmt: skip
         self._by_ssl: dict[tuple[int, int], Connection] = {}
         self._user_gens = itertools.count(1)
         # Sockets adopted at start-up, by (tgid, fd): a call that was already in

@@ -27,6 +27,9 @@ static PyObject *interned_names[N_FIELDS];
 /* The default of each field; NULL: required (type, ts_ns), or made per Record
  * (redactions: a new list, stats: a new dict). */
 static PyObject *defaults[N_FIELDS];
+/* Field numbers, each list ended by -1: every field, and those for_call does not
+ * set (PyInit__record fills both). */
+static signed char all_fields[N_FIELDS + 1], call_defaulted[N_FIELDS + 1];
 
 static int Record_traverse(RecordObject *self, visitproc visit, void *arg) {
     for (int k = 0; k < N_FIELDS; k++)
@@ -43,7 +46,9 @@ static int Record_clear(RecordObject *self) {
 static void Record_dealloc(RecordObject *self) {
     PyObject_GC_UnTrack(self);
     Py_TRASHCAN_BEGIN(self, Record_dealloc)
-    Record_clear(self);
+    /* Not Record_clear: no field is read again, so none needs setting to NULL. */
+    for (int k = 0; k < N_FIELDS; k++)
+        Py_XDECREF(self->slot[k]);
     Py_TYPE(self)->tp_free((PyObject *)self);
     Py_TRASHCAN_END
 }
@@ -58,10 +63,12 @@ static int field_index(PyObject *key) {
     return -1;
 }
 
-/* Every field not given its default (a new list and dict for redactions and
- * stats); -1 with TypeError if a required one (type, ts_ns) was not given. */
-static int fill_defaults(RecordObject *self) {
-    for (int k = 0; k < N_FIELDS; k++) {
+/* Every field of `fields` not given its default (a new list and dict for
+ * redactions and stats); -1 with TypeError if a required one (type, ts_ns) was not
+ * given.  `fields`: every field (all_fields), or those a constructor leaves unset. */
+static int fill_defaults(RecordObject *self, const signed char *fields) {
+    for (; *fields >= 0; fields++) {
+        int k = *fields;
         if (self->slot[k] != NULL)
             continue;
         if (defaults[k] != NULL)
@@ -110,7 +117,7 @@ static PyObject *Record_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
             self->slot[k] = Py_NewRef(value);
         }
     }
-    if (fill_defaults(self) == 0)
+    if (fill_defaults(self, all_fields) == 0)
         return (PyObject *)self;
 fail:
     Py_DECREF(self);
@@ -149,44 +156,57 @@ PyDoc_STRVAR(for_call_doc,
 "and truncated from its data, the rest given (the connection's), every other\n"
 "field at its default.");
 
+/* The fields for_call sets from its arguments (the call's: call_to_record). */
+static const int call_given[] = {F_ts_ns, F_conn_id, F_fd, F_local, F_remote, F_role};
+
 static PyObject *for_call(PyTypeObject *cls, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7) {
         PyErr_Format(PyExc_TypeError, "for_call takes 7 arguments (%zd given)", nargs);
         return NULL;
     }
-    RecordObject *self = (RecordObject *)cls->tp_alloc(cls, 0);
-    if (self == NULL)
-        return NULL;
     if (!is_tls_call(args[0])) {
         PyErr_Format(PyExc_TypeError, "for_call needs a TlsCall, not %.100s",
                      Py_TYPE(args[0])->tp_name);
-        goto fail;
+        return NULL;
     }
     TlsCall *call = (TlsCall *)args[0];
+    RecordObject *self = (RecordObject *)cls->tp_alloc(cls, 0);
+    if (self == NULL)
+        return NULL;
+    /* Every slot is NULL yet: plain stores. */
     for (size_t k = 0; k < sizeof(call_to_record) / sizeof(call_to_record[0]); k++) {
         PyObject *value = call->slot[call_to_record[k][0]];
         if (value == NULL) {
             PyErr_Format(PyExc_AttributeError, "the TlsCall has no %s", field_names[call_to_record[k][1]]);
             goto fail;
         }
-        Py_XSETREF(self->slot[call_to_record[k][1]], Py_NewRef(value));
+        self->slot[call_to_record[k][1]] = Py_NewRef(value);
     }
-    const int given[] = {F_ts_ns, F_conn_id, F_fd, F_local, F_remote, F_role};
     for (int k = 0; k < 6; k++)
-        Py_XSETREF(self->slot[given[k]], Py_NewRef(args[k + 1]));
-    Py_XSETREF(self->type, Py_NewRef(s_data));
+        self->slot[call_given[k]] = Py_NewRef(args[k + 1]);
+    self->type = Py_NewRef(s_data);
     Py_ssize_t captured = PyObject_Length(self->data);
     if (captured < 0)
         goto fail;
-    PyObject *count = PyLong_FromSsize_t(captured);
-    if (count == NULL)
+    /* The call's captured_len is the count, nearly always: no new int then. */
+    Py_ssize_t said = call->captured_len && PyLong_CheckExact(call->captured_len)
+                          ? PyLong_AsSsize_t(call->captured_len) : -1;
+    if (said == -1 && PyErr_Occurred())
+        PyErr_Clear(); /* too big for a count: not this one */
+    self->captured_len = said == captured ? Py_NewRef(call->captured_len)
+                                          : PyLong_FromSsize_t(captured);
+    if (self->captured_len == NULL)
         goto fail;
-    Py_XSETREF(self->captured_len, count);
-    int truncated = PyObject_RichCompareBool(count, self->len, Py_LT);
+    /* captured < len: in C for an int that fits (the kernel's always does). */
+    int overflow = 1;
+    long long len = PyLong_CheckExact(self->len) ? PyLong_AsLongLongAndOverflow(self->len, &overflow)
+                                                 : 0;
+    int truncated = overflow == 0 ? captured < len
+                                  : PyObject_RichCompareBool(self->captured_len, self->len, Py_LT);
     if (truncated < 0)
         goto fail;
-    Py_XSETREF(self->truncated, Py_NewRef(truncated ? Py_True : Py_False));
-    if (fill_defaults(self) == 0)
+    self->truncated = Py_NewRef(truncated ? Py_True : Py_False);
+    if (fill_defaults(self, call_defaulted) == 0)
         return (PyObject *)self;
 fail:
     Py_DECREF(self);
@@ -230,7 +250,7 @@ static PyObject *for_exchange(PyTypeObject *cls, PyObject *const *args, Py_ssize
     self->ts_ns = Py_NewRef(args[1]);
     self->exchange = Py_NewRef(args[2]);
     self->protocol = protocol;
-    if (fill_defaults(self) == 0)
+    if (fill_defaults(self, all_fields) == 0)
         return (PyObject *)self;
     Py_DECREF(self);
     return NULL;
@@ -329,6 +349,18 @@ PyMODINIT_FUNC PyInit__record(void) {
         }
         PyTuple_SET_ITEM(names, k, Py_NewRef(interned_names[k]));
     }
+    int n_defaulted = 0;
+    for (int k = 0; k < N_FIELDS; k++) {
+        int set = k == F_type || k == F_captured_len || k == F_truncated;
+        for (size_t j = 0; j < sizeof(call_to_record) / sizeof(call_to_record[0]); j++)
+            set |= call_to_record[j][1] == k;
+        for (size_t j = 0; j < sizeof(call_given) / sizeof(call_given[0]); j++)
+            set |= call_given[j] == k;
+        all_fields[k] = (signed char)k;
+        if (!set)
+            call_defaulted[n_defaulted++] = (signed char)k;
+    }
+    all_fields[N_FIELDS] = call_defaulted[n_defaulted] = -1;
     s_data = PyUnicode_InternFromString("data");
     s_exchange = PyUnicode_InternFromString("exchange");
     if (s_data == NULL || s_exchange == NULL) {

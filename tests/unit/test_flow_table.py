@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from agent.flows._known_calls import KnownCalls
 
 from agent.events import layout
 from agent.events.calls import CallAssembler
-from agent.events.decode import SocketBound, SocketClosed, TlsCall, decode_event
-from agent.flows.connection import KernelRegistration
+from agent.events.decode import KernelSocket, SocketBound, SocketClosed, TlsCall, decode_event
+from agent.flows.connection import Connection, KernelRegistration, WallClock
 from agent.flows.table import MAX_HELD_PER_CONN, USER_GEN_BIT, FlowTable
 from agent.records.record import Endpoint, Record, Role
 from tests.unit.eventbuild import (
@@ -755,6 +756,67 @@ def test_stats_as_dict() -> None:
         "closes_recovered": 0,
         "sweep_reopened": 0,
     }
+
+
+# --- the step for calls on followed connections (agent/flows/_known_calls.c) ------------------
+
+
+def test_a_wall_clock_is_an_offset_that_the_c_step_adds_itself() -> None:
+    """A WallClock's offset is added in C, any other clock is called: the same records,
+    times past 64 bits too."""
+    assert WallClock(WALL_SHIFT)(5) == 5 + WALL_SHIFT
+    runs = []
+    for clock in (lambda ns: ns + WALL_SHIFT, WallClock(WALL_SHIFT)):
+        t = FlowTable(FakeResolver(PROC_FACTS), clock)
+        out = t.on_call(call(b"first", fd=7, ts_ns=10, socket=known()))
+        later = [
+            call(b"second", fd=7, ts_ns=20, offset=5, socket=known()),
+            call(b"third", fd=7, ts_ns=2**64 - 1, offset=11, socket=known()),
+        ]
+        assert t.on_known_calls(later, 0, out) == 2
+        out += t.on_call(call(b"fourth", fd=7, ts_ns=30, offset=16, socket=known()))
+        runs.append([r.to_json() for r in out])
+    assert runs[0] == runs[1]
+    ts = [10, 10, 20, 2**64 - 1, 30]
+    assert [r["ts_ns"] for r in runs[1]] == [t + WALL_SHIFT for t in ts]
+
+
+def test_the_c_step_moves_the_connection_on_in_its_slots() -> None:
+    t, _ = table()
+    t.on_call(call(b"first", fd=7, ts_ns=10, comm=b"curl", cgroup_id=5, socket=known()))
+    conn = t._by_fd[(TGID, 7)]
+    out: list[Record] = []
+    later = [
+        call(b"second", fd=7, ts_ns=20, offset=5, comm=b"curl-2", cgroup_id=6, socket=known()),
+        # No comm, no cgroup: the connection keeps its own.
+        call(b"in", fd=7, ts_ns=30, comm=b"", cgroup_id=0, direction=layout.DIR_INGRESS,
+             socket=known()),
+    ]  # fmt: skip
+    assert t.on_known_calls(later, 0, out) == 2
+    assert (conn.last_used, conn.comm, conn.cgroup_id) == (30, "curl-2", 6)
+    assert conn.next_offset == {"egress": 11, "ingress": 2}
+    assert [(r.conn_id, r.local, r.remote, r.role) for r in out] == [
+        (conn.conn_id, LOCAL, REMOTE, "client")
+    ] * 2
+    # A field never set fails as reading it in Python would.
+    del conn.role
+    with pytest.raises(AttributeError, match="role"):
+        t.on_known_calls([call(b"x", fd=7, ts_ns=40, offset=11, socket=known())], 0, out)
+
+
+def test_known_calls_takes_only_connections_with_their_fields_in_slots() -> None:
+    @dataclass
+    class Unslotted:
+        conn_id: str = ""
+
+    args = ({}, WallClock(0), Record.for_call, TlsCall)
+    with pytest.raises(TypeError, match="not an object slot"):
+        KnownCalls(*args, Unslotted, KernelSocket)
+    with pytest.raises(TypeError, match="wall_offset"):
+        KnownCalls(*args, Connection, KernelSocket, 1.5)
+    known_calls = KnownCalls(*args, Connection, KernelSocket, 0)
+    with pytest.raises(TypeError, match="Connection"):
+        known_calls.take(Unslotted(), call(socket=known()), 7)
 
 
 # --- bounds ----------------------------------------------------------------------------------
