@@ -47,6 +47,8 @@
 #include <string.h>
 #include <structmember.h>
 
+#include "_http1_api.h"
+
 #define MAX_HEAD (1 << 20) /* largest head or trailer section followed */
 #define MAX_METHOD 24      /* the longest method token taken for one */
 #define PREFIX_CHECKED 64  /* bytes of an unfinished line checked early */
@@ -91,11 +93,15 @@ typedef struct {
      * NULL: the next head's field with the same bytes is that same tuple (see
      * header_field).  NULL until a head has such a field. */
     PyObject **fields;
+    /* The reason phrase of the last response parsed here ("OK", mostly), or NULL: the
+     * next one with the same bytes is that str.  A reason carries no credential. */
+    PyObject *reason;
 } Framer;
 
 /* llhttp's HTTP methods, the common first: an unknown token is taken for garbage (a
  * resync on bytes that only look like a request line must fail), as it was there. */
 #define COMMON_METHODS 8
+enum { METHOD_HEAD = 3, METHOD_CONNECT = 7 }; /* in METHODS */
 static const char *const METHODS[] = {
     "GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE", "COPY",
     "LOCK", "MKCOL", "MOVE", "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND",
@@ -393,35 +399,58 @@ static char reusable[N_NAMES];
 /* indices in COMMON_NAMES by length, -1 after the last */
 static signed char names_by_len[MAX_NAME_LEN + 1][NAMES_PER_LEN + 1];
 
+/* Each common name as words: its bytes, zero-padded, each byte ORed with 0x20.  A
+ * name of the input (tchar bytes) ORed so is one of them exactly when it is that name
+ * in any case: 0x20 lowers A-Z and changes no byte of a common name ([a-z0-9-]), and
+ * the tchar it could come from otherwise is only that byte itself.  Eight bytes a
+ * compare: lower-casing a copy and comparing it was ~150 CPU instructions a field. */
+#define NAME_WORDS (MAX_NAME_LEN / 8)
+#define LOWER_BITS 0x2020202020202020ULL
+static uint64_t name_words[N_NAMES][NAME_WORDS];
+
+/* The index in COMMON_NAMES of the name p[:n] (tchar bytes), or -1. */
+static int common_index(const char *p, Py_ssize_t n) {
+    if (n > MAX_NAME_LEN || names_by_len[n][0] < 0)
+        return -1;
+    uint64_t w[NAME_WORDS] = {0};
+    memcpy(w, p, (size_t)n);
+    int words = (int)((n + 7) / 8);
+    for (int i = 0; i < words; i++)
+        w[i] |= LOWER_BITS;
+    for (int j = 0; names_by_len[n][j] >= 0; j++) {
+        const uint64_t *c = name_words[names_by_len[n][j]];
+        int i = 0;
+        while (i < words && w[i] == c[i])
+            i++;
+        if (i == words)
+            return names_by_len[n][j];
+    }
+    return -1;
+}
+
 /* The lower-case name; *common: its index in COMMON_NAMES, else -1. */
 static PyObject *lower_name(const char *p, Py_ssize_t n, int *common) {
     char small[128];
-    *common = -1;
+    *common = common_index(p, n);
+    if (*common >= 0)
+        return Py_NewRef(s_names[*common]);
     char *buf = n <= (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)n);
     if (buf == NULL)
         return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < n; i++)
         buf[i] = (p[i] >= 'A' && p[i] <= 'Z') ? (char)(p[i] - 'A' + 'a') : p[i];
-    for (int j = 0; n <= MAX_NAME_LEN && names_by_len[n][j] >= 0; j++) {
-        int k = names_by_len[n][j];
-        if (memcmp(COMMON_NAMES[k], buf, (size_t)n) == 0) {
-            *common = k;
-            return Py_NewRef(s_names[k]);
-        }
-    }
     PyObject *name = PyUnicode_DecodeLatin1(buf, n, NULL);
     if (buf != small)
         PyMem_Free(buf);
     return name;
 }
 
-/* One header field from its line and the obs-fold lines after it (`lines` lines
- * starting at p, `n` bytes with their line ends).  The joined value is built in
+/* One header field from its line (first_n bytes with its line end, len without) and
+ * the obs-fold lines after it (n bytes in all).  The joined value is built in
  * `scratch` (room for n bytes) only when there are folds. */
-static PyObject *header_field(const char *p, Py_ssize_t n, Py_ssize_t name_len, char *scratch,
-                              Framing *f, Framer *cache, const char **why) {
-    Py_ssize_t first_n = (const char *)memchr(p, '\n', (size_t)n) - p + 1;
-    Py_ssize_t len = line_content(p, first_n);
+static PyObject *header_field(const char *p, Py_ssize_t n, Py_ssize_t first_n, Py_ssize_t len,
+                              Py_ssize_t name_len, char *scratch, Framing *f, Framer *cache,
+                              const char **why) {
     const char *v = p + name_len + 1;
     Py_ssize_t vn = len - name_len - 1;
     while (vn > 0 && is_ows(v[0]))
@@ -507,10 +536,12 @@ static PyObject *header_field(const char *p, Py_ssize_t n, Py_ssize_t name_len, 
  * NULL alone on a Python error. */
 static PyObject *header_list(const char *p, Py_ssize_t n, Framing *f, Framer *cache,
                              const char **why) {
-    PyObject *list = PyList_New(0);
+    /* The fields are gathered here and the list made at its size once they are all
+     * parsed (appending grew it 4, 8, 16...); past FIELDS_AT_HAND they go on in a list. */
+    enum { FIELDS_AT_HAND = 32 };
+    PyObject *at_hand[FIELDS_AT_HAND], *list = NULL;
+    Py_ssize_t count = 0;
     char *scratch = NULL;
-    if (list == NULL)
-        return NULL;
     Py_ssize_t i = 0;
     while (i < n) {
         const char *lf = memchr(p + i, '\n', (size_t)(n - i));
@@ -547,20 +578,37 @@ static PyObject *header_list(const char *p, Py_ssize_t n, Framing *f, Framer *ca
             PyErr_NoMemory();
             goto fail;
         }
-        PyObject *field = header_field(p + i, end - i, name_len, scratch, f, cache, why);
+        PyObject *field =
+            header_field(p + i, end - i, line_n, len, name_len, scratch, f, cache, why);
         if (field == NULL)
             goto fail;
-        int err = PyList_Append(list, field);
-        Py_DECREF(field);
-        if (err < 0)
-            goto fail;
+        if (count < FIELDS_AT_HAND) {
+            at_hand[count++] = field;
+        } else {
+            int err = (list == NULL && (list = PyList_New(0)) == NULL) ||
+                      PyList_Append(list, field) < 0;
+            Py_DECREF(field);
+            if (err)
+                goto fail;
+        }
         i = end;
     }
     PyMem_Free(scratch);
-    return list;
+    scratch = NULL;
+    PyObject *all = PyList_New(count + (list ? PyList_GET_SIZE(list) : 0));
+    if (all == NULL)
+        goto fail;
+    for (Py_ssize_t k = 0; k < count; k++)
+        PyList_SET_ITEM(all, k, at_hand[k]); /* the references move */
+    for (Py_ssize_t k = 0; list != NULL && k < PyList_GET_SIZE(list); k++)
+        PyList_SET_ITEM(all, count + k, Py_NewRef(PyList_GET_ITEM(list, k)));
+    Py_XDECREF(list);
+    return all;
 fail:
     PyMem_Free(scratch);
-    Py_DECREF(list);
+    for (Py_ssize_t k = 0; k < count; k++)
+        Py_DECREF(at_hand[k]);
+    Py_XDECREF(list);
     return NULL;
 }
 
@@ -629,8 +677,16 @@ static int build_head(Framer *s, const char *block, Py_ssize_t n, Event *e, cons
     e->status = status;
     e->ts = s->begin_ts;
     e->version = Py_NewRef(sl.minor ? s_version_11 : s_version_10);
-    if ((e->text = PyUnicode_DecodeLatin1(sl.b, sl.b_len, NULL)) == NULL)
-        return -2;
+    PyObject *reason = s->response ? s->reason : NULL;
+    if (reason != NULL && PyUnicode_GET_LENGTH(reason) == sl.b_len &&
+        memcmp(PyUnicode_DATA(reason), sl.b, (size_t)sl.b_len) == 0) {
+        e->text = Py_NewRef(reason);
+    } else {
+        if ((e->text = PyUnicode_DecodeLatin1(sl.b, sl.b_len, NULL)) == NULL)
+            return -2;
+        if (s->response && sl.b_len <= MAX_REUSED_VALUE)
+            Py_XSETREF(s->reason, Py_NewRef(e->text));
+    }
     /* RFC 9112 6.3, with Transfer-Encoding winning over Content-Length */
     body_clear(s);
     if (s->response && ((status >= 100 && status < 200) || status == 204 || status == 304)) {
@@ -763,6 +819,7 @@ static int read_section(Framer *s, const char *data, Py_ssize_t n, Py_ssize_t *p
 /* -- stepping the framing ------------------------------------------------------------ */
 
 static void fields_clear(Framer *s) {
+    Py_CLEAR(s->reason);
     if (s->fields == NULL)
         return;
     for (int k = 0; k < N_NAMES; k++)
@@ -1522,7 +1579,9 @@ static PyObject *make(const Maker *m, PyObject *const *values, int n) {
 static PyObject *message_object(const Msg *m, int request) {
     PyObject *authority = request ? first_header(m->headers, s_name_host) : NULL;
     PyObject *body = m->body ? m->body : s_empty_bytes;
-    PyObject *ts = PyLong_FromLongLong(m->ts), *end_ts = PyLong_FromLongLong(m->end_ts);
+    /* one int for both when the message began and ended in one chunk (mostly) */
+    PyObject *ts = PyLong_FromLongLong(m->ts);
+    PyObject *end_ts = m->end_ts == m->ts ? Py_XNewRef(ts) : PyLong_FromLongLong(m->end_ts);
     PyObject *status = PyLong_FromLong(m->status), *body_len = PyLong_FromLongLong(m->body_len);
     PyObject *trailers = m->trailers ? Py_NewRef(m->trailers) : PyList_New(0);
     PyObject *msg = NULL;
@@ -1812,8 +1871,9 @@ static int request_head(Http1Parser *p, Side *st, Event *e) {
     if (x == NULL)
         return -1;
     msg_head(&x->req, e);
-    x->head = PyUnicode_CompareWithASCIIString(x->req.method, "HEAD") == 0;
-    x->connect = PyUnicode_CompareWithASCIIString(x->req.method, "CONNECT") == 0;
+    /* method_text hands out its one object for each common method, these among them */
+    x->head = x->req.method == s_methods[METHOD_HEAD];
+    x->connect = x->req.method == s_methods[METHOD_CONNECT];
     x->upgrade = upgrades(x);
     if (begin(st, x) < 0 || aw_append(p, x) < 0)
         return -1;
@@ -2258,34 +2318,55 @@ PyDoc_STRVAR(parser_feed_doc,
 "Parse one captured chunk of `side` (\"request\" or \"response\"); return the exchanges\n"
 "it completed.");
 
-static PyObject *Http1Parser_feed(Http1Parser *p, PyObject *const *args, Py_ssize_t nargs,
-                                  PyObject *kwnames) {
-    static const char *const names[] = {"side", "data", "ts_ns"};
-    PyObject *a[3];
-    if (arguments(args, nargs, kwnames, names, 3, a, "feed(side, data, ts_ns)") < 0)
-        return NULL;
+/* feed() past its arguments: 0 with the exchanges the chunk completed in *found (a
+ * new list, or NULL: none), or -1 with an error (re-entered, or data's truth). */
+static int feed(Http1Parser *p, Side *st, PyObject *data, PyObject *ts_ns, PyObject **found) {
+    *found = NULL;
     int skip = idle(p);
-    if (skip < 0)
-        return NULL;
     if (skip)
-        return PyList_New(0);
-    int full = PyBytes_CheckExact(a[1]) ? PyBytes_GET_SIZE(a[1]) > 0 : PyObject_IsTrue(a[1]);
+        return skip < 0 ? -1 : 0;
+    int full = PyBytes_CheckExact(data) ? PyBytes_GET_SIZE(data) > 0 : PyObject_IsTrue(data);
     if (full <= 0)
-        return full < 0 ? NULL : PyList_New(0);
+        return full;
     p->busy = 1;
     Py_buffer view;
-    long long ts = PyLong_AsLongLong(a[2]);
+    long long ts = PyLong_AsLongLong(ts_ns);
     if (ts == -1 && PyErr_Occurred()) {
         internal_error(p);
-    } else if (PyObject_GetBuffer(a[1], &view, PyBUF_SIMPLE) < 0) {
+    } else if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
         internal_error(p);
     } else {
-        if (chunk(p, side_of(p, a[0]), a[1], view.buf, view.len, ts) < 0)
+        if (chunk(p, st, data, view.buf, view.len, ts) < 0)
             internal_error(p);
         PyBuffer_Release(&view);
     }
-    return take(p);
+    *found = p->out;
+    p->out = NULL;
+    p->busy = 0;
+    return 0;
 }
+
+static PyObject *Http1Parser_feed(Http1Parser *p, PyObject *const *args, Py_ssize_t nargs,
+                                  PyObject *kwnames) {
+    static const char *const names[] = {"side", "data", "ts_ns"};
+    PyObject *a[3], *found;
+    if (arguments(args, nargs, kwnames, names, 3, a, "feed(side, data, ts_ns)") < 0 ||
+        feed(p, side_of(p, a[0]), a[1], a[2], &found) < 0)
+        return NULL;
+    return found ? found : PyList_New(0);
+}
+
+/* -- the C API (_http1_api.h) ------------------------------------------------------- */
+
+static int api_feed(PyObject *parser, int request, PyObject *data, PyObject *ts_ns,
+                    PyObject **found) {
+    Http1Parser *p = (Http1Parser *)parser;
+    return feed(p, request ? &p->req : &p->resp, data, ts_ns, found);
+}
+
+static PyObject *api_failed(PyObject *parser) { return ((Http1Parser *)parser)->failed; }
+
+static Http1Api api = {NULL, api_feed, api_failed};
 
 PyDoc_STRVAR(parser_gap_doc,
 "gap(side, length, ts_ns) -> list[Exchange]\n"
@@ -2427,6 +2508,11 @@ PyMODINIT_FUNC PyInit__http1(void) {
     for (int k = 0; k < COMMON_METHODS; k++)
         if ((s_methods[k] = PyUnicode_InternFromString(METHODS[k])) == NULL)
             return NULL;
+    if (strcmp(METHODS[METHOD_HEAD], "HEAD") != 0 ||
+        strcmp(METHODS[METHOD_CONNECT], "CONNECT") != 0) {
+        PyErr_SetString(PyExc_SystemError, "_http1: METHOD_HEAD, METHOD_CONNECT are off");
+        return NULL;
+    }
     for (int c = 0; c < 256; c++)
         tchar[c] = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                    (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
@@ -2441,6 +2527,9 @@ PyMODINIT_FUNC PyInit__http1(void) {
             return NULL;
         }
         names_by_len[len][j] = (signed char)k;
+        memcpy(name_words[k], COMMON_NAMES[k], len);
+        for (int i = 0; i < NAME_WORDS; i++)
+            name_words[k][i] |= LOWER_BITS;
         if ((s_names[k] = PyUnicode_InternFromString(COMMON_NAMES[k])) == NULL)
             return NULL;
         reusable[k] = 1;
@@ -2464,6 +2553,14 @@ PyMODINIT_FUNC PyInit__http1(void) {
         PyModule_AddIntConstant(m, "MAX_PENDING", MAX_PENDING) < 0 ||
         PyModule_AddObjectRef(m, "Http1Stream", (PyObject *)&Http1StreamType) < 0 ||
         PyModule_AddObjectRef(m, "Http1Parser", (PyObject *)&Http1ParserType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    api.type = &Http1ParserType;
+    PyObject *capsule = PyCapsule_New(&api, HTTP1_API_CAPSULE, NULL);
+    int added = capsule == NULL ? -1 : PyModule_AddObjectRef(m, "_C_API", capsule);
+    Py_XDECREF(capsule);
+    if (added < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -18,12 +18,16 @@
  * Why C: with parsing and masking in C already, the Python around them (offset
  * check, queue, release, finish, counters, the stage's lookup) was 30-50 % of the
  * agent's CPU per event with L7 on.  Now a data record of a decided connection is
- * one call from Python, which calls the parser's and maskers' methods (C types, or
- * Python objects such as Http2Parser) through the ordinary C API.
+ * one call from Python.  An HTTP/1 parser's and masker's feed() are called as C
+ * functions (their modules' capsules, _http1_api.h and _stream_masker_api.h: calling
+ * them by method name, with the tuple, set and list that came back, was a third of
+ * the record path's CPU); any other parser or masker (HTTP/2's, Python objects) by
+ * method name through the ordinary C API, so any object with those methods works.
  *
- * Records, parsers and maskers are reached by attribute and method name only (no
- * layout of another module is assumed), so any object with those attributes works.
- * Stream offsets are C long long: an offset past 2**63 raises OverflowError.
+ * Records are read by slot (_record.h), and the counters and an exchange's fields
+ * (slots dataclasses) in their slots when they are plain slots (_slots.h); anything
+ * else by attribute name.  Stream offsets are C long long: an offset past 2**63
+ * raises OverflowError.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,6 +35,9 @@
 
 #include "../records/_record.h"
 #include "../redact/_rule_names.h"
+#include "../redact/_stream_masker_api.h"
+#include "_http1_api.h"
+#include "_slots.h"
 
 /* -- a first-in-first-out queue of objects ---------------------------------------- */
 
@@ -152,10 +159,15 @@ static int get_ll(PyObject *obj, PyObject *name, long long *value) {
 /* A record's fields by slot (agent/records/_record.h): the base type Record, found
  * when the module loads.  Anything else (no caller passes one) goes by name. */
 static PyTypeObject *RecordBase;
+static PyObject *RecordClass; /* agent.records.record.Record, what every record is */
+
+static inline int is_record(PyObject *r) {
+    return (PyObject *)Py_TYPE(r) == RecordClass || PyObject_TypeCheck(r, RecordBase);
+}
 
 /* r.<field> (a new reference), AttributeError when unset, as getattr. */
-static PyObject *record_get(PyObject *r, int k, PyObject *name) {
-    if (!PyObject_TypeCheck(r, RecordBase))
+static inline PyObject *record_get(PyObject *r, int k, PyObject *name) {
+    if (!is_record(r))
         return PyObject_GetAttr(r, name);
     PyObject *v = ((RecordObject *)r)->slot[k];
     if (v == NULL)
@@ -163,8 +175,8 @@ static PyObject *record_get(PyObject *r, int k, PyObject *name) {
     return Py_XNewRef(v);
 }
 
-static int record_set(PyObject *r, int k, PyObject *name, PyObject *v) {
-    if (!PyObject_TypeCheck(r, RecordBase))
+static inline int record_set(PyObject *r, int k, PyObject *name, PyObject *v) {
+    if (!is_record(r))
         return PyObject_SetAttr(r, name, v);
     Py_XSETREF(((RecordObject *)r)->slot[k], Py_NewRef(v));
     return 0;
@@ -200,6 +212,17 @@ static int collect(PyObject **exchanges, PyObject *found) {
     return extend(*exchanges, found);
 }
 
+/* The parser's exchanges `found` (a new list, stolen) join *exchanges. */
+static int adopt(PyObject **exchanges, PyObject *found) {
+    if (*exchanges == NULL) {
+        *exchanges = found;
+        return 0;
+    }
+    int r = extend(*exchanges, found);
+    Py_DECREF(found);
+    return r;
+}
+
 /* -- Connection ------------------------------------------------------------------- */
 
 /* One direction of a connection. */
@@ -211,7 +234,7 @@ typedef struct {
      * mostly one record's worth each, which a record then takes as it is. */
     Fifo decided;
     Py_ssize_t decided_len;
-    PyObject *hits;               /* set of the rules behind `decided`, or NULL: none */
+    PyObject *hits; /* set of the rules behind `decided` (ours, never a masker's), or NULL */
     long long unknown_counted;    /* the masker's unknown_blocks already counted */
 } Direction;
 
@@ -236,18 +259,33 @@ typedef struct {
 
 static PyTypeObject ConnectionType;
 
+/* The counters (L7Counters, a slots dataclass), read and set in place. */
+static SlotCache c_gaps = SLOT_CACHE("gaps"), c_parse_failures = SLOT_CACHE("parse_failures"),
+                 c_redacted_records = SLOT_CACHE("redacted_records"),
+                 c_header_blocks_masked_unknown = SLOT_CACHE("header_blocks_masked_unknown"),
+                 c_exchanges = SLOT_CACHE("exchanges"),
+                 c_redacted_exchanges = SLOT_CACHE("redacted_exchanges");
+
 /* counters.<name> += delta */
-static int count(Connection *self, PyObject *name, long long delta) {
-    PyObject *value = PyObject_GetAttr(self->counters, name);
+static int count(Connection *self, SlotCache *name, long long delta) {
+    PyObject *value = slot_get(name, self->counters), *sum = NULL;
     if (value == NULL)
         return -1;
-    PyObject *d = PyLong_FromLongLong(delta);
-    PyObject *sum = d ? PyNumber_Add(value, d) : NULL;
+    int overflow = 0;
+    long long v = PyLong_CheckExact(value) ? PyLong_AsLongLongAndOverflow(value, &overflow) : 0;
+    if (PyLong_CheckExact(value) && !overflow && !(v == -1 && PyErr_Occurred()) &&
+        (delta >= 0 ? v <= LLONG_MAX - delta : v >= LLONG_MIN - delta)) {
+        sum = PyLong_FromLongLong(v + delta); /* an int's sum, without the number protocol */
+    } else {
+        PyErr_Clear();
+        PyObject *d = PyLong_FromLongLong(delta);
+        sum = d ? PyNumber_Add(value, d) : NULL;
+        Py_XDECREF(d);
+    }
     Py_DECREF(value);
-    Py_XDECREF(d);
     if (sum == NULL)
         return -1;
-    int r = PyObject_SetAttr(self->counters, name, sum);
+    int r = slot_set(name, self->counters, sum);
     Py_DECREF(sum);
     return r;
 }
@@ -283,9 +321,37 @@ static int side_of(Connection *self, PyObject *direction, PyObject **side) {
     return 0;
 }
 
+/* The C entry points of agent.l7._http1 and agent.redact._stream_masker: an
+ * Http1Parser's and an HTTP/1 masker's feed() called as C functions, not as methods
+ * by name.  Every other parser and masker (HTTP/2's, Python) goes by name. */
+static const Http1Api *http1;
+static const StreamMaskerApi *stream_masker;
+static PyObject *stream_masker_feed; /* StreamMasker.feed, the method descriptor */
+
+/* Whether masker.feed is StreamMasker's C feed: a StreamMasker, or a subclass that
+ * left feed alone and whose objects have no __dict__ (that could hold another feed)
+ * and no attribute look-up of their own. */
+static int masker_in_c(PyObject *masker) {
+    PyTypeObject *t = Py_TYPE(masker);
+    if (t == stream_masker->type)
+        return 1;
+    return PyType_IsSubtype(t, stream_masker->type) && t->tp_getattro == PyObject_GenericGetAttr &&
+           t->tp_dictoffset == 0 && !(t->tp_flags & Py_TPFLAGS_MANAGED_DICT) &&
+           _PyType_Lookup(t, s_feed) == stream_masker_feed;
+}
+
+/* parser.failed, a new reference. */
+static PyObject *parser_failed(PyObject *parser) {
+    if (Py_IS_TYPE(parser, http1->type)) {
+        PyObject *failed = http1->failed(parser);
+        return Py_NewRef(failed ? failed : Py_None);
+    }
+    return PyObject_GetAttr(parser, s_failed);
+}
+
 /* Whether the parser has not given up (its `failed` is None); -1 on error. */
 static int parser_running(PyObject *parser) {
-    PyObject *failed = PyObject_GetAttr(parser, s_failed);
+    PyObject *failed = parser_failed(parser);
     if (failed == NULL)
         return -1;
     int running = failed == Py_None;
@@ -296,7 +362,7 @@ static int parser_running(PyObject *parser) {
 static int count_parse_failure(Connection *self) {
     if (self->parser == Py_None || self->parse_failure_counted)
         return 0;
-    PyObject *failed = PyObject_GetAttr(self->parser, s_failed);
+    PyObject *failed = parser_failed(self->parser);
     if (failed == NULL)
         return -1;
     int truth = PyObject_IsTrue(failed);
@@ -304,7 +370,7 @@ static int count_parse_failure(Connection *self) {
     if (truth <= 0)
         return truth;
     self->parse_failure_counted = 1;
-    return count(self, s_parse_failures, 1);
+    return count(self, &c_parse_failures, 1);
 }
 
 static int count_unknown_blocks(Connection *self) {
@@ -316,7 +382,7 @@ static int count_unknown_blocks(Connection *self) {
         if (get_ll(st->masker, s_unknown_blocks, &blocks) < 0)
             return -1;
         if (blocks > st->unknown_counted) {
-            if (count(self, s_header_blocks_masked_unknown, blocks - st->unknown_counted) < 0)
+            if (count(self, &c_header_blocks_masked_unknown, blocks - st->unknown_counted) < 0)
                 return -1;
             st->unknown_counted = blocks;
         }
@@ -324,11 +390,35 @@ static int count_unknown_blocks(Connection *self) {
     return 0;
 }
 
+/* The masker's header blocks masked unread since the last record, counted.  An int
+ * class attribute (Http1HeaderMasker's 0) is read from the class when the object has
+ * no __dict__ and no attribute look-up of its own: that is then its value. */
+static int masker_blocks(Connection *self, Direction *st) {
+    if (st->masker == NULL) /* a Python masker's feed took it away */
+        return 0;
+    PyTypeObject *t = Py_TYPE(st->masker);
+    long long blocks;
+    PyObject *fixed = t->tp_getattro == PyObject_GenericGetAttr && t->tp_dictoffset == 0 &&
+                              !(t->tp_flags & Py_TPFLAGS_MANAGED_DICT)
+                          ? _PyType_Lookup(t, s_unknown_blocks)
+                          : NULL;
+    if (fixed != NULL && PyLong_CheckExact(fixed)) {
+        blocks = PyLong_AsLongLong(fixed);
+        if (blocks == -1 && PyErr_Occurred())
+            return -1;
+    } else if (get_ll(st->masker, s_unknown_blocks, &blocks) < 0) {
+        return -1;
+    }
+    if (blocks != st->unknown_counted && count_unknown_blocks(self) < 0)
+        return -1;
+    return 0;
+}
+
 /* Bytes of a direction were lost: told to the masker and, if it parses this side,
  * the parser, whose exchanges join *exchanges (a list made when first needed). */
 static int gap(Connection *self, Direction *st, PyObject *side, long long length, PyObject *ts,
                PyObject **exchanges) {
-    if (count(self, s_gaps, 1) < 0)
+    if (count(self, &c_gaps, 1) < 0)
         return -1;
     PyObject *n = PyLong_FromLongLong(length);
     if (n == NULL)
@@ -352,13 +442,13 @@ static int gap(Connection *self, Direction *st, PyObject *side, long long length
     return r < 0 ? -1 : 0;
 }
 
-/* Masked bytes and the rules behind them join the decided ones. */
+/* Masked bytes and the rules behind them (a set, or NULL: none) join the decided ones. */
 static int add(Direction *st, PyObject *data, PyObject *hits) {
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     if (n && fifo_push(&st->decided, data, n) < 0)
         return -1;
     st->decided_len += n;
-    Py_ssize_t nhits = PyObject_Size(hits);
+    Py_ssize_t nhits = hits == NULL ? 0 : PyObject_Size(hits);
     if (nhits < 0)
         return -1;
     if (nhits == 0)
@@ -436,8 +526,14 @@ static int finish(Connection *self, PyObject *r, Direction *st, PyObject *masked
             goto fail;
         int changed = PyObject_RichCompareBool(masked, data, Py_NE);
         Py_DECREF(data);
-        if (changed < 0 || (changed && (redactions = PySet_New(st->hits)) == NULL))
+        if (changed < 0)
             goto fail;
+        if (changed && !st->decided_len) { /* the set is ours and done with: taken */
+            redactions = st->hits;
+            st->hits = NULL;
+        } else if (changed && (redactions = PySet_New(st->hits)) == NULL) {
+            goto fail;
+        }
         if (!st->decided_len)
             Py_CLEAR(st->hits);
     }
@@ -463,7 +559,7 @@ static int finish(Connection *self, PyObject *r, Direction *st, PyObject *masked
             goto fail;
     }
     if (redactions != NULL && PySet_GET_SIZE(redactions)) {
-        if (count(self, s_redacted_records, 1) < 0)
+        if (count(self, &c_redacted_records, 1) < 0)
             goto fail;
         int r_ok = set_redactions(r, redactions);
         redactions = NULL;
@@ -522,7 +618,7 @@ static int force_release(Connection *self, PyObject *out) {
             redactions = NULL;
         }
         ok = ok && SET(r, protocol, self->protocol) == 0 &&
-             count(self, s_redacted_records, 1) == 0 && PyList_Append(out, r) == 0;
+             count(self, &c_redacted_records, 1) == 0 && PyList_Append(out, r) == 0;
         Py_XDECREF(redactions);
         Py_XDECREF(zeros);
         Py_DECREF(r);
@@ -538,20 +634,24 @@ static int force_release(Connection *self, PyObject *out) {
 /* When an exchange happened (the ts of its record): its response's end, or start,
  * else its request's end, or start, else (no message has a time) the ts of
  * `fallback`, the connection's latest record.  A new reference. */
+static SlotCache x_request = SLOT_CACHE("request"), x_response = SLOT_CACHE("response"),
+                 x_redactions = SLOT_CACHE("redactions"), m_end_ts_ns = SLOT_CACHE("end_ts_ns"),
+                 m_ts_ns = SLOT_CACHE("ts_ns");
+
 static PyObject *exchange_ts(PyObject *ex, PyObject *fallback) {
-    PyObject *sides[2] = {s_response, s_request};
+    SlotCache *sides[2] = {&x_response, &x_request};
     for (int k = 0; k < 2; k++) {
-        PyObject *msg = PyObject_GetAttr(ex, sides[k]);
+        PyObject *msg = slot_get(sides[k], ex);
         if (msg == NULL)
             return NULL;
         if (msg == Py_None) {
             Py_DECREF(msg);
             continue;
         }
-        PyObject *ts = PyObject_GetAttr(msg, s_end_ts_ns);
+        PyObject *ts = slot_get(&m_end_ts_ns, msg);
         int set = ts == NULL ? -1 : PyObject_IsTrue(ts);
         if (set == 0) {
-            Py_SETREF(ts, PyObject_GetAttr(msg, s_ts_ns));
+            Py_SETREF(ts, slot_get(&m_ts_ns, msg));
             set = ts == NULL ? -1 : PyObject_IsTrue(ts);
         }
         Py_DECREF(msg);
@@ -563,21 +663,33 @@ static PyObject *exchange_ts(PyObject *ex, PyObject *fallback) {
             return ts;
         Py_DECREF(ts);
     }
-    return PyObject_GetAttr(fallback, s_ts_ns);
+    return GET(fallback, ts_ns);
+}
+
+/* The next of `exchanges`: a list (what parsers return) by index, its length read each
+ * time as redaction may run Python, without the iterator (~130 CPU instructions);
+ * anything else through `it`.  A new reference, or NULL: no more (or an error). */
+static PyObject *next_exchange(PyObject *exchanges, PyObject *it, Py_ssize_t *next) {
+    if (it != NULL)
+        return PyIter_Next(it);
+    if (*next >= PyList_GET_SIZE(exchanges))
+        return NULL;
+    return Py_NewRef(PyList_GET_ITEM(exchanges, (*next)++));
 }
 
 /* The exchange records of the parser's `exchanges`, appended to `out`: each
  * exchange redacted (when there are rules) and counted, its record given the
  * connection's identity from its latest record (Record.for_exchange). */
 static int exchange_records(Connection *self, PyObject *exchanges, PyObject *out) {
-    PyObject *it = PyObject_GetIter(exchanges), *ex = NULL;
-    if (it == NULL)
+    Py_ssize_t next = 0;
+    PyObject *it = PyList_CheckExact(exchanges) ? NULL : PyObject_GetIter(exchanges), *ex = NULL;
+    if (it == NULL && !PyList_CheckExact(exchanges))
         return -1;
     /* Exchanges only come from a parser, which exists once a data record came; the
      * reference held: redaction runs Python (regex rules), which could set `last`. */
     PyObject *last = Py_NewRef(self->last);
     int result = -1;
-    while ((ex = PyIter_Next(it)) != NULL) {
+    while ((ex = next_exchange(exchanges, it, &next)) != NULL) {
         if (last == Py_None) {
             PyErr_SetString(PyExc_AssertionError, "an exchange before any data record");
             goto done;
@@ -588,13 +700,13 @@ static int exchange_records(Connection *self, PyObject *exchanges, PyObject *out
             if (none == NULL)
                 goto done;
             Py_DECREF(none);
-            PyObject *redactions = PyObject_GetAttr(ex, s_redactions);
+            PyObject *redactions = slot_get(&x_redactions, ex);
             int redacted = redactions == NULL ? -1 : PyObject_IsTrue(redactions);
             Py_XDECREF(redactions);
-            if (redacted < 0 || (redacted && count(self, s_redacted_exchanges, 1) < 0))
+            if (redacted < 0 || (redacted && count(self, &c_redacted_exchanges, 1) < 0))
                 goto done;
         }
-        if (count(self, s_exchanges, 1) < 0)
+        if (count(self, &c_exchanges, 1) < 0)
             goto done;
         PyObject *ts = exchange_ts(ex, last);
         if (ts == NULL)
@@ -612,7 +724,7 @@ static int exchange_records(Connection *self, PyObject *exchanges, PyObject *out
 done:
     Py_XDECREF(ex);
     Py_DECREF(last);
-    Py_DECREF(it);
+    Py_XDECREF(it);
     return result;
 }
 
@@ -621,6 +733,8 @@ done:
 static int process(Connection *self, PyObject *r, PyObject *out) {
     PyObject *direction = NULL, *data = NULL, *fed = NULL, *ts = NULL, *exchanges = NULL;
     PyObject *pair = NULL, *masked = NULL, *hits = NULL, *side;
+    /* held while they run: a Python parser or masker could replace them meanwhile */
+    PyObject *parser = NULL, *masker = NULL;
     int result = -1;
     long long offset, length, captured;
     if ((direction = GET(r, direction)) == NULL)
@@ -629,7 +743,10 @@ static int process(Connection *self, PyObject *r, PyObject *out) {
     if (d < 0 || side_of(self, direction, &side) < 0)
         goto done;
     Direction *st = &self->dirs[d];
-    PyObject *parser = side != NULL && self->parser != Py_None ? self->parser : NULL;
+    if (side != NULL && self->parser != Py_None)
+        parser = Py_NewRef(self->parser);
+    if (st->masker != NULL)
+        masker = Py_NewRef(st->masker);
     if (GET_LL(r, offset, &offset) < 0 || GET_LL(r, len, &length) < 0 ||
         GET_LL(r, captured_len, &captured) < 0 || (ts = GET(r, ts_ns)) == NULL ||
         (data = GET(r, data)) == NULL)
@@ -654,7 +771,13 @@ static int process(Connection *self, PyObject *r, PyObject *out) {
     }
     st->next_offset = offset + length;
     st->has_next = 1;
-    if (parser != NULL) {
+    if (parser != NULL && Py_IS_TYPE(parser, http1->type)) {
+        PyObject *found;
+        if (http1->failed(parser) == NULL &&
+            (http1->feed(parser, side == s_request, fed, ts, &found) < 0 ||
+             (found != NULL && adopt(&exchanges, found) < 0)))
+            goto done;
+    } else if (parser != NULL) {
         int running = parser_running(parser);
         if (running < 0)
             goto done;
@@ -667,8 +790,13 @@ static int process(Connection *self, PyObject *r, PyObject *out) {
                 goto done;
         }
     }
-    if (st->masker != NULL) {
-        pair = PyObject_CallMethodOneArg(st->masker, s_feed, data);
+    if (masker != NULL && masker_in_c(masker)) {
+        if (stream_masker->feed(masker, data, &masked, &hits) < 0)
+            goto done;
+        if (masker_blocks(self, st) < 0)
+            goto done;
+    } else if (masker != NULL) {
+        pair = PyObject_CallMethodOneArg(masker, s_feed, data);
         if (pair == NULL)
             goto done;
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
@@ -676,27 +804,24 @@ static int process(Connection *self, PyObject *r, PyObject *out) {
             goto done;
         }
         masked = PyBytes_FromObject(PyTuple_GET_ITEM(pair, 0));
-        hits = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
         if (masked == NULL)
             goto done;
-        long long blocks;
-        if (get_ll(st->masker, s_unknown_blocks, &blocks) < 0)
+        /* a set of our own: the record path adds to it and hands it on */
+        Py_ssize_t nhits = PyObject_Size(PyTuple_GET_ITEM(pair, 1));
+        if (nhits < 0 || (nhits && (hits = PySet_New(PyTuple_GET_ITEM(pair, 1))) == NULL))
             goto done;
-        if (blocks != st->unknown_counted && count_unknown_blocks(self) < 0)
+        if (masker_blocks(self, st) < 0)
             goto done;
-    } else {
-        if ((masked = PyBytes_FromObject(data)) == NULL || (hits = PySet_New(NULL)) == NULL)
-            goto done;
+    } else if ((masked = PyBytes_FromObject(data)) == NULL) {
+        goto done;
     }
     if (length > captured && gap(self, st, side, length - captured, ts, &exchanges) < 0)
         goto done;
     if (!self->queue.len && !st->decided_len && PyBytes_GET_SIZE(masked) == captured) {
         /* Decided at once, nothing held before it (always so for HTTP/1, whose masker
          * holds nothing back): the record goes out now, past the queue. */
-        Py_ssize_t nhits = PyObject_Size(hits);
-        if (nhits < 0)
-            goto done;
-        Py_XSETREF(st->hits, nhits ? Py_NewRef(hits) : NULL);
+        Py_XSETREF(st->hits, hits);
+        hits = NULL;
         PyObject *m = masked;
         masked = NULL;
         if (finish(self, r, st, m) < 0 || PyList_Append(out, r) < 0)
@@ -720,6 +845,8 @@ done:
     Py_XDECREF(pair);
     Py_XDECREF(masked);
     Py_XDECREF(hits);
+    Py_XDECREF(parser);
+    Py_XDECREF(masker);
     return result;
 }
 
@@ -767,14 +894,26 @@ static int pick_up_http2(Connection *self, PyObject *record) {
     return done == NULL ? -1 : 0;
 }
 
-static PyObject *on_data(Connection *self, PyObject *record) {
+/* on_data(), its records appended to `out` (the stage's list: no list of its own). */
+static int on_data_into(Connection *self, PyObject *record, PyObject *out) {
     Py_XSETREF(self->last, Py_NewRef(record));
-    if (self->detecting)
-        return PyObject_CallMethodOneArg((PyObject *)self, s__detect_data, record);
+    if (self->detecting) {
+        PyObject *found = PyObject_CallMethodOneArg((PyObject *)self, s__detect_data, record);
+        int r = found == NULL ? -1 : extend(out, found);
+        Py_XDECREF(found);
+        return r;
+    }
     if (self->redacting && PyUnicode_Check(self->protocol) &&
         PyUnicode_GET_LENGTH(self->protocol) == 0 && pick_up_http2(self, record) < 0)
-        return NULL;
-    return Connection_process(self, record);
+        return -1;
+    return intact(self) < 0 ? -1 : process(self, record, out);
+}
+
+static PyObject *on_data(Connection *self, PyObject *record) {
+    PyObject *out = PyList_New(0);
+    if (out != NULL && on_data_into(self, record, out) < 0)
+        Py_CLEAR(out);
+    return out;
 }
 
 PyDoc_STRVAR(on_data_doc,
@@ -1103,11 +1242,13 @@ static int dispatch(Dispatch *self, PyObject *record, PyObject *out) {
                    NULL) {
         goto done;
     }
-    found = PyObject_TypeCheck(conn, &ConnectionType)
-                ? on_data((Connection *)conn, record)
-                : PyObject_CallMethodOneArg(conn, s_on_data, record);
-    if (found == NULL || extend(out, found) < 0)
+    if (PyObject_TypeCheck(conn, &ConnectionType)) {
+        if (on_data_into((Connection *)conn, record, out) < 0)
+            goto done;
+    } else if ((found = PyObject_CallMethodOneArg(conn, s_on_data, record)) == NULL ||
+               extend(out, found) < 0) {
         goto done;
+    }
     Py_ssize_t tracked = PyObject_Size(self->conns);
     if (tracked < 0)
         goto done;
@@ -1237,6 +1378,15 @@ static PyObject *import_attr(const char *module_name, const char *name) {
     return attr;
 }
 
+/* A module's capsule (PyCapsule_Import imports only the top package itself). */
+static void *import_api(const char *module_name, const char *capsule) {
+    PyObject *m = PyImport_ImportModule(module_name);
+    if (m == NULL)
+        return NULL;
+    Py_DECREF(m);
+    return PyCapsule_Import(capsule, 0);
+}
+
 #define AS_INTERN(name)                                                                   \
     if ((s_##name = PyUnicode_InternFromString(#name)) == NULL)                           \
         return NULL;
@@ -1254,13 +1404,23 @@ PyMODINIT_FUNC PyInit__record_path(void) {
         (redact_exchange = import_attr("agent.redact.exchange", "redact_exchange")) == NULL)
         return NULL;
     /* The Python subclass's (for_exchange makes an instance of the class it is called on). */
-    PyObject *record_type = import_attr("agent.records.record", "Record");
-    if (record_type == NULL)
+    if ((RecordClass = import_attr("agent.records.record", "Record")) == NULL ||
+        (for_exchange = PyObject_GetAttrString(RecordClass, "for_exchange")) == NULL)
         return NULL;
-    for_exchange = PyObject_GetAttrString(record_type, "for_exchange");
-    Py_DECREF(record_type);
-    if (for_exchange == NULL)
+    if (!PyType_Check(RecordClass) || !PyType_IsSubtype((PyTypeObject *)RecordClass, RecordBase)) {
+        PyErr_SetString(PyExc_ImportError, "_record_path: Record is not built on " RECORD_MODULE);
         return NULL;
+    }
+    if ((http1 = import_api("agent.l7._http1", HTTP1_API_CAPSULE)) == NULL ||
+        (stream_masker = import_api("agent.redact._stream_masker", STREAM_MASKER_API_CAPSULE)) ==
+            NULL)
+        return NULL;
+    /* borrowed: a static type's dict is never changed */
+    stream_masker_feed = _PyType_Lookup(stream_masker->type, s_feed);
+    if (stream_masker_feed == NULL) {
+        PyErr_SetString(PyExc_ImportError, "_record_path: StreamMasker has no feed");
+        return NULL;
+    }
     if (PyType_Ready(&ConnectionType) < 0 || PyType_Ready(&DispatchType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

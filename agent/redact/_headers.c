@@ -30,6 +30,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "../l7/_slots.h"
 #include "_rule_names.h"
 
 /* `name` lower-cased (a new reference); itself when it has no upper-case letter. */
@@ -48,35 +49,159 @@ lower_name(PyObject *name)
     return PyObject_CallMethod(name, "lower", NULL);
 }
 
-static PyObject *s_headers, *s_trailers, *s_target, *s_authority, *s_path, *s_host,
-    *s_authority_rule, *s_request, *s_response, *s_header_names, *s_regexes, *s_query_params,
-    *s_grpc, *s_notes, *s_redactions, *s_equals, *s_redacted;
+static PyObject *s_path, *s_host, *s_authority_rule, *s_header_names, *s_regexes,
+    *s_query_params, *s_equals, *s_redacted;
+
+/* The fields read and set per exchange: slots of agent.l7.exchange's dataclasses. */
+static SlotCache f_headers = SLOT_CACHE("headers"), f_trailers = SLOT_CACHE("trailers"),
+                 f_target = SLOT_CACHE("target"), f_authority = SLOT_CACHE("authority"),
+                 f_request = SLOT_CACHE("request"), f_response = SLOT_CACHE("response"),
+                 f_grpc = SLOT_CACHE("grpc"), f_notes = SLOT_CACHE("notes"),
+                 f_redactions = SLOT_CACHE("redactions");
 
 /* "header:" + name, made once per name: only sensitive names come here, so the
  * cache holds no more than the rules configured. */
 static PyObject *rule_cache;
 
-/* The rule of sensitive name `name` (lower-case) joins `hits`. */
-static int
-add_rule(PyObject *hits, PyObject *name)
+/* The rule of sensitive name `name` (lower-case), borrowed (the cache keeps it). */
+static PyObject *
+rule_of(PyObject *name)
 {
     PyObject *rule = PyDict_GetItemWithError(rule_cache, name); /* borrowed */
-    if (rule == NULL) {
-        if (PyErr_Occurred())
-            return -1;
-        rule = PyUnicode_FromFormat("header:%U", name);
-        int stored = rule == NULL ? -1 : PyDict_SetItem(rule_cache, name, rule);
-        Py_XDECREF(rule); /* the cache keeps it */
-        if (stored < 0)
-            return -1;
+    if (rule != NULL || PyErr_Occurred())
+        return rule;
+    rule = PyUnicode_FromFormat("header:%U", name);
+    int stored = rule == NULL ? -1 : PyDict_SetItem(rule_cache, name, rule);
+    Py_XDECREF(rule); /* the cache keeps it */
+    return stored < 0 ? NULL : rule;
+}
+
+/* What a RedactionRules says, read when it is first used and kept while the same
+ * one comes (the agent has one for its whole run; it is frozen, so what it says
+ * does not change): its three fields and, per header name already looked up, its
+ * rule.  Reading the fields by name and probing the set per header was ~2k CPU
+ * instructions per exchange. */
+typedef struct {
+    PyObject *name; /* an interned header name as the message holds it, or NULL */
+    PyObject *rule; /* its rule, or NULL: not sensitive */
+} Verdict;
+/* An open-addressing table by the name's hash, forgotten whole when 3/4 full (the
+ * parsers' common names are a few dozen). */
+enum { VERDICTS = 128, MOST_VERDICTS = VERDICTS * 3 / 4 };
+static struct {
+    PyObject *rules; /* the rules read (a reference: its address is the key), or NULL */
+    PyObject *names, *params;
+    int has_names, has_regexes, has_params;
+    int path, authority, host; /* ":path", ":authority", "host" are sensitive */
+    Verdict verdicts[VERDICTS];
+    int n_verdicts;
+} known;
+
+static void
+forget_verdicts(void)
+{
+    for (int k = 0; k < VERDICTS; k++) {
+        Py_CLEAR(known.verdicts[k].name);
+        Py_CLEAR(known.verdicts[k].rule);
     }
-    return PySet_Add(hits, rule);
+    known.n_verdicts = 0;
+}
+
+static void
+forget_rules(void)
+{
+    Py_CLEAR(known.rules);
+    Py_CLEAR(known.names);
+    Py_CLEAR(known.params);
+    forget_verdicts();
+}
+
+/* Truth of rules.<attr>, the attribute itself in *value (a new reference). */
+static int
+rule_field(PyObject *rules, PyObject *attr, PyObject **value)
+{
+    *value = PyObject_GetAttr(rules, attr);
+    return *value == NULL ? -1 : PyObject_IsTrue(*value);
+}
+
+/* `rules` into `known`, unless they are there already; 0 or -1. */
+static int
+read_rules(PyObject *rules)
+{
+    if (rules == known.rules)
+        return 0;
+    forget_rules();
+    PyObject *regexes = NULL;
+    int has_names = rule_field(rules, s_header_names, &known.names);
+    int has_regexes = has_names < 0 ? -1 : rule_field(rules, s_regexes, &regexes);
+    int has_params = has_regexes < 0 ? -1 : rule_field(rules, s_query_params, &known.params);
+    Py_XDECREF(regexes);
+    if (has_params < 0)
+        goto fail;
+    if (has_names) {
+        if (!PyAnySet_Check(known.names)) {
+            PyErr_SetString(PyExc_TypeError, "rules.header_names must be a set");
+            goto fail;
+        }
+        known.path = PySet_Contains(known.names, s_path);
+        known.authority = PySet_Contains(known.names, s_authority_rule);
+        known.host = PySet_Contains(known.names, s_host);
+        if (known.path < 0 || known.authority < 0 || known.host < 0)
+            goto fail;
+    }
+    known.has_names = has_names;
+    known.has_regexes = has_regexes;
+    known.has_params = has_params;
+    known.rules = Py_NewRef(rules);
+    return 0;
+fail:
+    forget_rules();
+    return -1;
+}
+
+/* The rule of header `name` (borrowed), or NULL: not sensitive, or an error (set).
+ * An interned name (the parsers' common names are) is looked up once per rules: a
+ * str never changes, and the verdict keeps a reference, so its address stays its.
+ * Only an exact str is interned, and for one nothing below runs Python code (which
+ * could change `known`) between finding its place in the table and filling it; a str
+ * subclass's lower() can, hence the set held here. */
+static PyObject *
+name_rule(PyObject *name, PyObject *rules)
+{
+    if (read_rules(rules) < 0)
+        return NULL;
+    Verdict *v = NULL;
+    Py_hash_t hash = PyUnicode_CHECK_INTERNED(name) ? _PyASCIIObject_CAST(name)->hash : -1;
+    if (hash != -1) { /* an interned str's hash is always there */
+        for (size_t at = (size_t)hash;; at++) {
+            v = &known.verdicts[at % VERDICTS];
+            if (v->name == NULL)
+                break;
+            if (v->name == name)
+                return v->rule;
+        }
+    }
+    PyObject *names = Py_NewRef(known.names), *lname = lower_name(name);
+    int sensitive = lname == NULL ? -1 : PySet_Contains(names, lname);
+    PyObject *rule = sensitive > 0 ? rule_of(lname) : NULL;
+    Py_XDECREF(lname);
+    Py_DECREF(names);
+    if (v != NULL && (rule != NULL || sensitive == 0)) {
+        if (known.n_verdicts == MOST_VERDICTS) {
+            forget_verdicts();
+            return rule; /* borrowed from rule_cache, which keeps it */
+        }
+        v->name = Py_NewRef(name);
+        v->rule = Py_XNewRef(rule);
+        known.n_verdicts++;
+    }
+    return rule;
 }
 
 /* `headers` with the sensitive values replaced (a new reference: `headers` itself when
  * nothing changed, else a new list), the rules behind them added to `hits`. */
 static PyObject *
-redact_pairs(PyObject *headers, PyObject *names, PyObject *hits)
+redact_pairs(PyObject *headers, PyObject *rules, PyObject *hits)
 {
     if (!PyList_Check(headers)) {
         PyErr_SetString(PyExc_TypeError, "headers must be a list");
@@ -94,19 +219,17 @@ redact_pairs(PyObject *headers, PyObject *names, PyObject *hits)
             goto fail;
         }
         PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
-        PyObject *lname = lower_name(name);
-        if (lname == NULL)
-            goto fail;
-        int sensitive = PySet_Contains(names, lname);
-        if (sensitive <= 0 || PyUnicode_Compare(value, s_redacted) == 0) {
-            Py_DECREF(lname);
-            if (sensitive < 0 || PyErr_Occurred())
+        PyObject *rule = name_rule(name, rules);
+        if (rule == NULL) {
+            if (PyErr_Occurred())
                 goto fail;
             continue;
         }
-        int added = add_rule(hits, lname);
-        Py_DECREF(lname);
-        if (added < 0)
+        if (value == s_redacted ||
+            (PyUnicode_GET_LENGTH(value) == PyUnicode_GET_LENGTH(s_redacted) &&
+             PyUnicode_Compare(value, s_redacted) == 0))
+            continue;
+        if (PyErr_Occurred() || PySet_Add(hits, rule) < 0)
             goto fail;
         if (out == NULL) {
             out = PyList_GetSlice(headers, 0, PyList_GET_SIZE(headers));
@@ -123,11 +246,11 @@ fail:
     return NULL;
 }
 
-/* Replaces msg.<attr> with its redacted pairs if any value was sensitive. */
+/* Replaces msg.<field> with its redacted pairs if any value was sensitive. */
 static int
-redact_list_field(PyObject *msg, PyObject *attr, PyObject *names, PyObject *hits)
+redact_list_field(PyObject *msg, SlotCache *field, PyObject *rules, PyObject *hits)
 {
-    PyObject *before = PyObject_GetAttr(msg, attr);
+    PyObject *before = slot_get(field, msg);
     if (before == NULL)
         return -1;
     int err = 0;
@@ -135,11 +258,11 @@ redact_list_field(PyObject *msg, PyObject *attr, PyObject *names, PyObject *hits
         Py_DECREF(before);
         return 0; /* no trailers, the usual case */
     }
-    PyObject *after = redact_pairs(before, names, hits);
+    PyObject *after = redact_pairs(before, rules, hits);
     if (after == NULL)
         err = -1;
     else if (after != before)
-        err = PyObject_SetAttr(msg, attr, after);
+        err = slot_set(field, msg, after);
     Py_XDECREF(after);
     Py_DECREF(before);
     return err;
@@ -147,30 +270,33 @@ redact_list_field(PyObject *msg, PyObject *attr, PyObject *names, PyObject *hits
 
 /* Replaces a non-empty str field with "[REDACTED]", the rule of `name` behind it. */
 static int
-redact_text_field(PyObject *msg, PyObject *attr, PyObject *name, PyObject *hits)
+redact_text_field(PyObject *msg, SlotCache *field, PyObject *name, PyObject *hits)
 {
-    PyObject *text = PyObject_GetAttr(msg, attr);
+    PyObject *text = slot_get(field, msg);
     if (text == NULL)
         return -1;
     int nonempty = PyObject_IsTrue(text);
     Py_DECREF(text);
     if (nonempty <= 0)
         return nonempty;
-    return PyObject_SetAttr(msg, attr, s_redacted) < 0 || add_rule(hits, name) < 0 ? -1 : 0;
+    PyObject *rule = slot_set(field, msg, s_redacted) < 0 ? NULL : rule_of(name);
+    return rule == NULL || PySet_Add(hits, rule) < 0 ? -1 : 0;
 }
 
 /* The sensitive values of one message (not None) redacted, and the target and
  * authority when their header (":path"; ":authority" or "host") is sensitive; the
  * rules behind them added to `hits`. */
 static int
-redact_names(PyObject *msg, PyObject *names, int path, int authority, int host,
-             PyObject *hits)
+redact_names(PyObject *msg, PyObject *rules, PyObject *hits)
 {
-    return redact_list_field(msg, s_headers, names, hits) < 0 ||
-                   redact_list_field(msg, s_trailers, names, hits) < 0 ||
-                   (path && redact_text_field(msg, s_target, s_path, hits) < 0) ||
+    if (read_rules(rules) < 0)
+        return -1;
+    int path = known.path, authority = known.authority, host = known.host;
+    return redact_list_field(msg, &f_headers, rules, hits) < 0 ||
+                   redact_list_field(msg, &f_trailers, rules, hits) < 0 ||
+                   (path && redact_text_field(msg, &f_target, s_path, hits) < 0) ||
                    ((authority || host) &&
-                    redact_text_field(msg, s_authority, authority ? s_authority_rule : s_host,
+                    redact_text_field(msg, &f_authority, authority ? s_authority_rule : s_host,
                                       hits) < 0)
                ? -1
                : 0;
@@ -208,10 +334,16 @@ call_helper(int which, PyObject *a, PyObject *b, PyObject *hits)
 static int
 has_equals(PyObject *msg)
 {
-    PyObject *target = PyObject_GetAttr(msg, s_target);
+    PyObject *target = slot_get(&f_target, msg);
     if (target == NULL)
         return -1;
-    int found = PySequence_Contains(target, s_equals);
+    int found;
+    if (PyUnicode_Check(target)) {
+        Py_ssize_t at = PyUnicode_FindChar(target, '=', 0, PyUnicode_GET_LENGTH(target), 1);
+        found = at == -2 ? -1 : at >= 0;
+    } else {
+        found = PySequence_Contains(target, s_equals);
+    }
     Py_DECREF(target);
     return found;
 }
@@ -220,55 +352,54 @@ has_equals(PyObject *msg)
 static int
 set_redactions(PyObject *ex, PyObject *hits)
 {
-    PyObject *old = PyObject_GetAttr(ex, s_redactions);
+    PyObject *old = slot_get(&f_redactions, ex);
     PyObject *list = old == NULL ? NULL : sorted_rule_names(hits, old);
-    int err = list == NULL || PyObject_SetAttr(ex, s_redactions, list) < 0;
+    int err = list == NULL || slot_set(&f_redactions, ex, list) < 0;
     Py_XDECREF(old);
     Py_XDECREF(list);
     return err ? -1 : 0;
 }
 
-/* The steps of redact_exchange, in its order; the rules' three fields borrowed. */
+/* The steps of redact_exchange, in its order, by the rules in `known`. */
 static int
-redact(PyObject *ex, PyObject *rules, PyObject *names, int has_names, int has_regexes,
-       PyObject *params, int has_params, PyObject *hits)
+redact(PyObject *ex, PyObject *rules, PyObject *hits)
 {
     PyObject *msgs[2] = {NULL, NULL}, *grpc = NULL;
     int result = -1;
-    if ((msgs[0] = PyObject_GetAttr(ex, s_request)) == NULL ||
-        (msgs[1] = PyObject_GetAttr(ex, s_response)) == NULL)
+    /* Taken now: a helper (Python) could read other rules into `known`, which the
+     * steps that use it read again (read_rules: a pointer compare when unchanged). */
+    int has_names = known.has_names, has_regexes = known.has_regexes;
+    int has_params = known.has_params;
+    if ((msgs[0] = slot_get(&f_request, ex)) == NULL ||
+        (msgs[1] = slot_get(&f_response, ex)) == NULL)
         goto done;
     /* Query values first (their "=" first: most targets have no query), then the
      * sensitive headers, trailers and derived fields, then the regexes. */
     for (int k = 0; k < 2 && has_params; k++) {
         int query = msgs[k] == Py_None ? 0 : has_equals(msgs[k]);
-        if (query < 0 || (query && call_helper(MASK_QUERY, msgs[k], params, hits) < 0))
+        if (query < 0)
             goto done;
-    }
-    if (has_names) {
-        if (!PyAnySet_Check(names)) {
-            PyErr_SetString(PyExc_TypeError, "rules.header_names must be a set");
-            goto done;
-        }
-        int path = PySet_Contains(names, s_path);
-        int authority = PySet_Contains(names, s_authority_rule);
-        int host = PySet_Contains(names, s_host);
-        if (path < 0 || authority < 0 || host < 0)
-            goto done;
-        for (int k = 0; k < 2; k++)
-            if (msgs[k] != Py_None &&
-                redact_names(msgs[k], names, path, authority, host, hits) < 0)
+        if (query) {
+            /* held: the helper runs Python, which could (it does not) change `known` */
+            PyObject *params = Py_NewRef(known.params);
+            int r = call_helper(MASK_QUERY, msgs[k], params, hits);
+            Py_DECREF(params);
+            if (r < 0 || read_rules(rules) < 0)
                 goto done;
+        }
     }
+    for (int k = 0; k < 2 && has_names; k++)
+        if (msgs[k] != Py_None && redact_names(msgs[k], rules, hits) < 0)
+            goto done;
     for (int k = 0; k < 2 && has_regexes; k++)
         if (msgs[k] != Py_None && call_helper(MASK_MESSAGE_REGEXES, msgs[k], rules, hits) < 0)
             goto done;
-    if ((grpc = PyObject_GetAttr(ex, s_grpc)) == NULL)
+    if ((grpc = slot_get(&f_grpc, ex)) == NULL)
         goto done;
     if (grpc != Py_None && call_helper(REDACT_GRPC, grpc, rules, hits) < 0)
         goto done;
     if (has_regexes) {
-        PyObject *notes = PyObject_GetAttr(ex, s_notes);
+        PyObject *notes = slot_get(&f_notes, ex);
         int any = notes == NULL ? -1 : PyObject_IsTrue(notes);
         Py_XDECREF(notes);
         if (any < 0 || (any && call_helper(MASK_NOTES, ex, rules, hits) < 0))
@@ -280,14 +411,6 @@ done:
     Py_XDECREF(msgs[1]);
     Py_XDECREF(grpc);
     return result;
-}
-
-/* Truth of rules.<attr>, the attribute itself in *value (a new reference). */
-static int
-rule_field(PyObject *rules, PyObject *attr, PyObject **value)
-{
-    *value = PyObject_GetAttr(rules, attr);
-    return *value == NULL ? -1 : PyObject_IsTrue(*value);
 }
 
 PyDoc_STRVAR(redact_exchange_doc,
@@ -304,25 +427,17 @@ redact_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "redact_exchange(exchange, rules)");
         return NULL;
     }
-    PyObject *ex = args[0], *rules = args[1];
-    PyObject *names = NULL, *regexes = NULL, *params = NULL, *hits = NULL, *result = NULL;
-    /* rules.enabled, from the three fields it is made of. */
-    int has_names = rule_field(rules, s_header_names, &names);
-    int has_regexes = has_names < 0 ? -1 : rule_field(rules, s_regexes, &regexes);
-    int has_params = has_regexes < 0 ? -1 : rule_field(rules, s_query_params, &params);
-    if (has_params < 0)
-        goto done;
-    if ((has_names || has_regexes || has_params) &&
-        ((hits = PySet_New(NULL)) == NULL ||
-         redact(ex, rules, names, has_names, has_regexes, params, has_params, hits) < 0))
-        goto done;
-    result = Py_NewRef(Py_None);
-done:
-    Py_XDECREF(names);
-    Py_XDECREF(regexes);
-    Py_XDECREF(params);
+    PyObject *ex = args[0], *rules = args[1], *hits = NULL;
+    if (read_rules(rules) < 0)
+        return NULL;
+    /* The rules are held across the calls below, which may run Python (helpers). */
+    Py_INCREF(rules);
+    int err = 0;
+    if (known.has_names || known.has_regexes || known.has_params)
+        err = (hits = PySet_New(NULL)) == NULL || redact(ex, rules, hits) < 0;
     Py_XDECREF(hits);
-    return result;
+    Py_DECREF(rules);
+    return err ? NULL : Py_NewRef(Py_None);
 }
 
 static PyMethodDef methods[] = {
@@ -339,12 +454,9 @@ PyMODINIT_FUNC
 PyInit__headers(void)
 {
     struct { PyObject **where; const char *text; } strings[] = {
-        {&s_headers, "headers"}, {&s_trailers, "trailers"}, {&s_target, "target"},
-        {&s_authority, "authority"}, {&s_path, ":path"}, {&s_host, "host"},
-        {&s_authority_rule, ":authority"}, {&s_request, "request"}, {&s_response, "response"},
+        {&s_path, ":path"}, {&s_host, "host"}, {&s_authority_rule, ":authority"},
         {&s_header_names, "header_names"}, {&s_regexes, "regexes"},
-        {&s_query_params, "query_params"}, {&s_grpc, "grpc"}, {&s_notes, "notes"},
-        {&s_redactions, "redactions"}, {&s_equals, "="}, {&s_redacted, "[REDACTED]"},
+        {&s_query_params, "query_params"}, {&s_equals, "="}, {&s_redacted, "[REDACTED]"},
     };
     for (size_t k = 0; k < sizeof strings / sizeof strings[0]; k++)
         if ((*strings[k].where = PyUnicode_InternFromString(strings[k].text)) == NULL)

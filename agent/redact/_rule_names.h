@@ -11,18 +11,23 @@
  * and it is popped empty into the list, a third of what the set and list copies of
  * the expression cost. */
 static inline PyObject *sorted_rule_names(PyObject *names, PyObject *old) {
-    PyObject *it = PyObject_GetIter(old), *item;
-    if (it == NULL)
-        return NULL;
-    while ((item = PyIter_Next(it)) != NULL) {
-        int added = PySet_Add(names, item);
-        Py_DECREF(item);
-        if (added < 0)
-            break;
+    PyObject *item;
+    /* An empty list or tuple (what records and exchanges start with) adds nothing. */
+    if (!((PyList_CheckExact(old) && PyList_GET_SIZE(old) == 0) ||
+          (PyTuple_CheckExact(old) && PyTuple_GET_SIZE(old) == 0))) {
+        PyObject *it = PyObject_GetIter(old);
+        if (it == NULL)
+            return NULL;
+        while ((item = PyIter_Next(it)) != NULL) {
+            int added = PySet_Add(names, item);
+            Py_DECREF(item);
+            if (added < 0)
+                break;
+        }
+        Py_DECREF(it);
+        if (PyErr_Occurred())
+            return NULL;
     }
-    Py_DECREF(it);
-    if (PyErr_Occurred())
-        return NULL;
     Py_ssize_t n = PySet_GET_SIZE(names);
     PyObject *list = PyList_New(n);
     if (list == NULL)
@@ -34,7 +39,7 @@ static inline PyObject *sorted_rule_names(PyObject *names, PyObject *old) {
         }
         PyList_SET_ITEM(list, i, item);
     }
-    if (PyList_Sort(list) < 0)
+    if (n > 1 && PyList_Sort(list) < 0)
         Py_CLEAR(list);
     return list;
 }
