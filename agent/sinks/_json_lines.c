@@ -24,13 +24,16 @@
  * while a line is built: the lists cannot change under us.  Every write reserves its
  * room first (short ASCII text its worst case, other text its exact escaped length,
  * measured first), every size is checked for overflow, nothing reads past a string's
- * or a body's end, and the nesting is fixed (no recursion).
+ * or a body's end (nor before its object: a string shorter than 16 is loaded as the
+ * 16 bytes that end with it, the end of its str's header first), and the nesting is
+ * fixed (no recursion).
  *
- * Per exchange (a GET with 5 headers and a 1.5 KiB response body) this is ~11.5k
- * instructions where to_json() and orjson were ~52k: the strings (8 characters at a
- * time), the numbers and the object's fixed text; base64 (bodies and payloads) is
- * encoded into the line with AVX2, 24 bytes a step (below), where a table look-up per
- * character costs ~5x the instructions and pybase64 an intermediate bytes object.
+ * Per exchange (a GET with 5 headers and a 1.5 KiB response body) this is ~7k
+ * instructions where to_json() and orjson were ~52k: the strings (16 characters at a
+ * time), the numbers (8 digits at a time) and the object's fixed text; base64 (bodies
+ * and payloads) is encoded into the line with AVX2, 24 bytes a step (below), where a
+ * table look-up per character costs ~5x the instructions and pybase64 an intermediate
+ * bytes object.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -39,23 +42,27 @@
 #include <string.h>
 #include <structmember.h>
 
+#include "../records/_record.h" /* Record's layout: its fields by name */
+
 /* Text and base64 are handled 8 bytes at a time in a uint64_t, loaded and stored
  * with memcpy: the first byte in the low bits. */
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "_json_lines.c assumes a little-endian CPU"
 #endif
 
-/* The slots read, by class: their offsets in the instance, found at load time. */
+/* The slots read of an exchange and its messages: their offsets in the instance,
+ * found at load time. */
 #define EXCHANGE_FIELDS(X) X(protocol) X(request) X(response) X(stream_id) X(grpc) \
     X(notes) X(redactions)
 #define MESSAGE_FIELDS(X) X(ts_ns) X(end_ts_ns) X(method) X(target) X(authority) X(status) \
     X(reason) X(version) X(headers) X(trailers) X(body) X(body_len) X(body_truncated) \
     X(complete)
-#define AS_ENUM(name) F_##name,
+#define AS_EXCHANGE_ENUM(name) EX_##name,
+#define AS_MESSAGE_ENUM(name) M_##name,
 #define AS_NAME(name) #name,
 
-enum { EXCHANGE_FIELDS(AS_ENUM) N_EXCHANGE_FIELDS };
-enum { MESSAGE_FIELDS(AS_ENUM) N_MESSAGE_FIELDS };
+enum { EXCHANGE_FIELDS(AS_EXCHANGE_ENUM) N_EXCHANGE_FIELDS };
+enum { MESSAGE_FIELDS(AS_MESSAGE_ENUM) N_MESSAGE_FIELDS };
 static const char *const exchange_names[] = {EXCHANGE_FIELDS(AS_NAME)};
 static const char *const message_names[] = {MESSAGE_FIELDS(AS_NAME)};
 
@@ -64,19 +71,18 @@ static Py_ssize_t exchange_at[N_EXCHANGE_FIELDS], message_at[N_MESSAGE_FIELDS];
 
 /* A Record's identity: what stays the same for every record of a connection, encoded
  * once per connection by jsonl.py ("run": node, agent_id; "conn": the rest), and
- * checked field by field here (== as a tuple compares: identity first). */
+ * checked field by field here (== as a tuple compares: identity first).  I_<name>: the
+ * field's place in the identity tuple. */
 #define IDENTITY_FIELDS(X) X(node) X(agent_id) X(pid) X(comm) X(cgroup_id) X(container_id) \
     X(pod) X(source) X(fd) X(local) X(remote) X(role)
-/* The Record fields a line reads beyond its identity. */
-#define LINE_FIELDS(X) X(type) X(conn_id) X(ts_ns) X(seq) X(tid) X(direction) X(offset) \
-    X(len) X(captured_len) X(truncated) X(data) X(protocol) X(redactions) X(exchange)
-#define AS_RECORD_ENUM(name) R_##name,
-enum { IDENTITY_FIELDS(AS_RECORD_ENUM) N_IDENTITY_FIELDS };
-enum { LINE_FIELDS(AS_RECORD_ENUM) N_LINE_FIELDS };
+#define AS_IDENTITY_ENUM(name) I_##name,
+enum { IDENTITY_FIELDS(AS_IDENTITY_ENUM) N_IDENTITY_FIELDS };
 static const char *const identity_names[] = {IDENTITY_FIELDS(AS_NAME)};
-static const char *const line_names[] = {LINE_FIELDS(AS_NAME)};
-static PyTypeObject *RecordType; /* agent.records._record.Record: its subclasses too */
-static Py_ssize_t identity_at[N_IDENTITY_FIELDS], line_at[N_LINE_FIELDS];
+
+/* agent.records._record.Record, its subclasses too: a record's fields are read at
+ * their place in its layout, RECORD(r)->name (the layout _record.c builds it from). */
+static PyTypeObject *RecordType;
+#define RECORD(obj) ((RecordObject *)(obj))
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -136,13 +142,28 @@ static int unsupported(const char *what) {
     return -1;
 }
 
+/* What finish() leaves unused at the end of a line rather than give back. */
+#define SLACK 1024
+
+/* The output as a bytes object of its length, a new reference; NULL on error (it is
+ * released).  The first guess at a line's size (line_of(), size_hint()) is over by a
+ * few hundred bytes: up to SLACK of them are kept and only the size set, where giving
+ * them back (_PyBytes_Resize, a realloc) cost ~300 instructions a line.  A bytes
+ * object's memory is freed whatever its size says, and a line lives only until the
+ * sink has written it. */
+static PyObject *finish(Out *o) {
+    if (o->cap - o->len <= SLACK) {
+        Py_SET_SIZE(o->bytes, o->len);
+        o->p[o->len] = '\0'; /* as every bytes object ends */
+        return o->bytes;
+    }
+    return _PyBytes_Resize(&o->bytes, o->len) < 0 ? NULL : o->bytes;
+}
+
 /* -- values ------------------------------------------------------------------------- */
 
-/* A C long long from an exact int (bool and subclasses go to the Python path), or
- * -1 with TypeError. */
-static int as_int64(PyObject *v, long long *x) {
-    if (v == NULL || !PyLong_CheckExact(v))
-        return unsupported("an int field holds something else");
+/* as_int64()'s general case: an int beyond 3 digits of 30 bits, or not a long long. */
+static int as_int64_checked(PyObject *v, long long *x) {
     int overflow = 0;
     *x = PyLong_AsLongLongAndOverflow(v, &overflow);
     if (overflow)
@@ -150,33 +171,119 @@ static int as_int64(PyObject *v, long long *x) {
     return *x == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
-/* x in decimal, as int.__repr__: by hand, two digits at a time, straight into the
- * output (snprintf cost ~0.1 us a number, a timestamp has 19 digits, and even a
- * memcpy call from a digit buffer showed in profiles). */
+/* A C long long from an exact int (bool and subclasses go to the Python path), or
+ * -1 with TypeError.  An int of up to 3 digits of 30 bits under 2^63 (every count,
+ * offset and size here, and every timestamp in nanoseconds until 2262) is read from
+ * its digits, inline: PyLong_AsLongLongAndOverflow's call and checks, and this
+ * function's own call, were ~45 instructions of an int's ~110. */
+INLINE int as_int64(PyObject *v, long long *x) {
+    if (v == NULL || !PyLong_CheckExact(v))
+        return unsupported("an int field holds something else");
+#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30 /* 3.12 keeps the size elsewhere */
+    Py_ssize_t size = Py_SIZE(v);
+    const digit *d = ((PyLongObject *)v)->ob_digit;
+    unsigned long long u;
+    switch (size < 0 ? -size : size) {
+    case 0: *x = 0; return 0; /* (0 may have no digit) */
+    case 1: u = d[0]; break;
+    case 2: u = d[0] | (unsigned long long)d[1] << 30; break;
+    case 3:
+        if (d[2] >= 8) /* 2^63 or more */
+            return as_int64_checked(v, x);
+        u = d[0] | (unsigned long long)d[1] << 30 | (unsigned long long)d[2] << 60;
+        break;
+    default: return as_int64_checked(v, x);
+    }
+    *x = size < 0 ? -(long long)u : (long long)u;
+    return 0;
+#else
+    return as_int64_checked(v, x);
+#endif
+}
+
+/* x in decimal, as int.__repr__: by hand, straight into the output (snprintf cost
+ * ~0.1 us a number, a timestamp has 19 digits, and even a memcpy call from a digit
+ * buffer showed in profiles). */
 static char digit_pairs[200]; /* "00" "01" ... "99" */
 
+static const unsigned long long POW10[20] = {
+    1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL, 1000000ULL, 10000000ULL,
+    100000000ULL, 1000000000ULL, 10000000000ULL, 100000000000ULL, 1000000000000ULL,
+    10000000000000ULL, 100000000000000ULL, 1000000000000000ULL, 10000000000000000ULL,
+    100000000000000000ULL, 1000000000000000000ULL, 10000000000000000000ULL};
+
+/* How many decimal digits u has: t = floor(bits * log10(2)) (1233 / 4096 is close
+ * enough for 64 bits) is that count or one less, and one compare tells which, where
+ * a loop of compares took up to 19 multiplies.  (u | 1: 0 has one digit; no power of
+ * ten above 1 is odd, so it changes no other answer.) */
+INLINE int decimal_digits(unsigned long long u) {
+    int t = (64 - __builtin_clzll(u | 1)) * 1233 >> 12;
+    return t + ((u | 1) >= POW10[t]);
+}
+
+/* The 8 decimal digits of u < 10^8, leading zeros included, as the 8 bytes of a word
+ * (the first digit in the low byte): u split into two 4-digit halves in 32-bit lanes,
+ * each into 2-digit quarters in 16-bit lanes, each into digits in bytes, a multiply
+ * and a shift (x / 100 = x * 10486 >> 20 for x < 10^4, x / 10 = x * 103 >> 10 for
+ * x < 100) doing every lane at once; where two digits a step, each a division by
+ * 100, took ~17 instructions per two. */
+INLINE uint64_t eight_digits(uint32_t u) {
+    uint64_t v = u / 10000 | (uint64_t)(u % 10000) << 32;
+    uint64_t q = (v * 10486 >> 20) & 0x0000007f0000007fULL;
+    v = q | (v - q * 100) << 16;
+    q = (v * 103 >> 10) & 0x000f000f000f000fULL;
+    v = q | (v - q * 10) << 8;
+    return v + 0x3030303030303030ULL; /* '0' added to each */
+}
+
+/* Writes u's last n digits (1..8; u < 10^8, leading zeros included) at w, and 8 - n
+ * bytes of zeros after them, in room the next write takes. */
+INLINE void put_digits(char *w, uint32_t u, int n) {
+    uint64_t d = eight_digits(u) >> (8 * (8 - n)); /* the leading zeros shifted out */
+    memcpy(w, &d, 8);
+}
+
+/* Room for the sign, 19 digits and the 8-byte store of the last part. */
+#define INT_ROOM 28
+
+static int put_int64(Out *o, long long x);
+
+/* put_int64() once it has room: apart, and tail-called, so that put_int64() calls
+ * nothing and keeps its values in registers that need no saving. */
+static __attribute__((noinline)) int put_int64_grown(Out *o, long long x) {
+    return grow(o, INT_ROOM) < 0 ? -1 : put_int64(o, x);
+}
+
 static int put_int64(Out *o, long long x) {
-    unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
-    int len = 1; /* digits: at most 20 */
-    for (unsigned long long bound = 10; len < 20 && u >= bound; bound *= 10)
-        len++;
-    if (reserve(o, len + 1) < 0)
-        return -1;
+    if (o->cap - o->len < INT_ROOM)
+        return put_int64_grown(o, x);
     char *w = o->p + o->len;
-    if (x < 0)
+    unsigned long long u = (unsigned long long)x;
+    if (x < 0) {
         *w++ = '-';
-    o->len = w + len - o->p;
-    w += len; /* written backwards from here */
-    for (; u >= 100; u /= 100) {
-        w -= 2;
-        memcpy(w, digit_pairs + 2 * (u % 100), 2);
+        u = 0ULL - u;
     }
-    if (u >= 10) {
-        w -= 2;
+    if (u < 10) {
+        *w++ = (char)('0' + u);
+    } else if (u < 100) {
         memcpy(w, digit_pairs + 2 * u, 2);
+        w += 2;
     } else {
-        *--w = (char)('0' + u);
+        int len = decimal_digits(u); /* at most 19 (|x| <= 2^63) */
+        if (len <= 8) { /* the leading part first: each part's store runs into the next */
+            put_digits(w, (uint32_t)u, len);
+        } else if (len <= 16) {
+            put_digits(w, (uint32_t)(u / 100000000), len - 8);
+            put_digits(w + len - 8, (uint32_t)(u % 100000000), 8);
+        } else {
+            unsigned long long high = u / 100000000;
+            put_digits(w, (uint32_t)(high / 100000000), len - 16);
+            put_digits(w + len - 16, (uint32_t)(high % 100000000), 8);
+            put_digits(w + len - 8, (uint32_t)(u % 100000000), 8);
+        }
+        w += len;
     }
+    o->len = w - o->p;
     return 0;
 }
 
@@ -193,7 +300,7 @@ static int put_bool(Out *o, PyObject *v) {
     return unsupported("a bool field holds something else");
 }
 
-/* Whether 8 ASCII bytes (all below 0x80: both callers read ASCII strings only) hold
+/* Whether 8 ASCII bytes (all below 0x80: put_text() reads ASCII strings only) hold
  * one that json.dumps escapes: a control character, a quote, a backslash or DEL.  In
  * each term a byte's high bit comes on exactly when it is such a byte (below 0x20,
  * equal to one of them, 0x7f + 1); a borrow only ever crosses out of a byte that is
@@ -247,40 +354,97 @@ static inline char *put_escaped(char *w, Py_UCS4 c) {
 
 /* Short ASCII text (nearly every string here: header names and values, methods,
  * targets) in one pass: room for the worst case (6 bytes a character) is reserved,
- * and 8 characters at a time are copied while none needs escaping. */
+ * and 16 characters at a time are copied while none needs escaping. */
 #define SHORT_TEXT 4096
+/* The room write_short_ascii() takes for n characters: the worst case, the quotes,
+ * and 8 bytes for the store of a short last word. */
+#define SHORT_ROOM(n) ((n) * 6 + 10)
 
-static int put_short_ascii(Out *o, const Py_UCS1 *s, Py_ssize_t n) {
-    /* the worst case, and 8 bytes for the store of a short last word */
-    if (reserve(o, n * 6 + 10) < 0)
-        return -1;
-    char *w = o->p + o->len;
+/* A compact ASCII str's characters (PyUnicode_1BYTE_DATA) come right after its
+ * header, which write_short_ascii() reads into (below). */
+_Static_assert(sizeof(PyASCIIObject) >= 16, "a str's header is at least 16 bytes");
+
+INLINE int is_short_ascii(PyObject *v) {
+    /* (a legacy string, possible before 3.12, is not compact: not IS_ASCII) */
+    return PyUnicode_Check(v) && PyUnicode_IS_COMPACT_ASCII(v) &&
+           PyUnicode_GET_LENGTH(v) <= SHORT_TEXT;
+}
+
+/* n ASCII characters as a JSON string at w, escaped one by one: a string with one
+ * that json.dumps escapes (rare here).  Apart, and tail-called, so that the few
+ * registers write_short_ascii() needs are not saved and restored on every call. */
+static __attribute__((noinline)) char *write_escaped(char *w, const Py_UCS1 *s, Py_ssize_t n) {
     *w++ = '"';
-    for (Py_ssize_t k = 0; k < n; k += 8) {
-        Py_ssize_t m = n - k;
-        uint64_t x;
-        if (m >= 8) {
-            m = 8;
-            memcpy(&x, s + k, 8);
-        } else if (n >= 8) { /* the last 8 bytes, shifted: the ones already done drop out */
-            memcpy(&x, s + n - 8, 8);
-            x = x >> (8 * (8 - m)) | (ONES * ' ') << (8 * m); /* padded with spaces */
-        } else { /* a string shorter than a word: byte by byte (no reading past its end) */
-            x = (ONES * ' ') << (8 * m);
-            for (Py_ssize_t j = 0; j < m; j++)
-                x |= (uint64_t)s[j] << (8 * j);
+    for (Py_ssize_t k = 0; k < n; k++)
+        w = put_escaped(w, s[k]);
+    *w++ = '"';
+    return w;
+}
+
+/* 16 bytes in a vector register (SSE2, NEON: GCC's and clang's vector extensions). */
+typedef unsigned char Bytes16 __attribute__((vector_size(16)));
+typedef uint64_t Words2 __attribute__((vector_size(16)));
+
+/* 0xff for each of 16 ASCII bytes that json.dumps escapes (a control character, a
+ * quote, a backslash or DEL), 0 for the others. */
+INLINE Bytes16 escapes16(Bytes16 v) {
+    return (Bytes16)((v < 0x20) | (v == '"') | (v == '\\') | (v == 0x7f));
+}
+
+INLINE int any16(Bytes16 v) {
+    Words2 w = (Words2)v;
+    return (w[0] | w[1]) != 0;
+}
+
+/* 16 bytes of 0, then 16 of 0xff: from LAST_N + n, the 16 bytes that keep the last n
+ * of a vector. */
+static const unsigned char LAST_N[32] = {
+    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+
+/* Writes the n characters s of a compact ASCII str (is_short_ascii()) as a JSON
+ * string at w, which has SHORT_ROOM(n) bytes of room; returns its end.  16 characters
+ * at a time are checked and copied while none needs escaping; at the first that
+ * does, the string is written again from its start by write_escaped().  A string of
+ * up to 16 is checked in the 16 bytes that end with it: in a string that short, the
+ * first of those are the end of the str's header, never past the object (the check
+ * leaves them out), where a word at a time, its last one loaded byte by byte, cost
+ * ~60 instructions a string. */
+static char *write_short_ascii(char *w, const Py_UCS1 *s, Py_ssize_t n) {
+    char *start = w;
+    *w++ = '"';
+    Bytes16 v, keep;
+    if (n <= 16) {
+        memcpy(&v, s + n - 16, 16);
+        memcpy(&keep, LAST_N + n, 16);
+        if (any16(escapes16(v) & keep))
+            return write_escaped(start, s, n);
+        uint64_t a, b;
+        if (n >= 8) { /* two words, overlapping for fewer than 16 */
+            memcpy(&a, s, 8);
+            memcpy(&b, s + n - 8, 8);
+            memcpy(w, &a, 8);
+            memcpy(w + n - 8, &b, 8);
+        } else if (n > 0) { /* the last 8 bytes, shifted: what comes after is room */
+            memcpy(&a, s + n - 8, 8);
+            a >>= 8 * (8 - n);
+            memcpy(w, &a, 8);
         }
-        if (!needs_escape(x)) {
-            memcpy(w, &x, 8); /* a short word's padding lies past what is kept */
-            w += m;
-        } else {
-            for (Py_ssize_t j = 0; j < m; j++)
-                w = put_escaped(w, s[k + j]);
+    } else {
+        for (Py_ssize_t k = 0; n - k > 16; k += 16) {
+            memcpy(&v, s + k, 16);
+            if (any16(escapes16(v)))
+                return write_escaped(start, s, n);
+            memcpy(w + k, &v, 16);
         }
+        memcpy(&v, s + n - 16, 16); /* the last 16: again some already written, the same */
+        if (any16(escapes16(v)))
+            return write_escaped(start, s, n);
+        memcpy(w + n - 16, &v, 16);
     }
+    w += n;
     *w++ = '"';
-    o->len = w - o->p;
-    return 0;
+    return w;
 }
 
 /* Any other str (not ASCII, or long), in two passes: the escaped length first
@@ -341,10 +505,13 @@ static int put_text(Out *o, PyObject *v) {
 INLINE int put_str(Out *o, PyObject *v) {
     if (v == NULL || !PyUnicode_Check(v))
         return unsupported("a str field holds something else");
-    /* (a legacy string, possible before 3.12, is not compact: not IS_ASCII) */
-    if (PyUnicode_IS_COMPACT_ASCII(v) && PyUnicode_GET_LENGTH(v) <= SHORT_TEXT)
-        return put_short_ascii(o, PyUnicode_1BYTE_DATA(v), PyUnicode_GET_LENGTH(v));
-    return put_text(o, v);
+    if (!is_short_ascii(v))
+        return put_text(o, v);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v);
+    if (reserve(o, SHORT_ROOM(n)) < 0)
+        return -1;
+    o->len = write_short_ascii(o->p + o->len, PyUnicode_1BYTE_DATA(v), n) - o->p;
+    return 0;
 }
 
 /* A list of str as a JSON array. */
@@ -369,10 +536,24 @@ static int put_pairs(Out *o, PyObject *v) {
         PyObject *pair = PyList_GET_ITEM(v, k);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2)
             return unsupported("a header is not a (name, value) tuple");
-        if ((k && PUT(o, ",") < 0) || PUT(o, "[") < 0 ||
-            put_str(o, PyTuple_GET_ITEM(pair, 0)) < 0 || PUT(o, ",") < 0 ||
-            put_str(o, PyTuple_GET_ITEM(pair, 1)) < 0 || PUT(o, "]") < 0)
+        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+        if (is_short_ascii(name) && is_short_ascii(value)) { /* one reservation for both */
+            Py_ssize_t n = PyUnicode_GET_LENGTH(name), m = PyUnicode_GET_LENGTH(value);
+            if (reserve(o, SHORT_ROOM(n) + SHORT_ROOM(m) + 3) < 0)
+                return -1;
+            char *w = o->p + o->len;
+            if (k)
+                *w++ = ',';
+            *w++ = '[';
+            w = write_short_ascii(w, PyUnicode_1BYTE_DATA(name), n);
+            *w++ = ',';
+            w = write_short_ascii(w, PyUnicode_1BYTE_DATA(value), m);
+            *w++ = ']';
+            o->len = w - o->p;
+        } else if ((k && PUT(o, ",") < 0) || PUT(o, "[") < 0 || put_str(o, name) < 0 ||
+                   PUT(o, ",") < 0 || put_str(o, value) < 0 || PUT(o, "]") < 0) {
             return -1;
+        }
     }
     return PUT(o, "]");
 }
@@ -410,38 +591,63 @@ static char *b64_scalar(char *w, const unsigned char *s, Py_ssize_t n) {
  * each 3-byte group in a 32-bit lane as [b1 b0 b2 b1]; two masked 16-bit multiplies
  * move the four 6-bit indices into the lane's four bytes; a 16-entry shuffle table
  * then gives the offset that turns each index into its character (A-Z, a-z, 0-9, +,
- * /).  Each 128-bit half takes 12 bytes but loads 16, so a step needs 28 bytes left.
- * Returns how many bytes it encoded (a multiple of 24); the rest is b64_scalar's. */
+ * /).  Each 128-bit half takes 12 bytes: the low half loads bytes 0..15, the high
+ * half 8..23 and takes its 4..15, so a step reads its 24 bytes and no more.  Writes
+ * at w the characters of s's 3-byte groups (all but its last 0..2 bytes) and returns
+ * how many bytes they are; 0 for fewer than 24 (b64_scalar's).  Steps of 24 bytes,
+ * then one over the 24 bytes that end with the last group, which writes again, the
+ * same, what the step before wrote of them: the table loop cost ~20 instructions a
+ * group, and a tail has up to 7. */
 __attribute__((target("avx2"))) static Py_ssize_t b64_avx2(char *w, const unsigned char *s,
                                                           Py_ssize_t n) {
     const __m256i spread = _mm256_setr_epi8(1, 0, 2, 1, 4, 3, 5, 4, 7, 6, 8, 7, 10, 9, 11, 10,
-                                            1, 0, 2, 1, 4, 3, 5, 4, 7, 6, 8, 7, 10, 9, 11, 10);
+                                            5, 4, 6, 5, 8, 7, 9, 8, 11, 10, 12, 11, 14, 13, 15, 14);
     const __m256i offsets = _mm256_setr_epi8(
-        'a' - 26, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52,
-        '0' - 52, '0' - 52, '+' - 62, '/' - 63, 'A', 0, 0, 'a' - 26, '0' - 52, '0' - 52, '0' - 52,
-        '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '+' - 62, '/' - 63,
-        'A', 0, 0);
-    Py_ssize_t i = 0;
-    for (; n - i >= 28; i += 24, w += 32) {
-        __m128i lo = _mm_loadu_si128((const __m128i *)(s + i));
-        __m128i hi = _mm_loadu_si128((const __m128i *)(s + i + 12));
-        __m256i in = _mm256_shuffle_epi8(
-            _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1), spread);
-        /* [b1 b0 b2 b1]: index 0 is b0's top 6 bits, 2 the middle of b1:b2 (mulhi
-         * shifts them down to bytes 0 and 2); 1 and 3 go up into bytes 1 and 3. */
-        __m256i i02 = _mm256_mulhi_epu16(_mm256_and_si256(in, _mm256_set1_epi32(0x0fc0fc00)),
-                                         _mm256_set1_epi32(0x04000040));
-        __m256i i13 = _mm256_mullo_epi16(_mm256_and_si256(in, _mm256_set1_epi32(0x003f03f0)),
-                                         _mm256_set1_epi32(0x01000010));
-        __m256i index = _mm256_or_si256(i02, i13);
-        /* Which offset: 0..25 -> 13 ('A'), 26..51 -> 0, 52..61 -> 1..10, 62 -> 11, 63 -> 12. */
-        __m256i which = _mm256_subs_epu8(index, _mm256_set1_epi8(51));
-        __m256i upper = _mm256_cmpgt_epi8(_mm256_set1_epi8(26), index);
-        which = _mm256_or_si256(which, _mm256_and_si256(upper, _mm256_set1_epi8(13)));
-        __m256i text = _mm256_add_epi8(_mm256_shuffle_epi8(offsets, which), index);
-        _mm256_storeu_si256((__m256i *)w, text);
+        'A', 'a' - 26, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52,
+        '0' - 52, '0' - 52, '0' - 52, '+' - 62, '/' - 63, 0, 0, 'A', 'a' - 26, '0' - 52, '0' - 52,
+        '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '+' - 62,
+        '/' - 63, 0, 0);
+    const __m256i mask02 = _mm256_set1_epi32(0x0fc0fc00), mul02 = _mm256_set1_epi32(0x04000040);
+    const __m256i mask13 = _mm256_set1_epi32(0x003f03f0), mul13 = _mm256_set1_epi32(0x01000010);
+    const __m256i c51 = _mm256_set1_epi8(51), c25 = _mm256_set1_epi8(25);
+    /* One step: the 24 bytes at S to the 32 characters at W. */
+#define B64_STEP(S, W)                                                                          \
+    do {                                                                                       \
+        __m128i lo = _mm_loadu_si128((const __m128i *)(S));                                    \
+        __m128i hi = _mm_loadu_si128((const __m128i *)((S) + 8));                              \
+        __m256i in = _mm256_shuffle_epi8(                                                      \
+            _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1), spread);               \
+        /* [b1 b0 b2 b1]: index 0 is b0's top 6 bits, 2 the middle of b1:b2 (mulhi         \
+         * shifts them down to bytes 0 and 2); 1 and 3 go up into bytes 1 and 3. */          \
+        __m256i i02 = _mm256_mulhi_epu16(_mm256_and_si256(in, mask02), mul02);                 \
+        __m256i i13 = _mm256_mullo_epi16(_mm256_and_si256(in, mask13), mul13);                 \
+        __m256i index = _mm256_or_si256(i02, i13);                                             \
+        /* Which offset: 0..25 -> 0 ('A'), 26..51 -> 1, 52..61 -> 2..11, 62 -> 12, 63 -> 13: \
+         * a saturated 51 less, then 1 more from 26 on (less the compare's -1; as Klomp's     \
+         * base64 library does, a step fewer than an and and an or of 13 for 0..25). */       \
+        __m256i which = _mm256_subs_epu8(index, c51);                                          \
+        which = _mm256_sub_epi8(which, _mm256_cmpgt_epi8(index, c25));                         \
+        __m256i text = _mm256_add_epi8(_mm256_shuffle_epi8(offsets, which), index);            \
+        _mm256_storeu_si256((__m256i *)(W), text);                                             \
+    } while (0)
+    Py_ssize_t end = n / 3 * 3; /* the groups' end */
+    if (end < 24)
+        return 0;
+    const unsigned char *stop = s + end, *last = stop - 24;
+    /* Two steps a turn: the loop's own instructions were a fifth of a step's. */
+    for (; last - s >= 24; s += 48, w += 64) {
+        B64_STEP(s, w);
+        B64_STEP(s + 24, w + 32);
     }
-    return i;
+    if (s <= last) {
+        B64_STEP(s, w);
+        s += 24;
+        w += 32;
+    }
+    if (s < stop) /* the last step, back at a group's start: it overlaps the one before */
+        B64_STEP(last, w + (last - s) / 3 * 4);
+#undef B64_STEP
+    return end;
 }
 static int have_avx2;
 #endif
@@ -459,24 +665,31 @@ static char *b64_write(char *w, const unsigned char *s, Py_ssize_t n, int simd) 
     return b64_scalar(w, s, n);
 }
 
+/* n bytes as a JSON string of standard base64 with padding. */
+static int put_b64(Out *o, const unsigned char *s, Py_ssize_t n) {
+    if (n > (PY_SSIZE_T_MAX - 2) / 4 * 3 - 3)
+        return (PyErr_NoMemory(), -1);
+    if (reserve(o, (n + 2) / 3 * 4 + 2) < 0)
+        return -1;
+    char *w = o->p + o->len;
+    *w++ = '"';
+    w = b64_write(w, s, n, 1);
+    *w++ = '"';
+    o->len = w - o->p;
+    return 0;
+}
+
 /* Any buffer (a body is bytes, a payload maybe a memoryview of the ring) as a JSON
  * string of standard base64 with padding, encoded into the line itself: no
- * intermediate bytes object, no second copy. */
+ * intermediate bytes object, no second copy.  (bytes, exact type, without taking a
+ * buffer: ~60 instructions less.) */
 static int put_payload(Out *o, PyObject *v) {
+    if (PyBytes_CheckExact(v))
+        return put_b64(o, (const unsigned char *)PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
     Py_buffer view;
     if (PyObject_GetBuffer(v, &view, PyBUF_SIMPLE) < 0)
         return -1;
-    int err = -1;
-    if (view.len > (PY_SSIZE_T_MAX - 2) / 4 * 3 - 3)
-        PyErr_NoMemory();
-    else if (reserve(o, (view.len + 2) / 3 * 4 + 2) == 0) {
-        char *w = o->p + o->len;
-        *w++ = '"';
-        w = b64_write(w, view.buf, view.len, 1);
-        *w++ = '"';
-        o->len = w - o->p;
-        err = 0;
-    }
+    int err = put_b64(o, view.buf, view.len);
     PyBuffer_Release(&view);
     return err;
 }
@@ -494,7 +707,7 @@ static int put_base64(Out *o, PyObject *v) {
 static int put_message(Out *o, PyObject *m) {
     if (!Py_IS_TYPE(m, MessageType))
         return unsupported("a request or response is not an HttpMessage");
-#define F(name) SLOT(m, message_at[F_##name])
+#define F(name) SLOT(m, message_at[M_##name])
     if (PUT(o, "{\"ts_ns\":") < 0 || put_int(o, F(ts_ns)) < 0 ||
         PUT(o, ",\"end_ts_ns\":") < 0 || put_int(o, F(end_ts_ns)) < 0 ||
         PUT(o, ",\"method\":") < 0 || put_str(o, F(method)) < 0 ||
@@ -527,11 +740,11 @@ static int put_latency(Out *o, PyObject *request, PyObject *response) {
     if (!Py_IS_TYPE(request, MessageType) || !Py_IS_TYPE(response, MessageType))
         return unsupported("a request or response is not an HttpMessage");
     long long end, begin, latency;
-    if (as_int64(SLOT(response, message_at[F_end_ts_ns]), &end) < 0)
+    if (as_int64(SLOT(response, message_at[M_end_ts_ns]), &end) < 0)
         return -1;
     if (end == 0)
         return PUT(o, "null");
-    if (as_int64(SLOT(request, message_at[F_ts_ns]), &begin) < 0)
+    if (as_int64(SLOT(request, message_at[M_ts_ns]), &begin) < 0)
         return -1;
     if (__builtin_sub_overflow(end, begin, &latency))
         return unsupported("a latency beyond 64 bits");
@@ -539,7 +752,7 @@ static int put_latency(Out *o, PyObject *request, PyObject *response) {
 }
 
 static int put_exchange(Out *o, PyObject *ex) {
-#define F(name) SLOT(ex, exchange_at[F_##name])
+#define F(name) SLOT(ex, exchange_at[EX_##name])
     PyObject *request = F(request), *response = F(response);
     if (F(grpc) != Py_None)
         return unsupported("a gRPC exchange (or grpc unset)");
@@ -560,12 +773,12 @@ static int put_exchange(Out *o, PyObject *ex) {
  * fixed text, the bodies' base64 and a head's worth of headers each. */
 static Py_ssize_t size_hint(PyObject *ex) {
     Py_ssize_t hint = 1024;
-    PyObject *sides[2] = {SLOT(ex, exchange_at[F_request]), SLOT(ex, exchange_at[F_response])};
+    PyObject *sides[2] = {SLOT(ex, exchange_at[EX_request]), SLOT(ex, exchange_at[EX_response])};
     for (int k = 0; k < 2; k++) {
         PyObject *m = sides[k];
         if (m == NULL || !Py_IS_TYPE(m, MessageType))
             continue;
-        PyObject *body = SLOT(m, message_at[F_body]);
+        PyObject *body = SLOT(m, message_at[M_body]);
         if (body != NULL && PyBytes_Check(body) && PyBytes_GET_SIZE(body) < (1 << 24))
             hint += PyBytes_GET_SIZE(body) / 3 * 4 + 4;
     }
@@ -589,14 +802,22 @@ static PyObject *exchange_json(PyObject *module, PyObject *ex) {
     if (o.bytes == NULL)
         return NULL;
     o.p = PyBytes_AS_STRING(o.bytes);
-    if (put_exchange(&o, ex) < 0 || _PyBytes_Resize(&o.bytes, o.len) < 0) {
-        Py_XDECREF(o.bytes);
+    if (put_exchange(&o, ex) < 0) {
+        Py_XDECREF(o.bytes); /* (NULL if a grow() failed) */
         return NULL;
     }
-    return o.bytes;
+    return finish(&o);
 }
 
 /* -- whole lines of Records ------------------------------------------------------------ */
+
+/* Whether a record's field v (NULL: unset, TypeError) still equals what it was: 1, 0,
+ * or -1.  Most often it is the very object the identity was taken from: no call then. */
+INLINE int same_value(PyObject *v, PyObject *was) {
+    if (v == NULL)
+        return unsupported("a record field is unset");
+    return v == was ? 1 : PyObject_RichCompareBool(v, was, Py_EQ);
+}
 
 /* The run and connection fragments of `cached` (identity, run, conn) if the record's
  * identity is still the one they were encoded from: 1; 0 if it is not (the caller
@@ -610,14 +831,12 @@ static int cached_identity(PyObject *record, PyObject *cached, PyObject **run, P
     if (!PyTuple_Check(identity) || PyTuple_GET_SIZE(identity) != N_IDENTITY_FIELDS ||
         !PyBytes_Check(*run) || !PyBytes_Check(*conn))
         return unsupported("the identity cache entry is not (identity, run, conn)");
-    for (int k = 0; k < N_IDENTITY_FIELDS; k++) {
-        PyObject *v = SLOT(record, identity_at[k]);
-        if (v == NULL)
-            return unsupported("a record field is unset");
-        int same = PyObject_RichCompareBool(v, PyTuple_GET_ITEM(identity, k), Py_EQ);
-        if (same <= 0)
-            return same;
-    }
+    int same;
+#define SAME(name)                                                                             \
+    if ((same = same_value(RECORD(record)->name, PyTuple_GET_ITEM(identity, I_##name))) <= 0)   \
+        return same;
+    IDENTITY_FIELDS(SAME)
+#undef SAME
     return 1;
 }
 
@@ -628,7 +847,7 @@ static int put_bytes(Out *o, PyObject *v) {
 /* '{"type":"<type>","ts_ns":N,<run>,"seq":N,"tid":N,<conn>' -- every line's start. */
 static int put_line_start(Out *o, PyObject *record, const char *start, Py_ssize_t n,
                           PyObject *run, PyObject *conn) {
-#define F(name) SLOT(record, line_at[R_##name])
+#define F(name) RECORD(record)->name
     return put(o, start, n) < 0 || put_int(o, F(ts_ns)) < 0 || PUT(o, ",") < 0 ||
            put_bytes(o, run) < 0 || PUT(o, ",\"seq\":") < 0 || put_int(o, F(seq)) < 0 ||
            PUT(o, ",\"tid\":") < 0 || put_int(o, F(tid)) < 0 || PUT(o, ",") < 0 ||
@@ -639,7 +858,7 @@ static int put_line_start(Out *o, PyObject *record, const char *start, Py_ssize_
 }
 
 static int put_data_line(Out *o, PyObject *record, PyObject *run, PyObject *conn) {
-#define F(name) SLOT(record, line_at[R_##name])
+#define F(name) RECORD(record)->name
     PyObject *direction = F(direction), *truncated = F(truncated), *data = F(data);
     if (direction == NULL || truncated == NULL || data == NULL)
         return unsupported("a record field is unset");
@@ -671,13 +890,13 @@ static int put_data_line(Out *o, PyObject *record, PyObject *run, PyObject *conn
  * is encoded here, TypeError for one this module does not take). */
 static int put_exchange_line(Out *o, PyObject *record, PyObject *run, PyObject *conn,
                              PyObject *member) {
-    PyObject *ex = SLOT(record, line_at[R_exchange]);
+    PyObject *ex = RECORD(record)->exchange;
     if (member == Py_None && (ex == NULL || !Py_IS_TYPE(ex, ExchangeType)))
         return unsupported("the record's exchange is not an Exchange");
     if (member != Py_None && !PyBytes_Check(member))
         return unsupported("the exchange member is not bytes");
     if (put_line_start(o, record, LIT("{\"type\":\"exchange\",\"ts_ns\":"), run, conn) < 0 ||
-        PUT(o, ",\"protocol\":") < 0 || put_str(o, SLOT(record, line_at[R_protocol])) < 0 ||
+        PUT(o, ",\"protocol\":") < 0 || put_str(o, RECORD(record)->protocol) < 0 ||
         PUT(o, ",\"exchange\":") < 0 ||
         (member == Py_None ? put_exchange(o, ex) : put_bytes(o, member)) < 0 ||
         PUT(o, "}\n") < 0)
@@ -694,14 +913,18 @@ static PyObject *line_of(PyObject *record, PyObject *cached, PyObject *member, i
         return fresh < 0 ? NULL : Py_NewRef(Py_None);
     Py_ssize_t cap = 512 + PyBytes_GET_SIZE(run) + PyBytes_GET_SIZE(conn);
     if (exchange) {
-        PyObject *ex = SLOT(record, line_at[R_exchange]);
+        PyObject *ex = RECORD(record)->exchange;
         cap += member != Py_None && PyBytes_Check(member) ? PyBytes_GET_SIZE(member)
                : ex != NULL && Py_IS_TYPE(ex, ExchangeType) ? size_hint(ex)
                                                              : 0;
     } else {
-        PyObject *data = SLOT(record, line_at[R_data]);
-        if (data != NULL && PyBytes_Check(data) && PyBytes_GET_SIZE(data) < (1 << 28))
-            cap += PyBytes_GET_SIZE(data) / 3 * 4 + 4;
+        PyObject *data = RECORD(record)->data;
+        Py_ssize_t n = data == NULL               ? 0
+                       : PyBytes_Check(data)      ? PyBytes_GET_SIZE(data)
+                       : PyMemoryView_Check(data) ? PyMemoryView_GET_BUFFER(data)->len
+                                                  : 0;
+        if (n < (1 << 28))
+            cap += n / 3 * 4 + 4;
     }
     Out o = {NULL, NULL, 0, cap};
     o.bytes = PyBytes_FromStringAndSize(NULL, o.cap);
@@ -710,11 +933,11 @@ static PyObject *line_of(PyObject *record, PyObject *cached, PyObject *member, i
     o.p = PyBytes_AS_STRING(o.bytes);
     int err = exchange ? put_exchange_line(&o, record, run, conn, member)
                        : put_data_line(&o, record, run, conn);
-    if (err < 0 || _PyBytes_Resize(&o.bytes, o.len) < 0) {
-        Py_XDECREF(o.bytes);
+    if (err < 0) {
+        Py_XDECREF(o.bytes); /* (NULL if a grow() failed) */
         return NULL;
     }
-    return o.bytes;
+    return finish(&o);
 }
 
 static PyObject *record_line(PyObject *const *args, Py_ssize_t nargs, int exchange) {
@@ -725,6 +948,15 @@ static PyObject *record_line(PyObject *const *args, Py_ssize_t nargs, int exchan
     return line_of(args[0], args[1], exchange ? args[2] : Py_None, exchange);
 }
 
+/* Whether str v is `lit`, an ASCII word of n characters: for a compact ASCII str, a
+ * length and a memcmp of a few bytes inline, where PyUnicode_CompareWithASCIIString
+ * cost ~85 instructions, up to 3 times a record. */
+INLINE int is_word(PyObject *v, const char *lit, Py_ssize_t n) {
+    if (PyUnicode_IS_COMPACT_ASCII(v))
+        return PyUnicode_GET_LENGTH(v) == n && memcmp(PyUnicode_1BYTE_DATA(v), lit, n) == 0;
+    return PyUnicode_CompareWithASCIIString(v, lit) == 0; /* (not ASCII, or legacy) */
+}
+
 /* The line of a data or HTTP exchange record whose connection's identity `identities`
  * holds still, a new reference; None for any other (the caller's Python path encodes
  * it: a new connection, another record type, an exchange this module does not take);
@@ -732,17 +964,17 @@ static PyObject *record_line(PyObject *const *args, Py_ssize_t nargs, int exchan
 static PyObject *line_of_known(PyObject *record, PyObject *identities) {
     if (!PyObject_TypeCheck(record, RecordType))
         return Py_NewRef(Py_None);
-    PyObject *type = SLOT(record, line_at[R_type]), *conn_id = SLOT(record, line_at[R_conn_id]);
+    PyObject *type = RECORD(record)->type, *conn_id = RECORD(record)->conn_id;
     if (type == NULL || conn_id == NULL || !PyUnicode_Check(type))
         return Py_NewRef(Py_None);
     int exchange;
-    if (PyUnicode_CompareWithASCIIString(type, "data") == 0)
+    if (is_word(type, LIT("data")))
         exchange = 0;
-    else if (PyUnicode_CompareWithASCIIString(type, "exchange") == 0)
+    else if (is_word(type, LIT("exchange")))
         exchange = 1;
     else
         return Py_NewRef(Py_None);
-    PyObject *ex = SLOT(record, line_at[R_exchange]);
+    PyObject *ex = RECORD(record)->exchange;
     if (exchange && (ex == NULL || !Py_IS_TYPE(ex, ExchangeType)))
         return Py_NewRef(Py_None);
     PyObject *cached = PyDict_GetItemWithError(identities, conn_id); /* borrowed */
@@ -772,8 +1004,8 @@ PyDoc_STRVAR(encode_lines_doc,
 static int forget_if_closed(PyObject *record, PyObject *identities) {
     PyObject *type, *conn_id;
     if (PyObject_TypeCheck(record, RecordType)) {
-        type = Py_XNewRef(SLOT(record, line_at[R_type]));
-        conn_id = Py_XNewRef(SLOT(record, line_at[R_conn_id]));
+        type = Py_XNewRef(RECORD(record)->type);
+        conn_id = Py_XNewRef(RECORD(record)->conn_id);
     } else {
         type = PyObject_GetAttrString(record, "type");
         conn_id = type == NULL ? NULL : PyObject_GetAttrString(record, "conn_id");
@@ -784,7 +1016,7 @@ static int forget_if_closed(PyObject *record, PyObject *identities) {
     }
     int err = 0;
     if (type != NULL && conn_id != NULL && PyUnicode_Check(type) &&
-        PyUnicode_CompareWithASCIIString(type, "close") == 0) {
+        is_word(type, LIT("close"))) {
         err = PyDict_Contains(identities, conn_id);
         if (err > 0)
             err = PyDict_DelItem(identities, conn_id);
@@ -899,23 +1131,17 @@ static int load_types(void) {
     for (int k = 0; k < N_MESSAGE_FIELDS; k++)
         if (slot_offset(MessageType, message_names[k], &message_at[k]) < 0)
             goto fail;
-    mod = PyImport_ImportModule("agent.records._record");
+    mod = PyImport_ImportModule(RECORD_MODULE);
     if (mod == NULL)
         goto fail;
     RecordType = (PyTypeObject *)PyObject_GetAttrString(mod, "Record");
     Py_DECREF(mod);
     if (RecordType == NULL)
         goto fail;
-    if (!PyType_Check(RecordType)) {
-        PyErr_SetString(PyExc_ImportError, "_json_lines: Record not a class");
+    if (!PyType_Check(RecordType) || RecordType->tp_basicsize < (Py_ssize_t)sizeof(RecordObject)) {
+        PyErr_SetString(PyExc_ImportError, "_json_lines: Record not a class of _record.h's layout");
         goto fail;
     }
-    for (int k = 0; k < N_IDENTITY_FIELDS; k++)
-        if (slot_offset(RecordType, identity_names[k], &identity_at[k]) < 0)
-            goto fail;
-    for (int k = 0; k < N_LINE_FIELDS; k++)
-        if (slot_offset(RecordType, line_names[k], &line_at[k]) < 0)
-            goto fail;
     return 0; /* the classes stay referenced: Py_IS_TYPE compares with them */
 fail:
     Py_CLEAR(ExchangeType);

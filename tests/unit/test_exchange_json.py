@@ -8,6 +8,7 @@ import base64
 import copy
 import json
 import random
+import sys
 
 import pytest
 from agent.sinks._json_lines import exchange_json
@@ -280,8 +281,9 @@ def test_every_ascii_character_at_every_position_of_a_word() -> None:
 
 @pytest.mark.parametrize("simd", [True, False], ids=["avx2", "table"])
 def test_base64_in_the_line_is_the_standard_librarys(simd: bool) -> None:
-    """Both encoders, every length around the vector step (24 bytes in, 28 read) and
-    its tail, and buffers that are not bytes (a payload can be a memoryview)."""
+    """Both encoders, every length around the vector step (24 bytes, and a last one
+    over the 24 that end with the last whole group) and its tail of 0..2 bytes, and
+    buffers that are not bytes (a payload can be a memoryview)."""
     from agent.sinks._json_lines import _base64
 
     rng = random.Random(7)
@@ -301,3 +303,86 @@ def test_data_line_payload_is_base64_of_a_memoryview() -> None:
     )  # fmt: skip
     lines = JsonLineEncoder().encode_many([record, record.replace(offset=len(data))])
     assert [json.loads(line)["data_b64"] for line in lines] == [base64.b64encode(data).decode()] * 2
+
+
+# -- numbers and text at their edges -------------------------------------------------
+
+
+def _edge_ints() -> list[int]:
+    """Every digit count's first and last value, every power of two's neighbours (the
+    digit count comes from the bit length), both signs, and the 64-bit extremes."""
+    near = {0, 2**63 - 1, -(2**63)}
+    for k in range(20):
+        near |= {10**k - 1, 10**k, 10**k + 1}
+    for b in range(64):
+        near |= {2**b - 1, 2**b, 2**b + 1}
+    near |= {-v for v in near}
+    return sorted(v for v in near if -(2**63) <= v < 2**63)
+
+
+def test_ints_at_every_digit_count_and_bit_length_are_json_dumps() -> None:
+    for v in _edge_ints():
+        check(Exchange("http1", request=request(ts_ns=v, end_ts_ns=v, body_len=v), stream_id=v))
+        check(Exchange("http1", response=response(ts_ns=v, status=v, body_len=v)))
+    for v in (2**63, -(2**63) - 1, 2**64, 2**90):
+        with pytest.raises(TypeError):
+            exchange_json(Exchange("http1", stream_id=v))
+
+
+def test_data_line_ints_at_every_digit_count_are_json_dumps() -> None:
+    """The line's own numbers (ts_ns, seq, tid, offset, len, captured_len), each
+    value written as json.dumps writes it, in the line's key order."""
+    enc = JsonLineEncoder()
+    base = _record(Exchange("http1")).replace(
+        type="data", exchange=None, direction="egress", truncated=False, data=b"xyz"
+    )
+    for v in _edge_ints():
+        record = base.replace(ts_ns=v, seq=v, tid=v, offset=v, len=v, captured_len=v)
+        line = enc.encode(record)
+        expected = record.to_json()
+        ordered = {key: expected[key] for key in json.loads(line)}
+        assert ordered == expected
+        assert line == json.dumps(ordered, separators=(",", ":")).encode() + b"\n", v
+
+
+ESCAPED = ['"', "\\", "\n", "\x00", "\x1f", "\x7f", "\t"]
+
+
+def _text(n: int, at: int, c: str, how: int) -> str:
+    """n characters with c at `at` (none if at == n), made so that the bytes before a
+    str's characters (its header) differ: fresh, hashed, or interned."""
+    text = "".join(["a" * at, c if at < n else "", "b" * (n - at - 1)])
+    if how == 1:
+        hash(text)
+    elif how == 2:
+        text = sys.intern(text)
+    return text
+
+
+def test_short_text_of_every_length_with_an_escape_at_every_position() -> None:
+    """Every length around the 16-character check (whose bytes before a short
+    string's start are its str's header), in every place a string goes: a field,
+    a header name and value, a list; the check sees each escaped character wherever
+    it stands, and the header's bytes never."""
+    for n in range(41):
+        for at in range(n + 1):
+            for k, c in enumerate(ESCAPED):
+                text = _text(n, at, c, k % 3)
+                check(Exchange("http1", request=request(method=text, headers=[(text, text)]),
+                               notes=[text, text]))  # fmt: skip
+
+
+def test_text_around_the_short_limit() -> None:
+    for n in (4095, 4096, 4097):
+        for text in ("x" * n, '"' + "x" * (n - 1), "x" * (n - 1) + "\x7f"):
+            check(Exchange("http1", request=request(target=text, headers=[("h", text)])))
+
+
+def test_lines_whose_first_guess_is_far_off_are_exact() -> None:
+    """A line that outgrows its first guess, and one far below it, are still exactly
+    their bytes: the right length, the bytes object whole."""
+    many = [("x-" + str(i), "\x01" * 200) for i in range(300)]  # grows: 6 bytes a character
+    for ex in (Exchange("http1", request=request(headers=many)), Exchange("http1")):
+        line = exchange_json(ex)
+        assert line == reference(ex) and len(line) == len(reference(ex))
+        assert hash(line) == hash(reference(ex)) and line[-1:] == b"}"

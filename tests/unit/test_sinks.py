@@ -432,6 +432,25 @@ def test_jsonl_a_close_forgets_its_connections_identity() -> None:
     assert set(enc._identities) == {"c2"}
 
 
+def test_jsonl_record_types_made_at_run_time_are_those_types() -> None:
+    """A record's type is compared by value: one built at run time (not the interned
+    literal) is a data line, and a close made so still forgets its connection."""
+    from agent.sinks.jsonl import JsonLineEncoder
+
+    def made(word: str) -> str:
+        return "".join(list(word))
+
+    enc = JsonLineEncoder()
+    rec = _rec(conn_id="c1")
+    rec.node, rec.agent_id = "node-a", "agent-1"
+    enc.encode_many([rec])
+    again = rec.replace(type=made("data"), seq=2)
+    assert again.type == "data" and again.type is not rec.type
+    assert enc.encode_many([again]) == enc.encode_many([rec.replace(seq=2)])
+    enc.encode_many([rec.replace(type=made("close"), data=b"", len=0, captured_len=0)])
+    assert enc._identities == {}
+
+
 def test_jsonl_a_batch_is_encoded_as_record_by_record() -> None:
     """encode_many (one C call per batch) gives each record the line encode() gives it:
     new connections and changed identities in the middle of a batch, lifecycle
