@@ -40,6 +40,7 @@
 #include <structmember.h>
 
 #include "../events/_tls_call.h"
+#include "../native/_slots.h" /* slot_offset() */
 
 /* The Connection fields (agent/flows/connection.py) this step reads or writes: by
  * slot, where PyObject_GetAttr and PyObject_SetAttr find the member descriptor by
@@ -64,32 +65,6 @@ typedef struct {
     Py_ssize_t conn_at[N_CONN_FIELDS]; /* each field's offset in a Connection */
     Py_ssize_t socket_gen_at;          /* KernelSocket.gen's */
 } KnownCalls;
-
-/* The offset of the object slot `name` of `type` (a class with __slots__, as
- * dataclass(slots=True) makes): a member descriptor, looked up on its class, gives
- * itself back.  As agent/sinks/_json_lines.c's slot_offset(). */
-static int
-slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *at)
-{
-    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
-    if (descr == NULL)
-        return -1;
-    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type);
-    if (ok) {
-        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-        ok = member->type == T_OBJECT_EX && !(member->flags & READONLY) &&
-             member->offset >= (Py_ssize_t)sizeof(PyObject) &&
-             member->offset <= type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *);
-        *at = member->offset;
-    }
-    Py_DECREF(descr);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "KnownCalls: %s.%s is not an object slot", type->tp_name,
-                     name);
-        return -1;
-    }
-    return 0;
-}
 
 static int
 KnownCalls_init(KnownCalls *self, PyObject *args, PyObject *kwargs)

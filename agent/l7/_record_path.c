@@ -37,7 +37,7 @@
 #include "../redact/_rule_names.h"
 #include "../redact/_stream_masker_api.h"
 #include "_http1_api.h"
-#include "_slots.h"
+#include "../native/_slots.h"
 
 /* -- a first-in-first-out queue of objects ---------------------------------------- */
 

@@ -30,7 +30,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "../l7/_slots.h"
+#include "../native/_slots.h"
 #include "_rule_names.h"
 
 /* `name` lower-cased (a new reference); itself when it has no upper-case letter. */

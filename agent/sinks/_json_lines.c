@@ -42,6 +42,7 @@
 #include <string.h>
 #include <structmember.h>
 
+#include "../native/_slots.h"    /* slot_offset() */
 #include "../records/_record.h" /* Record's layout: its fields by name */
 
 /* Text and base64 are handled 8 bytes at a time in a uint64_t, loaded and stored
@@ -1088,29 +1089,6 @@ static PyObject *exchange_line(PyObject *module, PyObject *const *args, Py_ssize
 }
 
 /* -- the module ------------------------------------------------------------------------ */
-
-/* The offset of slot `name` of `type`: it must be an object slot (what __slots__ and
- * dataclass(slots=True) make) inside the instance, or the module refuses to load. */
-static int slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *at) {
-    /* A member descriptor looked up on its class gives itself back. */
-    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
-    if (descr == NULL)
-        return -1;
-    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type);
-    if (ok) {
-        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-        ok = member->type == T_OBJECT_EX && member->offset >= (Py_ssize_t)sizeof(PyObject) &&
-             member->offset <= type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *);
-        *at = member->offset;
-    }
-    Py_DECREF(descr);
-    if (!ok) {
-        PyErr_Format(PyExc_ImportError, "_exchange_json: %s.%s is not an object slot",
-                     type->tp_name, name);
-        return -1;
-    }
-    return 0;
-}
 
 static int load_types(void) {
     PyObject *mod = PyImport_ImportModule("agent.l7.exchange");

@@ -1,17 +1,23 @@
-/* An object's attribute read and set in place when it is a slot: the fields of the
- * slots dataclasses the L7 record path goes through per event (agent.l7.exchange's
- * Exchange and HttpMessage, L7Counters).  Shared by agent/l7/_record_path.c and
- * agent/redact/_headers.c.
+/* Objects' fields read and set in place when they are slots (what __slots__ and
+ * dataclass(slots=True) make), for the extension modules that go through Python
+ * objects per event.  Why: PyObject_GetAttr of a slot is ~115 CPU instructions, the
+ * pointer read ~10, and a record's path reads and sets dozens of them.
  *
- * Why: PyObject_GetAttr of a slot is ~115 CPU instructions, the pointer read ~10, and
- * an exchange's record path read and set ~30 of them.
+ * Two ways, by how sure the caller is of the type:
  *
- * Exactly what getattr and setattr do: a SlotCache remembers, for one attribute
- * name, the last type it was looked up on, that type's version tag then (any change
- * to the type or its bases retags it) and the slot's offset when the attribute is a
- * plain writable T_OBJECT_EX member and the type's getattr and setattr are the
- * generic ones.  Anything else (another type, a property, a frozen class, a class
- * changed since) is looked up again, or goes by name.
+ * slot_offset()  a field's fixed offset in a type the caller checks each object
+ *   against (Py_IS_TYPE): found once, when the module or its object is made, and
+ *   an error there if the field is not a plain object slot.  agent/flows/_known_calls.c
+ *   (Connection, KernelSocket) and agent/sinks/_json_lines.c (Exchange, HttpMessage).
+ *
+ * SlotCache      exactly what getattr and setattr do, for objects of any type: it
+ *   remembers, for one attribute name, the last type it was looked up on, that type's
+ *   version tag then (any change to the type or its bases retags it) and the slot's
+ *   offset when the attribute is a plain writable T_OBJECT_EX member and the type's
+ *   getattr and setattr are the generic ones.  Anything else (another type, a
+ *   property, a frozen class, a class changed since) is looked up again, or goes by
+ *   name.  agent/l7/_record_path.c and agent/redact/_headers.c (Exchange, HttpMessage,
+ *   L7Counters, which tests and gRPC may subclass or replace).
  */
 #ifndef TLSCAP_SLOTS_H
 #define TLSCAP_SLOTS_H
@@ -26,6 +32,29 @@ typedef struct {
     unsigned int version;
     Py_ssize_t offset; /* of the slot in `type`'s objects; 0: go by name */
 } SlotCache;
+
+/* The offset of object slot `name` of `type` in its instances: 0, or -1 with
+ * TypeError when it is not a plain writable T_OBJECT_EX member inside the instance.
+ * (A member descriptor looked up on its class gives itself back.) */
+static inline int slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *at) {
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
+    if (descr == NULL)
+        return -1;
+    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type);
+    if (ok) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        ok = member->type == T_OBJECT_EX && !(member->flags & READONLY) &&
+             member->offset >= (Py_ssize_t)sizeof(PyObject) &&
+             member->offset <= type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *);
+        *at = member->offset;
+    }
+    Py_DECREF(descr);
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not an object slot", type->tp_name, name);
+        return -1;
+    }
+    return 0;
+}
 
 #define SLOT_CACHE(text) {text, NULL, NULL, 0, 0}
 
