@@ -32,7 +32,6 @@ from agent.sinks.base import OutputError, PeriodicFlusher
 
 # Connections whose identity fragments are kept; past this the cache starts over.
 IDENTITY_CACHE_SIZE = 16384
-WRITE_BUFFER = 1 << 20
 
 _identity_of = attrgetter(*IDENTITY_FIELDS)
 # No connection's identity (equal to no field): a first record misses the cache.
@@ -134,10 +133,10 @@ class JsonlSink:
             return cls(sys.stdout.buffer, flush_interval)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         try:
-            # A large buffer: a 4 KiB payload makes a ~5.6 KB line, and an 8 KiB
-            # buffer would cost a write(2) for nearly every line.
+            # Unbuffered: the lines go from their list to the kernel (writev, in
+            # PeriodicFlusher.write_lines), never through a buffer.
             fd = os.open(path, flags, 0o600)
-            stream = os.fdopen(fd, "ab" if append else "wb", buffering=WRITE_BUFFER)
+            stream = os.fdopen(fd, "ab" if append else "wb", buffering=0)
         except OSError as e:
             err = OutputError(f"cannot write JSON lines to {path!r}: {e.strerror or e}")
             err.errno = e.errno  # not .filename: OSError.__str__ would then reformat the message
@@ -150,9 +149,9 @@ class JsonlSink:
         self.write_many([record])
 
     def write_many(self, records: list[Record]) -> None:
-        """The records' lines, one lock and clock read per batch; each line goes into
-        the stream's buffer whole (a buffer flush never splits one, which keeps
-        capture workers' appends to one file line by line)."""
+        """The records' lines, one lock per batch; each line reaches the file whole
+        (PeriodicFlusher.write_lines), which keeps capture workers' appends to one
+        file line by line."""
         self._out.write_lines(self._encoder.encode_many(records))
 
     def flush(self) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import errno
+import fcntl
 import io
 import json
+import multiprocessing
+import os
 import random
 import sys
 import threading
@@ -14,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.records.record import Endpoint, Record
-from agent.sinks.base import OutputError, PeriodicFlusher, Sink
+from agent.sinks.base import IOV_MAX, OutputError, PeriodicFlusher, Sink
 from agent.sinks.jsonl import JsonlSink, encode_record
 from agent.sinks.terminal import TerminalSink, looks_like_text, render_hexdump, render_text
 
@@ -112,11 +116,8 @@ def test_jsonl_open_file_flush_policy_and_close(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     sink = JsonlSink.open(str(path), flush_interval=0.5)
     sink.write(_rec())
-    assert path.read_text() == ""  # buffered: no write(2) per record...
-    deadline = time.monotonic() + 5
-    while path.read_text() == "" and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(path.read_text().splitlines()) == 1  # ...but `tail -f` sees it promptly
+    # Nothing buffered: a batch is one writev(2), and `tail -f` sees it at once.
+    assert len(path.read_text().splitlines()) == 1
     sink.write(_rec("close"))
     sink.flush()
     assert len(path.read_text().splitlines()) == 2
@@ -222,6 +223,171 @@ def test_flusher_timer_failure_surfaces_on_next_call() -> None:
         time.sleep(0.001)
     with pytest.raises(BrokenPipeError):
         out.write("y\n")
+
+
+# --- lines straight to a file descriptor (writev) --------------------------------------
+
+
+def _numbered(n: int, pad: int = 0) -> list[bytes]:
+    """n distinct lines of about `pad` bytes or more, of differing lengths."""
+    return [b'{"n":%d,"pad":"%s"}\n' % (i, b"x" * (pad + i % 7)) for i in range(n)]
+
+
+def test_write_lines_batch_over_iov_max(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    writev = os.writev
+
+    def counting(fd: int, iov: list) -> int:
+        calls.append(len(iov))
+        return writev(fd, iov)
+
+    monkeypatch.setattr(os, "writev", counting)
+    path = tmp_path / "out.jsonl"
+    lines = _numbered(2 * IOV_MAX + 5)
+    with path.open("wb", buffering=0) as f:
+        out = PeriodicFlusher(f, interval=10)
+        out.write_lines(lines)
+        out.close()
+    assert calls == [IOV_MAX, IOV_MAX, 5]
+    assert path.read_bytes() == b"".join(lines)
+
+    calls.clear()
+    n = IOV_MAX + 300
+    with JsonlSink.open(str(path)) as sink:
+        sink.write_many([_rec(data=b"%d" % i, offset=i) for i in range(n)])
+    assert calls == [IOV_MAX, 300]
+    assert [json.loads(line)["offset"] for line in path.read_text().splitlines()] == list(range(n))
+
+
+def test_write_lines_short_writes_lose_and_cut_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """writev(2) may take only part of what it is given (a signal, a full pipe): the
+    rest must follow from the first byte not taken, whatever the cut."""
+    rng = random.Random(5)
+    calls = [0]
+
+    def short(fd: int, iov: list) -> int:
+        calls[0] += 1
+        if calls[0] % 7 == 0:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        data = b"".join(iov)
+        return os.write(fd, data[: rng.randint(1, min(len(data), 5000))])
+
+    monkeypatch.setattr(os, "writev", short)
+    path = tmp_path / "out.jsonl"
+    lines = _numbered(3000, pad=300)
+    with path.open("wb", buffering=0) as f:
+        out = PeriodicFlusher(f, interval=10)
+        for start in range(0, len(lines), 700):
+            out.write_lines(lines[start : start + 700])
+    assert calls[0] > 100  # many short writes and waits, not a few whole ones
+    assert path.read_bytes() == b"".join(lines)
+
+
+def test_write_lines_non_blocking_pipe_slow_reader() -> None:
+    """A real pipe: non-blocking (stdout shared with a parent that set O_NONBLOCK),
+    one page of room, a reader slower than the writer: writev takes part of a batch,
+    then fails with EAGAIN until the reader makes room."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ
+    os.set_blocking(w, False)
+    got = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(r, 3000):
+            got.extend(chunk)
+            time.sleep(0.0005)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    lines = _numbered(400, pad=2000)
+    with open(w, "wb", buffering=0) as f:
+        out = PeriodicFlusher(f, interval=10)
+        out.write_lines(lines[:150])
+        out.write_lines(lines[150:])
+        out.close()
+    reader.join(30)
+    os.close(r)
+    assert bytes(got) == b"".join(lines)
+
+
+def _append_worker(path: str, proc: int, start: object) -> None:
+    rng = random.Random(proc)
+    start.wait(10)  # type: ignore[attr-defined]
+    with JsonlSink.open(path, append=True) as sink:
+        for batch in range(12):
+            sink.write_many(
+                [
+                    _rec(conn_id=f"{proc}-5-1", offset=i, data=b"%d:%d|" % (proc, i) * size)
+                    for i in range(batch * 150, batch * 150 + 150)
+                    for size in [rng.randint(1, 900)]
+                ]
+            )
+
+
+def test_two_processes_appending_keep_every_line_whole(tmp_path: Path) -> None:
+    """Capture workers each append to one file (O_APPEND): a batch's writev is one
+    append, so their lines interleave but never split."""
+    path = str(tmp_path / "out.jsonl")
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_append_worker, args=(path, p, start)) for p in (1, 2)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    offsets: dict[str, list[int]] = {"1-5-1": [], "2-5-1": []}
+    with open(path, "rb") as f:
+        for line in f:
+            obj = json.loads(line)
+            data = base64.b64decode(obj["data_b64"])
+            unit = b"%s:%d|" % (obj["conn_id"][0].encode(), obj["offset"])
+            assert data and data == unit * (len(data) // len(unit))
+            offsets[obj["conn_id"]].append(obj["offset"])
+    assert offsets == {"1-5-1": list(range(1800)), "2-5-1": list(range(1800))}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_write_lines_without_a_descriptor_keep_the_flush_policy() -> None:
+    """A stream with no file descriptor (BytesIO, under a buffer or not) gets
+    writelines(), and the lines wait in its buffer for the periodic flush."""
+    now = [0.0]
+    raw = io.BytesIO()
+    out = PeriodicFlusher(io.BufferedWriter(raw, 1 << 16), interval=10, clock=lambda: now[0])
+    lines = _numbered(20)
+    out.write_lines(lines)
+    assert raw.getvalue() == b""
+    now[0] = 10.0
+    out.write_lines(lines)
+    assert raw.getvalue() == b"".join(lines * 2)
+    out.write_lines(lines)
+    out.close()
+    assert raw.getvalue() == b"".join(lines * 3)
+
+
+def test_write_lines_after_buffered_write_keep_order(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    with path.open("wb") as f:  # buffered
+        out = PeriodicFlusher(f, interval=10)
+        out.write(b"first\n")  # type: ignore[arg-type]
+        out.write_lines([b"second\n"])
+        assert path.read_bytes() == b"first\nsecond\n"
+
+
+def test_write_lines_errors_surface_from_the_write() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    with open(w, "wb", buffering=0) as f, pytest.raises(BrokenPipeError):
+        PeriodicFlusher(f).write_lines([b"x\n"])
+    if os.path.exists("/dev/full"):
+        sink = JsonlSink.open("/dev/full")
+        with pytest.raises(OSError) as info:
+            sink.write(_rec())
+        assert info.value.errno == errno.ENOSPC
+        sink.close()
 
 
 # --- terminal --------------------------------------------------------------------------
