@@ -1317,6 +1317,11 @@ typedef struct {
     int blocked_done;
     long long next_id;
     PyObject *out; /* the Exchanges emitted during this call (a list), or NULL */
+    /* The ts_ns int of the chunk being fed (borrowed: feed()'s caller holds it; NULL
+     * outside feed()) and its value: a message emitted while it is fed mostly ends, and
+     * often began, in it, so its times are that int rather than new ones. */
+    PyObject *ts_obj;
+    long long ts_val;
     Side req, resp;
 } Http1Parser;
 
@@ -1576,12 +1581,17 @@ static PyObject *make(const Maker *m, PyObject *const *values, int n) {
     return obj;
 }
 
-static PyObject *message_object(const Msg *m, int request) {
+/* The int for time `t`: the fed chunk's own when it is that time, else a new one. */
+static PyObject *ts_int(const Http1Parser *p, long long t) {
+    return p->ts_obj != NULL && t == p->ts_val ? Py_NewRef(p->ts_obj) : PyLong_FromLongLong(t);
+}
+
+static PyObject *message_object(const Http1Parser *p, const Msg *m, int request) {
     PyObject *authority = request ? first_header(m->headers, s_name_host) : NULL;
     PyObject *body = m->body ? m->body : s_empty_bytes;
     /* one int for both when the message began and ended in one chunk (mostly) */
-    PyObject *ts = PyLong_FromLongLong(m->ts);
-    PyObject *end_ts = m->end_ts == m->ts ? Py_XNewRef(ts) : PyLong_FromLongLong(m->end_ts);
+    PyObject *ts = ts_int(p, m->ts);
+    PyObject *end_ts = m->end_ts == m->ts ? Py_XNewRef(ts) : ts_int(p, m->end_ts);
     PyObject *status = PyLong_FromLong(m->status), *body_len = PyLong_FromLongLong(m->body_len);
     PyObject *trailers = m->trailers ? Py_NewRef(m->trailers) : PyList_New(0);
     PyObject *msg = NULL;
@@ -1608,9 +1618,9 @@ static PyObject *message_object(const Msg *m, int request) {
     return msg;
 }
 
-static PyObject *exchange_object(const Ex *x) {
-    PyObject *req = x->req.seen ? message_object(&x->req, 1) : Py_NewRef(Py_None);
-    PyObject *resp = x->resp.seen ? message_object(&x->resp, 0) : Py_NewRef(Py_None);
+static PyObject *exchange_object(const Http1Parser *p, const Ex *x) {
+    PyObject *req = x->req.seen ? message_object(p, &x->req, 1) : Py_NewRef(Py_None);
+    PyObject *resp = x->resp.seen ? message_object(p, &x->resp, 0) : Py_NewRef(Py_None);
     PyObject *id = PyLong_FromLongLong(x->stream_id);
     PyObject *notes = x->notes ? Py_NewRef(x->notes) : PyList_New(0);
     PyObject *redactions = PyList_New(0);
@@ -1637,7 +1647,7 @@ static int emit(Http1Parser *p, Ex *x) {
     if (x->awaiting)
         aw_remove(p, x);
     int r = -1;
-    PyObject *ex = exchange_object(x);
+    PyObject *ex = exchange_object(p, x);
     if (ex != NULL && (p->out != NULL || (p->out = PyList_New(0)) != NULL))
         r = PyList_Append(p->out, ex);
     Py_XDECREF(ex);
@@ -2333,12 +2343,21 @@ static int feed(Http1Parser *p, Side *st, PyObject *data, PyObject *ts_ns, PyObj
     long long ts = PyLong_AsLongLong(ts_ns);
     if (ts == -1 && PyErr_Occurred()) {
         internal_error(p);
-    } else if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
-        internal_error(p);
     } else {
-        if (chunk(p, st, data, view.buf, view.len, ts) < 0)
+        /* an exact int only: a subclass's would be the wrong type in the messages */
+        p->ts_obj = PyLong_CheckExact(ts_ns) ? ts_ns : NULL;
+        p->ts_val = ts;
+        if (PyBytes_CheckExact(data)) { /* what records carry: no buffer to get and release */
+            if (chunk(p, st, data, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), ts) < 0)
+                internal_error(p);
+        } else if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
             internal_error(p);
-        PyBuffer_Release(&view);
+        } else {
+            if (chunk(p, st, data, view.buf, view.len, ts) < 0)
+                internal_error(p);
+            PyBuffer_Release(&view);
+        }
+        p->ts_obj = NULL;
     }
     *found = p->out;
     p->out = NULL;

@@ -15,6 +15,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "_stream_masker_api.h"
 
@@ -228,6 +231,30 @@ static int mask_value(StreamMasker *self, Chunk *c, Py_ssize_t i, Py_ssize_t end
     return 0;
 }
 
+/* The first of p[i:limit] that ends a line's first word (name_end), else limit.  Every
+ * line whose first byte may start a sensitive name comes here (Content-*, Connection,
+ * Accept, Server, a body line of "x"s...): 16 bytes a step where the chunk has them
+ * (~5 CPU instructions a byte by the table). */
+static Py_ssize_t first_name_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t limit) {
+#ifdef __SSE2__
+    const __m128i colon = _mm_set1_epi8(':'), sp = _mm_set1_epi8(' '),
+                  ht = _mm_set1_epi8('\t'), cr = _mm_set1_epi8('\r'), lf = _mm_set1_epi8('\n');
+    for (; limit - i >= 16; i += 16) { /* p[i .. i + 16) all before limit */
+        __m128i v = _mm_loadu_si128((const __m128i *)(p + i));
+        __m128i hit = _mm_or_si128(
+            _mm_or_si128(_mm_cmpeq_epi8(v, colon), _mm_cmpeq_epi8(v, sp)),
+            _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, ht), _mm_cmpeq_epi8(v, cr)),
+                         _mm_cmpeq_epi8(v, lf)));
+        int bits = _mm_movemask_epi8(hit);
+        if (bits)
+            return i + __builtin_ctz((unsigned)bits);
+    }
+#endif
+    while (i < limit && !name_end[p[i]])
+        i++;
+    return i;
+}
+
 /* A line starting at `i`, in state SCAN: is it a sensitive header?  Sets the
  * state to follow and returns where to go on. */
 static Py_ssize_t scan_line(StreamMasker *self, const unsigned char *p, Py_ssize_t i,
@@ -241,9 +268,7 @@ static Py_ssize_t scan_line(StreamMasker *self, const unsigned char *p, Py_ssize
     }
     /* The name runs to the first ":", SP, HT, CR or LF (none is in a token). */
     Py_ssize_t limit = i + h->longest + 1 < n ? i + h->longest + 1 : n;
-    Py_ssize_t j = i;
-    while (j < limit && !name_end[p[j]])
-        j++;
+    Py_ssize_t j = first_name_end(p, i, limit);
     if (j == n) { /* the chunk ends inside the line's first word */
         Py_ssize_t len = n - i;
         if (len <= h->longest) {

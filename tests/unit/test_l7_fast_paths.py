@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from agent.l7._http1 import Http1Parser
 from agent.l7._record_path import Connection
-from agent.redact._headers import redact_exchange
+from agent.redact._headers import REDACTED, redact_exchange
 
 from agent.l7.connection import L7Counters
 from agent.l7.exchange import Exchange, HttpMessage
@@ -221,6 +221,29 @@ def test_times_of_a_message_in_one_chunk_and_in_two() -> None:
     assert (ex.response.ts_ns, ex.response.end_ts_ns) == (8, 9)
 
 
+def test_times_are_the_fed_chunks_int_and_other_times_new_ones() -> None:
+    """A message emitted while a chunk is fed has that chunk's ts_ns int for the times
+    that are that chunk's; times of earlier chunks, and an int subclass, are new ints of
+    the same value; a bytearray chunk is read as bytes are."""
+    p = Http1Parser()
+    t1, t2, t3 = 10**12 + 1, 10**12 + 2, 10**12 + 3  # not small ints: made per value
+    p.feed("request", bytearray(b"GET / HTTP/1.1\r\n\r\n"), t1)
+    head = memoryview(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no")
+    assert p.feed("response", head, t2) == []
+    (ex,) = p.feed("response", b"k", t3)
+    assert ex.request.ts_ns == ex.request.end_ts_ns == t1
+    assert (ex.response.ts_ns, ex.response.end_ts_ns) == (t2, t3) and ex.response.end_ts_ns is t3
+    assert ex.response.body == b"ok"
+
+    class Ts(int):
+        pass
+
+    p.feed("request", b"GET / HTTP/1.1\r\n\r\n", Ts(t1))
+    (ex,) = p.feed("response", b"HTTP/1.1 204 No Content\r\n\r\n", Ts(t2))
+    assert type(ex.request.ts_ns) is int and type(ex.response.end_ts_ns) is int
+    assert ex.response.ts_ns == ex.response.end_ts_ns == t2
+
+
 def test_parser_failure_is_read_and_counted_through_c() -> None:
     counters = L7Counters()
     conn = http1_connection(counters)
@@ -249,6 +272,32 @@ def test_rules_read_per_rules_object() -> None:
             assert ex.redactions == ["header:host", "header:x-b"]
         else:
             assert redacted == [] and ex.redactions == []
+
+
+def test_a_list_only_the_message_holds_is_redacted_in_place_a_shared_one_copied() -> None:
+    """Redaction replaces a sensitive field in the headers list itself when nothing but
+    the message holds the list (what the parsers hand out), and in a copy when another
+    reference could see it; the redacted pair is the same either way, and a value
+    that is "[REDACTED]" already is left as it is."""
+    shared = [("host", "a"), ("authorization", "Bearer x"), ("cookie", "c=1")]
+    before = list(shared)
+    msg = HttpMessage(headers=shared)
+    ex = Exchange("http1", request=msg)
+    redact_exchange(ex, DEFAULT_RULES)
+    assert shared == before and msg.headers is not shared  # `shared` is ours: copied
+    assert msg.headers == [("host", "a"), ("authorization", REDACTED), ("cookie", REDACTED)]
+    assert ex.redactions == ["header:authorization", "header:cookie"]
+
+    ex = Exchange("http1", request=HttpMessage(headers=[("authorization", "t"), ("x", "y")]))
+    ident = id(ex.request.headers)  # no reference kept: the message alone holds it
+    redact_exchange(ex, DEFAULT_RULES)
+    assert id(ex.request.headers) == ident  # the list itself, changed
+    assert ex.request.headers == [("authorization", REDACTED), ("x", "y")]
+    assert ex.redactions == ["header:authorization"]
+
+    ex = Exchange("http1", request=HttpMessage(headers=[("authorization", REDACTED)]))
+    redact_exchange(ex, DEFAULT_RULES)
+    assert ex.request.headers == [("authorization", REDACTED)] and ex.redactions == []
 
 
 def test_many_interned_names_past_the_verdicts_kept() -> None:

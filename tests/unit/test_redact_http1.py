@@ -302,3 +302,26 @@ def test_binary_chunks_of_every_size_keep_their_length() -> None:
         data = rnd.randbytes(size)
         out, _ = m.feed(data)
         assert len(out) == size
+
+
+def test_names_and_line_ends_around_sixteen_byte_steps() -> None:
+    """A line's first word is searched for its end 16 bytes a step: names of 15, 16, 17
+    and 32 bytes, ended by each of ":", SP, HT, CR and LF at and around a step's edge,
+    in any case, and split anywhere between two chunks, mask as byte by byte."""
+    names = frozenset({"a" * 15, "b" * 16, "c" * 17, "d" * 32, "x-api-key"})
+    lines = []
+    for name in sorted(names):
+        for end in (b": v1\r\n", b" : v2\r\n", b"\t: v3\r\n", b"\r\n", b"\n"):
+            lines += [name.encode() + end, name.upper().encode() + end]
+        lines.append(name.encode() + b"z: not-this\r\n")  # longer: another name
+        lines.append(name.encode()[:-1] + b": nor-this\r\n")  # shorter
+    data = b"".join(lines)
+    whole, hits = masked_whole(data, names)
+    assert b"v1" not in whole and b"v2" not in whole and b"v3" not in whole
+    assert whole.count(b"not-this") == 5 and whole.count(b"nor-this") == 5
+    assert len(whole) == len(data) and hits
+    for cut in range(0, len(data), 7):
+        masker = Http1HeaderMasker(names)
+        first, h1 = masker.feed(data[:cut])
+        second, h2 = masker.feed(data[cut:])
+        assert first + second == whole and h1 | h2 == hits
