@@ -63,10 +63,35 @@ static char *call_field_names[] = {CALL_FIELDS(AS_NAME) NULL};
 
 static PyTypeObject TlsCallType;
 
+/* TlsCalls that died, kept for the next ones (their memory, every slot released):
+ * a batch's calls all die together once it is handled, and the next batch makes
+ * as many again; pymalloc's allocation and release cost ~150 instructions a call.
+ * FREE_MAX covers a 4 MiB drain of 1 KiB calls (~600 kB kept at most).  The type
+ * has no subclasses. */
+enum { FREE_MAX = 4096 };
+static TlsCall *free_calls[FREE_MAX];
+static int n_free_calls;
+
 static void TlsCall_dealloc(TlsCall *self) {
     for (int k = 0; k < N_CALL_FIELDS; k++)
         Py_XDECREF(self->slot[k]);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    if (n_free_calls < FREE_MAX)
+        free_calls[n_free_calls++] = self;
+    else
+        Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A new TlsCall, every slot NULL. */
+static TlsCall *call_alloc(void) {
+    TlsCall *self;
+    if (n_free_calls > 0) {
+        self = free_calls[--n_free_calls];
+        _Py_NewReference((PyObject *)self);
+    } else if ((self = PyObject_New(TlsCall, &TlsCallType)) == NULL) {
+        return NULL;
+    }
+    memset(self->slot, 0, sizeof(self->slot));
+    return self;
 }
 
 static PyObject *TlsCall_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -76,7 +101,8 @@ static PyObject *TlsCall_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                                      &v[8], &v[9], &v[10], &v[11], &v[12], &v[13], &v[14], &v[15],
                                      &v[16]))
         return NULL;
-    TlsCall *self = (TlsCall *)type->tp_alloc(type, 0);
+    (void)type; /* TlsCallType: it has no subclasses */
+    TlsCall *self = call_alloc();
     if (self == NULL)
         return NULL;
     for (int k = 0; k < N_CALL_FIELDS; k++)
@@ -171,7 +197,7 @@ static PyTypeObject TlsCallType = {
         "when chunks were lost in the kernel; `fd_weak` when the fd came from a\n"
         "read/write on an fd the kernel did not know as a socket."),
     .tp_basicsize = sizeof(TlsCall),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT, /* no subclasses: call_alloc makes TlsCallType's */
     .tp_new = TlsCall_new,
     .tp_dealloc = (destructor)TlsCall_dealloc,
     .tp_repr = (reprfunc)TlsCall_repr,
@@ -186,9 +212,12 @@ static PyTypeObject TlsCallType = {
 /* Each event names its process (16 bytes of comm) and its socket (48 bytes) raw, and
  * both map to objects decoded once.  A dict lookup of either cost ~450 instructions
  * (a bytes key made, SipHash, freed): a quarter of decoding a call.  A small
- * direct-mapped memo in front of each dict answers the same lookups in ~50 (a
- * multiply per 8 bytes and a memcmp); its misses go to the dict. */
-enum { MEMO_SLOTS = 256, MEMO_KEY_MAX = 48 };
+ * two-way memo in front of each dict answers the same lookups in ~50 (a multiply
+ * per 8 bytes and a memcmp); its misses go to the dict.  Two ways of 512 pairs:
+ * direct-mapped in 256 slots, the 64 connections of bench/pipeline.py's run
+ * collided in a third of their look-ups (each of two keys sharing a slot evicts the
+ * other). */
+enum { MEMO_BITS = 10, MEMO_SLOTS = 1 << MEMO_BITS, MEMO_KEY_MAX = 48 };
 
 typedef struct {
     unsigned char raw[MEMO_KEY_MAX]; /* the key's first n bytes */
@@ -202,8 +231,18 @@ static inline unsigned memo_index(const char *raw, Py_ssize_t n) {
         memcpy(&word, raw + at, 8);
         h = (h ^ word) * 0x9E3779B97F4A7C15ull;
     }
-    return (unsigned)(h >> 56); /* MEMO_SLOTS == 256 */
+    return (unsigned)(h >> (64 - MEMO_BITS)) & ~1u; /* the first slot of its pair */
 }
+
+/* A call's numbers repeat from call to call: its process, thread, TLS object, cgroup
+ * and, for a stream of equal writes, its length.  An int made and freed costs ~90
+ * instructions, one found in this direct-mapped memo ~10. */
+enum { INT_BITS = 9, INT_SLOTS = 1 << INT_BITS };
+
+typedef struct {
+    unsigned long long value;
+    PyObject *number; /* that int; NULL: empty */
+} IntSlot;
 
 typedef struct {
     PyObject_HEAD
@@ -219,6 +258,7 @@ typedef struct {
     PyObject *sources[256];  /* source byte -> name, filled on first use */
     MemoSlot comm_memo[MEMO_SLOTS];    /* in front of `comms` */
     MemoSlot socket_memo[MEMO_SLOTS];  /* in front of `sockets` */
+    IntSlot ints[INT_SLOTS];           /* number_of()'s */
 } BatchDecoder;
 
 static PyObject *s_ingress, *s_egress;
@@ -256,6 +296,8 @@ static int BatchDecoder_clear(BatchDecoder *self) {
         Py_CLEAR(self->comm_memo[k].value);
         Py_CLEAR(self->socket_memo[k].value);
     }
+    for (int k = 0; k < INT_SLOTS; k++)
+        Py_CLEAR(self->ints[k].number);
     return 0;
 }
 
@@ -317,18 +359,35 @@ static PyObject *cached_in_dict(BatchDecoder *self, PyObject *cache, const char 
  * has many connections, but each is seen for many events. */
 static PyObject *cached(BatchDecoder *self, PyObject *cache, MemoSlot *memo, const char *raw,
                         Py_ssize_t n, PyObject *make) {
-    MemoSlot *slot = NULL;
+    MemoSlot *pair = NULL;
     if (self->cache_size > 0 && n <= MEMO_KEY_MAX) { /* cache_size 0: nothing is kept */
-        slot = &memo[memo_index(raw, n)];
-        if (slot->value != NULL && memcmp(slot->raw, raw, (size_t)n) == 0)
-            return Py_NewRef(slot->value);
+        pair = &memo[memo_index(raw, n)];
+        for (int way = 0; way < 2; way++)
+            if (pair[way].value != NULL && memcmp(pair[way].raw, raw, (size_t)n) == 0)
+                return Py_NewRef(pair[way].value);
     }
     PyObject *value = cached_in_dict(self, cache, raw, n, make);
-    if (value != NULL && slot != NULL) {
-        Py_XSETREF(slot->value, Py_NewRef(value));
-        memcpy(slot->raw, raw, (size_t)n);
+    if (value != NULL && pair != NULL) {
+        /* The newest first: the older of the two goes. */
+        Py_XSETREF(pair[1].value, pair[0].value);
+        memcpy(pair[1].raw, pair[0].raw, MEMO_KEY_MAX);
+        pair[0].value = Py_NewRef(value);
+        memcpy(pair[0].raw, raw, (size_t)n);
     }
     return value;
+}
+
+/* The int `value` (a new reference), from the memo when it holds it. */
+static PyObject *number_of(BatchDecoder *self, unsigned long long value) {
+    IntSlot *slot = &self->ints[(value * 0x9E3779B97F4A7C15ull) >> (64 - INT_BITS)];
+    if (slot->number != NULL && slot->value == value)
+        return Py_NewRef(slot->number);
+    PyObject *number = PyLong_FromUnsignedLongLong(value);
+    if (number != NULL) {
+        Py_XSETREF(slot->number, Py_NewRef(number));
+        slot->value = value;
+    }
+    return number;
 }
 
 /* The name of a source byte: from layout.SOURCES, else "source<N>". */
@@ -367,10 +426,9 @@ static PyObject *decode_data(BatchDecoder *self, const char *rec, Py_ssize_t len
                                          h.chunk_len);
         return NULL;
     }
-    TlsCall *call = PyObject_New(TlsCall, &TlsCallType);
+    TlsCall *call = call_alloc();
     if (call == NULL)
         return NULL;
-    memset(call->slot, 0, sizeof(call->slot));
     /* The steps that may call Python (a cache miss) go first, each only after the
      * one before it succeeded. */
     if ((call->source = source_name(self, h.source)) == NULL ||
@@ -381,16 +439,19 @@ static PyObject *decode_data(BatchDecoder *self, const char *rec, Py_ssize_t len
         Py_DECREF(call);
         return NULL;
     }
-    call->tgid = PyLong_FromUnsignedLong(h.tgid);
-    call->tid = PyLong_FromUnsignedLong(h.tid);
-    call->fd = PyLong_FromLong(h.fd);
+    /* The time and the offset are new with every call: not worth the memo. */
+    call->tgid = number_of(self, h.tgid);
+    call->tid = number_of(self, h.tid);
+    call->fd = h.fd < 0 ? PyLong_FromLong(h.fd) : number_of(self, (unsigned long long)h.fd);
     call->ts_mono_ns = PyLong_FromUnsignedLongLong(h.ts_ns);
-    call->ssl = PyLong_FromUnsignedLongLong(h.ssl);
-    call->len = PyLong_FromUnsignedLongLong(h.len);
+    call->ssl = number_of(self, h.ssl);
+    call->len = number_of(self, h.len);
     call->offset = PyLong_FromUnsignedLongLong(h.offset);
-    call->captured_len = PyLong_FromUnsignedLong(h.captured_len);
+    call->captured_len = h.captured_len == h.len && call->len != NULL
+                             ? Py_NewRef(call->len)
+                             : number_of(self, h.captured_len);
     call->chunk_off = PyLong_FromUnsignedLong(h.chunk_off);
-    call->cgroup_id = PyLong_FromUnsignedLongLong(h.cgroup_id);
+    call->cgroup_id = number_of(self, h.cgroup_id);
     call->complete = Py_NewRef(Py_True);
     call->fd_weak = Py_NewRef(h.flags & DATA_FD_WEAK ? Py_True : Py_False);
     call->direction = Py_NewRef(h.direction == DIR_INGRESS ? s_ingress : s_egress);

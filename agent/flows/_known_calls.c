@@ -10,7 +10,8 @@
  * KnownCalls(by_fd, wall, for_call, tls_call_type, conn_type, socket_type, wall_offset=None)
  *   by_fd     FlowTable._by_fd: (tgid, fd) -> Connection;
  *   wall      monotonic ns -> wall-clock ns;
- *   for_call  Record.for_call;
+ *   for_call  Record.for_call (called as a C function: _record.h's RecordCAPI), or
+ *             any callable taking its arguments;
  *   tls_call_type  agent.events.decode.TlsCall (its layout is _tls_call.h's);
  *   conn_type, socket_type  Connection and KernelSocket, whose fields this reads and
  *             writes by slot;
@@ -37,10 +38,12 @@
 #include <Python.h>
 
 #include <stddef.h>
+#include <stdint.h>
 #include <structmember.h>
 
 #include "../events/_tls_call.h"
-#include "../native/_slots.h" /* slot_offset() */
+#include "../native/_slots.h"    /* slot_offset() */
+#include "../records/_record.h" /* RecordCAPI */
 
 /* The Connection fields (agent/flows/connection.py) this step reads or writes: by
  * slot, where PyObject_GetAttr and PyObject_SetAttr find the member descriptor by
@@ -53,17 +56,40 @@
 enum { CONN_FIELDS(CONN_AS_INDEX) N_CONN_FIELDS };
 static const char *conn_field_names[N_CONN_FIELDS] = {CONN_FIELDS(CONN_AS_NAME)};
 
+/* by_fd's answers for (tgid, fd), each valid while by_fd is unchanged since:
+ * looking up a (tgid, fd) tuple cost ~390 instructions a call (the tuple made,
+ * hashed, compared and freed), a memo hit ~20.  by_fd changes when a connection
+ * opens or closes, not per call, and CPython gives a dict a new version tag
+ * (ma_version_tag, unique in the process) at every change, so a slot whose tag is
+ * by_fd's is by_fd's answer now: its connection, borrowed, is still in by_fd.  (The
+ * tag is CPython 3.11's, the interpreter bcc is built for here; 3.12 deprecates it,
+ * so there the memo is compiled out and every call looks its tuple up.) */
+#define FD_MEMO (PY_VERSION_HEX < 0x030C0000)
+enum { FD_MEMO_BITS = 8, FD_MEMO_SLOTS = 1 << FD_MEMO_BITS };
+
+typedef struct {
+    unsigned long tgid;
+    long fd;
+    uint64_t version; /* by_fd's when filled */
+    PyObject *conn;   /* borrowed from by_fd; NULL: empty */
+} FdMemoSlot;
+
 typedef struct {
     PyObject_HEAD
     PyObject *by_fd;
     PyObject *wall;
     PyObject *wall_offset; /* an int: wall = mono + it, without calling `wall`; or NULL */
     PyObject *for_call;
+    /* for_call's C function and class when for_call is Record.for_call (of
+     * agent.records._record's Record or a subclass): called directly.  Else NULL. */
+    PyObject *(*for_call_c)(PyTypeObject *, PyObject *const *, Py_ssize_t);
+    PyTypeObject *record_cls; /* borrowed: for_call holds it */
     PyTypeObject *tls_call_type;
     PyTypeObject *conn_type;
     PyTypeObject *socket_type;
     Py_ssize_t conn_at[N_CONN_FIELDS]; /* each field's offset in a Connection */
     Py_ssize_t socket_gen_at;          /* KernelSocket.gen's */
+    FdMemoSlot fd_memo[FD_MEMO_SLOTS];
 } KnownCalls;
 
 static int
@@ -94,9 +120,21 @@ KnownCalls_init(KnownCalls *self, PyObject *args, PyObject *kwargs)
     if (slot_offset(socket_type, "gen", &self->socket_gen_at) < 0)
         return -1;
     Py_XSETREF(self->by_fd, Py_NewRef(by_fd));
+    memset(self->fd_memo, 0, sizeof(self->fd_memo));
     Py_XSETREF(self->wall, Py_NewRef(wall));
     Py_XSETREF(self->wall_offset, wall_offset == Py_None ? NULL : Py_NewRef(wall_offset));
+    const RecordCAPI *capi = PyCapsule_Import(RECORD_CAPI_NAME, 0);
+    if (capi == NULL)
+        return -1;
     Py_XSETREF(self->for_call, Py_NewRef(for_call));
+    self->for_call_c = NULL;
+    self->record_cls = NULL;
+    if (PyCFunction_Check(for_call) &&
+        PyCFunction_GET_FUNCTION(for_call) == (PyCFunction)(void (*)(void))capi->for_call &&
+        PyCFunction_GET_SELF(for_call) != NULL && PyType_Check(PyCFunction_GET_SELF(for_call))) {
+        self->for_call_c = capi->for_call;
+        self->record_cls = (PyTypeObject *)PyCFunction_GET_SELF(for_call);
+    }
     Py_XSETREF(self->tls_call_type, (PyTypeObject *)Py_NewRef(type));
     Py_XSETREF(self->conn_type, (PyTypeObject *)Py_NewRef(conn_type));
     Py_XSETREF(self->socket_type, (PyTypeObject *)Py_NewRef(socket_type));
@@ -150,7 +188,9 @@ take(KnownCalls *self, PyObject *conn, TlsCall *call, PyObject *fd)
         return NULL;
     Py_INCREF(next_offset);
     PyObject *end = PyNumber_Add(call->offset, call->len);
-    int err = end == NULL || PyObject_SetItem(next_offset, call->direction, end) < 0;
+    int err = end == NULL || (PyDict_CheckExact(next_offset)
+                                  ? PyDict_SetItem(next_offset, call->direction, end)
+                                  : PyObject_SetItem(next_offset, call->direction, end)) < 0;
     Py_XDECREF(end);
     Py_DECREF(next_offset);
     if (err)
@@ -171,7 +211,8 @@ take(KnownCalls *self, PyObject *conn, TlsCall *call, PyObject *fd)
         args[from_conn[k][0]] = Py_NewRef(value);
     }
     if (k == 4)
-        record = PyObject_Vectorcall(self->for_call, args, 7, NULL);
+        record = self->for_call_c ? self->for_call_c(self->record_cls, args, 7)
+                                  : PyObject_Vectorcall(self->for_call, args, 7, NULL);
     Py_DECREF(ts_ns);
     while (k-- > 0)
         Py_DECREF(args[from_conn[k][0]]);
@@ -189,6 +230,52 @@ KnownCalls_take(KnownCalls *self, PyObject *const *args, Py_ssize_t nargs)
     return take(self, args[0], (TlsCall *)args[1], args[2]);
 }
 
+/* by_fd[(call.tgid, fd)] (borrowed), or NULL: not there (no error set) or an
+ * error.  `fd` is call.fd's value. */
+static PyObject *
+connection_of(KnownCalls *self, TlsCall *call, long fd)
+{
+    FdMemoSlot *slot = NULL;
+#if FD_MEMO
+    uint64_t version = ((PyDictObject *)self->by_fd)->ma_version_tag;
+    unsigned long tgid = PyLong_AsUnsignedLong(call->tgid);
+    if (tgid == (unsigned long)-1 && PyErr_Occurred())
+        PyErr_Clear(); /* not a pid: by the tuple, as any key */
+    else {
+        uint64_t mix = ((uint64_t)tgid << 32 ^ (uint64_t)fd) * 0x9E3779B97F4A7C15ull;
+        slot = &self->fd_memo[mix >> (64 - FD_MEMO_BITS)];
+        if (slot->conn != NULL && slot->version == version && slot->tgid == tgid &&
+            slot->fd == fd)
+            return slot->conn;
+    }
+#endif
+    PyObject *key = PyTuple_Pack(2, call->tgid, call->fd);
+    if (key == NULL)
+        return NULL;
+    PyObject *conn = PyDict_GetItemWithError(self->by_fd, key);
+    Py_DECREF(key);
+    /* The look-up compared keys, which may run Python code: the version is read
+     * again (a change meanwhile: nothing kept). */
+#if FD_MEMO
+    if (conn != NULL && slot != NULL &&
+        ((PyDictObject *)self->by_fd)->ma_version_tag == version)
+        *slot = (FdMemoSlot){tgid, fd, version, conn};
+#else
+    (void)slot;
+#endif
+    return conn;
+}
+
+/* dict[key] (borrowed), or NULL with KeyError as PyObject_GetItem would raise. */
+static PyObject *
+dict_item(PyObject *dict, PyObject *key)
+{
+    PyObject *value = PyDict_GetItemWithError(dict, key);
+    if (value == NULL && !PyErr_Occurred())
+        PyErr_SetObject(PyExc_KeyError, key);
+    return value;
+}
+
 /* The connection (a new reference) if `call` takes the short way; NULL if it goes
  * to on_call (no error set) or on an error. */
 static PyObject *
@@ -203,11 +290,7 @@ known_connection(KnownCalls *self, TlsCall *call)
     /* Another socket type than the decoder's: on_call's (it reads any .gen). */
     if (chunk_off != 0 || have < captured || fd < 0 || Py_TYPE(call->socket) != self->socket_type)
         return NULL;
-    PyObject *key = PyTuple_Pack(2, call->tgid, call->fd);
-    if (key == NULL)
-        return NULL;
-    PyObject *conn = PyDict_GetItemWithError(self->by_fd, key); /* borrowed */
-    Py_DECREF(key);
+    PyObject *conn = connection_of(self, call, fd); /* borrowed */
     if (conn == NULL || Py_TYPE(conn) != self->conn_type)
         return NULL;
     Py_INCREF(conn);
@@ -224,7 +307,9 @@ known_connection(KnownCalls *self, TlsCall *call)
     if ((conn_gen = Py_XNewRef(conn_get(self, conn, K_gen))) == NULL ||
         (held = conn_get(self, conn, K_held)) == NULL ||
         (next_offset = Py_XNewRef(conn_get(self, conn, K_next_offset))) == NULL ||
-        (expected = PyObject_GetItem(next_offset, call->direction)) == NULL)
+        (expected = PyDict_CheckExact(next_offset)
+                        ? Py_XNewRef(dict_item(next_offset, call->direction))
+                        : PyObject_GetItem(next_offset, call->direction)) == NULL)
         goto done;
     int unknown = PyObject_Not(gen), same = PyObject_RichCompareBool(gen, conn_gen, Py_EQ);
     int at = PyObject_RichCompareBool(call->offset, expected, Py_EQ);
@@ -298,6 +383,8 @@ KnownCalls_clear(KnownCalls *self)
     Py_CLEAR(self->wall);
     Py_CLEAR(self->wall_offset);
     Py_CLEAR(self->for_call);
+    self->for_call_c = NULL;
+    self->record_cls = NULL;
     Py_CLEAR(self->tls_call_type);
     Py_CLEAR(self->conn_type);
     Py_CLEAR(self->socket_type);

@@ -24,9 +24,20 @@
 
 static const char *field_names[N_FIELDS] = {FIELDS(AS_NAME)};
 static PyObject *interned_names[N_FIELDS];
-/* The default of each field; NULL: required (type, ts_ns), or made per Record
- * (redactions: a new list, stats: a new dict). */
+/* The default of each field; NULL: required (type, ts_ns).  redactions' and
+ * stats' are a shared empty list and dict (record_empty_list, record_empty_dict):
+ * see own_container(). */
 static PyObject *defaults[N_FIELDS];
+static PyObject *record_empty_list, *record_empty_dict;
+
+/* Records that died, kept for the next ones (their memory, untracked, every slot
+ * released): a batch's records all die together once written, and the next batch
+ * makes as many again.  pymalloc's allocation and release plus the collector's
+ * link and unlink cost ~300 instructions per record; this, ~30.  FREE_MAX covers
+ * a 4 MiB drain of 1 KiB calls (~1 MB kept at most). */
+enum { FREE_MAX = 4096 };
+static RecordObject *free_records[FREE_MAX];
+static int n_free_records;
 /* Field numbers, each list ended by -1: every field, and those for_call does not
  * set (PyInit__record fills both). */
 static signed char all_fields[N_FIELDS + 1], call_defaulted[N_FIELDS + 1];
@@ -49,8 +60,88 @@ static void Record_dealloc(RecordObject *self) {
     /* Not Record_clear: no field is read again, so none needs setting to NULL. */
     for (int k = 0; k < N_FIELDS; k++)
         Py_XDECREF(self->slot[k]);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *type = Py_TYPE(self);
+    /* Record, or a subclass adding nothing to its memory (record.py's Record):
+     * kept.  A subclass's reference to its type is dropped by subtype_dealloc
+     * after this, as for a freed one; record_alloc takes it again. */
+    if (n_free_records < FREE_MAX && type->tp_free == PyObject_GC_Del &&
+        type->tp_basicsize == (Py_ssize_t)sizeof(RecordObject) && type->tp_itemsize == 0)
+        free_records[n_free_records++] = self;
+    else
+        type->tp_free((PyObject *)self);
     Py_TRASHCAN_END
+}
+
+/* A new `cls` object with every slot NULL, tracked by the collector: a kept one
+ * when it fits (what cls->tp_alloc would give: the same memory layout, a reference
+ * to a heap type, refcount 1). */
+static RecordObject *record_alloc(PyTypeObject *cls) {
+    if (n_free_records == 0 || cls->tp_basicsize != (Py_ssize_t)sizeof(RecordObject) ||
+        cls->tp_itemsize != 0 || cls->tp_free != PyObject_GC_Del ||
+        cls->tp_alloc != PyType_GenericAlloc)
+        return (RecordObject *)cls->tp_alloc(cls, 0);
+    RecordObject *self = free_records[--n_free_records];
+    memset(self->slot, 0, sizeof(self->slot));
+    Py_SET_TYPE(self, cls);
+    if (cls->tp_flags & Py_TPFLAGS_HEAPTYPE)
+        Py_INCREF(cls);
+    _Py_NewReference((PyObject *)self);
+    PyObject_GC_Track(self);
+    return self;
+}
+
+/* The list or dict of `slot` (F_redactions, F_stats) as Python code may change
+ * it: the record's own.  A record starts with the shared empty one, which only
+ * C code reading the slot in place sees (agent/l7, agent/sinks: they replace it,
+ * never change it): a new list and dict per data record, and their release, cost
+ * ~350 instructions, when hardly any data record gets redactions and none but a
+ * stats record has stats.  Python code never sees the shared ones, so what it
+ * reads it may change, as the dataclass's default_factory lists. */
+static PyObject *own_container(RecordObject *self, int slot) {
+    PyObject *value = self->slot[slot];
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "'%.50s' object has no attribute '%s'",
+                     Py_TYPE(self)->tp_name, field_names[slot]);
+        return NULL;
+    }
+    if (value == record_empty_list || value == record_empty_dict) {
+        PyObject *own = value == record_empty_list ? PyList_New(0) : PyDict_New();
+        if (own == NULL)
+            return NULL;
+        Py_SETREF(self->slot[slot], own);
+        value = own;
+    }
+    return Py_NewRef(value);
+}
+
+static int set_container(RecordObject *self, int slot, PyObject *value) {
+    if (value == NULL && self->slot[slot] == NULL) {
+        PyErr_Format(PyExc_AttributeError, "'%.50s' object has no attribute '%s'",
+                     Py_TYPE(self)->tp_name, field_names[slot]);
+        return -1;
+    }
+    Py_XSETREF(self->slot[slot], Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *get_redactions(RecordObject *self, void *closure) {
+    (void)closure;
+    return own_container(self, F_redactions);
+}
+
+static int set_redactions(RecordObject *self, PyObject *value, void *closure) {
+    (void)closure;
+    return set_container(self, F_redactions, value);
+}
+
+static PyObject *get_stats(RecordObject *self, void *closure) {
+    (void)closure;
+    return own_container(self, F_stats);
+}
+
+static int set_stats(RecordObject *self, PyObject *value, void *closure) {
+    (void)closure;
+    return set_container(self, F_stats, value);
 }
 
 static int field_index(PyObject *key) {
@@ -63,8 +154,7 @@ static int field_index(PyObject *key) {
     return -1;
 }
 
-/* Every field of `fields` not given its default (a new list and dict for
- * redactions and stats); -1 with TypeError if a required one (type, ts_ns) was not
+/* Every field of `fields` not given its default; -1 with TypeError if a required one (type, ts_ns) was not
  * given.  `fields`: every field (all_fields), or those a constructor leaves unset. */
 static int fill_defaults(RecordObject *self, const signed char *fields) {
     for (; *fields >= 0; fields++) {
@@ -73,10 +163,6 @@ static int fill_defaults(RecordObject *self, const signed char *fields) {
             continue;
         if (defaults[k] != NULL)
             self->slot[k] = Py_NewRef(defaults[k]);
-        else if (k == F_redactions)
-            self->slot[k] = PyList_New(0);
-        else if (k == F_stats)
-            self->slot[k] = PyDict_New();
         else {
             PyErr_Format(PyExc_TypeError, "Record missing required argument '%s'",
                          field_names[k]);
@@ -95,7 +181,7 @@ static PyObject *Record_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
                      given);
         return NULL;
     }
-    RecordObject *self = (RecordObject *)type->tp_alloc(type, 0);
+    RecordObject *self = record_alloc(type);
     if (self == NULL)
         return NULL;
     for (Py_ssize_t k = 0; k < given; k++)
@@ -170,7 +256,7 @@ static PyObject *for_call(PyTypeObject *cls, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     TlsCall *call = (TlsCall *)args[0];
-    RecordObject *self = (RecordObject *)cls->tp_alloc(cls, 0);
+    RecordObject *self = record_alloc(cls);
     if (self == NULL)
         return NULL;
     /* Every slot is NULL yet: plain stores. */
@@ -206,8 +292,10 @@ static PyObject *for_call(PyTypeObject *cls, PyObject *const *args, Py_ssize_t n
     if (truncated < 0)
         goto fail;
     self->truncated = Py_NewRef(truncated ? Py_True : Py_False);
-    if (fill_defaults(self, call_defaulted) == 0)
-        return (PyObject *)self;
+    /* The rest: each has a default (PyInit__record checks), and is unset. */
+    for (const signed char *k = call_defaulted; *k >= 0; k++)
+        self->slot[*k] = Py_NewRef(defaults[*k]);
+    return (PyObject *)self;
 fail:
     Py_DECREF(self);
     return NULL;
@@ -239,7 +327,7 @@ static PyObject *for_exchange(PyTypeObject *cls, PyObject *const *args, Py_ssize
     if (protocol == NULL)
         return NULL;
     RecordObject *last = (RecordObject *)args[0];
-    RecordObject *self = (RecordObject *)cls->tp_alloc(cls, 0);
+    RecordObject *self = record_alloc(cls);
     if (self == NULL) {
         Py_DECREF(protocol);
         return NULL;
@@ -264,7 +352,15 @@ static PyMethodDef Record_methods[] = {
 };
 
 #define AS_MEMBER(name) {#name, T_OBJECT_EX, offsetof(RecordObject, name), 0, NULL},
-static PyMemberDef Record_members[] = {FIELDS(AS_MEMBER){NULL}};
+/* Every field but redactions and stats, which are Record_getset's (own_container);
+ * PyInit__record fills it. */
+static PyMemberDef Record_members[N_FIELDS - 1];
+
+static PyGetSetDef Record_getset[] = {
+    {"redactions", (getter)get_redactions, (setter)set_redactions, NULL, NULL},
+    {"stats", (getter)get_stats, (setter)set_stats, NULL, NULL},
+    {NULL},
+};
 
 static PyTypeObject RecordType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "agent.records._record.Record",
@@ -277,6 +373,7 @@ static PyTypeObject RecordType = {
     .tp_traverse = (traverseproc)Record_traverse,
     .tp_clear = (inquiry)Record_clear,
     .tp_members = Record_members,
+    .tp_getset = Record_getset,
     .tp_methods = Record_methods,
 };
 
@@ -384,15 +481,34 @@ PyMODINIT_FUNC PyInit__record(void) {
     defaults[F_role] = PyUnicode_InternFromString("unknown");
     defaults[F_truncated] = Py_NewRef(Py_False);
     defaults[F_data] = PyBytes_FromStringAndSize(NULL, 0);
+    defaults[F_redactions] = record_empty_list = PyList_New(0);
+    defaults[F_stats] = record_empty_dict = PyDict_New();
     Py_CLEAR(empty);
     Py_CLEAR(zero);
-    if (defaults[F_fd] == NULL || defaults[F_role] == NULL || defaults[F_data] == NULL)
+    if (defaults[F_fd] == NULL || defaults[F_role] == NULL || defaults[F_data] == NULL ||
+        record_empty_list == NULL || record_empty_dict == NULL)
         goto fail;
+    for (const signed char *k = call_defaulted; *k >= 0; k++)
+        if (defaults[*k] == NULL) { /* for_call stores them unchecked */
+            PyErr_Format(PyExc_SystemError, "Record.%s has no default", field_names[*k]);
+            goto fail;
+        }
+    const PyMemberDef every[] = {FIELDS(AS_MEMBER)};
+    for (int k = 0, n = 0; k < N_FIELDS; k++)
+        if (k != F_redactions && k != F_stats)
+            Record_members[n++] = every[k];
     if (PyType_Ready(&RecordType) < 0)
         goto fail;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         goto fail;
+    static const RecordCAPI capi = {for_call};
+    PyObject *capsule = PyCapsule_New((void *)&capi, RECORD_CAPI_NAME, NULL);
+    if (capsule == NULL || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(m);
+        goto fail;
+    }
     if (PyModule_AddObjectRef(m, "Record", (PyObject *)&RecordType) < 0 ||
         PyModule_AddObject(m, "FIELDS", names) < 0) {
         Py_DECREF(m);

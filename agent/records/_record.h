@@ -34,4 +34,15 @@ typedef struct {
 _Static_assert(sizeof(((RecordObject *)0)->slot) == N_FIELDS * sizeof(PyObject *),
                "the named fields and the slot array overlap exactly");
 
+/* A record's redactions and stats may be a shared empty list and dict (_record.c,
+ * own_container): read them in place, replace them, never change them. */
+
+/* Record.for_call's C function, for C callers (agent/flows/_known_calls.c): called
+ * as for_call(cls, args, nargs) with the method's arguments, it skips the method
+ * call (~60 instructions a record).  In the capsule RECORD_CAPI_NAME. */
+#define RECORD_CAPI_NAME RECORD_MODULE "._C_API"
+typedef struct {
+    PyObject *(*for_call)(PyTypeObject *cls, PyObject *const *args, Py_ssize_t nargs);
+} RecordCAPI;
+
 #endif

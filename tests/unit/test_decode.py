@@ -504,15 +504,15 @@ def test_decoder_caches_are_bounded_and_stay_correct() -> None:
 
 
 def test_memo_collisions_never_hand_one_socket_the_others_object() -> None:
-    """Far more sockets and names than the memo's 256 slots, interleaved, twice: many
-    share a slot, and each event still gets the objects of its own raw bytes, the same
-    object every time they repeat."""
+    """Far more sockets and names than the memo's 1024 slots, interleaved, twice: many
+    share a pair of slots, and each event still gets the objects of its own raw bytes,
+    the same object every time they repeat."""
     decoder = EventDecoder()
     records, expected = [], []
-    for i in range(1500):
+    for i in range(3000):
         sock = conn_v4((f"10.{i >> 8}.{i & 255}.9", 1000 + i), ("10.0.1.1", 443), gen=1 + i)
-        records.append(data_record(b"x", socket=sock, comm=b"p%d" % (i % 700)))
-        expected.append((Endpoint(f"10.{i >> 8}.{i & 255}.9", 1000 + i), f"p{i % 700}"))
+        records.append(data_record(b"x", socket=sock, comm=b"p%d" % (i % 1500)))
+        expected.append((Endpoint(f"10.{i >> 8}.{i & 255}.9", 1000 + i), f"p{i % 1500}"))
     first = decoder.decode_batch(RingBatch.of(records))
     again = decoder.decode_batch(RingBatch.of(records[::-1]))[::-1]
     for ev, ev2, (remote, comm) in zip(first, again, expected, strict=True):
@@ -556,3 +556,30 @@ def test_decoding_leaks_nothing() -> None:
     finally:
         tracemalloc.stop()
     assert grown < 64 * 1024, grown
+
+
+def test_calls_reused_from_the_free_list_and_memoized_numbers_are_each_call_s_own() -> None:
+    """Dead TlsCalls are kept for the next batch's, and repeated numbers come from a
+    memo (_decode.c: call_alloc, number_of): a later batch decodes exactly as a fresh
+    decoder does, with ints colliding in the memo and values past 64 bits' sign."""
+
+    def batch(seed: int) -> RingBatch:
+        rng = random.Random(seed)
+        return RingBatch.of([
+            data_record(
+                b"d%d" % i, tgid=rng.randrange(1, 4), tid=rng.randrange(1, 2000),
+                fd=rng.choice([-1, 3, 70000]), ssl=rng.choice([i, 2**64 - 1 - i]),
+                cgroup_id=rng.randrange(2**64), ts_ns=i,
+                len=len(b"d%d" % i) + rng.choice([0, 2**40]),
+            )
+            for i in range(5000)  # more than the free list keeps
+        ])  # fmt: skip
+
+    decoder = EventDecoder()
+    for seed in range(3):
+        b = batch(seed)
+        events = decoder.decode_batch(b)
+        assert events == EventDecoder().decode_batch(b)
+        del events
+    constructed = TlsCall(1, 2, 3, 4, 5, 6, 7, 8, 0, "egress", "openssl", "c", None, b"x")
+    assert (constructed.cgroup_id, constructed.complete, constructed.fd_weak) == (0, True, False)

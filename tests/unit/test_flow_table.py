@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -802,6 +803,43 @@ def test_the_c_step_moves_the_connection_on_in_its_slots() -> None:
     del conn.role
     with pytest.raises(AttributeError, match="role"):
         t.on_known_calls([call(b"x", fd=7, ts_ns=40, offset=11, socket=known())], 0, out)
+
+
+def test_the_c_step_follows_by_fd_as_it_changes() -> None:
+    """The C step remembers by_fd's answers while by_fd is unchanged
+    (_known_calls.c: connection_of): a connection replaced or removed under the same
+    (tgid, fd) is seen at the next call."""
+    t, _ = table()
+    t.on_call(call(b"first", fd=7, ts_ns=10, socket=known()))
+    out: list[Record] = []
+    assert t.on_known_calls([call(b"a", fd=7, ts_ns=20, offset=5, socket=known())], 0, out) == 1
+    old = t._by_fd[(TGID, 7)]
+    other = copy.copy(old)
+    other.conn_id, other.next_offset = "other", dict(old.next_offset)
+    t._by_fd[(TGID, 7)] = other
+    assert t.on_known_calls([call(b"b", fd=7, ts_ns=30, offset=6, socket=known())], 0, out) == 1
+    assert [r.conn_id for r in out] == [old.conn_id, "other"]
+    assert (old.next_offset["egress"], other.next_offset["egress"]) == (6, 7)
+    del t._by_fd[(TGID, 7)]
+    assert t.on_known_calls([call(b"c", fd=7, ts_ns=40, offset=7, socket=known())], 0, out) == 0
+    t._by_fd[(TGID, 7)] = old
+    assert t.on_known_calls([call(b"c", fd=7, ts_ns=40, offset=6, socket=known())], 0, out) == 1
+    assert out[-1].conn_id == old.conn_id
+
+
+def test_the_c_step_calls_record_for_call_directly_and_any_other_maker_as_python() -> None:
+    t, _ = table()
+    t.on_call(call(b"first", fd=7, ts_ns=10, socket=known()))
+    conn = t._by_fd[(TGID, 7)]
+    out: list[Record] = []
+    assert t.on_known_calls([call(b"a", fd=7, ts_ns=20, offset=5, socket=known())], 0, out) == 1
+    assert type(out[0]) is Record and out[0].data == b"a"
+
+    def maker(*args: Any) -> tuple[str, int]:
+        return "made", len(args)
+
+    known_calls = KnownCalls({}, WallClock(0), maker, TlsCall, Connection, KernelSocket, 0)
+    assert known_calls.take(conn, call(b"b", fd=7, offset=6, socket=known()), 7) == ("made", 7)
 
 
 def test_known_calls_takes_only_connections_with_their_fields_in_slots() -> None:

@@ -118,3 +118,50 @@ def test_the_documented_fields_are_the_c_fields_in_order() -> None:
     from agent.records._record import FIELDS
 
     assert tuple(Record.__annotations__) == FIELDS
+
+
+def test_redactions_and_stats_read_in_python_are_the_record_s_own() -> None:
+    """A record starts with a shared empty list and dict (_record.c: own_container),
+    which Python code never gets: what it reads it may change, for this record only."""
+    a, b = Record("data", 1), Record("data", 1)
+    a.redactions.append("bearer")
+    a.stats["records"] = 3
+    assert (a.redactions, a.stats) == (["bearer"], {"records": 3})
+    assert (b.redactions, b.stats) == ([], {})
+    assert Record("data", 1).redactions == [] and Record("stats", 1).stats == {}
+    assert a != b and a.replace(redactions=[], stats={}) == b
+    given = ["x"]
+    c = Record("data", 1, redactions=given)
+    assert c.redactions is given
+    c.redactions = ["y"]
+    assert c.redactions == ["y"]
+    del c.stats
+    with pytest.raises(AttributeError, match="stats"):
+        c.stats  # noqa: B018
+    with pytest.raises(AttributeError, match="stats"):
+        del c.stats
+
+
+def test_records_reused_from_the_free_list_start_clean() -> None:
+    """Dead records are kept for the next ones (_record.c: record_alloc): a reused one
+    has only its own fields, its type, and the type's references add up."""
+    import sys
+
+    from agent.records import _record
+
+    class WithDict(Record):  # its own memory layout (a __dict__): never kept
+        pass
+
+    refs = sys.getrefcount(Record), sys.getrefcount(WithDict)
+    for _ in range(3):
+        made = [Record("data", i, pid=i, redactions=[str(i)], stats={"n": i}) for i in range(5000)]
+        made += [_record.Record("open", 5, comm="x") for _ in range(50)]
+        made += [WithDict("close", 6) for _ in range(50)]
+        del made
+        fresh = [Record("data", 7) for _ in range(5000)]
+        base = [_record.Record("exchange", 8) for _ in range(50)]
+        assert all(type(r) is Record and r == Record("data", 7) for r in fresh)
+        assert all(type(r) is _record.Record and r.type == "exchange" for r in base)
+        assert all(r.pid == 0 and r.redactions == [] and r.stats == {} for r in fresh + base)
+        del fresh, base
+    assert (sys.getrefcount(Record), sys.getrefcount(WithDict)) == refs
