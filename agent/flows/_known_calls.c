@@ -261,7 +261,7 @@ connection_of(KnownCalls *self, TlsCall *call, long fd)
         ((PyDictObject *)self->by_fd)->ma_version_tag == version)
         *slot = (FdMemoSlot){tgid, fd, version, conn};
 #else
-    (void)slot;
+    (void)slot, (void)fd;
 #endif
     return conn;
 }
