@@ -321,6 +321,14 @@ static int side_of(Connection *self, PyObject *direction, PyObject **side) {
     return 0;
 }
 
+/* Whether objects of type t find their attributes on the class alone: no __dict__
+ * of their own (that could hold another value) and the generic look-up.  A plain
+ * class attribute is then every object's value. */
+static int attributes_from_class(PyTypeObject *t) {
+    return t->tp_getattro == PyObject_GenericGetAttr && t->tp_dictoffset == 0 &&
+           !(t->tp_flags & Py_TPFLAGS_MANAGED_DICT);
+}
+
 /* The C entry points of agent.l7._http1 and agent.redact._stream_masker: an
  * Http1Parser's and an HTTP/1 masker's feed() called as C functions, not as methods
  * by name.  Every other parser and masker (HTTP/2's, Python) goes by name. */
@@ -335,8 +343,7 @@ static int masker_in_c(PyObject *masker) {
     PyTypeObject *t = Py_TYPE(masker);
     if (t == stream_masker->type)
         return 1;
-    return PyType_IsSubtype(t, stream_masker->type) && t->tp_getattro == PyObject_GenericGetAttr &&
-           t->tp_dictoffset == 0 && !(t->tp_flags & Py_TPFLAGS_MANAGED_DICT) &&
+    return PyType_IsSubtype(t, stream_masker->type) && attributes_from_class(t) &&
            _PyType_Lookup(t, s_feed) == stream_masker_feed;
 }
 
@@ -373,13 +380,25 @@ static int count_parse_failure(Connection *self) {
     return count(self, &c_parse_failures, 1);
 }
 
+/* masker.unknown_blocks: an int class attribute (Http1HeaderMasker's 0) read from
+ * the class when attributes_from_class() (a look-up by name was ~120 CPU
+ * instructions per record), anything else by name. */
+static int unknown_blocks(PyObject *masker, long long *blocks) {
+    PyTypeObject *t = Py_TYPE(masker);
+    PyObject *fixed = attributes_from_class(t) ? _PyType_Lookup(t, s_unknown_blocks) : NULL;
+    if (fixed == NULL || !PyLong_CheckExact(fixed))
+        return get_ll(masker, s_unknown_blocks, blocks);
+    *blocks = PyLong_AsLongLong(fixed);
+    return *blocks == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
 static int count_unknown_blocks(Connection *self) {
     for (int d = 0; d < 2; d++) {
         Direction *st = &self->dirs[d];
         if (st->masker == NULL)
             continue;
         long long blocks;
-        if (get_ll(st->masker, s_unknown_blocks, &blocks) < 0)
+        if (unknown_blocks(st->masker, &blocks) < 0)
             return -1;
         if (blocks > st->unknown_counted) {
             if (count(self, &c_header_blocks_masked_unknown, blocks - st->unknown_counted) < 0)
@@ -390,25 +409,13 @@ static int count_unknown_blocks(Connection *self) {
     return 0;
 }
 
-/* The masker's header blocks masked unread since the last record, counted.  An int
- * class attribute (Http1HeaderMasker's 0) is read from the class when the object has
- * no __dict__ and no attribute look-up of its own: that is then its value. */
+/* The masker's header blocks masked unread since the last record, counted. */
 static int masker_blocks(Connection *self, Direction *st) {
     if (st->masker == NULL) /* a Python masker's feed took it away */
         return 0;
-    PyTypeObject *t = Py_TYPE(st->masker);
     long long blocks;
-    PyObject *fixed = t->tp_getattro == PyObject_GenericGetAttr && t->tp_dictoffset == 0 &&
-                              !(t->tp_flags & Py_TPFLAGS_MANAGED_DICT)
-                          ? _PyType_Lookup(t, s_unknown_blocks)
-                          : NULL;
-    if (fixed != NULL && PyLong_CheckExact(fixed)) {
-        blocks = PyLong_AsLongLong(fixed);
-        if (blocks == -1 && PyErr_Occurred())
-            return -1;
-    } else if (get_ll(st->masker, s_unknown_blocks, &blocks) < 0) {
+    if (unknown_blocks(st->masker, &blocks) < 0)
         return -1;
-    }
     if (blocks != st->unknown_counted && count_unknown_blocks(self) < 0)
         return -1;
     return 0;
