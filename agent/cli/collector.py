@@ -293,7 +293,11 @@ def collector_command(args: argparse.Namespace) -> int:
         )
     if args.ready_file:
         args.ready_file.write_text(server.address + "\n")
-    stop.wait()
+    # With a timeout: the kernel may hand SIGTERM to any thread (gRPC's have it
+    # unblocked), and Python then only runs the handler once the main thread next
+    # wakes; a wait without one never did (a collector hung after SIGTERM in CI).
+    while not stop.wait(0.5):
+        pass
     server.stop()
     stats = server.stats()
     if otlp_feed is not None:

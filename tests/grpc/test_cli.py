@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +16,8 @@ from agent.cli import tls_options
 from agent.export.exporter import GrpcExporter
 from agent.sinks.store import StoreSink
 from tests.grpc.conftest import REPO, make_records, wait_for
+
+SYS_TGKILL = 234  # x86_64: a signal to one thread of another process
 
 TLSCAP = [sys.executable, "-m", "agent"]
 
@@ -114,3 +119,27 @@ def test_local_store_written_by_run_is_read_by_tail(tmp_path):
     headers = [line for line in text.stdout.splitlines() if not line.startswith("  ")]
     assert len(headers) == len([r for r in sent if r.direction == "ingress"])
     assert all(" n1 curl[4242/4243] openssl ingress " in h for h in headers)
+
+
+def test_collector_stops_on_sigterm_delivered_to_another_thread(tmp_path):
+    """A process-directed SIGTERM may land on any thread (gRPC's do not block it);
+    the collector's main thread must still see it and exit, not wait forever."""
+    ready = tmp_path / "ready"
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "agent", "collector", "--listen", "127.0.0.1:0", "--insecure",
+         "--store", str(tmp_path / "s.db"), "--ready-file", str(ready)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: ready.exists() or collector.poll() is not None, 30, "collector ready")
+        assert collector.poll() is None
+        others = sorted(int(t) for t in os.listdir(f"/proc/{collector.pid}/task"))
+        others.remove(collector.pid)
+        assert others, "the collector runs gRPC threads"
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(SYS_TGKILL, collector.pid, others[0], signal.SIGTERM) == 0
+        assert collector.wait(20) == 0
+    finally:
+        if collector.poll() is None:
+            collector.kill()
+            collector.wait()
